@@ -1,0 +1,63 @@
+"""The ``hyperback`` command: one module per subcommand, all over the Python API.
+
+Exit codes: 0 success; 1 unexpected error (a bug: please report it);
+2 usage error or unusable repository/snapshot name; 3 the system refused
+(source unreadable, media full, target unwritable, repository busy);
+4 damaged data found (verify, check, restore); 130 interrupted.
+A user mistake prints one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from host_agent import errors
+from host_agent.cli import (backup_cmd, check_cmd, demo_cmd, init_cmd, list_cmd, prune_cmd, restore_cmd,
+                            verify_cmd)
+
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, demo_cmd)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+        raise errors.UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="hyperback",
+        description="Deduplicating, compressed backups of VM disk images and block devices.",
+        epilog="Exit codes: 0 ok, 2 usage, 3 system refused (media full, unreadable source, busy), "
+               "4 damaged data, 130 interrupted. 'hyperback COMMAND --help' tells more.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                            format="hyperback: %(levelname)s %(name)s: %(message)s")
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
+    except errors.HyperbackError as e:
+        print(f"hyperback: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hyperback: interrupted; nothing partial was published", file=sys.stderr)
+        return errors.Cancelled.exit_code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

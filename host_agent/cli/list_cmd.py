@@ -1,0 +1,28 @@
+"""hyperback list: the snapshots in a repository."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from host_agent.cli.progress import human
+from host_agent.repository import Repository
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("list", help="list snapshots", description="List snapshots, oldest first.")
+    p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
+    p.add_argument("--name", metavar="NAME", help="only snapshots of this source name")
+    p.add_argument("--json", action="store_true", help="print a JSON array for scripts")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    snaps = Repository.open(args.repo).snapshots(args.name)
+    if args.json:
+        print(json.dumps([s.to_json() for s in snaps]))
+        return 0
+    print(f"{'ID':16}  {'TIME (UTC)':19}  {'POLICY':12}  {'SIZE':>10}  {'NEW':>10}  NAME")
+    for s in snaps:
+        print(f"{s.id:16}  {s.time:%Y-%m-%d %H:%M:%S}  {s.policy.value:12}  {human(s.size):>10}  "
+              f"{human(s.stats.bytes_new):>10}  {s.name}")
+    return 0

@@ -1,0 +1,50 @@
+"""hyperback prune: forget snapshots by a retention policy, then collect garbage."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from host_agent.cli.progress import human
+from host_agent.gc import REPACK_THRESHOLD, collect_garbage
+from host_agent.repository import Repository
+from host_agent.retention import KeepPolicy, select
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "prune", help="remove old snapshots and unreferenced data",
+        description="Keep the snapshots any --keep rule selects (per source name), forget the rest, "
+                    "then delete data no snapshot uses. Safe while backups run: data they may use "
+                    "waits for the next prune.")
+    p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
+    p.add_argument("--keep-last", type=int, default=0, metavar="N", help="keep the N newest")
+    p.add_argument("--keep-daily", type=int, default=0, metavar="N", help="newest of each of N days")
+    p.add_argument("--keep-weekly", type=int, default=0, metavar="N", help="newest of each of N weeks")
+    p.add_argument("--keep-monthly", type=int, default=0, metavar="N", help="newest of each of N months")
+    p.add_argument("--repack-threshold", type=float, default=REPACK_THRESHOLD, metavar="FRACTION",
+                   help=f"rewrite a pack once this fraction of it is garbage (default {REPACK_THRESHOLD})")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be forgotten")
+    p.add_argument("--json", action="store_true", help="print one JSON result")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    policy = KeepPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
+    repo = Repository.open(args.repo)
+    keep, remove = select(repo.snapshots(), policy)
+    if not args.dry_run:
+        repo.forget([s.id for s in remove])
+        gc = collect_garbage(repo, args.repack_threshold)
+    out = {"kept": [s.id for s in keep], "removed": [s.id for s in remove], "dry_run": args.dry_run,
+           "gc": asdict(gc) if not args.dry_run else None}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for s in remove:
+        print(f"{'would remove' if args.dry_run else 'removed'} {s.id} {s.name} {s.time:%Y-%m-%d %H:%M:%S}")
+    print(f"kept {len(keep)} snapshot(s), {'would remove' if args.dry_run else 'removed'} {len(remove)}")
+    if not args.dry_run:
+        print(f"deleted {gc.packs_deleted} pack(s) ({gc.packs_repacked} rewritten, {gc.blobs_copied} blobs "
+              f"copied), freed {human(gc.bytes_freed)}; {gc.packs_waiting} pack(s) wait for running backups")
+    return 0

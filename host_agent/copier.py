@@ -1,0 +1,235 @@
+"""Typed Python face of the native copier (``native/copier.c``).
+
+This is the only module that touches cffi's ``lib``. Every native call
+releases the GIL (cffi does so for every call), checks the returned status and
+turns a failure into an exception of :mod:`host_agent.errors`.
+
+The native side knows chunks, packs and index files; it knows nothing of
+snapshots, names or policies.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from host_agent import errors
+from host_agent._copier import ffi, lib
+
+ID_LEN = 32
+ZERO_ID = bytes(ID_LEN)
+
+BLOB_DATA = lib.HB_BLOB_DATA
+BLOB_TREE = lib.HB_BLOB_TREE
+
+TODO_READ = lib.HB_TODO_READ
+TODO_ZERO = lib.HB_TODO_ZERO
+TODO_KEEP = lib.HB_TODO_KEEP
+
+CHUNK_NEW = lib.HB_CHUNK_NEW
+CHUNK_DUP = lib.HB_CHUNK_DUP
+CHUNK_ZERO = lib.HB_CHUNK_ZERO
+CHUNK_KEPT = lib.HB_CHUNK_KEPT
+
+_WHERE = {
+    lib.HB_AT_SOURCE: "reading the source",
+    lib.HB_AT_REPO_WRITE: "writing the repository",
+    lib.HB_AT_REPO_READ: "reading the repository",
+    lib.HB_AT_TARGET: "writing the target",
+}
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A consistent-enough reading of a running job's counters."""
+
+    bytes_done: int
+    bytes_read: int
+    bytes_new: int
+    bytes_stored: int
+    bytes_changed: int
+    chunks_new: int
+    chunks_dup: int
+    chunks_zero: int
+
+
+class Progress:
+    """Counters that native workers update while Python polls them from another thread."""
+
+    def __init__(self) -> None:
+        self._p: Any = ffi.new("hb_progress *")
+
+    def read(self) -> Counters:
+        p = self._p
+        return Counters(p.bytes_done, p.bytes_read, p.bytes_new, p.bytes_stored, p.bytes_changed,
+                        p.chunks_new, p.chunks_dup, p.chunks_zero)
+
+    def add_done(self, n: int) -> None:
+        """Count bytes dealt with outside the workers (only while no worker runs)."""
+        self._p.bytes_done += n
+
+    def cancel(self) -> None:
+        """Ask the workers to stop at their next batch; the running call raises Cancelled."""
+        self._p.cancel = 1
+
+
+def _raise(err: Any, label: str) -> None:
+    code, err_no, where = err.code, err.err_no, err.where
+    chunk = bytes(ffi.buffer(err.id, ID_LEN)).hex()
+    if code == lib.HB_ESYS:
+        if err_no == errno.ECANCELED:
+            raise errors.Cancelled("interrupted; nothing partial was published")
+        reason = os.strerror(err_no)
+        if where == lib.HB_AT_SOURCE:
+            raise errors.SourceError(f"cannot read {label}: {reason}")
+        if where == lib.HB_AT_TARGET:
+            raise errors.TargetError(f"cannot write {label}: {reason}")
+        if where == lib.HB_AT_REPO_WRITE and err_no in (errno.ENOSPC, errno.EDQUOT):
+            raise errors.RepositoryFull(
+                f"the backup media is full ({reason}) while writing {label}: free space or prune, "
+                "then run again; earlier snapshots are intact")
+        raise errors.RepositoryIOError(f"{_WHERE.get(where, 'I/O')} failed for {label}: {reason}")
+    if code == lib.HB_ESHORT:
+        raise errors.SourceError(f"{label} ended before its size: did it shrink while being read?")
+    if code == lib.HB_ECORRUPT:
+        raise errors.CorruptChunk(
+            f"chunk {chunk} is damaged (failed its header, decompression or hash check); "
+            "run 'hyperback verify' to list what uses it", chunk)
+    if code == lib.HB_EMISSING:
+        raise errors.MissingChunk(
+            f"chunk {chunk} is missing from the repository; run 'hyperback check'", chunk)
+    if code == lib.HB_EFORMAT:
+        raise errors.RepositoryError(f"{label} is malformed (bad magic, version, length or checksum)")
+    if code == lib.HB_ENOMEM:
+        raise MemoryError(f"out of memory while {_WHERE.get(where, 'working')} on {label}")
+    raise errors.HyperbackError(f"native copier refused the call on {label} (status {code})")
+
+
+def _check(rc: int, err: Any, label: str) -> None:
+    if rc != lib.HB_OK:
+        _raise(err, label)
+
+
+def sha256(data: bytes) -> bytes:
+    """The chunk identity function, as the native side computes it."""
+    out = ffi.new("uint8_t[32]")
+    if lib.hb_hash(data, len(data), out) != lib.HB_OK:
+        raise errors.HyperbackError("native SHA-256 failed")
+    return bytes(out)
+
+
+def selftest() -> None:
+    """Check the native hash against hashlib; raise if they disagree (a broken build)."""
+    sample = bytes(range(256)) * 257
+    if sha256(sample) != hashlib.sha256(sample).digest():
+        raise errors.HyperbackError("native self-test failed: SHA-256 disagrees with hashlib")
+
+
+class NativeRepository:
+    """The native half of an open repository: chunk index, pack writer, pack reader.
+
+    After any failed write the handle refuses further writes (its index may name
+    chunks that never became durable): close it and open a new one.
+    """
+
+    def __init__(self, root: str, writer_id: bytes, chunk_size: int, pack_target: int,
+                 zstd_level: int) -> None:
+        self.chunk_size = chunk_size
+        self.root = root
+        err = ffi.new("hb_error *")
+        out = ffi.new("hb_repo **")
+        _check(lib.hb_repo_open(root.encode(), writer_id, chunk_size, pack_target, zstd_level, out, err),
+               err, root)
+        self._r: Optional[Any] = out[0]
+
+    def close(self) -> None:
+        """Release memory; an unflushed pack is deleted (nothing refers to it)."""
+        if self._r is not None:
+            lib.hb_repo_close(self._r)
+            self._r = None
+
+    def __enter__(self) -> "NativeRepository":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _h(self) -> Any:
+        if self._r is None:
+            raise errors.HyperbackError("native repository handle used after close")
+        return self._r
+
+    def load_index(self, pack_name: str) -> None:
+        err = ffi.new("hb_error *")
+        _check(lib.hb_index_load(self._h, pack_name.encode(), err), err, f"index file {pack_name}")
+
+    def reserve(self, more: int) -> None:
+        err = ffi.new("hb_error *")
+        _check(lib.hb_index_reserve(self._h, more, err), err, "the chunk index")
+
+    def __len__(self) -> int:
+        return int(lib.hb_index_count(self._h))
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return bool(lib.hb_index_contains(self._h, chunk_id))
+
+    def backup_segment(self, fd: int, first_chunk: int, src_size: int, todo: bytes,
+                       base_ids: Optional[bytes], threads: int, progress: Progress,
+                       label: str) -> tuple[bytes, bytes]:
+        """Back up ``len(todo)`` chunks; return (ids, outcomes), 32 bytes and 1 byte per chunk."""
+        n = len(todo)
+        if base_ids is not None and len(base_ids) != n * ID_LEN:
+            raise ValueError("base_ids must hold 32 bytes per chunk")
+        ids = ffi.new("uint8_t[]", n * ID_LEN)
+        states = ffi.new("uint8_t[]", n)
+        err = ffi.new("hb_error *")
+        base = base_ids if base_ids is not None else ffi.NULL
+        rc = lib.hb_backup_segment(self._h, fd, first_chunk, src_size, n, todo, base, ids, states,
+                                   threads, progress._p, err)
+        _check(rc, err, label)
+        return bytes(ffi.buffer(ids)), bytes(ffi.buffer(states))
+
+    def store_blob(self, data: bytes, blob_type: int) -> tuple[bytes, bool]:
+        """Store one blob (a tree page); return (id, whether it was new)."""
+        out = ffi.new("uint8_t[32]")
+        was_new = ffi.new("int *")
+        err = ffi.new("hb_error *")
+        _check(lib.hb_store_blob(self._h, data, len(data), blob_type, out, was_new, err), err,
+               "a tree page")
+        return bytes(out), bool(was_new[0])
+
+    def read_blob(self, chunk_id: bytes) -> bytes:
+        """Read, decompress and verify one blob."""
+        buf = ffi.new("uint8_t[]", self.chunk_size)
+        n = ffi.new("uint32_t *")
+        err = ffi.new("hb_error *")
+        _check(lib.hb_read_blob(self._h, chunk_id, buf, self.chunk_size, n, err), err,
+               f"blob {chunk_id.hex()}")
+        return bytes(ffi.buffer(buf, n[0]))
+
+    def flush(self) -> None:
+        """Make every chunk written so far durable and indexed."""
+        err = ffi.new("hb_error *")
+        _check(lib.hb_flush(self._h, err), err, "the current pack")
+
+    def restore_segment(self, fd: int, first_chunk: int, size: int, ids: bytes, write_zeros: bool,
+                        threads: int, progress: Progress, label: str) -> None:
+        err = ffi.new("hb_error *")
+        rc = lib.hb_restore_segment(self._h, fd, first_chunk, size, len(ids) // ID_LEN, ids,
+                                    int(write_zeros), threads, progress._p, err)
+        _check(rc, err, label)
+
+    def verify(self, per_10000: int, threads: int, progress: Progress,
+               max_report: int = 100_000) -> tuple[list[bytes], int]:
+        """Re-read and re-hash a sample of the index; return (bad ids, up to max_report; total bad)."""
+        bad = ffi.new("uint8_t[]", max_report * ID_LEN)
+        nbad = ffi.new("uint32_t *")
+        err = ffi.new("hb_error *")
+        _check(lib.hb_verify_index(self._h, per_10000, threads, bad, max_report, nbad, progress._p, err),
+               err, "the repository")
+        total = int(nbad[0])
+        raw = bytes(ffi.buffer(bad, min(total, max_report) * ID_LEN))
+        return [raw[i:i + ID_LEN] for i in range(0, len(raw), ID_LEN)], total

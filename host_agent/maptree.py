@@ -1,0 +1,151 @@
+"""A snapshot's chunk map, stored as a tree of content-addressed pages.
+
+Level 0 pages ("leaves") hold the ids of consecutive chunks of the image, 32
+bytes each, the all-zero id standing for an all-zero chunk. Level k pages hold
+the ids of consecutive level k-1 pages. Every page holds ``FANOUT`` ids except
+the last of its level. The snapshot records the root id, the height (number of
+levels) and the number of chunks. See docs/repository-format.md, "Trees".
+
+Pages are blobs of type TREE in packs, so unchanged parts of an image's map are
+shared between snapshots exactly like unchanged data: an incremental snapshot
+adds only the pages on the paths to changed chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from host_agent import errors
+from host_agent.copier import BLOB_TREE, ID_LEN, NativeRepository
+
+FANOUT = 64
+
+
+@dataclass(frozen=True)
+class TreeRef:
+    """Where a snapshot's map lives: root page id (None for an empty image), height, chunk count."""
+
+    root: Optional[bytes]
+    height: int
+    entries: int
+
+
+def leaves_for(entries: int) -> int:
+    return -(-entries // FANOUT)
+
+
+class TreeBuilder:
+    """Builds a tree from chunk ids given in order; memory is one page per level."""
+
+    def __init__(self, native: NativeRepository) -> None:
+        self._native = native
+        self._levels: list[bytearray] = []
+        self._entries = 0
+        self.bytes_stored = 0
+
+    def add_ids(self, ids: bytes) -> None:
+        """Append chunk ids (32 bytes each)."""
+        view = memoryview(ids)
+        page = FANOUT * ID_LEN
+        while view:
+            leaf = self._level(0)
+            room = page - len(leaf)
+            leaf += view[:room]
+            self._entries += min(room, len(view)) // ID_LEN
+            view = view[room:]
+            if len(leaf) == page:
+                self._push(0)
+
+    def add_leaf(self, leaf_id: bytes, entries: int) -> None:
+        """Append a whole existing leaf by id; only at a leaf boundary."""
+        if self._levels and self._levels[0]:
+            raise ValueError("add_leaf needs a leaf boundary")
+        self._append(1, leaf_id)
+        self._entries += entries
+
+    @property
+    def entries(self) -> int:
+        return self._entries
+
+    def finish(self) -> TreeRef:
+        if self._entries == 0:
+            return TreeRef(None, 0, 0)
+        level = 0
+        while True:
+            above = self._levels[level + 1] if level + 1 < len(self._levels) else bytearray()
+            current = self._levels[level] if level < len(self._levels) else bytearray()
+            if not above and len(current) == ID_LEN and level > 0:
+                return TreeRef(bytes(current), level, self._entries)
+            if current:
+                self._push(level)
+            level += 1
+
+    def _level(self, level: int) -> bytearray:
+        while len(self._levels) <= level:
+            self._levels.append(bytearray())
+        return self._levels[level]
+
+    def _append(self, level: int, page_id: bytes) -> None:
+        buf = self._level(level)
+        buf += page_id
+        if len(buf) == FANOUT * ID_LEN:
+            self._push(level)
+
+    def _push(self, level: int) -> None:
+        page = bytes(self._levels[level])
+        self._levels[level].clear()
+        page_id, was_new = self._native.store_blob(page, BLOB_TREE)
+        if was_new:
+            self.bytes_stored += len(page)
+        self._append(level + 1, page_id)
+
+
+class TreeReader:
+    """Reads a tree: leaf ids in order, and leaf contents, verified by the native reader."""
+
+    def __init__(self, native: NativeRepository, ref: TreeRef) -> None:
+        self._native = native
+        self.ref = ref
+
+    def _page(self, page_id: bytes) -> bytes:
+        page = self._native.read_blob(page_id)
+        if not page or len(page) % ID_LEN or len(page) > FANOUT * ID_LEN:
+            raise errors.CorruptChunk(f"tree page {page_id.hex()} has a bad length {len(page)}",
+                                      page_id.hex())
+        return page
+
+    def leaf_ids(self) -> Iterator[bytes]:
+        """Yield the id of every leaf, left to right."""
+        if self.ref.root is None:
+            return
+        if self.ref.height == 0:
+            raise errors.CorruptChunk("a non-empty tree of height 0", self.ref.root.hex())
+        yield from self._walk(self.ref.root, self.ref.height - 1)
+
+    def _walk(self, page_id: bytes, level: int) -> Iterator[bytes]:
+        if level == 0:
+            yield page_id
+            return
+        page = self._page(page_id)
+        for i in range(0, len(page), ID_LEN):
+            yield from self._walk(page[i:i + ID_LEN], level - 1)
+
+    def pages(self) -> Iterator[bytes]:
+        """Yield the id of every page (interior and leaves), parents first."""
+        if self.ref.root is None:
+            return
+        stack = [(self.ref.root, self.ref.height - 1)]
+        while stack:
+            page_id, level = stack.pop()
+            yield page_id
+            if level > 0:
+                page = self._page(page_id)
+                stack.extend((page[i:i + ID_LEN], level - 1) for i in range(len(page) - ID_LEN, -1, -ID_LEN))
+
+    def leaf(self, leaf_id: bytes) -> bytes:
+        return self._page(leaf_id)
+
+    def chunk_ids(self) -> Iterator[bytes]:
+        """Yield every leaf's content (ids of FANOUT chunks, fewer in the last leaf)."""
+        for leaf_id in self.leaf_ids():
+            yield self.leaf(leaf_id)

@@ -1,0 +1,721 @@
+"""A hyperback repository: content-addressed, compressed, deduplicated snapshots of images.
+
+The on-disk format is specified in docs/repository-format.md; this module
+follows it. The public API::
+
+    repo = Repository.init(path)            # or Repository.open(path)
+    result = repo.backup("/dev/vg/vm1", "vm1/vda", policy=Policy.INCREMENTAL)
+    repo.restore("vm1/vda@latest", "/var/tmp/vm1.img")
+    repo.snapshots("vm1/vda"); repo.verify(); repo.check()
+
+Write order (what makes kill -9 safe): chunks and tree pages go into packs,
+each pack is fsynced and renamed into ``packs/`` before its index file is
+written into ``index/``; the snapshot document is renamed into ``snapshots/``
+only after every pack it needs is indexed. A snapshot file is therefore the
+commit record, and anything without one is invisible garbage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from host_agent import copier, errors
+from host_agent.copier import ID_LEN, ZERO_ID, NativeRepository
+from host_agent.extents import Extent, chunk_plan, data_extents, open_source, validate_changes
+from host_agent.locks import Lock, read_locks
+from host_agent.maptree import FANOUT, TreeBuilder, TreeReader, TreeRef, leaves_for
+
+log = logging.getLogger(__name__)
+
+FORMAT = "hyperback-repository"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 32 * 1024
+DEFAULT_COMPRESSION_LEVEL = 1
+PACK_TARGET = 64 * 1024 * 1024
+SEGMENT_LEAVES = 1024
+SNAPSHOT_ID = re.compile(r"[0-9a-f]{16}")
+PACK_NAME = re.compile(r"[0-9a-f]{32}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}")
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (bytes done, bytes in all) a few times a second during long work."""
+
+
+class Policy(str, Enum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+    DIFFERENTIAL = "differential"
+
+
+class ChangeDetection(str, Enum):
+    NONE = "none"              # a full backup: everything read
+    CHANGE_LIST = "change-list"  # only the caller's changed extents read
+    COMPARISON = "comparison"  # everything read, compared with the base snapshot
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    repo_id: str
+    chunk_size: int
+    compression_level: int
+    created: str
+    version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class SnapshotStats:
+    bytes_read: int
+    bytes_new: int
+    bytes_stored: int
+    bytes_changed: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+    policy: Policy
+    parent: Optional[str]
+    time: datetime
+    source: str
+    size: int
+    chunk_size: int
+    tree: TreeRef
+    change_detection: ChangeDetection
+    stats: SnapshotStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION, "id": self.id, "name": self.name, "policy": self.policy.value,
+            "parent": self.parent, "time": self.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "source": self.source, "size": self.size, "chunk_size": self.chunk_size,
+            "tree": {"root": self.tree.root.hex() if self.tree.root else None,
+                     "height": self.tree.height, "entries": self.tree.entries},
+            "change_detection": self.change_detection.value, "stats": asdict(self.stats),
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "Snapshot":
+        tree = doc["tree"]
+        return cls(
+            id=doc["id"], name=doc["name"], policy=Policy(doc["policy"]), parent=doc["parent"],
+            time=datetime.strptime(doc["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc),
+            source=doc["source"], size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
+            tree=TreeRef(bytes.fromhex(tree["root"]) if tree["root"] else None, int(tree["height"]),
+                         int(tree["entries"])),
+            change_detection=ChangeDetection(doc["change_detection"]),
+            stats=SnapshotStats(**doc["stats"]))
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    snapshot: Snapshot
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.snapshot
+        return {"snapshot": s.id, "name": s.name, "policy": s.policy.value,
+                "change_detection": s.change_detection.value, "size": s.size,
+                **asdict(s.stats), "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    snapshot: Snapshot
+    target: str
+    bytes_written: int
+    bytes_read: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot.id, "target": self.target, "size": self.snapshot.size,
+                "bytes_written": self.bytes_written, "bytes_read": self.bytes_read,
+                "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class BadChunk:
+    id: str
+    snapshots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    sample_percent: float
+    bytes_checked: int
+    bad: tuple[BadChunk, ...]
+    bad_total: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.bad_total == 0
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    snapshots: int
+    chunks_referenced: int
+    missing: tuple[BadChunk, ...]
+    unreadable_snapshots: tuple[str, ...]
+    packs_without_file: tuple[str, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unreadable_snapshots or self.packs_without_file or self.problems)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in a directory durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write a file so that it appears whole or not at all, durably."""
+    tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise errors.RepositoryFull(f"the backup media is full writing {path.name}: "
+                                        "free space or prune, then run again") from e
+        raise errors.RepositoryIOError(f"cannot write {path}: {e.strerror}") from e
+
+
+class _Ticker:
+    """Calls a progress function from a side thread while native workers run."""
+
+    def __init__(self, fn: Optional[ProgressFn], progress: copier.Progress, total: int,
+                 every: float = 0.2) -> None:
+        self._fn, self._progress, self._total, self._every = fn, progress, total, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            assert self._fn is not None
+            self._fn(self._progress.read().bytes_done, self._total)
+
+    def __enter__(self) -> "_Ticker":
+        if self._fn is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fn is not None:
+            self._stop.set()
+            self._thread.join()
+            if exc[0] is None:
+                self._fn(self._progress.read().bytes_done, self._total)
+
+
+class Repository:
+    """An open repository. Cheap to open; every operation loads what it needs."""
+
+    def __init__(self, path: Path, config: RepoConfig) -> None:
+        self.path = path
+        self.config = config
+
+    # ---------- creating and opening ----------
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK_SIZE,
+             compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> "Repository":
+        """Create a repository in an empty or missing directory."""
+        root = Path(path)
+        if chunk_size < 4096 or chunk_size > 4 * 1024 * 1024 or chunk_size & (chunk_size - 1):
+            raise errors.UsageError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 4 MiB")
+        if not 1 <= compression_level <= 19:
+            raise errors.UsageError(f"compression level {compression_level} must be from 1 to 19")
+        if (root / "config").exists():
+            raise errors.RepositoryExists(f"{root} is already a hyperback repository")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if any(root.iterdir()):
+                raise errors.RepositoryExists(f"{root} is not empty: give an empty or new directory")
+            for sub in ("packs", "index", "snapshots", "locks", "tombstones", "tmp"):
+                (root / sub).mkdir()
+        except OSError as e:
+            raise errors.RepositoryIOError(f"cannot create repository {root}: {e.strerror}") from e
+        config = RepoConfig(secrets.token_hex(16), chunk_size, compression_level,
+                            _now().strftime("%Y-%m-%dT%H:%M:%SZ"))
+        doc = {"format": FORMAT, **asdict(config), "hash": "sha256", "compression": "zstd",
+               "tree_fanout": FANOUT}
+        write_atomic(root / "config", json.dumps(doc, indent=2).encode() + b"\n", root / "tmp")
+        return cls(root, config)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "Repository":
+        root = Path(path)
+        try:
+            doc = json.loads((root / "config").read_text())
+        except FileNotFoundError:
+            raise errors.NotARepository(
+                f"{root} is not a hyperback repository (no config file); create one with "
+                f"'hyperback init {root}'") from None
+        except (OSError, ValueError) as e:
+            raise errors.NotARepository(f"{root}/config is unreadable: {e}") from e
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise errors.NotARepository(f"{root} is not a hyperback repository (foreign config file)")
+        version = doc.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise errors.UnsupportedFormat(
+                f"{root} has repository format {version}, newer than this hyperback understands "
+                f"({FORMAT_VERSION}); upgrade hyperback")
+        try:
+            config = RepoConfig(str(doc["repo_id"]), int(doc["chunk_size"]),
+                                int(doc["compression_level"]), str(doc["created"]), version)
+        except (KeyError, ValueError, TypeError) as e:
+            raise errors.NotARepository(f"{root}/config lacks a valid field: {e}") from e
+        return cls(root, config)
+
+    # ---------- directory helpers ----------
+
+    def _dir(self, name: str) -> Path:
+        return self.path / name
+
+    def tombstones(self) -> dict[int, list[str]]:
+        """Pending pack deletions by generation (see gc)."""
+        out = {}
+        for path in self._dir("tombstones").iterdir():
+            if path.name.isdigit():
+                out[int(path.name)] = list(json.loads(path.read_text())["packs"])
+        return out
+
+    def generation(self) -> int:
+        """The last tombstone generation handed out (0 before the first)."""
+        try:
+            return int((self._dir("tombstones") / "generation").read_text())
+        except FileNotFoundError:
+            return 0
+
+    def pack_names(self) -> list[str]:
+        """Every indexed pack."""
+        return sorted(p.name for p in self._dir("index").iterdir() if PACK_NAME.fullmatch(p.name))
+
+    @contextmanager
+    def session(self, kind: str, writer: bool) -> Iterator[NativeRepository]:
+        """Hold a lock and a native handle with the index loaded.
+
+        Writers skip packs named by a tombstone (their chunks count as absent, so
+        a writer never comes to depend on them); readers load those too, and
+        hold the lock as if older than every tombstone, so none is swept under them.
+        """
+        # The lock comes before the tombstones are read: see docs, "Garbage collection".
+        writer_id = secrets.token_bytes(16)
+        lock = Lock(self._dir("locks"), kind, self.generation() if writer else 0, writer_id.hex()).acquire()
+        native = None
+        try:
+            doomed = {p for packs in self.tombstones().values() for p in packs}
+            native = NativeRepository(str(self.path), writer_id, self.config.chunk_size, PACK_TARGET,
+                                      self.config.compression_level)
+            names = self.pack_names()
+            live = [n for n in names if n not in doomed]
+            for name in live + ([] if writer else [n for n in names if n in doomed]):
+                try:
+                    native.load_index(name)
+                except errors.RepositoryIOError:
+                    if (self._dir("index") / name).exists():
+                        raise
+                    # swept by a collector since we listed it: it was garbage
+            yield native
+        finally:
+            if native is not None:
+                native.close()
+            lock.release()
+
+    # ---------- snapshots ----------
+
+    def snapshots(self, name: Optional[str] = None) -> list[Snapshot]:
+        """Every snapshot (of one source name if given), oldest first."""
+        out = []
+        for path in self._dir("snapshots").iterdir():
+            if not SNAPSHOT_ID.fullmatch(path.name):
+                continue
+            try:
+                snap = Snapshot.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring unreadable snapshot %s: %s", path.name, e)
+                continue
+            if name is None or snap.name == name:
+                out.append(snap)
+        return sorted(out, key=lambda s: (s.time, s.id))
+
+    def resolve(self, spec: str) -> Snapshot:
+        """A snapshot by id, unique id prefix (4+ characters) or ``NAME@latest``."""
+        if spec.endswith("@latest"):
+            name = spec[: -len("@latest")]
+            found = self.snapshots(name)
+            if not found:
+                raise errors.SnapshotNotFound(f"no snapshot of {name!r} in {self.path}; "
+                                              f"'hyperback list --repo {self.path}' shows them")
+            return found[-1]
+        matches = [s for s in self.snapshots() if len(spec) >= 4 and s.id.startswith(spec)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise errors.UsageError(f"snapshot id prefix {spec!r} is ambiguous; give more characters")
+        raise errors.SnapshotNotFound(f"no snapshot {spec!r} in {self.path}; "
+                                      f"'hyperback list --repo {self.path}' shows them")
+
+    def _base_for(self, name: str, policy: Policy) -> Optional[Snapshot]:
+        history = self.snapshots(name)
+        if policy is Policy.DIFFERENTIAL:
+            history = [s for s in history if s.policy is Policy.FULL]
+        return history[-1] if history and policy is not Policy.FULL else None
+
+    def _commit(self, snap: Snapshot) -> None:
+        write_atomic(self._dir("snapshots") / snap.id, json.dumps(snap.to_json(), indent=1).encode(),
+                     self._dir("tmp"))
+
+    def forget(self, snapshot_ids: Sequence[str]) -> None:
+        """Delete snapshot documents (their data goes at the next garbage collection)."""
+        for sid in snapshot_ids:
+            if not SNAPSHOT_ID.fullmatch(sid):
+                raise errors.UsageError(f"{sid!r} is not a snapshot id")
+            (self._dir("snapshots") / sid).unlink(missing_ok=True)
+        fsync_dir(self._dir("snapshots"))
+
+    # ---------- backup ----------
+
+    def backup(self, source: str | os.PathLike[str], name: str, policy: Policy = Policy.FULL,
+               changes: Optional[Sequence[Extent]] = None, progress: Optional[ProgressFn] = None,
+               threads: Optional[int] = None) -> BackupResult:
+        """Back up an image file or block device as a new snapshot of ``name``.
+
+        ``incremental`` compares with (or, given ``changes``, reads only what changed
+        since) the latest snapshot of ``name``; ``differential`` the latest full one.
+        Without such a base snapshot a full backup is taken, and a note says so.
+        """
+        if not NAME.fullmatch(name):
+            raise errors.UsageError(
+                f"snapshot name {name!r} must be 1-4 parts joined by '/', each of letters, digits, "
+                "'.', '_', '-' (64 at most, not starting with a punctuation mark), e.g. vm1/vda")
+        policy = Policy(policy)
+        threads = threads or os.cpu_count() or 1
+        started = time.monotonic()
+        notes: list[str] = []
+        base = self._base_for(name, policy)
+        if policy is not Policy.FULL and base is None:
+            notes.append(f"no earlier {'full ' if policy is Policy.DIFFERENTIAL else ''}snapshot "
+                         f"of {name}: took a full backup")
+            policy = Policy.FULL
+        if base is not None and base.chunk_size != self.config.chunk_size:
+            raise errors.RepositoryError(f"base snapshot {base.id} has another chunk size")
+        src = open_source(Path(source))
+        try:
+            if changes is not None and base is None:
+                notes.append("change list ignored: a full backup reads everything")
+                changes = None
+            checked = validate_changes(changes, src.size) if changes is not None else None
+            detection = (ChangeDetection.NONE if base is None else
+                         ChangeDetection.CHANGE_LIST if checked is not None else ChangeDetection.COMPARISON)
+            with self.session("backup", writer=True) as native:
+                builder, counters = self._copy_in(native, src, base, checked, threads, progress)
+                tree = builder.finish()
+                native.flush()
+                stats = SnapshotStats(counters.bytes_read, counters.bytes_new,
+                                      counters.bytes_stored + builder.bytes_stored,
+                                      counters.bytes_changed, round(time.monotonic() - started, 3))
+                snap = Snapshot(secrets.token_hex(8), name, policy, base.id if base else None, _now(),
+                                str(Path(source).absolute()), src.size, self.config.chunk_size, tree,
+                                detection, stats)
+                # Still under the lock: a collector must not take our new chunks for garbage.
+                self._commit(snap)
+        finally:
+            os.close(src.fd)
+        log.info("backup %s of %s done: %s", snap.id, name, stats)
+        return BackupResult(snap, tuple(notes))
+
+    def _copy_in(self, native: NativeRepository, src: Any, base: Optional[Snapshot],
+                 changes: Optional[list[Extent]], threads: int,
+                 progress_fn: Optional[ProgressFn]) -> tuple[TreeBuilder, copier.Counters]:
+        cs = self.config.chunk_size
+        entries = -(-src.size // cs)
+        data = data_extents(src.fd, src.size) if not src.is_block_device else [(0, src.size)]
+        base_leaves = _BaseLeaves(native, base)
+        builder = TreeBuilder(native)
+        # Only chunks whose byte range is the same in the base may be kept unread: not a
+        # short last chunk of a source that has since grown or shrunk.
+        keepable = 0 if base is None else (
+            entries if base.size == src.size else min(base.size, src.size) // cs)
+        progress = copier.Progress()
+        with _Ticker(progress_fn, progress, src.size):
+            for first_leaf in range(0, leaves_for(entries), SEGMENT_LEAVES):
+                first = first_leaf * FANOUT
+                count = min(SEGMENT_LEAVES * FANOUT, entries - first)
+                plan = chunk_plan(first, count, cs, data, changes, keepable)
+                self._copy_segment(native, src, first, plan, base_leaves, builder, threads, progress)
+        return builder, progress.read()
+
+    def _copy_segment(self, native: NativeRepository, src: Any, first: int, plan: bytearray,
+                      base_leaves: "_BaseLeaves", builder: TreeBuilder, threads: int,
+                      progress: copier.Progress) -> None:
+        """Back up one segment, reusing whole base leaves where nothing in them changed."""
+        run_start = 0
+        leaf = 0
+        while leaf * FANOUT < len(plan):
+            lo, hi = leaf * FANOUT, min((leaf + 1) * FANOUT, len(plan))
+            reusable = base_leaves.reusable(first + lo, first + hi) and \
+                plan[lo:hi] == bytes([copier.TODO_KEEP]) * (hi - lo)
+            if reusable:
+                self._copy_run(native, src, first, plan, run_start, lo, base_leaves, builder, threads,
+                               progress)
+                builder.add_leaf(base_leaves.leaf_id((first + lo) // FANOUT), hi - lo)
+                cs = self.config.chunk_size
+                skipped = min((first + hi) * cs, src.size) - (first + lo) * cs
+                progress.add_done(skipped)
+                run_start = hi
+            leaf += 1
+        self._copy_run(native, src, first, plan, run_start, len(plan), base_leaves, builder, threads,
+                       progress)
+
+    def _copy_run(self, native: NativeRepository, src: Any, first: int, plan: bytearray, lo: int,
+                  hi: int, base_leaves: "_BaseLeaves", builder: TreeBuilder, threads: int,
+                  progress: copier.Progress) -> None:
+        if lo >= hi:
+            return
+        base_ids = base_leaves.ids(first + lo, first + hi)
+        ids, _ = native.backup_segment(src.fd, first + lo, src.size, bytes(plan[lo:hi]), base_ids,
+                                       threads, progress, src.label)
+        builder.add_ids(ids)
+
+    # ---------- restore ----------
+
+    def restore(self, spec: str, target: str | os.PathLike[str], overwrite: bool = False,
+                progress: Optional[ProgressFn] = None, threads: Optional[int] = None) -> RestoreResult:
+        """Restore a snapshot, bit-identical, to a file or block device; every chunk is verified first.
+
+        A file target is written beside the target and renamed over it only when
+        complete, so a failed restore never leaves a partial file under the target's name.
+        """
+        snap = self.resolve(spec)
+        threads = threads or os.cpu_count() or 1
+        started = time.monotonic()
+        path = Path(target)
+        with _RestoreTarget(path, snap.size, overwrite) as out:
+            with self.session("restore", writer=False) as native:
+                counters = self._copy_out(native, snap, out.fd, out.is_block_device, threads, progress)
+            out.commit()
+        return RestoreResult(snap, str(path), snap.size, counters.bytes_read,
+                             round(time.monotonic() - started, 3))
+
+    def _copy_out(self, native: NativeRepository, snap: Snapshot, fd: int, write_zeros: bool,
+                  threads: int, progress_fn: Optional[ProgressFn]) -> copier.Counters:
+        progress = copier.Progress()
+        reader = TreeReader(native, snap.tree)
+        first = 0
+        batch = bytearray()
+        with _Ticker(progress_fn, progress, snap.size):
+            for leaf in reader.chunk_ids():
+                batch += leaf
+                if len(batch) >= SEGMENT_LEAVES * FANOUT * ID_LEN:
+                    native.restore_segment(fd, first, snap.size, bytes(batch), write_zeros, threads,
+                                           progress, "the target")
+                    first += len(batch) // ID_LEN
+                    batch.clear()
+            if batch:
+                native.restore_segment(fd, first, snap.size, bytes(batch), write_zeros, threads, progress,
+                                       "the target")
+                first += len(batch) // ID_LEN
+        if first != snap.tree.entries:
+            raise errors.CorruptChunk(f"snapshot {snap.id}'s tree holds {first} chunks, "
+                                      f"not {snap.tree.entries}")
+        return progress.read()
+
+    # ---------- verify and check ----------
+
+    def referenced(self, native: NativeRepository, snaps: Sequence[Snapshot]) -> tuple[
+            dict[bytes, list[str]], list[str]]:
+        """Map every blob id reachable from the snapshots to the snapshots using it.
+
+        Returns the map and the ids of snapshots whose tree could not be read whole.
+        """
+        users: dict[bytes, list[str]] = {}
+        unreadable = []
+        for snap in snaps:
+            reader = TreeReader(native, snap.tree)
+            try:
+                for page_id in reader.pages():
+                    users.setdefault(page_id, []).append(snap.id)
+                for leaf in reader.chunk_ids():
+                    for i in range(0, len(leaf), ID_LEN):
+                        cid = leaf[i:i + ID_LEN]
+                        if cid != ZERO_ID:
+                            lst = users.setdefault(cid, [])
+                            if not lst or lst[-1] != snap.id:
+                                lst.append(snap.id)
+            except errors.IntegrityError as e:
+                log.warning("snapshot %s: %s", snap.id, e)
+                unreadable.append(snap.id)
+        return users, unreadable
+
+    def verify(self, sample_percent: float = 100.0, progress: Optional[ProgressFn] = None,
+               threads: Optional[int] = None) -> VerifyReport:
+        """Re-read and re-hash every stored blob (or a sample chosen by id) and name the bad ones
+        with the snapshots that use them."""
+        if not 0 < sample_percent <= 100:
+            raise errors.UsageError("sample must be a percentage above 0 and at most 100")
+        started = time.monotonic()
+        prog = copier.Progress()
+        with self.session("verify", writer=False) as native:
+            with _Ticker(progress, prog, 0):
+                bad_ids, total = native.verify(round(sample_percent * 100), threads or os.cpu_count() or 1,
+                                               prog)
+            users: dict[bytes, list[str]] = {}
+            if bad_ids:
+                users, _ = self.referenced(native, self.snapshots())
+        bad = tuple(BadChunk(b.hex(), tuple(users.get(b, ()))) for b in bad_ids)
+        return VerifyReport(sample_percent, prog.read().bytes_read, bad, total,
+                            round(time.monotonic() - started, 3))
+
+    def check(self) -> CheckReport:
+        """Check references: every blob a snapshot needs is indexed, every indexed pack exists."""
+        snaps = self.snapshots()
+        with self.session("check", writer=False) as native:
+            users, unreadable = self.referenced(native, snaps)
+            missing = tuple(BadChunk(cid.hex(), tuple(s)) for cid, s in users.items() if cid not in native)
+        no_file = tuple(n for n in self.pack_names()
+                        if not (self._dir("packs") / n[:2] / n).exists())
+        return CheckReport(len(snaps), len(users), missing, tuple(unreadable), no_file)
+
+    def locks(self) -> list[Any]:
+        return read_locks(self._dir("locks"))
+
+
+class _BaseLeaves:
+    """The base snapshot's leaves, read lazily in order (a backup walks the image once)."""
+
+    def __init__(self, native: NativeRepository, base: Optional[Snapshot]) -> None:
+        self._native = native
+        self._base = base
+        self._reader = TreeReader(native, base.tree) if base else None
+        self._leaf_ids = self._reader.leaf_ids() if self._reader else iter(())
+        self._ids: dict[int, bytes] = {}
+        self._next = 0
+
+    def leaf_id(self, index: int) -> bytes:
+        """The id of base leaf ``index``; indexes must not go back more than one segment."""
+        while self._next <= index:
+            self._ids[self._next] = next(self._leaf_ids)
+            self._ids.pop(self._next - SEGMENT_LEAVES, None)  # keep memory flat for huge images
+            self._next += 1
+        return self._ids[index]
+
+    def reusable(self, lo: int, hi: int) -> bool:
+        """Whether base leaf lo//FANOUT covers exactly chunks [lo, hi)."""
+        if self._base is None or lo % FANOUT:
+            return False
+        return hi == min(lo + FANOUT, self._base.tree.entries)
+
+    def ids(self, lo: int, hi: int) -> Optional[bytes]:
+        """Base ids of chunks [lo, hi), zero ids past the base's end; None without a base."""
+        if self._base is None:
+            return None
+        out = bytearray()
+        entries = self._base.tree.entries
+        for leaf_index in range(lo // FANOUT, -(-min(hi, entries) // FANOUT)):
+            leaf = self._reader.leaf(self.leaf_id(leaf_index)) if self._reader else b""
+            start = leaf_index * FANOUT
+            a, b = max(lo, start) - start, min(hi, start + FANOUT) - start
+            out += leaf[a * ID_LEN:b * ID_LEN]
+        out += bytes((hi - lo) * ID_LEN - len(out))
+        return bytes(out)
+
+
+class _RestoreTarget:
+    """Opens a restore target; a file is written under a temporary name and renamed on commit."""
+
+    def __init__(self, path: Path, size: int, overwrite: bool) -> None:
+        self.path, self.size, self.overwrite = path, size, overwrite
+        self.fd = -1
+        self.is_block_device = False
+        self._tmp: Optional[Path] = None
+
+    def __enter__(self) -> "_RestoreTarget":
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise errors.TargetError(f"cannot use target {self.path}: {e.strerror}") from e
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            self._open_device()
+        elif st is not None and not stat.S_ISREG(st.st_mode):
+            raise errors.TargetError(f"target {self.path} is neither a file nor a block device")
+        else:
+            if st is not None and not self.overwrite:
+                raise errors.TargetError(f"target {self.path} exists; pass --overwrite to replace it")
+            self._open_file()
+        return self
+
+    def _open_device(self) -> None:
+        if not self.overwrite:
+            raise errors.TargetError(f"target {self.path} is a block device; pass --overwrite to "
+                                     "write the snapshot over its contents")
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_EXCL)
+            dev_size = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as e:
+            raise errors.TargetError(f"cannot open device {self.path}: {e.strerror}") from e
+        if dev_size < self.size:
+            os.close(self.fd)
+            raise errors.TargetError(f"device {self.path} holds {dev_size} bytes, the snapshot {self.size}")
+        self.is_block_device = True
+
+    def _open_file(self) -> None:
+        self._tmp = self.path.parent / f".{self.path.name}.hyperback-partial"
+        try:
+            self.fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.ftruncate(self.fd, self.size)
+        except OSError as e:
+            self._discard()
+            raise errors.TargetError(f"cannot create {self._tmp}: {e.strerror}") from e
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            if self._tmp is not None:
+                os.rename(self._tmp, self.path)
+                self._tmp = None
+                fsync_dir(self.path.parent)
+        except OSError as e:
+            raise errors.TargetError(f"cannot finish writing {self.path}: {e.strerror}") from e
+
+    def _discard(self) -> None:
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self._discard()

@@ -1,0 +1,99 @@
+"""Shared fixtures: repositories and generated disk images on real files."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from host_agent.repository import Repository
+
+MIB = 1024 * 1024
+WORDS = b"disk guest host chunk pack tree index snapshot restore backup volume ext4 inode".split()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    tools = {t: bool(shutil.which(t)) for t in ("qemu-system-x86_64", "libvirtd", "losetup", "mkfs.ext4")}
+    return [f"kernel {platform.release()}, uid {os.geteuid()}, cores {os.cpu_count()}",
+            "tools: " + ", ".join(f"{t}={'yes' if ok else 'NO'}" for t, ok in tools.items())]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the caller's HYPERBACK_* settings."""
+    for key in list(os.environ):
+        if key.startswith("HYPERBACK_"):
+            monkeypatch.delenv(key)
+
+
+def text_block(rng: random.Random, size: int) -> bytes:
+    line = b" ".join(rng.choice(WORDS) for _ in range(10)) + b"\n"
+    return (line * (size // len(line) + 1))[:size]
+
+
+def write_image(path: Path, size: int, seed: int, block: int = 64 * 1024) -> Path:
+    """A sparse image of holes, random data, compressible text and written zeros, by seed."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, block):
+            kind = rng.random()
+            n = min(block, size - off)
+            if kind < 0.3:
+                continue
+            data = rng.randbytes(n) if kind < 0.65 else text_block(rng, n) if kind < 0.95 else bytes(n)
+            f.seek(off)
+            f.write(data)
+    return path
+
+
+def mutate(path: Path, seed: int, extents: int, length: int = 64 * 1024, align: int = 4096) -> list[tuple[int, int]]:
+    """Overwrite scattered extents with random bytes; return the change list."""
+    rng = random.Random(seed)
+    size = path.stat().st_size
+    changes = []
+    with open(path, "r+b") as f:
+        for _ in range(extents):
+            off = rng.randrange(0, max(size - length, 1), align)
+            n = min(length, size - off)
+            f.seek(off)
+            f.write(rng.randbytes(n))
+            changes.append((off, n))
+    return changes
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MIB):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.init(tmp_path / "repo")
+
+
+@pytest.fixture
+def small_repo(tmp_path: Path) -> Repository:
+    """4 KiB chunks: many chunks from small images."""
+    return Repository.init(tmp_path / "small-repo", chunk_size=4096)
+
+
+ImageFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> ImageFactory:
+    counter = iter(range(1_000_000))
+
+    def make(size: int = 4 * MIB, seed: int = 1, name: Optional[str] = None) -> Path:
+        return write_image(tmp_path / (name or f"image-{next(counter)}.img"), size, seed)
+
+    return make

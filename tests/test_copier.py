@@ -1,0 +1,168 @@
+"""The native copier against plain Python references."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from host_agent import copier, errors
+from host_agent.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
+from host_agent.packfile import RECORD_HEADER, read_index
+
+CHUNK = 4096
+
+
+def native(root: Path) -> NativeRepository:
+    for sub in ("packs", "index", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return NativeRepository(str(root), os.urandom(16), CHUNK, 1 << 20, 1)
+
+
+def test_selftest_passes() -> None:
+    copier.selftest()
+
+
+@given(st.binary(max_size=70_000))
+def test_native_hash_equals_hashlib_sha256(data: bytes) -> None:
+    assert copier.sha256(data) == hashlib.sha256(data).digest()
+
+
+def reference_backup(data: bytes) -> tuple[bytes, bytes]:
+    """What hb_backup_segment must produce, computed in plain Python."""
+    ids, states = b"", b""
+    for off in range(0, len(data), CHUNK):
+        chunk = data[off:off + CHUNK]
+        if chunk.count(0) == len(chunk):
+            ids += bytes(32)
+            states += bytes([copier.CHUNK_ZERO])
+        else:
+            ids += hashlib.sha256(chunk).digest()
+            states += bytes([copier.CHUNK_NEW])
+    return ids, states
+
+
+chunks = st.one_of(st.just(bytes(CHUNK)), st.binary(min_size=CHUNK, max_size=CHUNK),
+                   st.just(b"A" * CHUNK), st.binary(min_size=1, max_size=CHUNK).map(lambda b: b * (CHUNK // len(b) + 1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(chunks, min_size=1, max_size=24), st.integers(0, CHUNK - 1), st.integers(1, 4))
+def test_backup_segment_matches_reference_and_round_trips(tmp_path_factory: pytest.TempPathFactory,
+                                                          blocks: list[bytes], tail: int, threads: int) -> None:
+    root = tmp_path_factory.mktemp("native")
+    data = b"".join(blocks) + os.urandom(tail)
+    src = root / "src"
+    src.write_bytes(data)
+    n = -(-len(data) // CHUNK)
+    fd = os.open(src, os.O_RDONLY)
+    with native(root) as nat:
+        ids, states = nat.backup_segment(fd, 0, len(data), bytes(n), None, threads, Progress(), "src")
+        nat.flush()
+        want_ids, want_states = reference_backup(data)
+        assert ids == want_ids
+        # a repeated chunk is new once, a duplicate after that
+        assert [s == copier.CHUNK_ZERO for s in states] == [s == copier.CHUNK_ZERO for s in want_states]
+        distinct = {ids[i:i + 32] for i in range(0, len(ids), 32)} - {bytes(32)}
+        assert states.count(copier.CHUNK_NEW) == len(distinct)
+        out = root / "out"
+        ofd = os.open(out, os.O_RDWR | os.O_CREAT)
+        os.ftruncate(ofd, len(data))
+        nat.restore_segment(ofd, 0, len(data), ids, False, threads, Progress(), "out")
+        os.close(ofd)
+    os.close(fd)
+    assert out.read_bytes() == data
+
+
+def test_holes_planned_as_zero_are_not_read(tmp_path: Path) -> None:
+    data = os.urandom(CHUNK * 4)
+    (tmp_path / "src").write_bytes(data)
+    fd = os.open(tmp_path / "src", os.O_RDONLY)
+    progress = Progress()
+    with native(tmp_path) as nat:
+        todo = bytes([copier.TODO_READ, copier.TODO_ZERO, copier.TODO_ZERO, copier.TODO_READ])
+        ids, _ = nat.backup_segment(fd, 0, len(data), todo, None, 2, progress, "src")
+    os.close(fd)
+    assert progress.read().bytes_read == 2 * CHUNK
+    assert ids[32:96] == bytes(64)
+
+
+def test_keep_copies_base_ids_without_reading(tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(os.urandom(CHUNK * 2))
+    base = os.urandom(64)
+    fd = os.open(tmp_path / "src", os.O_RDONLY)
+    progress = Progress()
+    with native(tmp_path) as nat:
+        ids, states = nat.backup_segment(fd, 0, 2 * CHUNK, bytes([copier.TODO_KEEP, copier.TODO_READ]), base,
+                                         1, progress, "src")
+    os.close(fd)
+    assert ids[:32] == base[:32] and states[0] == copier.CHUNK_KEPT
+    assert progress.read().bytes_read == CHUNK
+
+
+def test_index_written_by_c_reads_back_in_python_and_native(tmp_path: Path) -> None:
+    blobs = [os.urandom(1000), b"x" * 3000, os.urandom(CHUNK)]
+    with native(tmp_path) as nat:
+        ids = [nat.store_blob(b, BLOB_TREE)[0] for b in blobs]
+        nat.flush()
+    names = os.listdir(tmp_path / "index")
+    assert len(names) == 1
+    entries = read_index(tmp_path / "index" / names[0])
+    assert [e.id for e in entries] == ids
+    assert entries[1].compressed and not entries[0].compressed
+    with native(tmp_path) as nat:
+        nat.load_index(names[0])
+        assert [nat.read_blob(i) for i in ids] == blobs
+
+
+def test_flipped_bit_in_a_pack_is_reported_with_the_chunk_id(tmp_path: Path) -> None:
+    with native(tmp_path) as nat:
+        cid, _ = nat.store_blob(os.urandom(2000), BLOB_DATA)
+        nat.flush()
+    name = os.listdir(tmp_path / "index")[0]
+    entry = read_index(tmp_path / "index" / name)[0]
+    pack = tmp_path / "packs" / name[:2] / name
+    raw = bytearray(pack.read_bytes())
+    raw[entry.offset + RECORD_HEADER.size + 10] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    with native(tmp_path) as nat:
+        nat.load_index(name)
+        with pytest.raises(errors.CorruptChunk) as caught:
+            nat.read_blob(cid)
+        assert caught.value.chunk_id == cid.hex()
+        bad, total = nat.verify(10000, 2, Progress())
+        assert bad == [cid] and total == 1
+
+
+def test_tampered_index_file_is_refused(tmp_path: Path) -> None:
+    with native(tmp_path) as nat:
+        nat.store_blob(b"abc" * 100, BLOB_DATA)
+        nat.flush()
+    name = os.listdir(tmp_path / "index")[0]
+    path = tmp_path / "index" / name
+    raw = bytearray(path.read_bytes())
+    raw[40] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with native(tmp_path) as nat:
+        with pytest.raises(errors.RepositoryError, match="malformed"):
+            nat.load_index(name)
+
+
+def test_short_source_is_a_source_error(tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(os.urandom(CHUNK))
+    fd = os.open(tmp_path / "src", os.O_RDONLY)
+    with native(tmp_path) as nat:
+        with pytest.raises(errors.SourceError, match="ended before its size"):
+            nat.backup_segment(fd, 0, 2 * CHUNK, bytes(2), None, 1, Progress(), "src")
+    os.close(fd)
+
+
+def test_unflushed_pack_is_deleted_on_close(tmp_path: Path) -> None:
+    with native(tmp_path) as nat:
+        nat.store_blob(os.urandom(100), BLOB_DATA)
+        assert list((tmp_path / "tmp").iterdir())
+    assert not list((tmp_path / "tmp").iterdir())
+    assert not list((tmp_path / "index").iterdir())

@@ -1,0 +1,48 @@
+"""Retention rules select snapshots like restic and borg do."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from host_agent import errors
+from host_agent.maptree import TreeRef
+from host_agent.repository import ChangeDetection, Policy, Snapshot, SnapshotStats
+from host_agent.retention import KeepPolicy, select
+
+T0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+
+
+def snap(i: int, when: datetime, name: str = "vm1/vda") -> Snapshot:
+    return Snapshot(f"{i:016x}", name, Policy.FULL, None, when, "/x", 0, 4096, TreeRef(None, 0, 0),
+                    ChangeDetection.NONE, SnapshotStats(0, 0, 0, 0, 0.0))
+
+
+def ids(snaps: list[Snapshot]) -> list[int]:
+    return [int(s.id, 16) for s in snaps]
+
+
+def test_keep_last_keeps_the_newest_per_name() -> None:
+    snaps = [snap(i, T0 + timedelta(hours=i)) for i in range(5)] + [snap(10, T0, "vm2/vda")]
+    keep, remove = select(snaps, KeepPolicy(last=2))
+    assert ids(keep) == [10, 3, 4]
+    assert ids(remove) == [0, 1, 2]
+
+
+def test_keep_daily_keeps_the_newest_of_each_day() -> None:
+    snaps = [snap(i, T0 + timedelta(hours=8 * i)) for i in range(9)]  # noon Jan 1 to 4:00 Jan 4
+    keep, _ = select(snaps, KeepPolicy(daily=2))
+    assert ids(keep) == [7, 8]
+
+
+def test_weekly_and_monthly_combine_with_last() -> None:
+    snaps = [snap(i, T0 + timedelta(days=7 * i)) for i in range(10)]
+    keep, _ = select(snaps, KeepPolicy(last=1, weekly=3, monthly=3))
+    assert ids(keep) == [4, 7, 8, 9]  # months: Jan 29, Feb 26, Mar 5
+
+
+def test_a_policy_that_keeps_nothing_is_refused() -> None:
+    with pytest.raises(errors.UsageError, match="at least one"):
+        KeepPolicy()
+    with pytest.raises(errors.UsageError):
+        KeepPolicy(last=-1)
