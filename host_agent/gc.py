@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from host_agent import errors
 from host_agent.copier import NativeRepository
 from host_agent.locks import GC_LOCK, Lock, read_locks
 from host_agent.packfile import IndexEntry, pack_writer_id, read_index
-from host_agent.repository import PACK_TARGET, Repository, fsync_dir, write_atomic
+from host_agent.repository import PACK_NAME, PACK_TARGET, REPACK_THRESHOLD, Repository, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
-REPACK_THRESHOLD = 0.25
 TMP_MAX_AGE = 24 * 3600.0
 
 
@@ -57,7 +57,7 @@ class _Collector:
     # ---------- helpers ----------
 
     def _native(self, packs: list[str]) -> NativeRepository:
-        native = NativeRepository(str(self.repo.path), secrets.token_bytes(16), self.repo.config.chunk_size,
+        native = NativeRepository(str(self.repo.path), os.urandom(16), self.repo.config.chunk_size,
                                   PACK_TARGET, self.repo.config.compression_level)
         for name in packs:
             native.load_index(name)
@@ -161,23 +161,50 @@ class _Collector:
                      self.repo.path / "tmp")
         write_atomic(tomb_dir / "generation", str(gen).encode(), self.repo.path / "tmp")
 
+    def _tmp_owner(self, path: Path) -> Optional[str]:
+        """The writer that made a file in tmp/ if known ("" if nobody can finish it any more).
+
+        A pack names its writer in its header; an index being written belongs to
+        the writer of its pack, which is already in packs/ (or, gone, makes it garbage).
+        """
+        if path.suffix == ".pack":
+            # no header yet: a writer may be just creating it, so only its age can tell
+            return pack_writer_id(path) or None
+        if path.suffix == ".idx" and PACK_NAME.fullmatch(path.stem):
+            for pack in (path.with_suffix(".pack"), self.repo.path / "packs" / path.stem[:2] / path.stem):
+                try:
+                    return pack_writer_id(pack)
+                except FileNotFoundError:
+                    continue
+            return ""
+        return None
+
     def clean_tmp(self) -> None:
-        """Delete what dead writers left: unpublished packs, and packs that never got their index."""
+        """Delete what dead writers left: unpublished packs and indexes, and packs that never got their index.
+
+        Files are listed before the locks are read: a writer creates its lock before
+        its files, so a file listed belongs to a writer that the lock reading sees
+        if it still runs.
+        """
+        tmp_files = list((self.repo.path / "tmp").iterdir())
+        pack_files = [path for sub in (self.repo.path / "packs").iterdir() for path in sub.iterdir()]
+        indexed = set(self.repo.pack_names())
         live = set(self._live_locks())
         now = time.time()
-        for path in (self.repo.path / "tmp").iterdir():
-            owner = pack_writer_id(path) if path.suffix == ".pack" else None
-            stale = (owner is not None and owner not in live) or (
-                owner is None and now - path.stat().st_mtime > TMP_MAX_AGE)
+        for path in tmp_files:
+            try:
+                owner = self._tmp_owner(path)
+                stale = (owner is not None and owner not in live) or (
+                    owner is None and now - path.stat().st_mtime > TMP_MAX_AGE)
+            except FileNotFoundError:  # published or removed by its writer meanwhile
+                continue
             if stale:
                 path.unlink(missing_ok=True)
                 self.result.orphans_deleted += 1
-        indexed = set(self.repo.pack_names())
-        for sub in (self.repo.path / "packs").iterdir():
-            for path in sub.iterdir():
-                if path.name not in indexed and pack_writer_id(path) not in live:
-                    path.unlink(missing_ok=True)
-                    self.result.orphans_deleted += 1
+        for path in pack_files:
+            if path.name not in indexed and pack_writer_id(path) not in live:
+                path.unlink(missing_ok=True)
+                self.result.orphans_deleted += 1
 
 
 def collect_garbage(repo: Repository, repack_threshold: float = REPACK_THRESHOLD) -> GcResult:

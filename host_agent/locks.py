@@ -14,11 +14,10 @@ than ``STALE_AFTER`` seconds.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ class LockInfo:
     mtime: float
 
     def is_stale(self, now: Optional[float] = None) -> bool:
-        if self.host == socket.gethostname():
+        if self.host == os.uname().nodename:
             return _process_start(self.pid) != self.start
         return (now or time.time()) - self.mtime > STALE_AFTER
 
@@ -80,7 +79,7 @@ class Lock:
     """A held lock file; a context manager that refreshes it until released."""
 
     def __init__(self, locks_dir: Path, kind: str, saw_gen: int, name: Optional[str] = None) -> None:
-        self.path = locks_dir / (name or secrets.token_hex(16))
+        self.path = locks_dir / (name or os.urandom(16).hex())
         self.kind = kind
         self.saw_gen = saw_gen
         self._stop = threading.Event()
@@ -88,7 +87,7 @@ class Lock:
 
     def _document(self) -> bytes:
         pid = os.getpid()
-        return json.dumps({"kind": self.kind, "host": socket.gethostname(), "pid": pid,
+        return json.dumps({"kind": self.kind, "host": os.uname().nodename, "pid": pid,
                            "start": _process_start(pid), "saw_gen": self.saw_gen,
                            "time": time.time()}).encode()
 
@@ -111,10 +110,19 @@ class Lock:
         except OSError as e:
             raise errors.RepositoryIOError(f"cannot create lock {self.path}: {e.strerror}") from e
         try:
-            os.write(fd, self._document())
+            doc = self._document()
+            if os.write(fd, doc) != len(doc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fsync(fd)
-        finally:
+        except OSError as e:
+            # An empty or partial lock file would read as live forever and block every sweep.
             os.close(fd)
+            self.path.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.RepositoryFull(f"the backup media is full writing lock {self.path.name}: "
+                                            "free space or prune, then run again") from e
+            raise errors.RepositoryIOError(f"cannot write lock {self.path}: {e.strerror}") from e
+        os.close(fd)
         self._thread = threading.Thread(target=self._beat, name=f"lock-{self.kind}", daemon=True)
         self._thread.start()
         return self

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import stat
 import threading
 import time
@@ -45,6 +44,7 @@ DEFAULT_CHUNK_SIZE = 32 * 1024
 DEFAULT_COMPRESSION_LEVEL = 1
 PACK_TARGET = 64 * 1024 * 1024
 SEGMENT_LEAVES = 1024
+REPACK_THRESHOLD = 0.25  # garbage collection rewrites a pack once this fraction of it is garbage
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{16}")
 PACK_NAME = re.compile(r"[0-9a-f]{32}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}")
@@ -194,7 +194,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Write a file so that it appears whole or not at all, durably."""
-    tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}.tmp"
+    tmp = tmp_dir / f"{path.name}.{os.urandom(4).hex()}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -265,7 +265,7 @@ class Repository:
                 (root / sub).mkdir()
         except OSError as e:
             raise errors.RepositoryIOError(f"cannot create repository {root}: {e.strerror}") from e
-        config = RepoConfig(secrets.token_hex(16), chunk_size, compression_level,
+        config = RepoConfig(os.urandom(16).hex(), chunk_size, compression_level,
                             _now().strftime("%Y-%m-%dT%H:%M:%SZ"))
         doc = {"format": FORMAT, **asdict(config), "hash": "sha256", "compression": "zstd",
                "tree_fanout": FANOUT}
@@ -330,7 +330,7 @@ class Repository:
         hold the lock as if older than every tombstone, so none is swept under them.
         """
         # The lock comes before the tombstones are read: see docs, "Garbage collection".
-        writer_id = secrets.token_bytes(16)
+        writer_id = os.urandom(16)
         lock = Lock(self._dir("locks"), kind, self.generation() if writer else 0, writer_id.hex()).acquire()
         native = None
         try:
@@ -445,7 +445,7 @@ class Repository:
                 stats = SnapshotStats(counters.bytes_read, counters.bytes_new,
                                       counters.bytes_stored + builder.bytes_stored,
                                       counters.bytes_changed, round(time.monotonic() - started, 3))
-                snap = Snapshot(secrets.token_hex(8), name, policy, base.id if base else None, _now(),
+                snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 str(Path(source).absolute()), src.size, self.config.chunk_size, tree,
                                 detection, stats)
                 # Still under the lock: a collector must not take our new chunks for garbage.

@@ -36,6 +36,8 @@
 #define BATCH_CHUNKS 16u
 #define VERIFY_BATCH_SLOTS 4096u
 #define FD_CACHE 8
+#define MAX_WRITERS 64
+#define WRITE_BUFFER (1u << 20)
 /* Compressing random data costs as much as compressing text and saves nothing:
  * a chunk whose middle SAMPLE_LEN bytes shrink by less than 1/32 is stored raw. */
 #define SAMPLE_LEN 4096u
@@ -56,6 +58,7 @@ typedef struct {
 typedef struct {
     char name[33];
     int published;
+    uint32_t writer; /* while unpublished: the slot writing it */
 } pack_t;
 
 typedef struct {
@@ -64,6 +67,19 @@ typedef struct {
     uint64_t offset;
     uint32_t stored_len, raw_len;
 } record_t;
+
+/* A pack being written: records gather in buf and reach the file a megabyte at a time. */
+typedef struct {
+    pthread_mutex_t lock;
+    int fd;
+    uint32_t pack;
+    uint64_t off;       /* end of the pack, buffered bytes included */
+    uint8_t *buf;
+    size_t buf_len, buf_cap;
+    uint64_t buf_at;    /* file offset of buf[0] */
+    record_t *recs;
+    uint32_t nrecs, recs_cap;
+} writer_t;
 
 /* per-thread working state */
 typedef struct {
@@ -75,6 +91,7 @@ typedef struct {
     EVP_MD_CTX *md;
     struct { uint32_t pack; int fd; } fds[FD_CACHE];
     int fd_next;
+    uint32_t slot; /* the writer slot this worker appends to */
 } worker_t;
 
 struct hb_repo {
@@ -83,7 +100,7 @@ struct hb_repo {
     uint32_t chunk_size;
     uint64_t pack_target;
     int level;
-    int poisoned; /* a write failed: the index may name chunks that never became durable */
+    int poisoned; /* atomic; a write failed: the index may name chunks that never became durable */
 
     pthread_mutex_t ix_lock;
     slot_t *slots;
@@ -91,12 +108,8 @@ struct hb_repo {
     pack_t *packs;
     uint32_t npacks, packs_cap;
 
-    pthread_mutex_t w_lock;
-    int cur_fd;
-    uint32_t cur_pack;
-    uint64_t cur_off;
-    record_t *recs;
-    uint32_t nrecs, recs_cap;
+    /* One open pack per writer slot, so that workers never wait for each other's writes. */
+    writer_t writers[MAX_WRITERS];
 
     /* working state for the single-blob calls, made once: a zstd context is costly */
     pthread_mutex_t solo_lock;
@@ -447,17 +460,19 @@ static int pack_fd(hb_repo *r, worker_t *w, uint32_t pack)
     return fd;
 }
 
+static int ensure_written(hb_repo *r, uint32_t pack, hb_error *err);
+
 /* Read, decompress and verify the blob described by s into out. */
 static int read_verified(hb_repo *r, worker_t *w, const slot_t *s, uint8_t *out, uint32_t cap,
                          hb_error *err)
 {
     size_t want = RECORD_HEADER_LEN + (size_t)s->stored_len, got = 0;
     if (want > w->cbuf_cap || s->raw_len > cap) return fail(err, HB_ECORRUPT, 0, HB_AT_REPO_READ, s->id);
+    int rc = ensure_written(r, s->pack, err);
+    if (rc != HB_OK) return rc;
     int fd = pack_fd(r, w, s->pack);
-    if (fd < 0 || pread_full(fd, w->cbuf, want, s->offset, &got)) {
-        int rc = fail(err, HB_ESYS, errno, HB_AT_REPO_READ, s->id);
-        return rc;
-    }
+    if (fd < 0 || pread_full(fd, w->cbuf, want, s->offset, &got))
+        return fail(err, HB_ESYS, errno, HB_AT_REPO_READ, s->id);
     const uint8_t *h = w->cbuf;
     if (got != want || memcmp(h, s->id, HB_ID_LEN) || h[32] != s->type || h[33] != s->comp ||
         get32(h + 36) != s->raw_len || get32(h + 40) != s->stored_len)
@@ -474,56 +489,71 @@ static int read_verified(hb_repo *r, worker_t *w, const slot_t *s, uint8_t *out,
     return HB_OK;
 }
 
-/* ---------- the pack writer (caller holds w_lock) ---------- */
+/* ---------- the pack writers (caller holds the writer's lock) ---------- */
 
-static int open_pack(hb_repo *r, hb_error *err)
+static int poisoned(hb_repo *r) { return __atomic_load_n(&r->poisoned, __ATOMIC_RELAXED); }
+static void poison(hb_repo *r) { __atomic_store_n(&r->poisoned, 1, __ATOMIC_RELAXED); }
+
+static int drain(writer_t *wr, hb_error *err)
+{
+    if (wr->buf_len && pwrite_full(wr->fd, wr->buf, wr->buf_len, wr->buf_at)) return sys_fail(err, HB_AT_REPO_WRITE);
+    /* Start writeback now, so that the fsync closing the pack has little left to wait for. */
+    sync_file_range(wr->fd, (off_t)wr->buf_at, (off_t)wr->buf_len, SYNC_FILE_RANGE_WRITE);
+    wr->buf_at += wr->buf_len;
+    wr->buf_len = 0;
+    return HB_OK;
+}
+
+static int open_pack(hb_repo *r, writer_t *wr, uint32_t slot, hb_error *err)
 {
     uint8_t pack_id[16];
     if (getrandom(pack_id, sizeof pack_id, 0) != sizeof pack_id) return sys_fail(err, HB_AT_REPO_WRITE);
     char name[33], path[PATH_MAX];
     hex(pack_id, 16, name);
     snprintf(path, sizeof path, "%s/tmp/%s.pack", r->root, name);
+    if (!wr->buf) {
+        wr->buf_cap = WRITE_BUFFER > RECORD_HEADER_LEN + ZSTD_compressBound(r->chunk_size)
+                          ? WRITE_BUFFER : RECORD_HEADER_LEN + ZSTD_compressBound(r->chunk_size);
+        if (!(wr->buf = malloc(wr->buf_cap))) return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+    }
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) return sys_fail(err, HB_AT_REPO_WRITE);
-    uint8_t hdr[PACK_HEADER_LEN];
-    memcpy(hdr, PACK_MAGIC, 4);
-    put32(hdr + 4, FORMAT_VERSION);
-    memcpy(hdr + 8, pack_id, 16);
-    memcpy(hdr + 24, r->writer_id, 16);
     uint32_t no = 0;
-    if (pwrite_full(fd, hdr, sizeof hdr, 0)) {
-        int rc = sys_fail(err, HB_AT_REPO_WRITE);
-        close(fd);
-        unlink(path);
-        return rc;
-    }
     pthread_mutex_lock(&r->ix_lock);
     int added = add_pack(r, name, 0, &no);
+    if (!added) r->packs[no].writer = slot;
     pthread_mutex_unlock(&r->ix_lock);
     if (added) {
         close(fd);
         unlink(path);
         return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
     }
-    r->cur_fd = fd;
-    r->cur_pack = no;
-    r->cur_off = PACK_HEADER_LEN;
-    r->nrecs = 0;
+    uint8_t *hdr = wr->buf;
+    memcpy(hdr, PACK_MAGIC, 4);
+    put32(hdr + 4, FORMAT_VERSION);
+    memcpy(hdr + 8, pack_id, 16);
+    memcpy(hdr + 24, r->writer_id, 16);
+    wr->fd = fd;
+    wr->pack = no;
+    wr->buf_at = 0;
+    wr->buf_len = PACK_HEADER_LEN;
+    wr->off = PACK_HEADER_LEN;
+    wr->nrecs = 0;
     return HB_OK;
 }
 
-static int write_index_file(hb_repo *r, const char *name, hb_error *err)
+static int write_index_file(hb_repo *r, const writer_t *wr, const char *name, hb_error *err)
 {
-    size_t len = INDEX_HEADER_LEN + (size_t)r->nrecs * INDEX_ENTRY_LEN + HB_ID_LEN;
+    size_t len = INDEX_HEADER_LEN + (size_t)wr->nrecs * INDEX_ENTRY_LEN + HB_ID_LEN;
     uint8_t *buf = calloc(1, len);
     if (!buf) return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
     memcpy(buf, INDEX_MAGIC, 4);
     put32(buf + 4, FORMAT_VERSION);
     unhex(name, buf + 8, 16);
-    put32(buf + 24, r->nrecs);
-    for (uint32_t i = 0; i < r->nrecs; i++) {
+    put32(buf + 24, wr->nrecs);
+    for (uint32_t i = 0; i < wr->nrecs; i++) {
         uint8_t *e = buf + INDEX_HEADER_LEN + (size_t)i * INDEX_ENTRY_LEN;
-        const record_t *rec = &r->recs[i];
+        const record_t *rec = &wr->recs[i];
         memcpy(e, rec->id, HB_ID_LEN);
         e[32] = rec->type;
         e[33] = rec->comp;
@@ -546,47 +576,62 @@ static int write_index_file(hb_repo *r, const char *name, hb_error *err)
     return rc;
 }
 
-/* Make the current pack durable and visible: pack first, then its index. */
-static int close_pack(hb_repo *r, hb_error *err)
+/* Make a writer's pack durable and visible: pack first, then its index. */
+static int close_pack(hb_repo *r, writer_t *wr, hb_error *err)
 {
-    if (r->cur_fd < 0) return HB_OK;
-    pack_t p = r->packs[r->cur_pack];
-    char tmp[PATH_MAX], dir[PATH_MAX], final[PATH_MAX];
+    if (wr->fd < 0) return HB_OK;
+    int rc = drain(wr, err);
+    pthread_mutex_lock(&r->ix_lock);
+    pack_t p = r->packs[wr->pack];
+    pthread_mutex_unlock(&r->ix_lock);
+    char tmp[PATH_MAX], dir[PATH_MAX], final[PATH_MAX], packs_dir[PATH_MAX];
     pack_path(r, &p, tmp, sizeof tmp);
     snprintf(dir, sizeof dir, "%s/packs/%.2s", r->root, p.name);
     snprintf(final, sizeof final, "%s/%s", dir, p.name);
-    int fd = r->cur_fd;
-    r->cur_fd = -1;
-    if (fsync(fd)) {
-        int rc = sys_fail(err, HB_AT_REPO_WRITE);
-        close(fd);
-        return rc;
-    }
-    if (close(fd)) return sys_fail(err, HB_AT_REPO_WRITE);
-    if (mkdir(dir, 0755) && errno != EEXIST) return sys_fail(err, HB_AT_REPO_WRITE);
-    char packs_dir[PATH_MAX];
     snprintf(packs_dir, sizeof packs_dir, "%s/packs", r->root);
-    if (fsync_dir(packs_dir) || rename(tmp, final) || fsync_dir(dir)) return sys_fail(err, HB_AT_REPO_WRITE);
+    int fd = wr->fd;
+    wr->fd = -1;
+    if (rc == HB_OK && fsync(fd)) rc = sys_fail(err, HB_AT_REPO_WRITE);
+    if (close(fd) && rc == HB_OK) rc = sys_fail(err, HB_AT_REPO_WRITE);
+    if (rc == HB_OK && mkdir(dir, 0755) && errno != EEXIST) rc = sys_fail(err, HB_AT_REPO_WRITE);
+    if (rc == HB_OK && (fsync_dir(packs_dir) || rename(tmp, final) || fsync_dir(dir)))
+        rc = sys_fail(err, HB_AT_REPO_WRITE);
+    if (rc != HB_OK) return rc;
     pthread_mutex_lock(&r->ix_lock);
-    r->packs[r->cur_pack].published = 1;
+    r->packs[wr->pack].published = 1;
     pthread_mutex_unlock(&r->ix_lock);
-    return write_index_file(r, p.name, err);
+    return write_index_file(r, wr, p.name, err);
 }
 
-static int push_record(hb_repo *r, const record_t *rec)
+static int push_record(writer_t *wr, const record_t *rec)
 {
-    if (r->nrecs == r->recs_cap) {
-        uint32_t cap = r->recs_cap ? r->recs_cap * 2 : 4096;
-        record_t *p = realloc(r->recs, cap * sizeof *p);
+    if (wr->nrecs == wr->recs_cap) {
+        uint32_t cap = wr->recs_cap ? wr->recs_cap * 2 : 4096;
+        record_t *p = realloc(wr->recs, cap * sizeof *p);
         if (!p) return -1;
-        r->recs = p;
-        r->recs_cap = cap;
+        wr->recs = p;
+        wr->recs_cap = cap;
     }
-    r->recs[r->nrecs++] = *rec;
+    wr->recs[wr->nrecs++] = *rec;
     return 0;
 }
 
-/* Compress and append a claimed chunk; settles its index slot. */
+/* Before reading from a pack still being written, push its buffered bytes to the file. */
+static int ensure_written(hb_repo *r, uint32_t pack, hb_error *err)
+{
+    pthread_mutex_lock(&r->ix_lock);
+    int published = r->packs[pack].published;
+    uint32_t slot = r->packs[pack].writer;
+    pthread_mutex_unlock(&r->ix_lock);
+    if (published) return HB_OK;
+    writer_t *wr = &r->writers[slot];
+    pthread_mutex_lock(&wr->lock);
+    int rc = wr->fd >= 0 && wr->pack == pack ? drain(wr, err) : HB_OK;
+    pthread_mutex_unlock(&wr->lock);
+    return rc;
+}
+
+/* Compress and append a claimed chunk to this worker's pack; settles its index slot. */
 static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8_t *data, uint32_t len,
                          int type, hb_progress *p, hb_error *err)
 {
@@ -602,7 +647,7 @@ static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8
     memcpy(rec.id, id, HB_ID_LEN);
     rec.type = (uint8_t)type;
     rec.raw_len = len;
-    if (ZSTD_isError(n) || n >= len) {
+    if (!worth || ZSTD_isError(n) || n >= len) {
         memcpy(payload, data, len);
         rec.comp = 0;
         rec.stored_len = len;
@@ -619,21 +664,26 @@ static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8
     put32(h + 40, rec.stored_len);
     size_t total = RECORD_HEADER_LEN + rec.stored_len;
 
+    writer_t *wr = &r->writers[w->slot];
     int rc = HB_OK;
-    pthread_mutex_lock(&r->w_lock);
-    if (r->poisoned) rc = fail(err, HB_EARG, EINVAL, HB_AT_REPO_WRITE, NULL);
-    if (rc == HB_OK && r->cur_fd >= 0 && r->cur_off + total > r->pack_target) rc = close_pack(r, err);
-    if (rc == HB_OK && r->cur_fd < 0) rc = open_pack(r, err);
+    pthread_mutex_lock(&wr->lock);
+    if (poisoned(r)) rc = fail(err, HB_EARG, EINVAL, HB_AT_REPO_WRITE, NULL);
+    if (rc == HB_OK && wr->fd >= 0 && wr->off + total > r->pack_target) rc = close_pack(r, wr, err);
+    if (rc == HB_OK && wr->fd < 0) rc = open_pack(r, wr, w->slot, err);
+    if (rc == HB_OK && wr->buf_len + total > wr->buf_cap) rc = drain(wr, err);
     if (rc == HB_OK) {
-        rec.offset = r->cur_off;
-        if (pwrite_full(r->cur_fd, w->cbuf, total, r->cur_off)) rc = sys_fail(err, HB_AT_REPO_WRITE);
-        else if (push_record(r, &rec)) rc = fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
-        else r->cur_off += total;
+        rec.offset = wr->off;
+        memcpy(wr->buf + wr->buf_len, w->cbuf, total);
+        wr->buf_len += total;
+        if (push_record(wr, &rec)) rc = fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+        else wr->off += total;
     }
-    if (rc != HB_OK) r->poisoned = 1;
-    uint32_t pack = r->cur_pack;
-    pthread_mutex_unlock(&r->w_lock);
-    if (rc != HB_OK) return rc;
+    uint32_t pack = wr->pack;
+    pthread_mutex_unlock(&wr->lock);
+    if (rc != HB_OK) {
+        poison(r);
+        return rc;
+    }
     settle(r, &rec, pack);
     if (p) {
         add(&p->bytes_new, len);
@@ -645,10 +695,13 @@ static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8
 
 int hb_flush(hb_repo *r, hb_error *err)
 {
-    pthread_mutex_lock(&r->w_lock);
-    int rc = r->poisoned ? fail(err, HB_EARG, EINVAL, HB_AT_REPO_WRITE, NULL) : close_pack(r, err);
-    if (rc != HB_OK) r->poisoned = 1;
-    pthread_mutex_unlock(&r->w_lock);
+    int rc = poisoned(r) ? fail(err, HB_EARG, EINVAL, HB_AT_REPO_WRITE, NULL) : HB_OK;
+    for (uint32_t i = 0; i < MAX_WRITERS && rc == HB_OK; i++) {
+        pthread_mutex_lock(&r->writers[i].lock);
+        rc = close_pack(r, &r->writers[i], err);
+        pthread_mutex_unlock(&r->writers[i].lock);
+    }
+    if (rc != HB_OK) poison(r);
     return rc;
 }
 
@@ -663,6 +716,7 @@ struct job {
     uint64_t units;     /* number of work units */
     uint64_t batch;     /* units taken at a time */
     uint64_t next;      /* atomic cursor */
+    uint32_t next_slot; /* atomic: writer slot of the next thread */
     int failed;         /* atomic */
     hb_error err;
     pthread_mutex_t err_lock;
@@ -694,6 +748,8 @@ static void *job_thread(void *arg)
         job_fail(j, &e);
         return NULL;
     }
+    /* Thread k of every job appends to pack slot k: packs fill up instead of multiplying. */
+    w.slot = __atomic_fetch_add(&j->next_slot, 1, __ATOMIC_RELAXED) % MAX_WRITERS;
     for (;;) {
         if (__atomic_load_n(&j->failed, __ATOMIC_RELAXED)) break;
         if (cancelled(j->p)) {
@@ -806,7 +862,7 @@ int hb_backup_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t src_siz
                       const uint8_t *todo, const uint8_t *base_ids, uint8_t *out_ids, uint8_t *out_state,
                       int threads, hb_progress *progress, hb_error *err)
 {
-    if (r->poisoned || !progress) return fail(err, HB_EARG, EINVAL, HB_AT_REPO_WRITE, NULL);
+    if (poisoned(r) || !progress) return fail(err, HB_EARG, EINVAL, HB_AT_REPO_WRITE, NULL);
     for (uint32_t i = 0; i < nchunks; i++)
         if (todo[i] > HB_TODO_KEEP || (todo[i] == HB_TODO_KEEP && !base_ids))
             return fail(err, HB_EARG, EINVAL, 0, NULL);
@@ -827,9 +883,7 @@ int hb_backup_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t src_siz
     j.out_state = out_state;
     int rc = run_job(&j, threads, err);
     if (rc != HB_OK) {
-        pthread_mutex_lock(&r->w_lock);
-        r->poisoned = 1; /* claimed slots of this segment may never be written */
-        pthread_mutex_unlock(&r->w_lock);
+        poison(r); /* claimed slots of this segment may never be written */
     }
     return rc;
 }
@@ -1010,9 +1064,11 @@ int hb_repo_open(const char *root, const uint8_t writer_id[16], uint32_t chunk_s
     r->chunk_size = chunk_size;
     r->pack_target = pack_target;
     r->level = zstd_level;
-    r->cur_fd = -1;
+    for (int i = 0; i < MAX_WRITERS; i++) {
+        r->writers[i].fd = -1;
+        pthread_mutex_init(&r->writers[i].lock, NULL);
+    }
     pthread_mutex_init(&r->ix_lock, NULL);
-    pthread_mutex_init(&r->w_lock, NULL);
     pthread_mutex_init(&r->solo_lock, NULL);
     *out = r;
     return HB_OK;
@@ -1021,23 +1077,27 @@ int hb_repo_open(const char *root, const uint8_t writer_id[16], uint32_t chunk_s
 void hb_repo_close(hb_repo *r)
 {
     if (!r) return;
-    if (r->cur_fd >= 0) {
-        /* an unflushed pack was never indexed: nothing refers to it */
-        char path[PATH_MAX];
-        pack_path(r, &r->packs[r->cur_pack], path, sizeof path);
-        close(r->cur_fd);
-        unlink(path);
+    for (int i = 0; i < MAX_WRITERS; i++) {
+        writer_t *wr = &r->writers[i];
+        if (wr->fd >= 0) {
+            /* an unflushed pack was never indexed: nothing refers to it */
+            char path[PATH_MAX];
+            pack_path(r, &r->packs[wr->pack], path, sizeof path);
+            close(wr->fd);
+            unlink(path);
+        }
+        free(wr->buf);
+        free(wr->recs);
+        pthread_mutex_destroy(&wr->lock);
     }
     if (r->solo) {
         worker_free(r->solo);
         free(r->solo);
     }
     pthread_mutex_destroy(&r->ix_lock);
-    pthread_mutex_destroy(&r->w_lock);
     pthread_mutex_destroy(&r->solo_lock);
     free(r->slots);
     free(r->packs);
-    free(r->recs);
     free(r->root);
     free(r);
 }

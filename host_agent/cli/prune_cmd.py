@@ -6,9 +6,7 @@ import json
 from dataclasses import asdict
 
 from host_agent.cli.progress import human
-from host_agent.gc import REPACK_THRESHOLD, collect_garbage
-from host_agent.repository import Repository
-from host_agent.retention import KeepPolicy, select
+from host_agent.repository import REPACK_THRESHOLD, Repository
 
 
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -30,6 +28,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
 
 
 def run(args: argparse.Namespace) -> int:
+    from host_agent.gc import collect_garbage
+    from host_agent.retention import KeepPolicy, select
+
     policy = KeepPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     repo = Repository.open(args.repo)
     keep, remove = select(repo.snapshots(), policy)
