@@ -13,10 +13,10 @@ import errno
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from host_agent import errors
-from host_agent._copier import ffi, lib
+from host_agent._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
 
 ID_LEN = 32
 ZERO_ID = bytes(ID_LEN)
@@ -142,7 +142,7 @@ class NativeRepository:
         out = ffi.new("hb_repo **")
         _check(lib.hb_repo_open(root.encode(), writer_id, chunk_size, pack_target, zstd_level, out, err),
                err, root)
-        self._r: Optional[Any] = out[0]
+        self._r: Any | None = out[0]
 
     def close(self) -> None:
         """Release memory; an unflushed pack is deleted (nothing refers to it)."""
@@ -150,7 +150,7 @@ class NativeRepository:
             lib.hb_repo_close(self._r)
             self._r = None
 
-    def __enter__(self) -> "NativeRepository":
+    def __enter__(self) -> NativeRepository:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -177,9 +177,13 @@ class NativeRepository:
         return bool(lib.hb_index_contains(self._h, chunk_id))
 
     def backup_segment(self, fd: int, first_chunk: int, src_size: int, todo: bytes,
-                       base_ids: Optional[bytes], threads: int, progress: Progress,
-                       label: str) -> tuple[bytes, bytes]:
-        """Back up ``len(todo)`` chunks; return (ids, outcomes), 32 bytes and 1 byte per chunk."""
+                       base_ids: bytes | None, threads: int, progress: Progress,
+                       label: str, located: tuple[Any, Any] | None = None) -> tuple[bytes, bytes]:
+        """Back up ``len(todo)`` chunks; return (ids, outcomes), 32 bytes and 1 byte per chunk.
+
+        ``located``: per-chunk (fds, offsets) arrays (``array('i')``, ``array('Q')``) where
+        the chunks are not at their own offset in ``fd``.
+        """
         n = len(todo)
         if base_ids is not None and len(base_ids) != n * ID_LEN:
             raise ValueError("base_ids must hold 32 bytes per chunk")
@@ -187,8 +191,12 @@ class NativeRepository:
         states = ffi.new("uint8_t[]", n)
         err = ffi.new("hb_error *")
         base = base_ids if base_ids is not None else ffi.NULL
-        rc = lib.hb_backup_segment(self._h, fd, first_chunk, src_size, n, todo, base, ids, states,
-                                   threads, progress._p, err)
+        fds = offsets = ffi.NULL
+        if located is not None:
+            fds = ffi.from_buffer("int32_t[]", located[0])
+            offsets = ffi.from_buffer("uint64_t[]", located[1])
+        rc = lib.hb_backup_segment(self._h, fd, first_chunk, src_size, n, todo, base, fds, offsets, ids,
+                                   states, threads, progress._p, err)
         _check(rc, err, label)
         return bytes(ffi.buffer(ids)), bytes(ffi.buffer(states))
 

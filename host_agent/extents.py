@@ -9,9 +9,11 @@ import bisect
 import errno
 import os
 import stat
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Optional
 
 from host_agent import errors
 from host_agent.copier import TODO_KEEP, TODO_READ, TODO_ZERO
@@ -20,17 +22,79 @@ Extent = tuple[int, int]
 
 
 @dataclass(frozen=True)
+class Mapping:
+    """Where bytes [offset, offset+length) of an image lie: in ``Layout.files[file]`` at
+    ``file_offset``, or nowhere (``file`` None: they read as zeros)."""
+
+    offset: int
+    length: int
+    file: Optional[int]
+    file_offset: int = 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An image spread over files, e.g. the clusters of a qcow2 chain as ``qemu-img map``
+    describes them. Mappings are sorted and disjoint; gaps read as zeros."""
+
+    files: tuple[str, ...]
+    mappings: tuple[Mapping, ...]
+    size: int
+    label: str
+
+
+@dataclass(frozen=True)
 class OpenSource:
-    """A source opened for reading: its descriptor, size, and whether it is a block device."""
+    """A source opened for reading: a plain file or block device, or a layout over files."""
 
     fd: int
     size: int
     is_block_device: bool
     label: str
+    layout: Optional[Layout] = None
+    layout_fds: tuple[int, ...] = ()
+
+    def data(self) -> list[Extent]:
+        """The ranges that may hold data."""
+        if self.layout is not None:
+            return [(m.offset, m.length) for m in self.layout.mappings if m.file is not None]
+        return [(0, self.size)] if self.is_block_device else data_extents(self.fd, self.size)
+
+    def locate(self, first: int, count: int, chunk_size: int) -> Optional[tuple[array, array]]:
+        """Per-chunk (fd, offset) of chunks [first, first+count) for a layout; None for a plain file.
+
+        Every chunk must lie whole in one mapping: a qcow2 cluster size at least the chunk size.
+        """
+        if self.layout is None:
+            return None
+        fds = array("i", [-1]) * count
+        offsets = array("Q", [0]) * count
+        start, end = first * chunk_size, (first + count) * chunk_size
+        for m in self.layout.mappings:
+            if m.file is None or m.offset + m.length <= start or m.offset >= end:
+                continue
+            m_end = m.offset + m.length
+            if m.offset % chunk_size or (m_end % chunk_size and m_end != self.size):
+                raise errors.SourceError(
+                    f"{self.label}: a mapping at {m.offset}+{m.length} does not align with the chunk "
+                    f"size {chunk_size} (qcow2 cluster size below the chunk size?)")
+            lo, hi = max(m.offset, start) // chunk_size, -(-min(m_end, end) // chunk_size)
+            fds[lo - first:hi - first] = array("i", [self.layout_fds[m.file]]) * (hi - lo)
+            base = m.file_offset - m.offset
+            offsets[lo - first:hi - first] = array("Q", range(lo * chunk_size + base, hi * chunk_size + base,
+                                                                chunk_size))
+        return fds, offsets
+
+    def close(self) -> None:
+        for fd in {self.fd, *self.layout_fds} - {-1}:
+            os.close(fd)
 
 
-def open_source(path: Path) -> OpenSource:
-    """Open a regular file or block device read-only; raise SourceError saying why not."""
+def open_source(source: Path | Layout) -> OpenSource:
+    """Open a regular file, block device or layout read-only; raise SourceError saying why not."""
+    if isinstance(source, Layout):
+        return _open_layout(source)
+    path = source
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -45,6 +109,18 @@ def open_source(path: Path) -> OpenSource:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_layout(layout: Layout) -> OpenSource:
+    fds: list[int] = []
+    try:
+        for path in layout.files:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise errors.SourceError(f"cannot open {e.filename} of {layout.label}: {e.strerror}") from e
+    return OpenSource(-1, layout.size, False, layout.label, layout, tuple(fds))
 
 
 def data_extents(fd: int, size: int) -> list[Extent]:

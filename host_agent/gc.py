@@ -25,13 +25,19 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from host_agent import errors
 from host_agent.copier import NativeRepository
 from host_agent.locks import GC_LOCK, Lock, read_locks
 from host_agent.packfile import IndexEntry, pack_writer_id, read_index
-from host_agent.repository import PACK_NAME, PACK_TARGET, REPACK_THRESHOLD, Repository, fsync_dir, write_atomic
+from host_agent.repository import (
+    PACK_NAME,
+    PACK_TARGET,
+    REPACK_THRESHOLD,
+    Repository,
+    fsync_dir,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +146,8 @@ class _Collector:
         every = self.repo.pack_names()
         with self._native(every) as reader:
             referenced = self._referenced(reader)
-            doomed, repack = [], []
+            doomed: list[str] = []
+            repack: list[IndexEntry] = []
             for name in candidates:
                 entries = read_index(self.repo.path / "index" / name)
                 dead = sum(e.record_len for e in entries if e.id not in referenced)
@@ -161,7 +168,7 @@ class _Collector:
                      self.repo.path / "tmp")
         write_atomic(tomb_dir / "generation", str(gen).encode(), self.repo.path / "tmp")
 
-    def _tmp_owner(self, path: Path) -> Optional[str]:
+    def _tmp_owner(self, path: Path) -> str | None:
         """The writer that made a file in tmp/ if known ("" if nobody can finish it any more).
 
         A pack names its writer in its header; an index being written belongs to
@@ -182,18 +189,21 @@ class _Collector:
     def clean_tmp(self) -> None:
         """Delete what dead writers left: unpublished packs and indexes, and packs that never got their index.
 
-        Files are listed before the locks are read: a writer creates its lock before
-        its files, so a file listed belongs to a writer that the lock reading sees
-        if it still runs.
+        Files are listed before the locks are read, and the index after: a writer
+        creates its lock before its files and writes a pack's index before it lets
+        go of its lock, so a file listed belongs to a writer that the lock reading
+        sees if it still runs, and a pack of a writer that has ended is indexed.
+        With no live lock at all, nobody but this collector works on the
+        repository, and whatever is in tmp/ is garbage.
         """
         tmp_files = list((self.repo.path / "tmp").iterdir())
         pack_files = [path for sub in (self.repo.path / "packs").iterdir() for path in sub.iterdir()]
-        indexed = set(self.repo.pack_names())
         live = set(self._live_locks())
+        indexed = set(self.repo.pack_names())
         now = time.time()
         for path in tmp_files:
             try:
-                owner = self._tmp_owner(path)
+                owner = self._tmp_owner(path) if live else ""
                 stale = (owner is not None and owner not in live) or (
                     owner is None and now - path.stat().st_mtime > TMP_MAX_AGE)
             except FileNotFoundError:  # published or removed by its writer meanwhile

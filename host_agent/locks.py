@@ -22,7 +22,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from host_agent import errors
 
@@ -33,7 +32,7 @@ STALE_AFTER = 30 * 60.0
 GC_LOCK = "gc"
 
 
-def _process_start(pid: int) -> Optional[str]:
+def _process_start(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -47,11 +46,11 @@ class LockInfo:
     kind: str
     host: str
     pid: int
-    start: Optional[str]
+    start: str | None
     saw_gen: int
     mtime: float
 
-    def is_stale(self, now: Optional[float] = None) -> bool:
+    def is_stale(self, now: float | None = None) -> bool:
         if self.host == os.uname().nodename:
             return _process_start(self.pid) != self.start
         return (now or time.time()) - self.mtime > STALE_AFTER
@@ -78,12 +77,12 @@ def read_locks(locks_dir: Path) -> list[LockInfo]:
 class Lock:
     """A held lock file; a context manager that refreshes it until released."""
 
-    def __init__(self, locks_dir: Path, kind: str, saw_gen: int, name: Optional[str] = None) -> None:
+    def __init__(self, locks_dir: Path, kind: str, saw_gen: int, name: str | None = None) -> None:
         self.path = locks_dir / (name or os.urandom(16).hex())
         self.kind = kind
         self.saw_gen = saw_gen
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def _document(self) -> bytes:
         pid = os.getpid()
@@ -91,7 +90,7 @@ class Lock:
                            "start": _process_start(pid), "saw_gen": self.saw_gen,
                            "time": time.time()}).encode()
 
-    def acquire(self, exclusive: bool = False) -> "Lock":
+    def acquire(self, exclusive: bool = False) -> Lock:
         """Create the lock file; with exclusive, fail if a live holder has it (a stale one is taken over)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
@@ -140,7 +139,7 @@ class Lock:
             self._thread.join()
         self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,8 +12,8 @@ adds only the pages on the paths to changed chunks.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 from host_agent import errors
 from host_agent.copier import BLOB_TREE, ID_LEN, NativeRepository
@@ -25,7 +25,7 @@ FANOUT = 64
 class TreeRef:
     """Where a snapshot's map lives: root page id (None for an empty image), height, chunk count."""
 
-    root: Optional[bytes]
+    root: bytes | None
     height: int
     entries: int
 

@@ -50,7 +50,8 @@ def read_index(path: Path) -> list[IndexEntry]:
         raise errors.RepositoryError(f"index {path} fails its checksum")
     out = []
     for i in range(count):
-        cid, btype, comp, _, offset, stored, raw = INDEX_ENTRY.unpack_from(data, INDEX_HEADER.size + i * INDEX_ENTRY.size)
+        at = INDEX_HEADER.size + i * INDEX_ENTRY.size
+        cid, btype, comp, _, offset, stored, raw = INDEX_ENTRY.unpack_from(data, at)
         out.append(IndexEntry(cid, btype, bool(comp), offset, stored, raw))
     return out
 

@@ -23,16 +23,17 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable
 
 from host_agent import copier, errors
 from host_agent.copier import ID_LEN, ZERO_ID, NativeRepository
-from host_agent.extents import Extent, chunk_plan, data_extents, open_source, validate_changes
+from host_agent.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
 from host_agent.locks import Lock, read_locks
 from host_agent.maptree import FANOUT, TreeBuilder, TreeReader, TreeRef, leaves_for
 
@@ -88,7 +89,7 @@ class Snapshot:
     id: str
     name: str
     policy: Policy
-    parent: Optional[str]
+    parent: str | None
     time: datetime
     source: str
     size: int
@@ -108,7 +109,7 @@ class Snapshot:
         }
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> "Snapshot":
+    def from_json(cls, doc: dict[str, Any]) -> Snapshot:
         tree = doc["tree"]
         return cls(
             id=doc["id"], name=doc["name"], policy=Policy(doc["policy"]), parent=doc["parent"],
@@ -213,7 +214,7 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
 class _Ticker:
     """Calls a progress function from a side thread while native workers run."""
 
-    def __init__(self, fn: Optional[ProgressFn], progress: copier.Progress, total: int,
+    def __init__(self, fn: ProgressFn | None, progress: copier.Progress, total: int,
                  every: float = 0.2) -> None:
         self._fn, self._progress, self._total, self._every = fn, progress, total, every
         self._stop = threading.Event()
@@ -224,7 +225,7 @@ class _Ticker:
             assert self._fn is not None
             self._fn(self._progress.read().bytes_done, self._total)
 
-    def __enter__(self) -> "_Ticker":
+    def __enter__(self) -> _Ticker:
         if self._fn is not None:
             self._thread.start()
         return self
@@ -248,7 +249,7 @@ class Repository:
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK_SIZE,
-             compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> "Repository":
+             compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> Repository:
         """Create a repository in an empty or missing directory."""
         root = Path(path)
         if chunk_size < 4096 or chunk_size > 4 * 1024 * 1024 or chunk_size & (chunk_size - 1):
@@ -273,7 +274,7 @@ class Repository:
         return cls(root, config)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "Repository":
+    def open(cls, path: str | os.PathLike[str]) -> Repository:
         root = Path(path)
         try:
             doc = json.loads((root / "config").read_text())
@@ -354,7 +355,7 @@ class Repository:
 
     # ---------- snapshots ----------
 
-    def snapshots(self, name: Optional[str] = None) -> list[Snapshot]:
+    def snapshots(self, name: str | None = None) -> list[Snapshot]:
         """Every snapshot (of one source name if given), oldest first."""
         out = []
         for path in self._dir("snapshots").iterdir():
@@ -386,7 +387,7 @@ class Repository:
         raise errors.SnapshotNotFound(f"no snapshot {spec!r} in {self.path}; "
                                       f"'hyperback list --repo {self.path}' shows them")
 
-    def _base_for(self, name: str, policy: Policy) -> Optional[Snapshot]:
+    def _base_for(self, name: str, policy: Policy) -> Snapshot | None:
         history = self.snapshots(name)
         if policy is Policy.DIFFERENTIAL:
             history = [s for s in history if s.policy is Policy.FULL]
@@ -406,14 +407,17 @@ class Repository:
 
     # ---------- backup ----------
 
-    def backup(self, source: str | os.PathLike[str], name: str, policy: Policy = Policy.FULL,
-               changes: Optional[Sequence[Extent]] = None, progress: Optional[ProgressFn] = None,
-               threads: Optional[int] = None) -> BackupResult:
-        """Back up an image file or block device as a new snapshot of ``name``.
+    def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
+               changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
+               threads: int | None = None, base: Snapshot | None = None) -> BackupResult:
+        """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
         since) the latest snapshot of ``name``; ``differential`` the latest full one.
         Without such a base snapshot a full backup is taken, and a note says so.
+        An explicit ``base`` (any snapshot of the same size, e.g. of a shared backing
+        image) replaces that choice: with ``changes`` only they are read, the rest is
+        taken from ``base``.
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
@@ -423,14 +427,14 @@ class Repository:
         threads = threads or os.cpu_count() or 1
         started = time.monotonic()
         notes: list[str] = []
-        base = self._base_for(name, policy)
+        base = base if base is not None else self._base_for(name, policy)
         if policy is not Policy.FULL and base is None:
             notes.append(f"no earlier {'full ' if policy is Policy.DIFFERENTIAL else ''}snapshot "
                          f"of {name}: took a full backup")
             policy = Policy.FULL
         if base is not None and base.chunk_size != self.config.chunk_size:
             raise errors.RepositoryError(f"base snapshot {base.id} has another chunk size")
-        src = open_source(Path(source))
+        src = open_source(source if isinstance(source, Layout) else Path(source))
         try:
             if changes is not None and base is None:
                 notes.append("change list ignored: a full backup reads everything")
@@ -446,21 +450,22 @@ class Repository:
                                       counters.bytes_stored + builder.bytes_stored,
                                       counters.bytes_changed, round(time.monotonic() - started, 3))
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
-                                str(Path(source).absolute()), src.size, self.config.chunk_size, tree,
+                                src.label if isinstance(source, Layout) else str(Path(source).absolute()),
+                                src.size, self.config.chunk_size, tree,
                                 detection, stats)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:
-            os.close(src.fd)
+            src.close()
         log.info("backup %s of %s done: %s", snap.id, name, stats)
         return BackupResult(snap, tuple(notes))
 
-    def _copy_in(self, native: NativeRepository, src: Any, base: Optional[Snapshot],
-                 changes: Optional[list[Extent]], threads: int,
-                 progress_fn: Optional[ProgressFn]) -> tuple[TreeBuilder, copier.Counters]:
+    def _copy_in(self, native: NativeRepository, src: OpenSource, base: Snapshot | None,
+                 changes: list[Extent] | None, threads: int,
+                 progress_fn: ProgressFn | None) -> tuple[TreeBuilder, copier.Counters]:
         cs = self.config.chunk_size
         entries = -(-src.size // cs)
-        data = data_extents(src.fd, src.size) if not src.is_block_device else [(0, src.size)]
+        data = src.data()
         base_leaves = _BaseLeaves(native, base)
         builder = TreeBuilder(native)
         # Only chunks whose byte range is the same in the base may be kept unread: not a
@@ -476,8 +481,8 @@ class Repository:
                 self._copy_segment(native, src, first, plan, base_leaves, builder, threads, progress)
         return builder, progress.read()
 
-    def _copy_segment(self, native: NativeRepository, src: Any, first: int, plan: bytearray,
-                      base_leaves: "_BaseLeaves", builder: TreeBuilder, threads: int,
+    def _copy_segment(self, native: NativeRepository, src: OpenSource, first: int, plan: bytearray,
+                      base_leaves: _BaseLeaves, builder: TreeBuilder, threads: int,
                       progress: copier.Progress) -> None:
         """Back up one segment, reusing whole base leaves where nothing in them changed."""
         run_start = 0
@@ -498,20 +503,21 @@ class Repository:
         self._copy_run(native, src, first, plan, run_start, len(plan), base_leaves, builder, threads,
                        progress)
 
-    def _copy_run(self, native: NativeRepository, src: Any, first: int, plan: bytearray, lo: int,
-                  hi: int, base_leaves: "_BaseLeaves", builder: TreeBuilder, threads: int,
+    def _copy_run(self, native: NativeRepository, src: OpenSource, first: int, plan: bytearray, lo: int,
+                  hi: int, base_leaves: _BaseLeaves, builder: TreeBuilder, threads: int,
                   progress: copier.Progress) -> None:
         if lo >= hi:
             return
         base_ids = base_leaves.ids(first + lo, first + hi)
+        located = src.locate(first + lo, hi - lo, self.config.chunk_size)
         ids, _ = native.backup_segment(src.fd, first + lo, src.size, bytes(plan[lo:hi]), base_ids,
-                                       threads, progress, src.label)
+                                       threads, progress, src.label, located)
         builder.add_ids(ids)
 
     # ---------- restore ----------
 
     def restore(self, spec: str, target: str | os.PathLike[str], overwrite: bool = False,
-                progress: Optional[ProgressFn] = None, threads: Optional[int] = None) -> RestoreResult:
+                progress: ProgressFn | None = None, threads: int | None = None) -> RestoreResult:
         """Restore a snapshot, bit-identical, to a file or block device; every chunk is verified first.
 
         A file target is written beside the target and renamed over it only when
@@ -529,7 +535,7 @@ class Repository:
                              round(time.monotonic() - started, 3))
 
     def _copy_out(self, native: NativeRepository, snap: Snapshot, fd: int, write_zeros: bool,
-                  threads: int, progress_fn: Optional[ProgressFn]) -> copier.Counters:
+                  threads: int, progress_fn: ProgressFn | None) -> copier.Counters:
         progress = copier.Progress()
         reader = TreeReader(native, snap.tree)
         first = 0
@@ -578,8 +584,8 @@ class Repository:
                 unreadable.append(snap.id)
         return users, unreadable
 
-    def verify(self, sample_percent: float = 100.0, progress: Optional[ProgressFn] = None,
-               threads: Optional[int] = None) -> VerifyReport:
+    def verify(self, sample_percent: float = 100.0, progress: ProgressFn | None = None,
+               threads: int | None = None) -> VerifyReport:
         """Re-read and re-hash every stored blob (or a sample chosen by id) and name the bad ones
         with the snapshots that use them."""
         if not 0 < sample_percent <= 100:
@@ -614,7 +620,7 @@ class Repository:
 class _BaseLeaves:
     """The base snapshot's leaves, read lazily in order (a backup walks the image once)."""
 
-    def __init__(self, native: NativeRepository, base: Optional[Snapshot]) -> None:
+    def __init__(self, native: NativeRepository, base: Snapshot | None) -> None:
         self._native = native
         self._base = base
         self._reader = TreeReader(native, base.tree) if base else None
@@ -636,7 +642,7 @@ class _BaseLeaves:
             return False
         return hi == min(lo + FANOUT, self._base.tree.entries)
 
-    def ids(self, lo: int, hi: int) -> Optional[bytes]:
+    def ids(self, lo: int, hi: int) -> bytes | None:
         """Base ids of chunks [lo, hi), zero ids past the base's end; None without a base."""
         if self._base is None:
             return None
@@ -658,9 +664,9 @@ class _RestoreTarget:
         self.path, self.size, self.overwrite = path, size, overwrite
         self.fd = -1
         self.is_block_device = False
-        self._tmp: Optional[Path] = None
+        self._tmp: Path | None = None
 
-    def __enter__(self) -> "_RestoreTarget":
+    def __enter__(self) -> _RestoreTarget:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:

@@ -9,9 +9,10 @@ never breaks another.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 from host_agent import errors
 from host_agent.repository import Snapshot
@@ -39,7 +40,8 @@ _PERIODS: dict[str, Callable[[datetime], object]] = {
 }
 
 
-def _newest_per_period(snaps: Sequence[Snapshot], count: int, period: Callable[[datetime], object]) -> set[str]:
+def _newest_per_period(snaps: Sequence[Snapshot], count: int,
+                       period: Callable[[datetime], object]) -> set[str]:
     kept: set[str] = set()
     seen: set[object] = set()
     for snap in sorted(snaps, key=lambda s: s.time, reverse=True):

@@ -725,6 +725,8 @@ struct job {
     int fd;
     uint64_t first_chunk, size;
     const uint8_t *todo, *base_ids, *ids;
+    const int32_t *chunk_fds;
+    const uint64_t *chunk_offsets;
     uint8_t *out_ids, *out_state;
     int write_zeros;
     uint32_t per_10000, bad_cap, nbad;
@@ -817,7 +819,9 @@ static int backup_unit(job_t *j, worker_t *w, uint64_t i)
         goto done;
     }
     size_t got = 0;
-    if (pread_full(j->fd, w->buf, len, chunk * r->chunk_size, &got)) {
+    int fd = j->chunk_fds ? j->chunk_fds[i] : j->fd;
+    uint64_t at = j->chunk_offsets ? j->chunk_offsets[i] : chunk * r->chunk_size;
+    if (pread_full(fd, w->buf, len, at, &got)) {
         fail(&e, HB_ESYS, errno, HB_AT_SOURCE, NULL);
         job_fail(j, &e);
         return e.code;
@@ -859,12 +863,15 @@ done:
 }
 
 int hb_backup_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t src_size, uint32_t nchunks,
-                      const uint8_t *todo, const uint8_t *base_ids, uint8_t *out_ids, uint8_t *out_state,
+                      const uint8_t *todo, const uint8_t *base_ids, const int32_t *chunk_fds,
+                      const uint64_t *chunk_offsets, uint8_t *out_ids, uint8_t *out_state,
                       int threads, hb_progress *progress, hb_error *err)
 {
     if (poisoned(r) || !progress) return fail(err, HB_EARG, EINVAL, HB_AT_REPO_WRITE, NULL);
+    if ((chunk_fds == NULL) != (chunk_offsets == NULL)) return fail(err, HB_EARG, EINVAL, 0, NULL);
     for (uint32_t i = 0; i < nchunks; i++)
-        if (todo[i] > HB_TODO_KEEP || (todo[i] == HB_TODO_KEEP && !base_ids))
+        if (todo[i] > HB_TODO_KEEP || (todo[i] == HB_TODO_KEEP && !base_ids) ||
+            (todo[i] == HB_TODO_READ && chunk_fds && chunk_fds[i] < 0))
             return fail(err, HB_EARG, EINVAL, 0, NULL);
     if (hb_index_reserve(r, nchunks, err)) return HB_ENOMEM;
     job_t j;
@@ -879,6 +886,8 @@ int hb_backup_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t src_siz
     j.size = src_size;
     j.todo = todo;
     j.base_ids = base_ids;
+    j.chunk_fds = chunk_fds;
+    j.chunk_offsets = chunk_offsets;
     j.out_ids = out_ids;
     j.out_state = out_state;
     int rc = run_job(&j, threads, err);

@@ -89,10 +89,14 @@ int hb_index_contains(hb_repo *r, const uint8_t id[HB_ID_LEN]);
  * `first_chunk` (byte offset first_chunk * chunk_size). `src_size` is the source
  * size (the last chunk may be short). `todo[i]` says what to do with chunk i;
  * `base_ids` (nullable) holds the base snapshot's ids for the same chunks.
+ * `chunk_fds` and `chunk_offsets` (both nullable) say where chunk i lies when
+ * the image is not a plain file, e.g. in the clusters of a qcow2 chain: chunk i
+ * is then read from chunk_fds[i] at chunk_offsets[i] (`fd` is unused).
  * Fills out_ids (nchunks * 32 bytes) and out_state (nchunks bytes).
  */
 int hb_backup_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t src_size,
                       uint32_t nchunks, const uint8_t *todo, const uint8_t *base_ids,
+                      const int32_t *chunk_fds, const uint64_t *chunk_offsets,
                       uint8_t *out_ids, uint8_t *out_state, int threads,
                       hb_progress *progress, hb_error *err);
 

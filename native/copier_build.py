@@ -46,6 +46,7 @@ uint64_t hb_index_count(hb_repo *r);
 int hb_index_contains(hb_repo *r, const uint8_t id[32]);
 int hb_backup_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t src_size,
                       uint32_t nchunks, const uint8_t *todo, const uint8_t *base_ids,
+                      const int32_t *chunk_fds, const uint64_t *chunk_offsets,
                       uint8_t *out_ids, uint8_t *out_state, int threads,
                       hb_progress *progress, hb_error *err);
 int hb_store_blob(hb_repo *r, const uint8_t *data, uint32_t len, int type,

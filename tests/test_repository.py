@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from host_agent import errors
+from host_agent.extents import Layout, Mapping
 from host_agent.gc import collect_garbage
 from host_agent.repository import ChangeDetection, Policy, Repository
 
@@ -240,3 +241,38 @@ def test_prune_frees_the_space_of_forgotten_snapshots(repo: Repository, make_ima
     size_after = sum(f.stat().st_size for f in (repo.path / "packs").rglob("*") if f.is_file())
     assert result.packs_deleted >= 1 and size_after < size_before * 0.75
     assert repo.check().ok
+
+
+def test_a_layout_over_scattered_clusters_backs_up_the_logical_image(repo: Repository, tmp_path: Path) -> None:
+    """As a qcow2 chain stores an image: 64 KiB clusters in any order in two files, gaps as zeros."""
+    cluster, count = 64 * 1024, 40
+    rng = random.Random(7)
+    logical = bytearray(cluster * count)
+    files = [tmp_path / "top.bin", tmp_path / "base.bin"]
+    placed: list[list[int]] = [[], []]
+    mappings = []
+    for i in rng.sample(range(count), 30):
+        data = rng.randbytes(cluster)
+        logical[i * cluster:(i + 1) * cluster] = data
+        f = i % 2
+        mappings.append(Mapping(i * cluster, cluster, f, len(placed[f]) * cluster + 4096))
+        placed[f].append(i)
+    for f, path in enumerate(files):
+        with open(path, "wb") as out:
+            out.write(bytes(4096))
+            for i in placed[f]:
+                out.write(logical[i * cluster:(i + 1) * cluster])
+    layout = Layout(tuple(map(str, files)), tuple(sorted(mappings, key=lambda m: m.offset)), len(logical),
+                    "test layout")
+    snap = repo.backup(layout, "vm/vda").snapshot
+    assert snap.stats.bytes_read == 30 * cluster
+    target = tmp_path / "out.img"
+    repo.restore(snap.id, target)
+    assert target.read_bytes() == bytes(logical)
+
+
+def test_a_layout_finer_than_a_chunk_is_refused(repo: Repository, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(bytes(8192))
+    layout = Layout((str(tmp_path / "f"),), (Mapping(4096, 4096, 0, 0),), 65536, "fine layout")
+    with pytest.raises(errors.SourceError, match="cluster size below the chunk size"):
+        repo.backup(layout, "vm/vda")

@@ -12,17 +12,26 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, NoReturn
 
 from host_agent import errors
-from host_agent.cli import (backup_cmd, check_cmd, demo_cmd, init_cmd, list_cmd, prune_cmd, restore_cmd,
-                            verify_cmd)
+from host_agent.cli import (
+    backup_cmd,
+    check_cmd,
+    demo_cmd,
+    init_cmd,
+    list_cmd,
+    prune_cmd,
+    restore_cmd,
+    verify_cmd,
+)
 
 COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, demo_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         raise errors.UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
@@ -40,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ from host_agent.extents import parse_change_file
 from host_agent.repository import Policy, Repository
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "backup", help="back up an image or block device",
         description="Back up SOURCE (a raw image file or a block device) as a new snapshot of NAME. "

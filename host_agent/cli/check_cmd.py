@@ -8,7 +8,7 @@ from dataclasses import asdict
 from host_agent.repository import Repository
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "check", help="check references",
         description="Check that every chunk a snapshot needs is indexed and every indexed pack exists "

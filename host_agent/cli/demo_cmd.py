@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import random
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from host_agent.repository import Policy, Repository
 MIB = 1024 * 1024
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run a self-contained backup/restore tour",
                        description="Generate a sparse image, back it up full and incremental, restore "
                                    "it, check it is bit-identical and verify the repository.")
@@ -84,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
         if bar:
             bar.close()
         s, st = result.snapshot, result.snapshot.stats
-        print(f"   snapshot {s.id} {s.policy.value:12} ({s.change_detection.value}): read {human(st.bytes_read)}, "
-              f"new {human(st.bytes_new)}, stored {human(st.bytes_stored)} in {st.seconds:.2f}s")
+        print(f"   snapshot {s.id} {s.policy.value:12} ({s.change_detection.value}): "
+              f"read {human(st.bytes_read)}, new {human(st.bytes_new)}, stored {human(st.bytes_stored)} "
+              f"in {st.seconds:.2f}s")
 
     print("3. full backup")
     backup(Policy.FULL)

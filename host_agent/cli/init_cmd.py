@@ -6,7 +6,7 @@ import argparse
 from host_agent.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("init", help="create a repository",
                        description="Create a repository in a new or empty directory (local disk, "
                                    "USB mount, NFS).")

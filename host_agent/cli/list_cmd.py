@@ -8,7 +8,7 @@ from host_agent.cli.progress import human
 from host_agent.repository import Repository
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("list", help="list snapshots", description="List snapshots, oldest first.")
     p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
     p.add_argument("--name", metavar="NAME", help="only snapshots of this source name")

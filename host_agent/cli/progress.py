@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, TextIO
+from typing import TextIO
 
 from host_agent.repository import ProgressFn
 
@@ -42,10 +42,10 @@ class Bar:
         self.stream.flush()
 
 
-def bar_for(label: str, quiet: bool) -> Optional[Bar]:
+def bar_for(label: str, quiet: bool) -> Bar | None:
     """A bar when stderr is a terminal and the output is for a person."""
     return None if quiet or not sys.stderr.isatty() else Bar(label, sys.stderr)
 
 
-def callback(bar: Optional[Bar]) -> Optional[ProgressFn]:
+def callback(bar: Bar | None) -> ProgressFn | None:
     return bar if bar is not None else None

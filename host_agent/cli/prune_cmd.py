@@ -9,7 +9,7 @@ from host_agent.cli.progress import human
 from host_agent.repository import REPACK_THRESHOLD, Repository
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "prune", help="remove old snapshots and unreferenced data",
         description="Keep the snapshots any --keep rule selects (per source name), forget the rest, "

@@ -8,7 +8,7 @@ from host_agent.cli.progress import bar_for, human
 from host_agent.repository import Repository
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "restore", help="restore a snapshot",
         description="Restore SNAPSHOT (an id, a unique id prefix, or NAME@latest) to TARGET, bit-identical. "
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
     else:
-        print(f"restored snapshot {result.snapshot.id} ({result.snapshot.name}, {human(result.snapshot.size)}) "
-              f"to {result.target} in {result.seconds:.2f}s, every chunk verified")
+        snap = result.snapshot
+        print(f"restored snapshot {snap.id} ({snap.name}, {human(snap.size)}) to {result.target} "
+              f"in {result.seconds:.2f}s, every chunk verified")
     return 0

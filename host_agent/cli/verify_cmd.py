@@ -9,7 +9,7 @@ from host_agent.cli.progress import human
 from host_agent.repository import Repository
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "verify", help="re-read and re-hash stored chunks",
         description="Read every stored chunk (or a sample), decompress and re-hash it; name each bad "
