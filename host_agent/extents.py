@@ -13,7 +13,6 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from host_agent import errors
 from host_agent.copier import TODO_KEEP, TODO_READ, TODO_ZERO
@@ -28,7 +27,7 @@ class Mapping:
 
     offset: int
     length: int
-    file: Optional[int]
+    file: int | None
     file_offset: int = 0
 
 
@@ -51,7 +50,7 @@ class OpenSource:
     size: int
     is_block_device: bool
     label: str
-    layout: Optional[Layout] = None
+    layout: Layout | None = None
     layout_fds: tuple[int, ...] = ()
 
     def data(self) -> list[Extent]:
@@ -60,7 +59,7 @@ class OpenSource:
             return [(m.offset, m.length) for m in self.layout.mappings if m.file is not None]
         return [(0, self.size)] if self.is_block_device else data_extents(self.fd, self.size)
 
-    def locate(self, first: int, count: int, chunk_size: int) -> Optional[tuple[array, array]]:
+    def locate(self, first: int, count: int, chunk_size: int) -> tuple[array[int], array[int]] | None:
         """Per-chunk (fd, offset) of chunks [first, first+count) for a layout; None for a plain file.
 
         Every chunk must lie whole in one mapping: a qcow2 cluster size at least the chunk size.

@@ -12,19 +12,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from host_agent.repository import Policy
 
-class Policy(str, enum.Enum):
-    FULL = "full"
-    INCREMENTAL = "incremental"
-    DIFFERENTIAL = "differential"
+__all__ = ["DiskRef", "Instruction", "InstructionKind", "Plan", "Policy", "UnitKind", "WorkUnit"]
 
 
-class InstructionKind(str, enum.Enum):
+class InstructionKind(enum.StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
 
 
-class UnitKind(str, enum.Enum):
+class UnitKind(enum.StrEnum):
     BACKUP_DISK = "backup-disk"    # one disk of one domain, as the guest sees it
     BACKUP_BASE = "backup-base"    # a backing image shared by several disks, read once
     RESTORE_DISK = "restore-disk"

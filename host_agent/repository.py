@@ -23,13 +23,13 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from host_agent import copier, errors
 from host_agent.copier import ID_LEN, ZERO_ID, NativeRepository
@@ -54,13 +54,13 @@ ProgressFn = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) a few times a second during long work."""
 
 
-class Policy(str, Enum):
+class Policy(StrEnum):
     FULL = "full"
     INCREMENTAL = "incremental"
     DIFFERENTIAL = "differential"
 
 
-class ChangeDetection(str, Enum):
+class ChangeDetection(StrEnum):
     NONE = "none"              # a full backup: everything read
     CHANGE_LIST = "change-list"  # only the caller's changed extents read
     COMPARISON = "comparison"  # everything read, compared with the base snapshot
@@ -113,7 +113,7 @@ class Snapshot:
         tree = doc["tree"]
         return cls(
             id=doc["id"], name=doc["name"], policy=Policy(doc["policy"]), parent=doc["parent"],
-            time=datetime.strptime(doc["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc),
+            time=datetime.strptime(doc["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
             source=doc["source"], size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
             tree=TreeRef(bytes.fromhex(tree["root"]) if tree["root"] else None, int(tree["height"]),
                          int(tree["entries"])),
@@ -181,7 +181,7 @@ class CheckReport:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def fsync_dir(path: Path) -> None:

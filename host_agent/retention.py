@@ -9,10 +9,9 @@ never breaks another.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
 
 from host_agent import errors
 from host_agent.repository import Snapshot

@@ -12,8 +12,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Callable, NoReturn
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from host_agent import errors
 from host_agent.cli import (

@@ -1,0 +1,119 @@
+"""The host agent's configuration: parsed once, at the edge, into frozen dataclasses.
+
+Every knob has a default that works; a config file (TOML, default
+``/etc/hyperback/agent.toml``, absent is fine) overrides some of them, and
+``HYPERBACK_*`` environment variables override single values. Each knob is
+documented once, here, in the field comments; ``docs/agent.md`` shows a file.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from host_agent import errors
+
+DEFAULT_PATH = Path("/etc/hyperback/agent.toml")
+DESTINATION = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int = 30      # per VM; more are answered "rate-limited"
+    pending_per_vm: int = 20           # accepted but unanswered requests per VM; more: "quota"
+    max_disks_per_request: int = 16
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    libvirt_uri: str = "qemu:///system"
+    # journal of pending instructions and results
+    state_dir: Path = Path("/var/lib/hyperback")
+    # the agent's sockets
+    run_dir: Path = Path("/run/hyperback")
+    # driver: flush a batch this many seconds after its first instruction arrived...
+    interval: float = 10.0
+    # ... or as soon as this many instructions wait
+    batch_size: int = 10
+    # gRPC target of the optimizer, and seconds allowed for one plan
+    optimizer: str = "unix:/run/hyperback/optimizer.sock"
+    optimizer_timeout: float = 10.0
+    # the optimizer's policy chain, when the agent starts the optimizer itself
+    policies: tuple[str, ...] = ("merge", "timing")
+    # where the operator gRPC API listens
+    operator_listen: str = "unix:/run/hyperback/agent.sock"
+    # destination names guests may ask for -> repository directories on backup media
+    repositories: dict[str, Path] = field(
+        default_factory=lambda: {"default": Path("/var/lib/hyperback/repo")})
+    default_destination: str = "default"
+    # where images restored for guests are created before they are attached
+    restore_dir: Path = Path("/var/lib/hyperback/restores")
+    # a frozen guest thaws by itself after this many seconds
+    freeze_timeout: float = 10.0
+    limits: Limits = Limits()
+
+    def repository(self, destination: str | None) -> Path:
+        name = destination or self.default_destination
+        if name not in self.repositories:
+            known = ", ".join(sorted(self.repositories))
+            raise errors.UsageError(f"no destination named {name!r}; known: {known}")
+        return self.repositories[name]
+
+
+_ENV_PREFIX = "HYPERBACK_"
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if isinstance(default, Path):
+            return Path(value)
+        if isinstance(default, tuple):
+            return tuple(value) if isinstance(value, list) else tuple(str(value).split(","))
+        if isinstance(default, (int, float, str)):
+            return type(default)(value)
+    except (TypeError, ValueError) as e:
+        raise errors.UsageError(f"config {name}: {value!r} is not a valid {type(default).__name__}") from e
+    return value
+
+
+def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentConfig:
+    """Defaults, then the file (if present), then HYPERBACK_* variables."""
+    env = dict(os.environ) if env is None else env
+    path = Path(env.get(f"{_ENV_PREFIX}CONFIG", path or DEFAULT_PATH))
+    doc: dict[str, Any] = {}
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise errors.UsageError(f"cannot read config {path}: {e}") from e
+    config = AgentConfig()
+    known = {f.name: f for f in fields(AgentConfig)}
+    changes: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key == "repositories":
+            if not isinstance(value, dict) or not all(DESTINATION.fullmatch(k) for k in value):
+                raise errors.UsageError(f"config repositories: names must match {DESTINATION.pattern}")
+            changes[key] = {k: Path(v) for k, v in value.items()}
+        elif key == "limits":
+            if not isinstance(value, dict):
+                raise errors.UsageError("config limits must be a table")
+            changes[key] = Limits(**{k: int(v) for k, v in value.items()})
+        elif key in known:
+            changes[key] = _coerce(key, value, getattr(config, key))
+        else:
+            raise errors.UsageError(f"config {path}: unknown setting {key!r}")
+    for key in known:
+        if key in ("repositories", "limits"):
+            continue
+        value = env.get(_ENV_PREFIX + key.upper())
+        if value is not None:
+            changes[key] = _coerce(key, value, getattr(config, key))
+    config = replace(config, **changes)
+    if config.default_destination not in config.repositories:
+        raise errors.UsageError(f"default_destination {config.default_destination!r} is not in repositories")
+    return config

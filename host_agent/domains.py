@@ -1,0 +1,175 @@
+"""Domains that carry the hyperback channel, found and followed through libvirt.
+
+The host trusts only libvirt's live domain XML: a guest's disks are looked up
+there by serial, in the guest's own domain, so a guest can name neither another
+VM's disk nor a host path. The channel socket path is read back from the live
+XML too (libvirt may choose it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import libvirt  # type: ignore[import-untyped]
+
+from host_agent import errors
+from host_agent.model import DiskRef
+
+log = logging.getLogger(__name__)
+
+AGENT_CHANNEL = "org.hyperback.agent.0"
+DEFAULT_URI = "qemu:///system"
+
+
+class DomainError(errors.EnvironmentProblem):
+    """libvirt refused or the domain is gone."""
+
+
+class UnknownDisk(errors.UsageError):
+    """A guest named a disk serial its domain does not have."""
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    uuid: str
+    name: str
+    running: bool
+    channel_path: str | None      # host side of the hyperback channel, None without one
+    channel_state: str | None     # "connected" / "disconnected" as libvirt sees the guest side
+    disks: tuple[DiskRef, ...]
+
+
+def _disk_refs(root: ET.Element, uuid: str, name: str) -> tuple[DiskRef, ...]:
+    out = []
+    for disk in root.findall("./devices/disk[@device='disk']"):
+        serial = disk.findtext("serial")
+        source = disk.find("source")
+        target = disk.find("target")
+        driver = disk.find("driver")
+        if not serial or source is None or target is None:
+            continue
+        path = source.get("file") or source.get("dev")
+        if not path:
+            continue
+        chain = []
+        backing = disk.find("backingStore")
+        while backing is not None and backing.find("source") is not None:
+            src = backing.find("source")
+            assert src is not None
+            bpath = src.get("file") or src.get("dev")
+            if bpath:
+                chain.append(bpath)
+            backing = backing.find("backingStore")
+        out.append(DiskRef(uuid, name, serial, target.get("dev", ""), path,
+                           driver.get("type", "raw") if driver is not None else "raw", 0, tuple(chain)))
+    return tuple(out)
+
+
+def parse_domain_xml(xml: str, uuid: str, name: str, running: bool) -> DomainInfo:
+    """What hyperback needs from a live domain XML (sizes are filled in from libvirt separately)."""
+    root = ET.fromstring(xml)
+    path = state = None
+    for channel in root.findall("./devices/channel[@type='unix']"):
+        target = channel.find("target")
+        source = channel.find("source")
+        if target is not None and target.get("name") == AGENT_CHANNEL and source is not None:
+            path, state = source.get("path"), target.get("state")
+    return DomainInfo(uuid, name, running, path, state, _disk_refs(root, uuid, name))
+
+
+class Domains:
+    """A libvirt connection seen as the set of domains hyperback serves."""
+
+    def __init__(self, uri: str = DEFAULT_URI) -> None:
+        self.uri = uri
+        try:
+            self.conn = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            raise DomainError(f"cannot connect to libvirt at {uri}: {e}; is libvirtd running?") from e
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+
+    def _info(self, dom: libvirt.virDomain) -> DomainInfo:
+        try:
+            running = bool(dom.isActive())
+            info = parse_domain_xml(dom.XMLDesc(0), dom.UUIDString(), dom.name(), running)
+            if not running:
+                return info
+            sized = []
+            for disk in info.disks:
+                capacity = dom.blockInfo(disk.target)[0]
+                sized.append(DiskRef(disk.domain_uuid, disk.domain_name, disk.serial, disk.target, disk.path,
+                                     disk.format, capacity, disk.backing_chain))
+            return DomainInfo(info.uuid, info.name, running, info.channel_path, info.channel_state,
+                              tuple(sized))
+        except libvirt.libvirtError as e:
+            raise DomainError(f"cannot read domain {dom.name()}: {e}") from e
+
+    def served(self) -> list[DomainInfo]:
+        """Running domains that carry the hyperback channel."""
+        try:
+            doms = self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as e:
+            raise DomainError(f"cannot list domains: {e}") from e
+        out = []
+        for dom in doms:
+            try:
+                info = self._info(dom)
+            except DomainError as e:  # it stopped while we looked
+                log.info("skipping domain: %s", e)
+                continue
+            if info.channel_path:
+                out.append(info)
+        return out
+
+    def get(self, uuid: str) -> DomainInfo:
+        try:
+            return self._info(self.conn.lookupByUUIDString(uuid))
+        except libvirt.libvirtError as e:
+            raise DomainError(f"domain {uuid} is gone: {e}") from e
+
+    def domain(self, uuid: str) -> libvirt.virDomain:
+        try:
+            return self.conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as e:
+            raise DomainError(f"domain {uuid} is gone: {e}") from e
+
+    def disks_by_serial(self, uuid: str, serials: list[str] | None) -> tuple[DiskRef, ...]:
+        """The domain's disks with these serials (all disks with a serial if None).
+
+        The lookup uses only this domain's live XML: a serial of another domain is unknown here.
+        """
+        disks = self.get(uuid).disks
+        if serials is None:
+            return disks
+        by_serial = {d.serial: d for d in disks}
+        missing = [s for s in serials if s not in by_serial]
+        if missing:
+            raise UnknownDisk(f"this VM has no disk with serial {', '.join(missing)}; "
+                              f"it has: {', '.join(sorted(by_serial)) or 'no disk with a serial'}")
+        return tuple(by_serial[s] for s in serials)
+
+    def watch(self, on_event: Callable[[str, str], None]) -> int:
+        """Call on_event(uuid, "started"|"stopped"|"migrated") on lifecycle events; returns a callback id.
+
+        Needs libvirt's event loop registered first (libvirtaio.virEventRegisterAsyncIOImpl).
+        """
+        kinds = {libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_RESUMED: "started",
+                 libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped", libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "stopped",
+                 libvirt.VIR_DOMAIN_EVENT_CRASHED: "stopped"}
+
+        def callback(_conn: object, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
+            kind = kinds.get(event)
+            migrated = libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED
+            if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail == migrated:
+                kind = "migrated"
+            if kind:
+                on_event(dom.UUIDString(), kind)
+
+        lifecycle = libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE
+        return int(self.conn.domainEventRegisterAny(None, lifecycle, callback, None))

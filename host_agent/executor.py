@@ -1,0 +1,189 @@
+"""The executor: carries out a plan and answers every instruction.
+
+Units run one plan at a time (the data path already uses every core), in
+dependency order: a shared base image first, then the disks that reference it.
+Each backup unit takes a point-in-time view of its disk (the guest frozen for
+that instant only), reads the view from shared storage with the native copier,
+writes the repository and lets the view merge back. Each instruction is
+answered once all the units serving it are done: with a snapshot id, bytes and
+time per disk, or with a clear error naming what failed.
+
+Blocking work (libvirt, the copier) runs in a worker thread so that the event
+loop keeps serving every guest channel meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from host_agent import errors
+from host_agent.extents import Extent, Layout
+from host_agent.model import DiskRef, Instruction, Plan, Policy, UnitKind, WorkUnit
+from host_agent.repository import BackupResult, Repository, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiskView:
+    """What to read for one disk at one point in time."""
+
+    source: str | Layout
+    size: int
+    changes: list[Extent] | None     # changed extents since the base, None: compare instead
+    change_detection: str            # "dirty-bitmap", "comparison", "shared-base"
+    note: str = ""
+
+
+class Viewer(Protocol):
+    """Takes point-in-time views of a running domain's disks (host_agent.views)."""
+
+    def views(self, disks: tuple[DiskRef, ...], policy: Policy, shared_base: dict[str, Snapshot],
+              freeze: Callable[[], None],
+              thaw: Callable[[], None]) -> AbstractContextManager[dict[str, DiskView]]:
+        ...
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    serial: str
+    snapshot: str
+    bytes_read: int
+    bytes_new: int
+    seconds: float
+    change_detection: str
+    note: str = ""
+
+
+@dataclass
+class Outcome:
+    """What one instruction gets back."""
+
+    instruction: Instruction
+    disks: list[DiskResult] = field(default_factory=list)
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def to_json(self) -> dict[str, Any]:
+        base = {"ok": self.error is None, "job": self.instruction.id,
+                "seconds": round(time.monotonic() - self.started, 3)}
+        if self.error is not None:
+            return {**base, "error": {"code": "failed", "message": self.error}}
+        return {**base, "disks": [vars(d) for d in self.disks]}
+
+
+AnswerFn = Callable[[Outcome], Coroutine[Any, Any, None]]
+FreezeFn = Callable[[str, tuple[str, ...]], Coroutine[Any, Any, None]]   # (domain uuid, serials)
+ThawFn = Callable[[str], Coroutine[Any, Any, None]]
+
+
+def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
+    """Units with every dependency before its dependents (plan order otherwise)."""
+    in_plan = {u.id for u in units}
+    done: set[str] = set()
+    pending = list(units)
+    while pending:
+        ready = [u for u in pending if all(d in done or d not in in_plan for d in u.depends_on)]
+        if not ready:
+            raise errors.HyperbackError(f"plan has a dependency cycle among {[u.id for u in pending]}")
+        for unit in ready:
+            pending.remove(unit)
+            done.add(unit.id)
+            yield unit
+
+
+class Executor:
+    def __init__(self, repository_for: Callable[[str], Repository], viewer: Viewer, answer: AnswerFn,
+                 freeze: FreezeFn, thaw: ThawFn) -> None:
+        self._repository_for = repository_for
+        self._viewer = viewer
+        self._answer = answer
+        self._freeze, self._thaw = freeze, thaw
+        self._lock = asyncio.Lock()
+        self.reads: dict[str, int] = {}  # source path -> times read, for operators and tests
+
+    async def execute(self, plan: Plan, instructions: dict[str, Instruction]) -> None:
+        async with self._lock:
+            outcomes = {i: Outcome(instructions[i])
+                        for u in plan.units for i in u.satisfies if i in instructions}
+            remaining = {i: sum(i in u.satisfies for u in plan.units) for i in outcomes}
+            bases: dict[str, Snapshot] = {}
+            failed_units: dict[str, str] = {}
+            for unit in ordered(plan.units):
+                try:
+                    broken = [d for d in unit.depends_on if d in failed_units]
+                    if broken:
+                        raise errors.HyperbackError(f"shared base failed: {failed_units[broken[0]]}")
+                    await self._run(unit, outcomes, bases)
+                except (errors.HyperbackError, OSError) as e:
+                    log.warning("unit %s failed: %s", unit.id, e)
+                    failed_units[unit.id] = str(e)
+                    for i in unit.satisfies:
+                        if i in outcomes and outcomes[i].error is None:
+                            outcomes[i].error = str(e)
+                for i in unit.satisfies:
+                    if i in remaining:
+                        remaining[i] -= 1
+                        if remaining[i] == 0:
+                            await self._answer(outcomes[i])
+
+    async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot]) -> None:
+        repo = self._repository_for(unit.destination)
+        if unit.kind is UnitKind.BACKUP_BASE:
+            bases[unit.id] = await asyncio.to_thread(self._backup_base, repo, unit)
+            return
+        if unit.kind is UnitKind.BACKUP_DISK:
+            assert unit.disk is not None
+            # a disk unit depends on at most one base: the one its overlay sits on
+            base = next((bases[d] for d in unit.depends_on if d in bases), None)
+            shared = {unit.disk.serial: base} if base is not None else {}
+            result, view = await self._backup_disk(repo, unit, shared)
+            snap = result.snapshot
+            disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
+                                     snap.stats.seconds, view.change_detection,
+                                     "; ".join(filter(None, [view.note, *result.notes])))
+            for i in unit.satisfies:
+                if i in outcomes:
+                    outcomes[i].disks.append(disk_result)
+            return
+        raise errors.UsageError(f"unit kind {unit.kind.value} is not carried out by this executor")
+
+    def _backup_base(self, repo: Repository, unit: WorkUnit) -> Snapshot:
+        """A shared backing image is immutable while overlays use it: back it up once, then reuse."""
+        existing = repo.snapshots(unit.snapshot_name)
+        size = Path(unit.source).stat().st_size
+        if existing and existing[-1].source == str(Path(unit.source).absolute()):
+            log.info("base %s already backed up as %s", unit.source, existing[-1].id)
+            return existing[-1]
+        self.reads[unit.source] = self.reads.get(unit.source, 0) + 1
+        log.info("backing up shared base %s (%d bytes)", unit.source, size)
+        return repo.backup(unit.source, unit.snapshot_name, Policy.FULL).snapshot
+
+    async def _backup_disk(self, repo: Repository, unit: WorkUnit,
+                           shared: dict[str, Snapshot]) -> tuple[BackupResult, DiskView]:
+        disk = unit.disk
+        assert disk is not None
+        loop = asyncio.get_running_loop()
+
+        def freeze() -> None:
+            asyncio.run_coroutine_threadsafe(self._freeze(disk.domain_uuid, (disk.serial,)), loop).result()
+
+        def thaw() -> None:
+            asyncio.run_coroutine_threadsafe(self._thaw(disk.domain_uuid), loop).result()
+
+        def work() -> tuple[BackupResult, DiskView]:
+            with self._viewer.views((disk,), unit.policy, shared, freeze, thaw) as views:
+                view = views[disk.serial]
+                source_key = view.source if isinstance(view.source, str) else view.source.label
+                self.reads[source_key] = self.reads.get(source_key, 0) + 1
+                base = shared.get(disk.serial)
+                result = repo.backup(view.source, disk.snapshot_name, unit.policy, view.changes, base=base)
+                return result, view
+
+        return await asyncio.to_thread(work)
