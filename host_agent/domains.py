@@ -154,6 +154,26 @@ class Domains:
                               f"it has: {', '.join(sorted(by_serial)) or 'no disk with a serial'}")
         return tuple(by_serial[s] for s in serials)
 
+    def attach_disk(self, uuid: str, path: str, serial: str) -> str:
+        """Hot-plug a raw image into a running domain as a new virtio disk; return its target name."""
+        dom = self.domain(uuid)
+        used = {d.target for d in self.get(uuid).disks}
+        root = ET.fromstring(dom.XMLDesc(0))
+        used |= {t.get("dev", "") for t in root.findall("./devices/disk/target")}
+        target = next((f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used), None)
+        if target is None:
+            raise DomainError(f"domain {uuid} has no free virtio disk name left")
+        disk = ET.Element("disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw")
+        ET.SubElement(disk, "source", file=path)
+        ET.SubElement(disk, "target", dev=target, bus="virtio")
+        ET.SubElement(disk, "serial").text = serial
+        try:
+            dom.attachDeviceFlags(ET.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise DomainError(f"cannot attach {path} to domain {uuid}: {e}") from e
+        return target
+
     def watch(self, on_event: Callable[[str, str], None]) -> int:
         """Call on_event(uuid, "started"|"stopped"|"migrated") on lifecycle events; returns a callback id.
 

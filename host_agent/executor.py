@@ -59,6 +59,7 @@ class DiskResult:
     seconds: float
     change_detection: str
     note: str = ""
+    new_serial: str | None = None   # restore: the disk the snapshot was restored to
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Outcome:
 
 
 AnswerFn = Callable[[Outcome], Coroutine[Any, Any, None]]
+AttachFn = Callable[[str, str, str], str]   # (domain uuid, image path, serial) -> target name
 FreezeFn = Callable[[str, tuple[str, ...]], Coroutine[Any, Any, None]]   # (domain uuid, serials)
 ThawFn = Callable[[str], Coroutine[Any, Any, None]]
 
@@ -100,8 +102,10 @@ def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
 
 class Executor:
     def __init__(self, repository_for: Callable[[str], Repository], viewer: Viewer, answer: AnswerFn,
-                 freeze: FreezeFn, thaw: ThawFn) -> None:
+                 freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, restore_dir: Path) -> None:
         self._repository_for = repository_for
+        self._attach = attach
+        self._restore_dir = restore_dir
         self._viewer = viewer
         self._answer = answer
         self._freeze, self._thaw = freeze, thaw
@@ -152,7 +156,34 @@ class Executor:
                 if i in outcomes:
                     outcomes[i].disks.append(disk_result)
             return
+        if unit.kind is UnitKind.RESTORE_DISK:
+            assert unit.disk is not None
+            disk_result = await asyncio.to_thread(self._restore_disk, repo, unit)
+            for i in unit.satisfies:
+                if i in outcomes:
+                    outcomes[i].disks.append(disk_result)
+            return
         raise errors.UsageError(f"unit kind {unit.kind.value} is not carried out by this executor")
+
+    def _restore_disk(self, repo: Repository, unit: WorkUnit) -> DiskResult:
+        """Restore into a new image and hot-plug it as a new disk: the running disk is never touched.
+
+        A guest may restore only snapshots of its own disk: the snapshot must carry the
+        disk's snapshot name (domain uuid and serial), whatever id the guest gave.
+        """
+        disk = unit.disk
+        assert disk is not None
+        spec = f"{disk.snapshot_name}@latest" if unit.source == "latest" else unit.source
+        snap = repo.resolve(spec)
+        if snap.name != disk.snapshot_name:
+            raise errors.SnapshotNotFound(f"no snapshot {unit.source!r} of disk {disk.serial}")
+        self._restore_dir.mkdir(parents=True, exist_ok=True)
+        target = self._restore_dir / f"{disk.domain_uuid}-{disk.serial}-{snap.id}.img"
+        result = repo.restore(snap.id, target, overwrite=True)
+        new_serial = f"{disk.serial[:48]}-r{snap.id[:8]}"
+        self._attach(disk.domain_uuid, str(target), new_serial)
+        return DiskResult(disk.serial, snap.id, result.bytes_written, 0, result.seconds, "restore",
+                          f"restored to a new disk with serial {new_serial}", new_serial)
 
     def _backup_base(self, repo: Repository, unit: WorkUnit) -> Snapshot:
         """A shared backing image is immutable while overlays use it: back it up once, then reuse."""
