@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +114,42 @@ def _check(rc: int, err: Any, label: str) -> None:
         _raise(err, label)
 
 
+def _interruptible(call: Callable[[], int], progress: Progress) -> int:
+    """Run a long native call so that Ctrl-C stops it within one batch of chunks.
+
+    Python runs signal handlers only between bytecodes of the main thread, never
+    during a native call; so from the main thread the call runs in a worker
+    while the main thread waits, and a KeyboardInterrupt cancels the workers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    result: list[int] = []
+    # An Event, not Thread.join: a join interrupted by KeyboardInterrupt may mark a thread
+    # that still runs as finished (CPython gh-90882).
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            result.append(call())
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=work, name="copier", daemon=True).start()
+        while not done.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        progress.cancel()
+        # The workers use buffers this frame owns: wait for them whatever else arrives.
+        while not done.is_set():
+            try:
+                done.wait()
+            except KeyboardInterrupt:
+                continue
+        raise
+    return result[0]
+
+
 def sha256(data: bytes) -> bytes:
     """The chunk identity function, as the native side computes it."""
     out = ffi.new("uint8_t[32]")
@@ -195,8 +233,9 @@ class NativeRepository:
         if located is not None:
             fds = ffi.from_buffer("int32_t[]", located[0])
             offsets = ffi.from_buffer("uint64_t[]", located[1])
-        rc = lib.hb_backup_segment(self._h, fd, first_chunk, src_size, n, todo, base, fds, offsets, ids,
-                                   states, threads, progress._p, err)
+        rc = _interruptible(lambda: lib.hb_backup_segment(
+            self._h, fd, first_chunk, src_size, n, todo, base, fds, offsets, ids, states, threads,
+            progress._p, err), progress)
         _check(rc, err, label)
         return bytes(ffi.buffer(ids)), bytes(ffi.buffer(states))
 
@@ -226,8 +265,9 @@ class NativeRepository:
     def restore_segment(self, fd: int, first_chunk: int, size: int, ids: bytes, write_zeros: bool,
                         threads: int, progress: Progress, label: str) -> None:
         err = ffi.new("hb_error *")
-        rc = lib.hb_restore_segment(self._h, fd, first_chunk, size, len(ids) // ID_LEN, ids,
-                                    int(write_zeros), threads, progress._p, err)
+        rc = _interruptible(lambda: lib.hb_restore_segment(
+            self._h, fd, first_chunk, size, len(ids) // ID_LEN, ids, int(write_zeros), threads, progress._p,
+            err), progress)
         _check(rc, err, label)
 
     def verify(self, per_10000: int, threads: int, progress: Progress,
@@ -236,8 +276,9 @@ class NativeRepository:
         bad = ffi.new("uint8_t[]", max_report * ID_LEN)
         nbad = ffi.new("uint32_t *")
         err = ffi.new("hb_error *")
-        _check(lib.hb_verify_index(self._h, per_10000, threads, bad, max_report, nbad, progress._p, err),
-               err, "the repository")
+        rc = _interruptible(lambda: lib.hb_verify_index(
+            self._h, per_10000, threads, bad, max_report, nbad, progress._p, err), progress)
+        _check(rc, err, "the repository")
         total = int(nbad[0])
         raw = bytes(ffi.buffer(bad, min(total, max_report) * ID_LEN))
         return [raw[i:i + ID_LEN] for i in range(0, len(raw), ID_LEN)], total

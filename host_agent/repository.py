@@ -151,6 +151,8 @@ class RestoreResult:
 class BadChunk:
     id: str
     snapshots: tuple[str, ...]
+    # True when the users are not known for sure: snapshots whose damaged map may reach the chunk
+    possibly: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,8 @@ class VerifyReport:
     bad: tuple[BadChunk, ...]
     bad_total: int
     seconds: float
+    # snapshots whose tree could not be read whole: they may use bad chunks not attributed above
+    unreadable_snapshots: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -308,7 +312,10 @@ class Repository:
         out = {}
         for path in self._dir("tombstones").iterdir():
             if path.name.isdigit():
-                out[int(path.name)] = list(json.loads(path.read_text())["packs"])
+                try:
+                    out[int(path.name)] = list(json.loads(path.read_text())["packs"])
+                except FileNotFoundError:  # swept since listed: its packs are gone too
+                    continue
         return out
 
     def generation(self) -> int:
@@ -363,6 +370,8 @@ class Repository:
                 continue
             try:
                 snap = Snapshot.from_json(json.loads(path.read_text()))
+            except FileNotFoundError:  # forgotten since listed
+                continue
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring unreadable snapshot %s: %s", path.name, e)
                 continue
@@ -597,11 +606,13 @@ class Repository:
                 bad_ids, total = native.verify(round(sample_percent * 100), threads or os.cpu_count() or 1,
                                                prog)
             users: dict[bytes, list[str]] = {}
+            unreadable: list[str] = []
             if bad_ids:
-                users, _ = self.referenced(native, self.snapshots())
-        bad = tuple(BadChunk(b.hex(), tuple(users.get(b, ()))) for b in bad_ids)
+                users, unreadable = self.referenced(native, self.snapshots())
+        bad = tuple(BadChunk(b.hex(), tuple(users[b])) if b in users
+                    else BadChunk(b.hex(), tuple(unreadable), possibly=bool(unreadable)) for b in bad_ids)
         return VerifyReport(sample_percent, prog.read().bytes_read, bad, total,
-                            round(time.monotonic() - started, 3))
+                            round(time.monotonic() - started, 3), tuple(unreadable))
 
     def check(self) -> CheckReport:
         """Check references: every blob a snapshot needs is indexed, every indexed pack exists."""

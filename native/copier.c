@@ -528,15 +528,22 @@ static int open_pack(hb_repo *r, writer_t *wr, uint32_t slot, hb_error *err)
         unlink(path);
         return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
     }
-    uint8_t *hdr = wr->buf;
+    /* The header goes out at once: garbage collection tells whose pack this is by it. */
+    uint8_t hdr[PACK_HEADER_LEN];
     memcpy(hdr, PACK_MAGIC, 4);
     put32(hdr + 4, FORMAT_VERSION);
     memcpy(hdr + 8, pack_id, 16);
     memcpy(hdr + 24, r->writer_id, 16);
+    if (pwrite_full(fd, hdr, sizeof hdr, 0)) {
+        int rc = sys_fail(err, HB_AT_REPO_WRITE);
+        close(fd);
+        unlink(path);
+        return rc;
+    }
     wr->fd = fd;
     wr->pack = no;
-    wr->buf_at = 0;
-    wr->buf_len = PACK_HEADER_LEN;
+    wr->buf_at = PACK_HEADER_LEN;
+    wr->buf_len = 0;
     wr->off = PACK_HEADER_LEN;
     wr->nrecs = 0;
     return HB_OK;

@@ -6,8 +6,8 @@ import os
 import platform
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 
@@ -52,7 +52,8 @@ def write_image(path: Path, size: int, seed: int, block: int = 64 * 1024) -> Pat
     return path
 
 
-def mutate(path: Path, seed: int, extents: int, length: int = 64 * 1024, align: int = 4096) -> list[tuple[int, int]]:
+def mutate(path: Path, seed: int, extents: int, length: int = 64 * 1024,
+           align: int = 4096) -> list[tuple[int, int]]:
     """Overwrite scattered extents with random bytes; return the change list."""
     rng = random.Random(seed)
     size = path.stat().st_size
@@ -93,7 +94,7 @@ ImageFactory = Callable[..., Path]
 def make_image(tmp_path: Path) -> ImageFactory:
     counter = iter(range(1_000_000))
 
-    def make(size: int = 4 * MIB, seed: int = 1, name: Optional[str] = None) -> Path:
+    def make(size: int = 4 * MIB, seed: int = 1, name: str | None = None) -> Path:
         return write_image(tmp_path / (name or f"image-{next(counter)}.img"), size, seed)
 
     return make

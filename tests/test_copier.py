@@ -46,13 +46,14 @@ def reference_backup(data: bytes) -> tuple[bytes, bytes]:
 
 
 chunks = st.one_of(st.just(bytes(CHUNK)), st.binary(min_size=CHUNK, max_size=CHUNK),
-                   st.just(b"A" * CHUNK), st.binary(min_size=1, max_size=CHUNK).map(lambda b: b * (CHUNK // len(b) + 1)))
+                   st.just(b"A" * CHUNK),
+                   st.binary(min_size=1, max_size=CHUNK).map(lambda b: b * (CHUNK // len(b) + 1)))
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(chunks, min_size=1, max_size=24), st.integers(0, CHUNK - 1), st.integers(1, 4))
-def test_backup_segment_matches_reference_and_round_trips(tmp_path_factory: pytest.TempPathFactory,
-                                                          blocks: list[bytes], tail: int, threads: int) -> None:
+def test_backup_segment_matches_reference_and_round_trips(
+        tmp_path_factory: pytest.TempPathFactory, blocks: list[bytes], tail: int, threads: int) -> None:
     root = tmp_path_factory.mktemp("native")
     data = b"".join(blocks) + os.urandom(tail)
     src = root / "src"
@@ -146,17 +147,15 @@ def test_tampered_index_file_is_refused(tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[40] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with native(tmp_path) as nat:
-        with pytest.raises(errors.RepositoryError, match="malformed"):
-            nat.load_index(name)
+    with native(tmp_path) as nat, pytest.raises(errors.RepositoryError, match="malformed"):
+        nat.load_index(name)
 
 
 def test_short_source_is_a_source_error(tmp_path: Path) -> None:
     (tmp_path / "src").write_bytes(os.urandom(CHUNK))
     fd = os.open(tmp_path / "src", os.O_RDONLY)
-    with native(tmp_path) as nat:
-        with pytest.raises(errors.SourceError, match="ended before its size"):
-            nat.backup_segment(fd, 0, 2 * CHUNK, bytes(2), None, 1, Progress(), "src")
+    with native(tmp_path) as nat, pytest.raises(errors.SourceError, match="ended before its size"):
+        nat.backup_segment(fd, 0, 2 * CHUNK, bytes(2), None, 1, Progress(), "src")
     os.close(fd)
 
 

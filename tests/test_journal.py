@@ -8,7 +8,8 @@ from host_agent.model import DiskRef, Instruction, InstructionKind, Policy
 
 
 def instruction(domain: str = "dom-a") -> Instruction:
-    disk = DiskRef(domain, "vm-a", "disk1", "vda", "/images/a.qcow2", "qcow2", 1 << 20, ("/images/base.qcow2",))
+    disk = DiskRef(domain, "vm-a", "disk1", "vda", "/images/a.qcow2", "qcow2", 1 << 20,
+                   ("/images/base.qcow2",))
     return Instruction(new_job_id(), domain, "req-1", InstructionKind.BACKUP, (disk,), "default",
                        Policy.INCREMENTAL, received_at=1.0)
 

@@ -74,7 +74,8 @@ def test_written_zeros_are_not_stored(repo: Repository, tmp_path: Path) -> None:
     assert result.snapshot.stats.bytes_new == 0
 
 
-def test_clones_of_one_base_are_stored_once(repo: Repository, make_image: ImageFactory, tmp_path: Path) -> None:
+def test_clones_of_one_base_are_stored_once(repo: Repository, make_image: ImageFactory,
+                                            tmp_path: Path) -> None:
     base = make_image(16 * MIB, seed=5)
     clone = tmp_path / "clone.img"
     clone.write_bytes(base.read_bytes())
@@ -85,7 +86,8 @@ def test_clones_of_one_base_are_stored_once(repo: Repository, make_image: ImageF
     assert second.stats.bytes_new < first.stats.bytes_new / 10
 
 
-def test_incremental_with_change_list_reads_only_the_changes(repo: Repository, make_image: ImageFactory) -> None:
+def test_incremental_with_change_list_reads_only_the_changes(repo: Repository,
+                                                            make_image: ImageFactory) -> None:
     image = make_image(32 * MIB, seed=2)
     repo.backup(image, "vm/vda")
     changes = mutate(image, 3, 5)
@@ -243,7 +245,8 @@ def test_prune_frees_the_space_of_forgotten_snapshots(repo: Repository, make_ima
     assert repo.check().ok
 
 
-def test_a_layout_over_scattered_clusters_backs_up_the_logical_image(repo: Repository, tmp_path: Path) -> None:
+def test_a_layout_over_scattered_clusters_backs_up_the_logical_image(repo: Repository,
+                                                                     tmp_path: Path) -> None:
     """As a qcow2 chain stores an image: 64 KiB clusters in any order in two files, gaps as zeros."""
     cluster, count = 64 * 1024, 40
     rng = random.Random(7)

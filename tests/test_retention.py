@@ -1,7 +1,7 @@
 """Retention rules select snapshots like restic and borg do."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,7 +10,7 @@ from host_agent.maptree import TreeRef
 from host_agent.repository import ChangeDetection, Policy, Snapshot, SnapshotStats
 from host_agent.retention import KeepPolicy, select
 
-T0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
 def snap(i: int, when: datetime, name: str = "vm1/vda") -> Snapshot:

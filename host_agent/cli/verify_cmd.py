@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for bad in report.bad:
             used = ", ".join(bad.snapshots) or "no snapshot"
-            print(f"BAD chunk {bad.id} used by {used}")
+            print(f"BAD chunk {bad.id} {'possibly ' if bad.possibly else ''}used by {used}")
+        for sid in report.unreadable_snapshots:
+            print(f"DAMAGED snapshot {sid}: its map cannot be read whole, so it may use any bad chunk")
         print(f"verified {human(report.bytes_checked)} ({report.sample_percent:g}% sample) in "
               f"{report.seconds:.2f}s: {report.bad_total} bad chunk(s)")
     return 0 if report.ok else 4

@@ -17,7 +17,8 @@ def test_restore_latest_is_bit_identical(tmp_path: Path) -> None:
 
 def test_restore_mistakes_are_one_line(tmp_path: Path) -> None:
     run("init", tmp_path / "r")
-    assert_one_line_error(run("restore", "--repo", tmp_path / "r", "nope@latest", tmp_path / "o", check=False),
+    assert_one_line_error(run("restore", "--repo", tmp_path / "r", "nope@latest", tmp_path / "o",
+                              check=False),
                           2, "no snapshot")
     image = write_image(tmp_path / "d.img", MIB, 3)
     run("backup", "--repo", tmp_path / "r", "--name", "vm1/vda", image)

@@ -1,0 +1,220 @@
+"""Crash safety: a backup killed at any moment harms nothing, and its leftovers are collected.
+
+The repository's write order (packs, then their index, then the snapshot
+document) makes the snapshot file the commit record; these tests kill a real
+``hyperback backup`` process at several moments of that order and then check
+the promises that rest on it.
+"""
+from __future__ import annotations
+
+import functools
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from system_helpers import (
+    MIB,
+    assert_one_line_error,
+    files_in,
+    index_files,
+    overwrite,
+    pack_files,
+    sha256_file,
+    snapshot_ids,
+    start_cli,
+    wait_for,
+    write_random_image,
+)
+
+from host_agent.gc import collect_garbage
+from host_agent.locks import read_locks
+from host_agent.repository import Repository
+
+BIG = 256 * MIB
+image_digest = functools.cache(sha256_file)
+"""SHA-256 of an image these tests never change."""
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 256 MiB sparse image of random data, an older 32 MiB version of it, and an unrelated one."""
+    d = tmp_path_factory.mktemp("images")
+    big = write_random_image(d / "big.img", BIG, seed=11, hole_every=8)
+    old = d / "old-big.img"
+    with open(big, "rb") as src, open(old, "wb") as dst:
+        dst.write(src.read(32 * MIB))
+    overwrite(old, 12, [(5 * MIB, 64 * 1024), (20 * MIB + 4096, 100_000)])
+    other = write_random_image(d / "other.img", 8 * MIB, seed=13, hole_every=3)
+    return {"big": big, "old": old, "other": other}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path]) -> Path:
+    """A repository holding the earlier snapshots: vm1/vda of the old image, vm2/vda of another."""
+    path = tmp_path_factory.mktemp("template") / "repo"
+    repo = Repository.init(path)
+    repo.backup(images["old"], "vm1/vda")
+    repo.backup(images["other"], "vm2/vda")
+    return path
+
+
+@pytest.fixture
+def earlier(template: Path, images: dict[str, Path], tmp_path: Path) -> tuple[Repository, dict[str, str]]:
+    """A fresh copy of the template repository and the SHA-256 each of its snapshots must restore to."""
+    shutil.copytree(template, tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo")
+    digests = {images["old"]: image_digest(images["old"]), images["other"]: image_digest(images["other"])}
+    expected = {s.id: digests[Path(s.source)] for s in repo.snapshots()}
+    assert len(expected) == 2
+    return repo, expected
+
+
+def assert_restores(repo: Repository, expected: dict[str, str], target_dir: Path) -> None:
+    """Each snapshot restores bit-identical to the image it was taken of."""
+    target_dir.mkdir(exist_ok=True)
+    for sid, digest in expected.items():
+        target = target_dir / f"{sid}.img"
+        repo.restore(sid, target, overwrite=True)
+        assert sha256_file(target) == digest, f"snapshot {sid} restored different bytes"
+        target.unlink()
+
+
+Moment = Callable[[Path, set[str]], bool]
+"""Whether a backup into a repository has reached a moment, given the files published before it."""
+
+
+def tmp_has(suffix: str) -> Moment:
+    return lambda repo, before: any(n.endswith(suffix) for n in files_in(repo / "tmp"))
+
+
+def new_packs(count: int) -> Moment:
+    return lambda repo, before: len(pack_files(repo) - before) >= count
+
+
+def new_indexes(count: int) -> Moment:
+    return lambda repo, before: len(index_files(repo) - before) >= count
+
+
+# Moments in the backup's write order at which to kill it: (condition, give up waiting after seconds).
+MOMENTS: dict[str, tuple[Moment, float]] = {
+    "first-pack-opened": (tmp_has(".pack"), 0.3),
+    "after-250ms": (lambda repo, before: False, 0.25),
+    "first-pack-published": (new_packs(1), 10.0),
+    "first-index-being-written": (tmp_has(".idx"), 10.0),
+    "first-index-published": (new_indexes(1), 10.0),
+    "second-index-published": (new_indexes(2), 10.0),
+    "snapshot-being-committed": (tmp_has(".tmp"), 10.0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_backup_killed_at_any_moment_leaves_earlier_snapshots_intact_and_is_collected_afterwards(
+        moment: str, earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
+        tmp_path: Path) -> None:
+    repo, expected = earlier
+    cond, wait = MOMENTS[moment]
+    before = pack_files(repo.path) | index_files(repo.path)
+    args = ("backup", "--repo", str(repo.path), "--name", "vm1/vda", "--policy", "incremental",
+            str(images["big"]))
+
+    proc = start_cli(*args)
+    try:
+        wait_for(lambda: cond(repo.path, before), wait, proc)
+        assert proc.poll() is None, f"the backup ended before the moment {moment}: {proc.communicate()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    # A snapshot document appears whole or not at all: killed while committing, the backup may
+    # have published its snapshot, and then it restores bit-identical like any other.
+    appeared = snapshot_ids(repo.path) - set(expected)
+    assert len(appeared) <= (1 if moment == "snapshot-being-committed" else 0), appeared
+    expected.update(dict.fromkeys(appeared, image_digest(images["big"])))
+    assert_restores(repo, expected, tmp_path / "out")
+    report = repo.check()
+    assert report.ok, report
+    assert report.snapshots == len(expected)
+
+    # The dead writer's lock is still there (unless it got as far as ending its session), stale by its pid.
+    dead = [lk for lk in read_locks(repo.path / "locks") if lk.pid == proc.pid]
+    if not appeared:
+        assert len(dead) == 1, read_locks(repo.path / "locks")
+    assert all(lk.is_stale() for lk in dead)
+
+    # Running the same backup again completes and restores bit-identical.
+    again = subprocess.run(proc.args, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    (new_id,) = snapshot_ids(repo.path) - set(expected)
+    expected[new_id] = image_digest(images["big"])
+    assert_restores(repo, {new_id: expected[new_id]}, tmp_path / "out")
+
+    # Garbage collection takes away what the dead writer left, and nothing any snapshot needs; the
+    # dead writer's lock holds back neither its own leftovers nor the packs of a forgotten snapshot.
+    (unrelated,) = (s.id for s in repo.snapshots("vm2/vda"))
+    repo.forget([unrelated])
+    del expected[unrelated]
+    result = collect_garbage(repo)
+    assert result.packs_deleted > 0 and result.packs_waiting == 0, result
+    leftovers = files_in(repo.path / "tmp")
+    assert not leftovers, f"files left in tmp/ after gc: {leftovers}"
+    packs, indexes = pack_files(repo.path), index_files(repo.path)
+    assert packs == indexes, f"packs without index: {packs - indexes}; index without pack: {indexes - packs}"
+    report = repo.check()
+    assert report.ok, report
+    assert report.snapshots == len(expected)
+    assert_restores(repo, expected, tmp_path / "out")
+
+
+def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
+        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path], tmp_path: Path) -> None:
+    repo, expected = earlier
+    proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
+    try:
+        assert wait_for(lambda: tmp_has(".pack")(repo.path, set()), 10, proc), "no pack was opened"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    line = assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130)
+    assert "interrupted" in line
+    assert out == ""
+    assert snapshot_ids(repo.path) == set(expected)
+    assert files_in(repo.path / "locks") == set(), "the interrupted backup left its lock file"
+    assert not [n for n in files_in(repo.path / "tmp") if n.endswith(".pack")], "unflushed pack left in tmp/"
+    assert repo.check().ok
+    assert_restores(repo, expected, tmp_path / "out")
+
+
+def test_ctrl_c_stops_the_copy_at_once_instead_of_finishing_it(
+        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path]) -> None:
+    """Ctrl-C during the copy stops the workers at their next batch: at most the pack being closed
+    at that instant gets published, not the rest of the image."""
+    repo, _ = earlier
+    before = index_files(repo.path)
+    proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
+    try:
+        assert wait_for(lambda: tmp_has(".pack")(repo.path, set()), 10, proc), "no pack was opened"
+        assert not index_files(repo.path) - before, "too slow to catch the first pack"
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    published = index_files(repo.path) - before
+    assert len(published) <= 1, (
+        f"{len(published)} packs ({len(published) * 64} MiB) were published after Ctrl-C: the copy "
+        "ran on to the end of its segment")
