@@ -15,39 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from host_agent import errors
+from host_agent import errors, qcow2, views
 from host_agent.extents import Extent, Layout
-from host_agent.model import DiskRef, Instruction, Plan, Policy, UnitKind, WorkUnit
+from host_agent.model import Instruction, Plan, Policy, UnitKind, WorkUnit
 from host_agent.repository import BackupResult, Repository, Snapshot
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DiskView:
-    """What to read for one disk at one point in time."""
-
-    source: str | Layout
-    size: int
-    changes: list[Extent] | None     # changed extents since the base, None: compare instead
-    change_detection: str            # "dirty-bitmap", "comparison", "shared-base"
-    note: str = ""
-
-
-class Viewer(Protocol):
-    """Takes point-in-time views of a running domain's disks (host_agent.views)."""
-
-    def views(self, disks: tuple[DiskRef, ...], policy: Policy, shared_base: dict[str, Snapshot],
-              freeze: Callable[[], None],
-              thaw: Callable[[], None]) -> AbstractContextManager[dict[str, DiskView]]:
-        ...
 
 
 @dataclass(frozen=True)
@@ -81,8 +61,8 @@ class Outcome:
 
 AnswerFn = Callable[[Outcome], Coroutine[Any, Any, None]]
 AttachFn = Callable[[str, str, str], str]   # (domain uuid, image path, serial) -> target name
-FreezeFn = Callable[[str, tuple[str, ...]], Coroutine[Any, Any, None]]   # (domain uuid, serials)
-ThawFn = Callable[[str], Coroutine[Any, Any, None]]
+FreezeFn = Callable[[str, tuple[str, ...], str], Coroutine[Any, Any, None]]   # (domain uuid, serials, job)
+ThawFn = Callable[[str, str], Coroutine[Any, Any, None]]                      # (domain uuid, job)
 
 
 def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
@@ -101,12 +81,12 @@ def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
 
 
 class Executor:
-    def __init__(self, repository_for: Callable[[str], Repository], viewer: Viewer, answer: AnswerFn,
-                 freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, restore_dir: Path) -> None:
+    def __init__(self, repository_for: Callable[[str], Repository], conn: Any, answer: AnswerFn,
+                 freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, work_dir: Path) -> None:
         self._repository_for = repository_for
+        self._conn = conn                 # libvirt connection for point-in-time views
         self._attach = attach
-        self._restore_dir = restore_dir
-        self._viewer = viewer
+        self._work_dir = work_dir         # restored images and fallback conversions
         self._answer = answer
         self._freeze, self._thaw = freeze, thaw
         self._lock = asyncio.Lock()
@@ -149,9 +129,10 @@ class Executor:
             shared = {unit.disk.serial: base} if base is not None else {}
             result, view = await self._backup_disk(repo, unit, shared)
             snap = result.snapshot
+            detection = "allocation-map" if shared else view.change_detection
             disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
-                                     snap.stats.seconds, view.change_detection,
-                                     "; ".join(filter(None, [view.note, *result.notes])))
+                                     snap.stats.seconds, detection,
+                                     "; ".join(filter(None, [view.reason, *result.notes])))
             for i in unit.satisfies:
                 if i in outcomes:
                     outcomes[i].disks.append(disk_result)
@@ -177,8 +158,8 @@ class Executor:
         snap = repo.resolve(spec)
         if snap.name != disk.snapshot_name:
             raise errors.SnapshotNotFound(f"no snapshot {unit.source!r} of disk {disk.serial}")
-        self._restore_dir.mkdir(parents=True, exist_ok=True)
-        target = self._restore_dir / f"{disk.domain_uuid}-{disk.serial}-{snap.id}.img"
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        target = self._work_dir / f"{disk.domain_uuid}-{disk.serial}-{snap.id}.img"
         result = repo.restore(snap.id, target, overwrite=True)
         new_serial = f"{disk.serial[:48]}-r{snap.id[:8]}"
         self._attach(disk.domain_uuid, str(target), new_serial)
@@ -197,24 +178,56 @@ class Executor:
         return repo.backup(unit.source, unit.snapshot_name, Policy.FULL).snapshot
 
     async def _backup_disk(self, repo: Repository, unit: WorkUnit,
-                           shared: dict[str, Snapshot]) -> tuple[BackupResult, DiskView]:
+                           shared: dict[str, Snapshot]) -> tuple[BackupResult, views.DiskView]:
         disk = unit.disk
         assert disk is not None
         loop = asyncio.get_running_loop()
 
+        job = unit.satisfies[0]
+
         def freeze() -> None:
-            asyncio.run_coroutine_threadsafe(self._freeze(disk.domain_uuid, (disk.serial,)), loop).result()
+            frozen = self._freeze(disk.domain_uuid, (disk.serial,), job)
+            asyncio.run_coroutine_threadsafe(frozen, loop).result()
 
         def thaw() -> None:
-            asyncio.run_coroutine_threadsafe(self._thaw(disk.domain_uuid), loop).result()
+            asyncio.run_coroutine_threadsafe(self._thaw(disk.domain_uuid, job), loop).result()
 
-        def work() -> tuple[BackupResult, DiskView]:
-            with self._viewer.views((disk,), unit.policy, shared, freeze, thaw) as views:
-                view = views[disk.serial]
-                source_key = view.source if isinstance(view.source, str) else view.source.label
-                self.reads[source_key] = self.reads.get(source_key, 0) + 1
-                base = shared.get(disk.serial)
-                result = repo.backup(view.source, disk.snapshot_name, unit.policy, view.changes, base=base)
+        return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(disk.serial), freeze, thaw)
+
+    def _backup_view(self, repo: Repository, unit: WorkUnit, shared_base: Snapshot | None,
+                     freeze: Callable[[], None],
+                     thaw: Callable[[], None]) -> tuple[BackupResult, views.DiskView]:
+        """Take the disk's point-in-time view and back it up; the view merges back on exit.
+
+        The repository's base (latest snapshot, or latest full for a differential) names the
+        checkpoint it was taken at: the view reports what changed since then from the dirty
+        bitmap. A disk on a shared, already backed-up base reads only its overlay's own clusters.
+        """
+        disk = unit.disk
+        assert disk is not None
+        base = repo.base_for(disk.snapshot_name, unit.policy)
+        since = views.checkpoint_of(base.source) if base is not None else None
+        with views.point_in_time(self._conn, disk.domain_uuid, (disk,), chunk_size=repo.config.chunk_size,
+                                 freeze=freeze, thaw=thaw, since={disk.serial: since}) as taken:
+            view = taken[disk.serial]
+            label = views.view_label(view.image, view.checkpoint)
+            if shared_base is not None and view.format == "qcow2":
+                top = qcow2.top_layout(view.image, repo.config.chunk_size, label=label)
+                key = top.layout.label
+                self.reads[key] = self.reads.get(key, 0) + 1
+                result = repo.backup(top.layout, disk.snapshot_name, unit.policy, list(top.changes),
+                                     base=shared_base)
                 return result, view
-
-        return await asyncio.to_thread(work)
+            changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
+            self.reads[view.image] = self.reads.get(view.image, 0) + 1
+            try:
+                source: str | Layout = view.source
+                if isinstance(source, Layout):
+                    source = Layout(source.files, source.mappings, source.size, label)
+                return repo.backup(source, disk.snapshot_name, unit.policy, changes), view
+            except qcow2.NotReadableInPlace as e:
+                log.info("%s; converting to raw first", e)
+                self._work_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
+                    qcow2.convert_to_raw(view.image, tmp.name)
+                    return repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes), view

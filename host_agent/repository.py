@@ -396,7 +396,7 @@ class Repository:
         raise errors.SnapshotNotFound(f"no snapshot {spec!r} in {self.path}; "
                                       f"'hyperback list --repo {self.path}' shows them")
 
-    def _base_for(self, name: str, policy: Policy) -> Snapshot | None:
+    def base_for(self, name: str, policy: Policy) -> Snapshot | None:
         history = self.snapshots(name)
         if policy is Policy.DIFFERENTIAL:
             history = [s for s in history if s.policy is Policy.FULL]
@@ -436,7 +436,7 @@ class Repository:
         threads = threads or os.cpu_count() or 1
         started = time.monotonic()
         notes: list[str] = []
-        base = base if base is not None else self._base_for(name, policy)
+        base = base if base is not None else self.base_for(name, policy)
         if policy is not Policy.FULL and base is None:
             notes.append(f"no earlier {'full ' if policy is Policy.DIFFERENTIAL else ''}snapshot "
                          f"of {name}: took a full backup")

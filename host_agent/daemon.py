@@ -1,0 +1,365 @@
+"""The host agent: the systemd service that serves every VM's backup requests.
+
+Wiring: libvirt (``domains``) finds running domains with the hyperback channel
+and reports lifecycle events; one ``channel.GuestChannel`` per domain speaks
+the wire protocol; guest requests become ``Instruction`` objects, journaled and
+queued in the ``driver``; each batch is planned by the optimizer over gRPC
+and carried out by the ``executor``, which answers the guest. Operators use the
+gRPC API in ``host_agent.operator`` on the agent's own socket.
+
+``python -m host_agent.daemon`` runs it (``--help``); with ``--with-optimizer``
+the agent also serves the optimizer, on its configured socket, in-process:
+still a real gRPC hop, but one service to start.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from guest_shim import protocol as p
+from host_agent import errors
+from host_agent.channel import ChannelClosed, GuestChannel
+from host_agent.config import AgentConfig, load
+from host_agent.domains import DomainError, DomainInfo, Domains, UnknownDisk
+from host_agent.driver import BackupDriver, Retryable
+from host_agent.executor import Executor, Outcome
+from host_agent.jobs import Jobs, JobState, Origin
+from host_agent.journal import Journal, new_job_id
+from host_agent.model import Instruction, InstructionKind, Plan, Policy
+from host_agent.repository import Repository
+
+log = logging.getLogger(__name__)
+
+_DETECTION = {"dirty-bitmap": p.ChangeDetection.DIRTY_BITMAP,
+              "allocation-map": p.ChangeDetection.ALLOCATION_MAP}
+
+
+def result_message(outcome: Outcome, request_id: p.RequestId | None, quiesced: bool) -> p.Result:
+    instruction = outcome.instruction
+    op = p.Op.RESTORE if instruction.kind is InstructionKind.RESTORE else p.Op.BACKUP
+    disks = tuple(p.DiskOutcome(d.serial, d.bytes_read, d.snapshot,
+                                None if op is p.Op.RESTORE else _DETECTION.get(d.change_detection,
+                                                                                p.ChangeDetection.FULL_READ),
+                                d.new_serial) for d in outcome.disks)
+    error = None if outcome.error is None else p.ErrorInfo(p.ErrorCode.FAILED, p.clean_text(outcome.error))
+    return p.Result(request_id, instruction.id, op, outcome.error is None, disks,
+                    sum(d.bytes_read for d in outcome.disks), round(time.monotonic() - outcome.started, 3),
+                    quiesced and outcome.error is None, error)
+
+
+class Agent:
+    """Owns the channels, the driver and the executor; implements the channel Handler."""
+
+    def __init__(self, config: AgentConfig, domains: Domains, planner: object) -> None:
+        self.config = config
+        self.domains = domains
+        self.jobs = Jobs()
+        self.journal = Journal(config.state_dir)
+        self.channels: dict[str, GuestChannel] = {}
+        self._channel_tasks: dict[str, asyncio.Task[None]] = {}
+        self._planner = planner
+        self._repos: dict[str, Repository] = {}
+        self._quiesced: dict[str, bool] = {}
+        self.driver = BackupDriver(self._plan, self._execute, self._fail, config.interval, config.batch_size)
+        self.executor = Executor(self.repository, domains.conn, self._answer, self._freeze, self._thaw,
+                                 domains.attach_disk, config.restore_dir)
+
+    # ---------- repositories ----------
+
+    def repository(self, destination: str) -> Repository:
+        if destination not in self._repos:
+            path = self.config.repository(destination)
+            try:
+                self._repos[destination] = Repository.open(path)
+            except errors.NotARepository:
+                log.info("creating repository %s for destination %s", path, destination)
+                self._repos[destination] = Repository.init(path)
+        return self._repos[destination]
+
+    # ---------- channels ----------
+
+    def serve_domain(self, info: DomainInfo) -> None:
+        if info.channel_path is None or info.uuid in self.channels:
+            return
+        channel = GuestChannel(info.uuid, info.name, info.channel_path, self,
+                               self.config.limits.requests_per_minute)
+        self.channels[info.uuid] = channel
+        self._channel_tasks[info.uuid] = asyncio.create_task(channel.run(), name=f"channel-{info.name}")
+        log.info("serving domain %s (%s)", info.name, info.uuid)
+
+    def forget_domain(self, uuid: str) -> None:
+        channel = self.channels.pop(uuid, None)
+        task = self._channel_tasks.pop(uuid, None)
+        if channel is not None:
+            channel.close()
+        if task is not None:
+            task.cancel()
+
+    def rescan(self) -> None:
+        try:
+            served = self.domains.served()
+        except DomainError as e:
+            log.warning("cannot list domains: %s", e)
+            return
+        alive = {d.uuid for d in served}
+        for uuid in list(self.channels):
+            if uuid not in alive:
+                self.forget_domain(uuid)
+        for info in served:
+            self.serve_domain(info)
+
+    def on_domain_event(self, uuid: str, kind: str) -> None:
+        log.info("domain %s %s", uuid, kind)
+        if kind == "started":
+            asyncio.get_running_loop().call_soon(self.rescan)
+        else:
+            self.forget_domain(uuid)
+
+    # ---------- requests (channel.Handler) ----------
+
+    async def on_request(self, channel: GuestChannel, msg: p.Message) -> p.Message:
+        uuid = channel.domain_uuid
+        if isinstance(msg, p.Status):
+            return self._status(uuid, msg)
+        if isinstance(msg, p.ListSnapshots):
+            return await asyncio.to_thread(self._list, uuid, msg)
+        if isinstance(msg, (p.Backup, p.Restore)):
+            return await self._accept(channel, msg)
+        return p.ErrorMessage(getattr(msg, "id", None), p.ErrorCode.UNSUPPORTED, "not a request")
+
+    async def _accept(self, channel: GuestChannel, msg: p.Backup | p.Restore) -> p.Message:
+        uuid = channel.domain_uuid
+        if self.jobs.pending_for(uuid) >= self.config.limits.pending_per_vm:
+            return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA,
+                                  f"this VM already has {self.config.limits.pending_per_vm} jobs waiting; "
+                                  "ask again when one has finished", retry_after=30.0)
+        destination = msg.destination or self.config.default_destination
+        if destination not in self.config.repositories:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DESTINATION,
+                                  f"this host has no destination named {destination!r}")
+        if isinstance(msg, p.Restore) and msg.mode is p.RestoreMode.IN_PLACE:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNSUPPORTED,
+                                  "a running VM cannot restore over its own disk: restore with mode "
+                                  "new-disk, or shut the VM down and run 'hyperback restore' on the host")
+        serials = ([msg.target] if isinstance(msg, p.Restore) else
+                   None if msg.targets == p.ALL else list(msg.targets))
+        try:
+            disks = await asyncio.to_thread(self.domains.disks_by_serial, uuid, serials)
+        except UnknownDisk as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
+        if not disks:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, "this VM has no disk with a serial")
+        if isinstance(msg, p.Backup):
+            instruction = Instruction(new_job_id(), uuid, str(msg.id), InstructionKind.BACKUP, disks,
+                                      destination, Policy(msg.policy.value), "", time.time())
+            self._quiesced[instruction.id] = msg.quiesce
+        else:
+            instruction = Instruction(new_job_id(), uuid, str(msg.id), InstructionKind.RESTORE, disks,
+                                      destination, Policy.FULL, msg.snapshot, time.time())
+        self.submit(instruction, Origin.GUEST, channel.domain_name)
+        return p.Accepted(msg.id, instruction.id)
+
+    def submit(self, instruction: Instruction, origin: Origin, domain_name: str) -> None:
+        """Journal, register and queue an instruction (guest or operator)."""
+        self.journal.add(instruction)
+        self.jobs.add(instruction, origin, domain_name)
+        self.driver.submit(instruction)
+
+    def _status(self, uuid: str, msg: p.Status) -> p.Message:
+        job = self.jobs.get(msg.job)
+        if job is not None and job.instruction.domain_uuid == uuid and not job.state.final:
+            state = p.JobState.RUNNING if job.state is JobState.RUNNING else p.JobState.QUEUED
+            return p.Progress(msg.id, msg.job, state, 0, 0)
+        stored = self.journal.result(uuid, msg.job)
+        if stored is not None and "wire" in stored:
+            return p.decode(json.dumps({**stored["wire"], "id": msg.id}))
+        if self.journal.is_pending(uuid, msg.job):
+            return p.Progress(msg.id, msg.job, p.JobState.QUEUED, 0, 0)
+        return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_JOB,
+                              f"this VM has no job {p.clean_text(msg.job, 64)}")
+
+    def _list(self, uuid: str, msg: p.ListSnapshots) -> p.Message:
+        destination = msg.destination or self.config.default_destination
+        if destination not in self.config.repositories:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DESTINATION,
+                                  f"this host has no destination named {destination!r}")
+        try:
+            disks = self.domains.disks_by_serial(uuid, [msg.target] if msg.target else None)
+        except UnknownDisk as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
+        repo = self.repository(destination)
+        infos = []
+        for disk in disks:
+            for snap in repo.snapshots(disk.snapshot_name):
+                infos.append(p.SnapshotInfo(snap.id, disk.serial, snap.time.timestamp(),
+                                            p.Policy(snap.policy.value), snap.stats.bytes_new, destination))
+        infos.sort(key=lambda i: i.created, reverse=True)
+        return p.fit_snapshots(msg.id, infos)
+
+    def on_thawed(self, channel: GuestChannel, msg: p.Thawed) -> None:
+        if msg.by is p.ThawCause.WATCHDOG and msg.job in self._quiesced:
+            log.warning("guest %s thawed job %s by its watchdog", channel.domain_name, msg.job)
+            self._quiesced[msg.job] = False
+
+    # ---------- freeze and thaw for the executor ----------
+
+    async def _freeze(self, uuid: str, serials: tuple[str, ...], job: str) -> None:
+        channel = self.channels.get(uuid)
+        if not self._quiesced.get(job) or channel is None:
+            self._quiesced[job] = False
+            return
+        try:
+            reply = await channel.freeze(job, serials, self.config.freeze_timeout)
+        except (ChannelClosed, TimeoutError) as e:
+            log.warning("no freeze for job %s (%s): crash-consistent view", job, e)
+            self._quiesced[job] = False
+            return
+        if not isinstance(reply, p.Frozen):
+            log.warning("guest refused to freeze for job %s: %s", job, reply)
+            self._quiesced[job] = False
+
+    async def _thaw(self, uuid: str, job: str) -> None:
+        channel = self.channels.get(uuid)
+        if channel is None or not self._quiesced.get(job):
+            return
+        try:
+            await channel.thaw(job)
+        except (ChannelClosed, TimeoutError) as e:
+            log.warning("thaw for job %s not confirmed (%s); the guest's watchdog thaws", job, e)
+
+    # ---------- driver and executor callbacks ----------
+
+    async def _plan(self, batch: Sequence[Instruction]) -> Plan:
+        from host_agent.optimizer import OptimizerUnavailable, host_context
+
+        for instruction in batch:
+            await self.jobs.move(instruction.id, JobState.PLANNED, "sent to the optimizer")
+        try:
+            result = await self._planner.plan(batch, host_context())  # type: ignore[attr-defined]
+        except OptimizerUnavailable as e:
+            raise Retryable(str(e)) from e
+        for rejection in result.rejections:
+            instruction = next(i for i in batch if i.id == rejection.instruction_id)
+            await self._fail(instruction, rejection.reason, JobState.REJECTED)
+        for unit in result.plan.units:
+            for job_id in unit.satisfies:
+                if unit.not_before > time.time():
+                    await self.jobs.move(job_id, JobState.DEFERRED, unit.reason, unit.not_before)
+        plan: Plan = result.plan
+        return plan
+
+    async def _execute(self, plan: Plan, by_id: dict[str, Instruction]) -> None:
+        for job_id in by_id:
+            await self.jobs.move(job_id, JobState.RUNNING, "running")
+        await self.executor.execute(plan, by_id)
+
+    async def _fail(self, instruction: Instruction, why: str, state: JobState = JobState.FAILED) -> None:
+        outcome = Outcome(instruction, error=why)
+        await self._answer(outcome, state)
+
+    async def _answer(self, outcome: Outcome, state: JobState | None = None) -> None:
+        instruction = outcome.instruction
+        quiesced = self._quiesced.pop(instruction.id, False)
+        result = result_message(outcome, None, quiesced)
+        self.journal.finish(instruction, {"ok": outcome.error is None, "wire": result.to_wire()})
+        final = state or (JobState.SUCCEEDED if outcome.error is None else JobState.FAILED)
+        await self.jobs.move(instruction.id, final, outcome.error or "done",
+                             snapshot_ids=[d.snapshot for d in outcome.disks])
+        job = self.jobs.get(instruction.id)
+        channel = self.channels.get(instruction.domain_uuid)
+        if channel is None or (job is not None and job.origin is not Origin.GUEST):
+            return
+        request_id: p.RequestId = int(instruction.request_id) if instruction.request_id.isdigit() \
+            else instruction.request_id
+        try:
+            await channel.send(result_message(outcome, request_id, quiesced))
+        except ChannelClosed:
+            log.info("guest of job %s is gone; it can ask for the result with status", instruction.id)
+
+    # ---------- running ----------
+
+    async def run(self) -> None:
+        for instruction in self.journal.pending():
+            log.info("re-queueing instruction %s from the journal", instruction.id)
+            self.jobs.add(instruction, Origin.GUEST, instruction.domain_uuid)
+            self.driver.submit(instruction)
+        self.domains.watch(self.on_domain_event)
+        self.rescan()
+        await self.driver.run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperback-agent",
+        description="Serve backup requests from every VM's hyperback channel on this host.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config file (default /etc/hyperback/agent.toml; absent is fine)")
+    parser.add_argument("--with-optimizer", action="store_true",
+                        help="also serve the optimizer, on the configured socket, in this process")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    return parser
+
+
+async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
+                started: Callable[[Agent], None] | None = None) -> None:
+    """Run the agent (and, if asked, the optimizer) until ``stop`` is set."""
+    import libvirtaio  # type: ignore[import-untyped]
+
+    from host_agent import optimizer, policies
+    from host_agent.operator import start_operator_server
+
+    libvirtaio.virEventRegisterAsyncIOImpl()
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    opt_server = None
+    if with_optimizer:
+        planner = policies.Planner(policies.build_chain(config.policies))
+        opt_server = await optimizer.start_server(optimizer.ServerConfig(listen=config.optimizer), planner)
+    domains = Domains(config.libvirt_uri)
+    client = optimizer.OptimizerClient(config.optimizer, timeout=config.optimizer_timeout)
+    agent = Agent(config, domains, client)
+    op_server = await start_operator_server(agent, config.operator_listen)
+    runner = asyncio.create_task(agent.run())
+    if started is not None:
+        started(agent)
+    await stop.wait()
+    log.info("stopping")
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    await op_server.stop(2.0)
+    if opt_server is not None:
+        await opt_server.stop(2.0)
+    await client.close()
+    domains.close()
+
+
+async def amain(config: AgentConfig, with_optimizer: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, with_optimizer, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(amain(load(args.config), args.with_optimizer))
+    except errors.HyperbackError as e:
+        print(f"hyperback-agent: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

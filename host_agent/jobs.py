@@ -1,0 +1,114 @@
+"""Jobs as operators see them: one per instruction, with a state and a stream of events.
+
+The agent moves a job through QUEUED -> PLANNED/DEFERRED -> RUNNING -> SUCCEEDED/FAILED (or
+REJECTED); every change is an event with a sequence number, and watchers (the operator API's
+WatchJob) wait on the job's condition for the next one. Only the last ``KEEP`` finished jobs
+are remembered in memory; the journal keeps results longer.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from host_agent.model import Instruction
+
+KEEP = 1000
+
+
+class JobState(enum.Enum):
+    QUEUED = 1
+    PLANNED = 2
+    DEFERRED = 3
+    RUNNING = 4
+    SUCCEEDED = 5
+    FAILED = 6
+    REJECTED = 7
+    CANCELLED = 8
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED)
+
+
+class Origin(enum.Enum):
+    GUEST = 1
+    OPERATOR = 2
+
+
+@dataclass
+class Event:
+    sequence: int
+    at: float
+    state: JobState
+    message: str
+    final: bool
+
+
+@dataclass
+class Job:
+    instruction: Instruction
+    origin: Origin
+    domain_name: str
+    state: JobState = JobState.QUEUED
+    detail: str = ""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    not_before: float = 0.0
+    snapshot_ids: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def id(self) -> str:
+        return self.instruction.id
+
+
+class Jobs:
+    def __init__(self) -> None:
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def add(self, instruction: Instruction, origin: Origin, domain_name: str) -> Job:
+        job = Job(instruction, origin, domain_name)
+        self._jobs[job.id] = job
+        self._record(job, JobState.QUEUED, "accepted")
+        self._trim()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def all(self) -> list[Job]:
+        return list(reversed(self._jobs.values()))
+
+    def by_request(self, domain_uuid: str, request_id: str) -> Job | None:
+        """An operator's repeated request (same idempotency key) finds its earlier job."""
+        return next((j for j in self._jobs.values() if j.instruction.domain_uuid == domain_uuid
+                     and j.instruction.request_id == request_id and j.origin is Origin.OPERATOR), None)
+
+    async def move(self, job_id: str, state: JobState, message: str, not_before: float = 0.0,
+                   snapshot_ids: list[str] | None = None) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job.state.final:
+            return
+        job.not_before = not_before
+        if snapshot_ids:
+            job.snapshot_ids = snapshot_ids
+        self._record(job, state, message)
+        async with job.changed:
+            job.changed.notify_all()
+
+    def _record(self, job: Job, state: JobState, message: str) -> None:
+        job.state, job.detail, job.updated_at = state, message, time.time()
+        job.events.append(Event(len(job.events) + 1, job.updated_at, state, message, state.final))
+
+    def pending_for(self, domain_uuid: str) -> int:
+        return sum(1 for j in self._jobs.values()
+                   if j.instruction.domain_uuid == domain_uuid and not j.state.final)
+
+    def _trim(self) -> None:
+        finished = [k for k, j in self._jobs.items() if j.state.final]
+        for key in finished[:max(len(finished) - KEEP, 0)]:
+            del self._jobs[key]
