@@ -169,13 +169,16 @@ class Executor:
     def _backup_base(self, repo: Repository, unit: WorkUnit) -> Snapshot:
         """A shared backing image is immutable while overlays use it: back it up once, then reuse."""
         existing = repo.snapshots(unit.snapshot_name)
-        size = Path(unit.source).stat().st_size
-        if existing and existing[-1].source == str(Path(unit.source).absolute()):
+        info = qcow2.image_info(unit.source)
+        if existing and existing[-1].source == info.path and existing[-1].size == info.virtual_size:
             log.info("base %s already backed up as %s", unit.source, existing[-1].id)
             return existing[-1]
         self.reads[unit.source] = self.reads.get(unit.source, 0) + 1
-        log.info("backing up shared base %s (%d bytes)", unit.source, size)
-        return repo.backup(unit.source, unit.snapshot_name, Policy.FULL).snapshot
+        log.info("backing up shared base %s (%d bytes)", unit.source, info.virtual_size)
+        source: str | Layout = info.path
+        if info.format == "qcow2":
+            source = qcow2.chain_layout(info.path, repo.config.chunk_size, label=info.path)
+        return repo.backup(source, unit.snapshot_name, Policy.FULL).snapshot
 
     async def _backup_disk(self, repo: Repository, unit: WorkUnit,
                            shared: dict[str, Snapshot]) -> tuple[BackupResult, views.DiskView]:

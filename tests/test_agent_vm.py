@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +40,7 @@ def workdir() -> Iterator[Path]:
 def lab(workdir: Path) -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
-    the_lab = Lab(workdir / "lab")
+    the_lab = Lab(workdir / "lab", max_running=2)
     try:
         the_lab.__enter__()
     except HostNotReady as e:
@@ -92,3 +94,57 @@ def test_a_guest_backup_request_is_served_from_shared_storage(agent: RunningAgen
     # the request crossed as a request: the driver flushed it and the plan came from gRPC
     flushes = agent.call(lambda: list(agent.agent.driver.flushes))
     assert flushes and flushes[0].planned_at > 0
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def raw_of(image: Path, out: Path) -> str:
+    qemu_img("convert", "-O", "raw", str(image), str(out))
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return digest
+
+
+def test_two_vms_on_clones_of_one_base_read_the_base_once(agent: RunningAgent, lab: Lab,
+                                                          workdir: Path) -> None:
+    base_raw = workdir / "base.raw"
+    base_raw.write_bytes(os.urandom(24 * MIB) + bytes(8 * MIB))
+    base = workdir / "base.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(base_raw), str(base))
+    base_raw.unlink()
+    clones = []
+    for name in ("clone-a", "clone-b"):
+        clone = workdir / f"{name}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(clone))
+        clones.append(clone)
+    agent.call(lambda: setattr(agent.agent.driver, "interval", 30.0))
+    script = f"""
+        dd if=/dev/urandom of=/dev/vda bs=64K seek=3 count=2 conv=fsync 2>/dev/null
+        echo "BACKUP $({SHIM} backup --json --policy full hb-data)"
+    """
+    try:
+        vms = [lab.start_vm(f"clone{i}", command=script, disks=[Disk(clone, "vda", "qcow2", "hb-data")],
+                            timeout=180) for i, clone in enumerate(clones)]
+        results = []
+        for vm in vms:
+            assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+            results.append(guest_json(vm.console(), "BACKUP"))
+    finally:
+        agent.call(lambda: setattr(agent.agent.driver, "interval", 1.0))
+    assert all(r["ok"] for r in results), results
+    reads = agent.call(lambda: dict(agent.agent.executor.reads))
+    assert reads.get(str(base)) == 1, reads  # the shared base was read once, for both
+    repo = Repository.open(workdir / "agent" / "repo")
+    bases = [s for s in repo.snapshots() if s.name.startswith("base/")]
+    assert len(bases) == 1
+    for result, clone in zip(results, clones):
+        snapshot_id = result["disks"][0]["snapshot"]  # type: ignore[index]
+        snap = repo.resolve(snapshot_id)
+        assert snap.parent == bases[0].id
+        assert snap.stats.bytes_read <= 2 * MIB  # only the clone's own clusters
+        restored = workdir / f"{clone.stem}.restored"
+        repo.restore(snapshot_id, restored)
+        assert hashlib.sha256(restored.read_bytes()).hexdigest() == raw_of(clone, workdir / "expect.raw")
+        restored.unlink()
