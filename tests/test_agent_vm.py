@@ -148,3 +148,28 @@ def test_two_vms_on_clones_of_one_base_read_the_base_once(agent: RunningAgent, l
         repo.restore(snapshot_id, restored)
         assert hashlib.sha256(restored.read_bytes()).hexdigest() == raw_of(clone, workdir / "expect.raw")
         restored.unlink()
+
+
+def test_a_busy_filesystem_is_frozen_for_the_view_and_restores_clean(agent: RunningAgent, lab: Lab,
+                                                                      workdir: Path) -> None:
+    disk = make_disk(workdir / "busy.qcow2", 64 * MIB, "qcow2")
+    script = f"""
+        mkfs.ext4 -q -F /dev/vda && mkdir -p /tmp/data && mount /dev/vda /tmp/data || exit 9
+        ( i=0; while :; do dd if=/dev/urandom of=/tmp/data/f$((i % 40)) bs=64k count=8 conv=fsync 2>/dev/null;
+          i=$((i + 1)); done ) &
+        writer=$!
+        sleep 2
+        echo "BACKUP $({SHIM} backup --json --policy full hb-busy)"
+        kill $writer; wait $writer 2>/dev/null
+        umount /tmp/data
+    """
+    vm = lab.start_vm("busy", command=script, disks=[Disk(disk, "vda", "qcow2", "hb-busy")], timeout=180)
+    assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    result = guest_json(vm.console(), "BACKUP")
+    assert result["ok"] is True and result["quiesced"] is True, result
+    repo = Repository.open(workdir / "agent" / "repo")
+    restored = workdir / "busy.restored"
+    repo.restore(result["disks"][0]["snapshot"], restored)  # type: ignore[index]
+    fsck = subprocess.run(["e2fsck", "-n", "-f", str(restored)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    restored.unlink()

@@ -39,7 +39,8 @@ BUSYBOX = Path("/bin/busybox")
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 
 # Loaded in dependency order; their dependencies are added by resolve_modules().
-GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "9pnet_virtio", "9p")
+# ext4 (and the crc32c it asks for by alias) lets tests mount file systems on guest disks.
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "9pnet_virtio", "9p", "crc32c_generic", "ext4")
 
 # x86 COMMAND_LINE_SIZE is 2048; leave room for the other arguments.
 MAX_CMDLINE_COMMAND = 1500
