@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,9 +64,9 @@ def guest_json(console: str, marker: str) -> dict[str, object]:
     return doc
 
 
-def test_a_guest_backup_request_is_served_from_shared_storage(agent: RunningAgent, lab: Lab,
-                                                               workdir: Path) -> None:
-    disk = make_disk(workdir / "data.qcow2", 64 * MIB, "qcow2")
+def backup_round_trip(lab: Lab, workdir: Path, name: str) -> None:
+    """A guest writes a pattern and asks for a backup; the host restores it and finds the pattern."""
+    disk = make_disk(workdir / f"{name}.qcow2", 64 * MIB, "qcow2")
     script = f"""
         dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null
         dd if=/tmp/pattern of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null
@@ -74,7 +74,7 @@ def test_a_guest_backup_request_is_served_from_shared_storage(agent: RunningAgen
         out=$({SHIM} backup --json --policy full hb-data)
         echo "BACKUP $out"
     """
-    vm = lab.start_vm("e2e-backup", command=script, disks=[Disk(disk, "vda", "qcow2", "hb-data")], timeout=180)
+    vm = lab.start_vm(name, command=script, disks=[Disk(disk, "vda", "qcow2", "hb-data")], timeout=180)
     assert vm.wait_for_exit(timeout=240) == 0, vm.console_tail()
     console = vm.console()
     result = guest_json(console, "BACKUP")
@@ -86,11 +86,17 @@ def test_a_guest_backup_request_is_served_from_shared_storage(agent: RunningAgen
     snapshot_id = disks[0]["snapshot"]
 
     repo = Repository.open(workdir / "agent" / "repo")
-    restored = workdir / "restored.img"
+    restored = workdir / f"{name}.restored"
     repo.restore(snapshot_id, restored)
     with open(restored, "rb") as f:
         f.seek(8 * MIB)
         assert hashlib.sha256(f.read(4 * MIB)).hexdigest() == pattern.group(1)
+    restored.unlink()
+
+
+def test_a_guest_backup_request_is_served_from_shared_storage(agent: RunningAgent, lab: Lab,
+                                                               workdir: Path) -> None:
+    backup_round_trip(lab, workdir, "e2e-backup")
     # the request crossed as a request: the driver flushed it and the plan came from gRPC
     flushes = agent.call(lambda: list(agent.agent.driver.flushes))
     assert flushes and flushes[0].planned_at > 0
@@ -173,3 +179,85 @@ def test_a_busy_filesystem_is_frozen_for_the_view_and_restores_clean(agent: Runn
     fsck = subprocess.run(["e2fsck", "-n", "-f", str(restored)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     restored.unlink()
+
+
+HOSTILE_GUEST = r'''
+import glob, json, os, select, sys, time
+sys.path.insert(0, "/work/main")
+from guest_shim import protocol as p
+
+name = next(path for path in glob.glob("/sys/class/virtio-ports/*/name")
+            if open(path).read().strip() == "org.hyperback.agent.0")
+fd = os.open("/dev/" + name.split("/")[-2], os.O_RDWR | os.O_NONBLOCK)
+reader = p.MessageReader(p.Direction.TO_GUEST)
+
+def send(data):
+    while data:
+        select.select([], [fd], [], 10)
+        try:
+            data = data[os.write(fd, data[:32768]):]
+        except BlockingIOError:
+            pass
+
+def replies(until, timeout=20):
+    got, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(got):
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            got += [m for m in reader.feed(data) if not isinstance(m, p.ProtocolError)]
+    return got
+
+def sync():
+    sid = p.new_sync_id()
+    send(p.sync_frame(sid))
+    got = replies(lambda g: any(isinstance(m, p.SyncAck) and m.id == sid for m in g))
+    return any(isinstance(m, p.SyncAck) and m.id == sid for m in got)
+
+def ask(line, rid):
+    send(line)
+    got = replies(lambda g: any(getattr(m, "id", None) == rid for m in g), 30)
+    found = [m for m in got if getattr(m, "id", None) == rid]
+    return found[0].to_wire() if found else None
+
+report = {}
+send(os.urandom(5000))                                     # garbage
+report["sync_after_garbage"] = sync()
+send(b"x" * 200000 + b"\n")                                # oversized line
+report["sync_after_oversize"] = sync()
+report["other_vms_disk"] = ask(b'{"v":1,"type":"backup","id":1,"targets":["hb-data"],"policy":"full"}\n', 1)
+report["host_path"] = ask(b'{"v":1,"type":"backup","id":2,"targets":["hb-hostile"],"policy":"full",'
+                          b'"destination":"../../etc"}\n', 2)
+report["unknown_member"] = ask(b'{"v":1,"type":"list","id":3,"path":"/etc/shadow"}\n', 3)
+report["newer_version"] = ask(b'{"v":9,"type":"list","id":4}\n', 4)
+report["in_place_restore"] = ask(b'{"v":1,"type":"restore","id":5,"target":"hb-hostile","snapshot":"latest",'
+                                 b'"mode":"in-place"}\n', 5)
+report["list"] = ask(b'{"v":1,"type":"list","id":6}\n', 6)
+for i in range(40):                                        # a flood
+    send(('{"v":1,"type":"status","id":%d,"job":"0000000000000000"}\n' % (100 + i)).encode())
+flood = replies(lambda g: len([m for m in g if isinstance(getattr(m, "id", None), int) and m.id >= 100]) >= 40)
+report["flood_codes"] = sorted({m.to_wire().get("code", m.to_wire()["type"]) for m in flood})
+print("HOSTILE " + json.dumps(report), flush=True)
+'''
+
+
+def test_a_hostile_guest_gets_clear_rejections_and_the_agent_keeps_serving(agent: RunningAgent, lab: Lab,
+                                                                            workdir: Path) -> None:
+    disk = make_disk(workdir / "hostile.raw", 16 * MIB)
+    script = f"{sys.executable} -c {shlex.quote(HOSTILE_GUEST)}"
+    vm = lab.start_vm("hostile", command=script, disks=[Disk(disk, "vda", "raw", "hb-hostile")], timeout=180)
+    assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    report = guest_json(vm.console(), "HOSTILE")
+    assert report["sync_after_garbage"] is True and report["sync_after_oversize"] is True
+    assert report["other_vms_disk"]["code"] == "unknown-disk"  # type: ignore[index]
+    assert report["host_path"]["code"] == "bad-request"  # type: ignore[index]
+    assert report["unknown_member"]["code"] == "bad-request"  # type: ignore[index]
+    assert report["newer_version"]["code"] == "unsupported-version"  # type: ignore[index]
+    assert report["in_place_restore"]["code"] == "unsupported"  # type: ignore[index]
+    assert "new-disk" in report["in_place_restore"]["message"]  # type: ignore[index]
+    assert report["list"]["type"] == "snapshots"  # type: ignore[index]
+    assert "rate-limited" in report["flood_codes"]  # type: ignore[operator]
+    # the agent keeps serving: another VM's backup goes through as before
+    backup_round_trip(lab, workdir, "after-hostile")
