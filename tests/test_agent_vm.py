@@ -145,7 +145,7 @@ def test_two_vms_on_clones_of_one_base_read_the_base_once(agent: RunningAgent, l
     repo = Repository.open(workdir / "agent" / "repo")
     bases = [s for s in repo.snapshots() if s.name.startswith("base/")]
     assert len(bases) == 1
-    for result, clone in zip(results, clones):
+    for result, clone in zip(results, clones, strict=True):
         snapshot_id = result["disks"][0]["snapshot"]  # type: ignore[index]
         snap = repo.resolve(snapshot_id)
         assert snap.parent == bases[0].id
@@ -237,7 +237,9 @@ report["in_place_restore"] = ask(b'{"v":1,"type":"restore","id":5,"target":"hb-h
 report["list"] = ask(b'{"v":1,"type":"list","id":6}\n', 6)
 for i in range(40):                                        # a flood
     send(('{"v":1,"type":"status","id":%d,"job":"0000000000000000"}\n' % (100 + i)).encode())
-flood = replies(lambda g: len([m for m in g if isinstance(getattr(m, "id", None), int) and m.id >= 100]) >= 40)
+def flood_answers(got):
+    return [m for m in got if isinstance(getattr(m, "id", None), int) and m.id >= 100]
+flood = flood_answers(replies(lambda g: len(flood_answers(g)) >= 40))
 report["flood_codes"] = sorted({m.to_wire().get("code", m.to_wire()["type"]) for m in flood})
 print("HOSTILE " + json.dumps(report), flush=True)
 '''
