@@ -41,8 +41,13 @@ class AgentConfig:
     # gRPC target of the optimizer, and seconds allowed for one plan
     optimizer: str = "unix:/run/hyperback/optimizer.sock"
     optimizer_timeout: float = 10.0
-    # the optimizer's policy chain, when the agent starts the optimizer itself
+    # the optimizer's policy chain and options (e.g. {"timing": {"recheck": "30s"}}), when the
+    # agent starts the optimizer itself; see host_agent.policies for every option
     policies: tuple[str, ...] = ("merge", "timing")
+    policy_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    # send this host's load (/proc/pressure, /proc/loadavg) with each batch, so the timing
+    # policy can defer work while the host is busy
+    send_load: bool = True
     # where the operator gRPC API listens
     operator_listen: str = "unix:/run/hyperback/agent.sock"
     # destination names guests may ask for -> repository directories on backup media
@@ -99,6 +104,10 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
             if not isinstance(value, dict) or not all(DESTINATION.fullmatch(k) for k in value):
                 raise errors.UsageError(f"config repositories: names must match {DESTINATION.pattern}")
             changes[key] = {k: Path(v) for k, v in value.items()}
+        elif key == "policy_options":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise errors.UsageError("config policy_options must be a table of tables")
+            changes[key] = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in value.items()}
         elif key == "limits":
             if not isinstance(value, dict):
                 raise errors.UsageError("config limits must be a table")
@@ -108,7 +117,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
         else:
             raise errors.UsageError(f"config {path}: unknown setting {key!r}")
     for key in known:
-        if key in ("repositories", "limits"):
+        if key in ("repositories", "limits", "policy_options"):
             continue
         value = env.get(_ENV_PREFIX + key.upper())
         if value is not None:

@@ -31,6 +31,7 @@ from host_agent.config import AgentConfig, load
 from host_agent.domains import DomainError, DomainInfo, Domains, UnknownDisk
 from host_agent.driver import BackupDriver, Retryable
 from host_agent.executor import Executor, Outcome
+from host_agent.hostload import HostLoadReader
 from host_agent.jobs import Jobs, JobState, Origin
 from host_agent.journal import Journal, new_job_id
 from host_agent.model import Instruction, InstructionKind, Plan, Policy
@@ -66,6 +67,7 @@ class Agent:
         self.channels: dict[str, GuestChannel] = {}
         self._channel_tasks: dict[str, asyncio.Task[None]] = {}
         self._planner = planner
+        self.load_reader: HostLoadReader | None = HostLoadReader() if config.send_load else None
         self._repos: dict[str, Repository] = {}
         self._quiesced: dict[str, bool] = {}
         self.driver = BackupDriver(self._plan, self._execute, self._fail, config.interval, config.batch_size)
@@ -243,7 +245,8 @@ class Agent:
         for instruction in batch:
             await self.jobs.move(instruction.id, JobState.PLANNED, "sent to the optimizer")
         try:
-            result = await self._planner.plan(batch, host_context())  # type: ignore[attr-defined]
+            context = host_context(self.load_reader)
+            result = await self._planner.plan(batch, context)  # type: ignore[attr-defined]
         except OptimizerUnavailable as e:
             raise Retryable(str(e)) from e
         for rejection in result.rejections:
@@ -320,7 +323,7 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     config.run_dir.mkdir(parents=True, exist_ok=True)
     opt_server = None
     if with_optimizer:
-        planner = policies.Planner(policies.build_chain(config.policies))
+        planner = policies.Planner(policies.build_chain(config.policies, config.policy_options))
         opt_server = await optimizer.start_server(optimizer.ServerConfig(listen=config.optimizer), planner)
     domains = Domains(config.libvirt_uri)
     client = optimizer.OptimizerClient(config.optimizer, timeout=config.optimizer_timeout)

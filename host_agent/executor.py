@@ -25,6 +25,7 @@ from typing import Any
 from host_agent import errors, qcow2, views
 from host_agent.extents import Extent, Layout
 from host_agent.model import Instruction, Plan, Policy, UnitKind, WorkUnit
+from host_agent.policies import base_name
 from host_agent.repository import BackupResult, Repository, Snapshot
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,8 @@ class Executor:
             # a disk unit depends on at most one base: the one its overlay sits on
             base = next((bases[d] for d in unit.depends_on if d in bases), None)
             shared = {unit.disk.serial: base} if base is not None else {}
-            result, view = await self._backup_disk(repo, unit, shared)
+            result, view, detection = await self._backup_disk(repo, unit, shared)
             snap = result.snapshot
-            detection = "allocation-map" if shared else view.change_detection
             disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
                                      snap.stats.seconds, detection,
                                      "; ".join(filter(None, [view.reason, *result.notes])))
@@ -181,7 +181,7 @@ class Executor:
         return repo.backup(source, unit.snapshot_name, Policy.FULL).snapshot
 
     async def _backup_disk(self, repo: Repository, unit: WorkUnit,
-                           shared: dict[str, Snapshot]) -> tuple[BackupResult, views.DiskView]:
+                           shared: dict[str, Snapshot]) -> tuple[BackupResult, views.DiskView, str]:
         disk = unit.disk
         assert disk is not None
         loop = asyncio.get_running_loop()
@@ -199,7 +199,7 @@ class Executor:
 
     def _backup_view(self, repo: Repository, unit: WorkUnit, shared_base: Snapshot | None,
                      freeze: Callable[[], None],
-                     thaw: Callable[[], None]) -> tuple[BackupResult, views.DiskView]:
+                     thaw: Callable[[], None]) -> tuple[BackupResult, views.DiskView, str]:
         """Take the disk's point-in-time view and back it up; the view merges back on exit.
 
         The repository's base (latest snapshot, or latest full for a differential) names the
@@ -214,23 +214,49 @@ class Executor:
                                  freeze=freeze, thaw=thaw, since={disk.serial: since}) as taken:
             view = taken[disk.serial]
             label = views.view_label(view.image, view.checkpoint)
+            if shared_base is None and view.changes is None and disk.backing_chain:
+                # no dirty bitmap to go by, but the backing image may be stored already: then
+                # only the overlay's own clusters need reading
+                stored = repo.snapshots(base_name(disk.backing_chain[0]))
+                shared_base = stored[-1] if stored and stored[-1].size == view.size else None
             if shared_base is not None and view.format == "qcow2":
                 top = qcow2.top_layout(view.image, repo.config.chunk_size, label=label)
                 key = top.layout.label
                 self.reads[key] = self.reads.get(key, 0) + 1
                 result = repo.backup(top.layout, disk.snapshot_name, unit.policy, list(top.changes),
                                      base=shared_base)
-                return result, view
+                return result, view, "allocation-map"
             changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
             self.reads[view.image] = self.reads.get(view.image, 0) + 1
             try:
                 source: str | Layout = view.source
                 if isinstance(source, Layout):
                     source = Layout(source.files, source.mappings, source.size, label)
-                return repo.backup(source, disk.snapshot_name, unit.policy, changes), view
+                result = repo.backup(source, disk.snapshot_name, unit.policy, changes)
             except qcow2.NotReadableInPlace as e:
                 log.info("%s; converting to raw first", e)
                 self._work_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
                     qcow2.convert_to_raw(view.image, tmp.name)
-                    return repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes), view
+                    result = repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes)
+        self._prune_checkpoints(repo, disk.domain_uuid)
+        return result, view, view.change_detection
+
+    def _prune_checkpoints(self, repo: Repository, domain_uuid: str) -> None:
+        """Each checkpoint costs a bitmap QEMU updates on every write: keep only those a future
+        incremental or differential of this domain's disks can start from (this repository's)."""
+        keep: set[str] = set()
+        names = {s.name for s in repo.snapshots() if s.name.startswith(f"{domain_uuid}/")}
+        for name in names:
+            for policy in (Policy.INCREMENTAL, Policy.DIFFERENTIAL):
+                base = repo.base_for(name, policy)
+                checkpoint = views.checkpoint_of(base.source) if base is not None else None
+                if checkpoint:
+                    keep.add(checkpoint)
+        try:
+            gone = views.prune_checkpoints(self._conn.lookupByUUIDString(domain_uuid), keep)
+        except Exception as e:  # pruning is housekeeping: a failure must not fail the backup
+            log.warning("could not prune checkpoints of %s: %s", domain_uuid, e)
+            return
+        if gone:
+            log.info("pruned checkpoints %s of %s", ", ".join(gone), domain_uuid)

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
 from vmlab import Disk, HostNotReady, Lab, make_disk
 
+from host_agent.hostload import HostLoadReader
+from host_agent.jobs import JobState
 from host_agent.repository import Repository
 
 pytestmark = pytest.mark.vm
@@ -263,3 +266,31 @@ def test_a_hostile_guest_gets_clear_rejections_and_the_agent_keeps_serving(agent
     assert "rate-limited" in report["flood_codes"]  # type: ignore[operator]
     # the agent keeps serving: another VM's backup goes through as before
     backup_round_trip(lab, workdir, "after-hostile")
+
+
+def test_work_waits_while_the_host_is_busy_and_runs_when_it_calms_down(agent: RunningAgent, lab: Lab,
+                                                                       workdir: Path) -> None:
+    disk = make_disk(workdir / "patient.qcow2", 32 * MIB, "qcow2")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        time.sleep(12)  # CPU pressure is a 10 s average
+        agent.call(lambda: setattr(agent.agent, "load_reader", HostLoadReader()))
+        vm = lab.start_vm("patient", command=f"echo \"BACKUP $({SHIM} backup --json --policy full)\"",
+                          disks=[Disk(disk, "vda", "qcow2", "hb-patient")], timeout=180)
+        deadline = time.monotonic() + 120
+        deferred = []
+        while time.monotonic() < deadline and not deferred:
+            jobs = agent.call(lambda: [j for j in agent.agent.jobs.all() if j.domain_name.endswith("patient")])
+            deferred = [e.message for j in jobs for e in j.events if e.state is JobState.DEFERRED]
+            time.sleep(0.5)
+        assert deferred, "the busy host did not defer the backup"
+        assert "busy" in deferred[0] or "pressure" in deferred[0] or "load" in deferred[0], deferred[0]
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    try:
+        assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    finally:
+        agent.call(lambda: setattr(agent.agent, "load_reader", None))
+    assert guest_json(vm.console(), "BACKUP")["ok"] is True

@@ -39,7 +39,7 @@ esac
 [ "$(id -u)" = 0 ] || { echo "setup_host.sh: must run as root" >&2; exit 1; }
 
 PKGS="qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-libvirt-dev pkg-config linux-image-amd64 busybox-static e2fsprogs iproute2 kmod cpio"
+libvirt-dev pkg-config linux-image-amd64 busybox-static e2fsprogs iproute2 kmod cpio libnbd-bin"
 
 missing=""
 for p in $PKGS; do

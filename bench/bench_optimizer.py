@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Optimizer benchmark: time from flush to plan for a batch of instructions over real gRPC.
+
+For each policy chain it starts ``python -m host_agent.optimizer`` on a unix socket in a temporary
+directory (a separate process, as in production), waits until the health service says SERVING, then
+times ``OptimizerClient.plan`` (convert the batch, call, plan, convert the answer back) ``--runs`` times
+after ``--warmup`` untimed calls, and prints median and p95. ``plan only`` is the same planning in this
+process without gRPC, for comparison.
+
+    bench/bench_optimizer.py                      # 1,000 instructions, 30 runs per chain
+    bench/bench_optimizer.py --instructions 5000 --runs 10 --chains merge,timing
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from host_agent.hostload import HostLoad
+from host_agent.model import DiskRef, Instruction, InstructionKind, Policy
+from host_agent.optimizer import OptimizerClient
+from host_agent.policies import HostContext, Planner, build_chain, parse_chain
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHAINS = ("passthrough", "merge", "timing", "merge,timing")
+
+
+def make_batch(n: int, seed: int = 1) -> list[Instruction]:
+    """A flush's worth of work: domains of one or two disks, most of them clones of a few base images,
+    some disks asked for twice (an application and a schedule), a few restores."""
+    rng = random.Random(seed)
+    now = time.time()
+    bases = [f"/var/lib/libvirt/images/base-{k}.qcow2" for k in range(8)]
+    domains = []
+    for d in range(max(n // 3, 1)):
+        uuid = f"00000000-0000-4000-8000-{d:012d}"
+        chain = (rng.choice(bases),) if rng.random() < 0.8 else ()
+        domains.append([DiskRef(uuid, f"vm{d}", f"disk{k}", f"vd{'ab'[k]}",
+                                f"/var/lib/libvirt/images/vm{d}-{k}.qcow2", "qcow2" if chain else "raw",
+                                20 << 30, chain if k == 0 else ())
+                        for k in range(rng.choice((1, 2)))])
+    batch = []
+    for i in range(n):
+        disks = rng.choice(domains)
+        restore = rng.random() < 0.05
+        batch.append(Instruction(
+            id=f"i{i}", domain_uuid=disks[0].domain_uuid, request_id=f"req-{i}",
+            kind=InstructionKind.RESTORE if restore else InstructionKind.BACKUP,
+            disks=tuple(disks[:1]) if restore else tuple(disks), destination="default",
+            policy=rng.choice((Policy.INCREMENTAL,) * 8 + (Policy.DIFFERENTIAL, Policy.FULL)),
+            snapshot="latest" if restore else "", received_at=now - rng.uniform(0, 600)))
+    return batch
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+async def wait_serving(target: str, proc: subprocess.Popen[bytes], limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the optimizer exited with {proc.returncode}")
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the optimizer did not start")
+            await asyncio.sleep(0.05)
+
+
+async def time_chain(target: str, batch: list[Instruction], context: HostContext, runs: int,
+                     warmup: int) -> tuple[list[float], int, int]:
+    async with OptimizerClient(target, timeout=60) as client:
+        for _ in range(warmup):
+            await client.plan(batch, context)
+        seconds = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            result = await client.plan(batch, context)
+            seconds.append(time.perf_counter() - started)
+    return seconds, len(result.plan.units), len(result.rejections)
+
+
+def bench(chain: str, batch: list[Instruction], context: HostContext, runs: int, warmup: int,
+          workdir: Path) -> list[str]:
+    target = f"unix:{workdir / (chain.replace(',', '-') + '.sock')}"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "host_agent.optimizer", "--listen", target, "--policies",
+                             chain, "--grace", "1"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        asyncio.run(wait_serving(target, proc))
+        seconds, units, rejected = asyncio.run(time_chain(target, batch, context, runs, warmup))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    planner = Planner(build_chain(parse_chain(chain)))
+    local = []
+    for _ in range(max(runs // 3, 3)):
+        started = time.perf_counter()
+        planner.plan(batch, context)
+        local.append(time.perf_counter() - started)
+    ms = [s * 1000 for s in seconds]
+    return [chain, f"{statistics.median(ms):.1f}", f"{percentile(ms, 95):.1f}", f"{min(ms):.1f}",
+            f"{statistics.median(local) * 1000:.1f}", str(units), str(rejected)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instructions", type=int, default=1000, help="batch size (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=30, help="timed calls per chain (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
+    parser.add_argument("--chains", default=";".join(DEFAULT_CHAINS),
+                        help="policy chains separated by ';' (default %(default)s)")
+    parser.add_argument("--busy", action="store_true", help="send a busy load reading (timing defers)")
+    args = parser.parse_args(argv)
+    batch = make_batch(args.instructions)
+    load = HostLoad(0.5, 0.5, 0.5, os.cpu_count() or 1, 95.0 if args.busy else 2.0, 1.0)
+    context = HostContext("bench-host", time.time(), load)
+    header = ["chain", "median ms", "p95 ms", "min ms", "plan only ms", "units", "rejected"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hyperback-bench-") as tmp:
+        for chain in args.chains.split(";"):
+            rows.append(bench(chain.strip(), batch, context, args.runs, args.warmup, Path(tmp)))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(f"{args.instructions} instructions per batch, {args.runs} runs per chain, gRPC over a unix socket, "
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    for row in [header, ["-" * w for w in widths], *rows]:
+        cells = zip(row, widths, strict=True)
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

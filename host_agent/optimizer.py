@@ -1,0 +1,513 @@
+"""The optimizer service: gRPC plumbing around :class:`host_agent.policies.Planner`.
+
+A host agent's driver sends each batch of instructions (``hyperback.v1.Optimizer/PlanBatch``, see
+``proto/hyperback/v1/optimizer.proto``) with its host context: host name, clock, load reading, the base
+images it already stores. The optimizer answers with a plan and the instructions it rejects. The
+planning itself, the policies and their chain are plain Python in ``host_agent.policies``; this module
+converts between protobuf messages and ``host_agent.model``, serves, and is the client.
+
+Serving
+    ``python -m host_agent.optimizer`` (console script ``hyperback-optimizer``) listens on a unix
+    socket, by default ``unix:/run/hyperback/optimizer.sock``, or on TCP (``HOST:PORT``) to serve many
+    hosts; TCP requires TLS (``--tls-cert``/``--tls-key``) and mutual TLS follows from
+    ``--tls-client-ca``. The gRPC health service (``grpc.health.v1.Health``, for ``""`` and
+    ``hyperback.v1.Optimizer``) and server reflection are registered. SIGTERM or SIGINT stops it
+    gracefully: health turns NOT_SERVING, calls in flight get ``--grace`` seconds to finish.
+
+Status codes
+    INVALID_ARGUMENT  the request breaks the contract (``MalformedBatch``: the message says which
+                      instruction and field); INTERNAL  a policy produced an inconsistent plan
+                      (``PolicyError``, a bug).
+
+Client
+    :class:`OptimizerClient` ``await client.plan(instructions, context) -> PlanResult`` with a
+    deadline. UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED and CANCELLED become
+    :class:`OptimizerUnavailable` (retry later); every other status, and an answer that cannot be
+    read, becomes :class:`OptimizerRejected` (retrying the same batch will not help).
+
+The exception tree, shared with ``host_agent.policies``, is drawn in that module's docstring.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from host_agent import errors
+from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
+from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
+from host_agent.hostload import HostLoad, HostLoadError, HostLoadReader
+from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, UnitKind, WorkUnit
+from host_agent.policies import (
+    DEFAULT_CHAIN,
+    DEFAULT_MAX_BATCH,
+    HostContext,
+    MalformedBatch,
+    OptimizerConfigError,
+    OptimizerError,
+    Planner,
+    PlanResult,
+    PolicyError,
+    Rejection,
+    available_policies,
+    build_chain,
+    parse_chain,
+    parse_policy_options,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Optimizer"].full_name
+DEFAULT_LISTEN: Final = "unix:/run/hyperback/optimizer.sock"
+DEFAULT_TIMEOUT: Final = 10.0
+DEFAULT_GRACE: Final = 5.0
+MAX_MESSAGE: Final = 64 * 1024 * 1024
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                        grpc.StatusCode.CANCELLED})
+_CHANNEL_OPTIONS: Final = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                           ("grpc.max_send_message_length", MAX_MESSAGE)]
+
+
+class OptimizerUnavailable(OptimizerError):
+    """The optimizer could not be reached or did not answer in time: retry the batch later."""
+
+    retryable = True
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class OptimizerRejected(OptimizerError):
+    """The optimizer refused the batch, or its answer was unreadable: retrying will not help."""
+
+    retryable = False
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- model <-> protobuf
+
+_E = TypeVar("_E")
+
+_POLICY: Final[Mapping[Policy, pb.Policy.ValueType]] = {
+    Policy.FULL: pb.POLICY_FULL, Policy.INCREMENTAL: pb.POLICY_INCREMENTAL,
+    Policy.DIFFERENTIAL: pb.POLICY_DIFFERENTIAL}
+_KIND: Final[Mapping[InstructionKind, pb.InstructionKind.ValueType]] = {
+    InstructionKind.BACKUP: pb.INSTRUCTION_KIND_BACKUP, InstructionKind.RESTORE: pb.INSTRUCTION_KIND_RESTORE}
+_UNIT_KIND: Final[Mapping[UnitKind, pb.UnitKind.ValueType]] = {
+    UnitKind.BACKUP_DISK: pb.UNIT_KIND_BACKUP_DISK, UnitKind.BACKUP_BASE: pb.UNIT_KIND_BACKUP_BASE,
+    UnitKind.RESTORE_DISK: pb.UNIT_KIND_RESTORE_DISK}
+
+
+_POLICY_BACK: Final = {int(number): member for member, number in _POLICY.items()}
+_KIND_BACK: Final = {int(number): member for member, number in _KIND.items()}
+_UNIT_KIND_BACK: Final = {int(number): member for member, number in _UNIT_KIND.items()}
+
+
+def _from_enum(members: Mapping[int, _E], value: int, where: str, field: str) -> _E:
+    member = members.get(value)
+    if member is None:
+        what = "unspecified" if value == 0 else f"an unknown value ({value})"
+        raise MalformedBatch(f"{where}: {field} is {what}")
+    return member
+
+
+def _time(value: float, where: str, field: str) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise MalformedBatch(f"{where}: {field} {value!r} is not a time")
+    return value
+
+
+def disk_to_pb(disk: DiskRef) -> pb.DiskRef:
+    return pb.DiskRef(domain_uuid=disk.domain_uuid, domain_name=disk.domain_name, serial=disk.serial,
+                      target=disk.target, path=disk.path, format=disk.format, size=disk.size,
+                      backing_chain=disk.backing_chain)
+
+
+def disk_from_pb(m: pb.DiskRef) -> DiskRef:
+    return DiskRef(domain_uuid=m.domain_uuid, domain_name=m.domain_name, serial=m.serial, target=m.target,
+                   path=m.path, format=m.format, size=m.size, backing_chain=tuple(m.backing_chain))
+
+
+def instruction_to_pb(i: Instruction) -> pb.Instruction:
+    return pb.Instruction(id=i.id, domain_uuid=i.domain_uuid, request_id=i.request_id, kind=_KIND[i.kind],
+                          disks=[disk_to_pb(d) for d in i.disks], destination=i.destination,
+                          policy=_POLICY[i.policy], snapshot=i.snapshot, received_at=i.received_at)
+
+
+def instruction_from_pb(m: pb.Instruction, where: str) -> Instruction:
+    return Instruction(id=m.id, domain_uuid=m.domain_uuid, request_id=m.request_id,
+                       kind=_from_enum(_KIND_BACK, m.kind, where, "kind"),
+                       disks=tuple(disk_from_pb(d) for d in m.disks), destination=m.destination,
+                       policy=_from_enum(_POLICY_BACK, m.policy, where, "policy"), snapshot=m.snapshot,
+                       received_at=_time(m.received_at, where, "received_at"))
+
+
+def unit_to_pb(u: WorkUnit) -> pb.WorkUnit:
+    return pb.WorkUnit(id=u.id, kind=_UNIT_KIND[u.kind], source=u.source, snapshot_name=u.snapshot_name,
+                       destination=u.destination, policy=_POLICY[u.policy], satisfies=u.satisfies,
+                       disk=disk_to_pb(u.disk) if u.disk else None, depends_on=u.depends_on,
+                       not_before=u.not_before, reason=u.reason)
+
+
+def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
+    return WorkUnit(id=m.id, kind=_from_enum(_UNIT_KIND_BACK, m.kind, where, "kind"), source=m.source,
+                    snapshot_name=m.snapshot_name, destination=m.destination,
+                    policy=_from_enum(_POLICY_BACK, m.policy, where, "policy"), satisfies=tuple(m.satisfies),
+                    disk=disk_from_pb(m.disk) if m.HasField("disk") else None,
+                    depends_on=tuple(m.depends_on), not_before=_time(m.not_before, where, "not_before"),
+                    reason=m.reason)
+
+
+def load_to_pb(load: HostLoad) -> pb.HostLoad:
+    return pb.HostLoad(cpu_some_avg10=load.cpu_some_avg10, io_some_avg10=load.io_some_avg10,
+                       load1=load.load1, load5=load.load5, load15=load.load15, cpu_count=load.cpu_count,
+                       notes=load.notes)
+
+
+def load_from_pb(m: pb.HostLoad) -> HostLoad:
+    values = [m.load1, m.load5, m.load15]
+    if m.HasField("cpu_some_avg10"):
+        values.append(m.cpu_some_avg10)
+    if m.HasField("io_some_avg10"):
+        values.append(m.io_some_avg10)
+    if not all(math.isfinite(v) and v >= 0 for v in values) or m.cpu_count < 1:
+        raise MalformedBatch(f"host load: needs finite non-negative readings and a CPU count, got {values} "
+                             f"on {m.cpu_count} CPUs")
+    return HostLoad(load1=m.load1, load5=m.load5, load15=m.load15, cpu_count=m.cpu_count,
+                    cpu_some_avg10=m.cpu_some_avg10 if m.HasField("cpu_some_avg10") else None,
+                    io_some_avg10=m.io_some_avg10 if m.HasField("io_some_avg10") else None,
+                    notes=tuple(m.notes))
+
+
+def context_to_pb(c: HostContext) -> pb.HostContext:
+    return pb.HostContext(host_name=c.host_name, now=c.now, load=load_to_pb(c.load) if c.load else None,
+                          known_bases=[pb.KnownBase(destination=d, snapshot_name=n)
+                                       for d, n in sorted(c.known_bases)],
+                          utc_offset_seconds=c.utc_offset)
+
+
+def context_from_pb(m: pb.HostContext, default_now: float) -> HostContext:
+    return HostContext(host_name=m.host_name, now=_time(m.now, "host", "now") or default_now,
+                       load=load_from_pb(m.load) if m.HasField("load") else None,
+                       known_bases=frozenset((b.destination, b.snapshot_name) for b in m.known_bases),
+                       utc_offset=m.utc_offset_seconds if m.HasField("utc_offset_seconds") else None)
+
+
+def request_to_pb(batch: Sequence[Instruction], context: HostContext) -> pb.PlanRequest:
+    return pb.PlanRequest(instructions=[instruction_to_pb(i) for i in batch], host=context_to_pb(context))
+
+
+def request_from_pb(m: pb.PlanRequest, default_now: float) -> tuple[list[Instruction], HostContext]:
+    batch = [instruction_from_pb(i, f"instruction #{n} (id {i.id!r})") for n, i in enumerate(m.instructions)]
+    return batch, context_from_pb(m.host, default_now)
+
+
+def result_to_pb(result: PlanResult) -> pb.PlanResponse:
+    plan = result.plan
+    return pb.PlanResponse(
+        plan=pb.Plan(units=[unit_to_pb(u) for u in plan.units], policy=plan.policy, notes=plan.notes),
+        rejections=[pb.Rejection(instruction_id=r.instruction_id, reason=r.reason)
+                    for r in result.rejections])
+
+
+def result_from_pb(m: pb.PlanResponse) -> PlanResult:
+    units = tuple(unit_from_pb(u, f"unit #{n} (id {u.id!r})") for n, u in enumerate(m.plan.units))
+    return PlanResult(Plan(units, m.plan.policy, tuple(m.plan.notes)),
+                      tuple(Rejection(r.instruction_id, r.reason) for r in m.rejections))
+
+
+# --------------------------------------------------------------------------- the service
+
+_Context = grpc.aio.ServicerContext[pb.PlanRequest, pb.PlanResponse]
+
+
+class OptimizerServicer(pb_grpc.OptimizerServicer):
+    """``PlanBatch``: convert, plan, convert back; domain errors become status codes here and only here."""
+
+    def __init__(self, planner: Planner) -> None:
+        self.planner = planner
+
+    async def PlanBatch(self, request: pb.PlanRequest, context: _Context) -> pb.PlanResponse:
+        started = time.perf_counter()
+        peer = log.getChild(f"host:{request.host.host_name.replace('.', '_') or '?'}")
+        try:
+            batch, host = request_from_pb(request, default_now=time.time())
+            result = self.planner.plan(batch, host)
+        except MalformedBatch as e:
+            peer.warning("refused a batch of %d instruction(s) from %s: %s",
+                         len(request.instructions), context.peer(), e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PolicyError as e:
+            peer.error("%s", e)
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        peer.info("planned %d instruction(s) into %d unit(s), %d rejected, in %.1f ms",
+                  len(batch), len(result.plan.units), len(result.rejections),
+                  (time.perf_counter() - started) * 1000)
+        peer.debug("plan %s", result)
+        return result_to_pb(result)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: clients must present a certificate signed by this CA
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    tls: TlsFiles | None = None
+    grace: float = DEFAULT_GRACE  # seconds calls in flight may take to finish on stop
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise OptimizerConfigError(f"cannot read the {what} {path}: {e.strerror or e}") from e
+
+
+def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    ca = _read(tls.client_ca, "TLS client CA") if tls.client_ca else None
+    return grpc.ssl_server_credentials([(_read(tls.key, "TLS key"), _read(tls.cert, "TLS certificate"))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
+class OptimizerServer:
+    """A started optimizer: its bound ``address`` (the TCP port resolved), health, and a graceful stop."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 address: str, grace: float) -> None:
+        self.server, self.health, self.address, self.grace = server, health_servicer, address, grace
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace if grace is None else grace)
+        log.info("optimizer on %s stopped", self.address)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(config: ServerConfig, planner: Planner) -> OptimizerServer:
+    """Bind, register the optimizer, health and reflection services, and start serving."""
+    listen = config.listen
+    if listen.startswith("unix:"):
+        path = Path(listen.removeprefix("unix:").removeprefix("//"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OptimizerConfigError(f"cannot create {path.parent} for {listen}: {e.strerror or e}") from e
+    elif config.tls is None:
+        raise OptimizerConfigError(f"{listen}: TCP needs TLS (--tls-cert and --tls-key); "
+                                   f"use a unix: address for a local optimizer")
+    server = grpc.aio.server(options=_CHANNEL_OPTIONS)
+    pb_grpc.add_OptimizerServicer_to_server(OptimizerServicer(planner), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        if config.tls:
+            port = server.add_secure_port(listen, _server_credentials(config.tls))
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError as e:  # grpc raises RuntimeError when it cannot bind
+        raise OptimizerConfigError(f"cannot listen on {listen}: {e}") from e
+    address = listen if listen.startswith("unix:") else f"{listen.rpartition(':')[0]}:{port}"
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("optimizer serving on %s with policies %s%s", address, planner.name,
+             " (TLS, client certificates required)" if config.tls and config.tls.client_ca
+             else " (TLS)" if config.tls else "")
+    return OptimizerServer(server, health_servicer, address, config.grace)
+
+
+async def serve(config: ServerConfig, planner: Planner) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    server = await start_server(config, planner)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: %.1f s for calls in flight", config.grace)
+    finally:
+        await server.stop()
+
+
+# --------------------------------------------------------------------------- the client
+
+@dataclass(frozen=True)
+class ClientTls:
+    ca: Path | None = None            # the CA that signed the optimizer's certificate (None: system roots)
+    cert: Path | None = None          # this host's certificate and key, for mutual TLS
+    key: Path | None = None
+    server_name: str | None = None    # the name to check in the optimizer's certificate, if not the target's
+
+
+def host_context(reader: HostLoadReader | None = None, known_bases: frozenset[tuple[str, str]] = frozenset(),
+                 host_name: str | None = None) -> HostContext:
+    """This host's context for a batch, now: name, clock, UTC offset and (if ``reader``) load."""
+    load = None
+    if reader is not None:
+        try:
+            load = reader.read()
+        except HostLoadError as e:
+            log.warning("sending the batch without a load reading: %s", e)
+    return HostContext(host_name=host_name or socket.gethostname(), now=time.time(), load=load,
+                       known_bases=known_bases, utc_offset=time.localtime().tm_gmtoff)
+
+
+class OptimizerClient:
+    """The driver's side of ``PlanBatch``: ``await client.plan(batch, context)`` with a deadline."""
+
+    def __init__(self, target: str = DEFAULT_LISTEN, *, timeout: float = DEFAULT_TIMEOUT,
+                 tls: ClientTls | None = None) -> None:
+        self.target, self.timeout = target, timeout
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._options: list[tuple[str, str | int]] = list(_CHANNEL_OPTIONS)
+        if tls is not None:
+            if (tls.cert is None) != (tls.key is None):
+                raise OptimizerConfigError("mutual TLS needs both a client certificate and its key")
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls.ca, "TLS CA") if tls.ca else None,
+                private_key=_read(tls.key, "TLS key") if tls.key else None,
+                certificate_chain=_read(tls.cert, "TLS certificate") if tls.cert else None)
+            if tls.server_name:
+                self._options.append(("grpc.ssl_target_name_override", tls.server_name))
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.OptimizerAsyncStub | None = None
+
+    def _connect(self) -> pb_grpc.OptimizerAsyncStub:
+        if self._stub is None:
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._stub = pb_grpc.OptimizerStub(self._channel)
+        return self._stub
+
+    async def plan(self, instructions: Sequence[Instruction], context: HostContext) -> PlanResult:
+        """Plan a batch. Raises OptimizerUnavailable (retry later) or OptimizerRejected (do not)."""
+        request = request_to_pb(instructions, context)
+        try:
+            response = await self._connect().PlanBatch(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            code, details = e.code(), e.details() or ""
+            message = f"optimizer at {self.target}: {code.name}: {details}"
+            if code in _RETRYABLE:
+                raise OptimizerUnavailable(message, code) from e
+            raise OptimizerRejected(message, code) from e
+        try:
+            result = result_from_pb(response)
+        except MalformedBatch as e:
+            raise OptimizerRejected(f"optimizer at {self.target} answered with a plan this agent "
+                                    f"cannot read: {e}") from e
+        return result
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel, self._stub = None, None
+
+    async def __aenter__(self) -> OptimizerClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperback-optimizer",
+        description="Serve the hyperback optimizer: host agents send batches of backup and restore "
+                    "instructions over gRPC and get plans back.",
+        epilog="Exit codes: 0 stopped by SIGTERM/SIGINT, 1 unexpected error, 2 bad arguments or "
+               "configuration (unknown policy, unreadable TLS file, address in use).")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDRESS",
+                        help=f"unix:/PATH, or HOST:PORT with TLS (default {DEFAULT_LISTEN})")
+    parser.add_argument("--policies", default=",".join(DEFAULT_CHAIN), metavar="CHAIN",
+                        help="policy chain, applied in order (default %(default)s; see --list-policies)")
+    parser.add_argument("-o", "--policy-option", action="append", default=[], metavar="POLICY.KEY=VALUE",
+                        help="a policy option, e.g. timing.window=22:00-06:00, timing.max_defer=1h, "
+                             "timing.cpu_pressure=40, timing.io_pressure=30, timing.load_per_core=1.5, "
+                             "timing.recheck=60s (repeatable)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
+    parser.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                        help="require client certificates signed by this CA (mutual TLS)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                        help="on stop, time given to calls in flight (default %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                        help="refuse batches of more instructions (default %(default)s)")
+    parser.add_argument("--list-policies", action="store_true", help="list the installed policies and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default INFO)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, Planner] | None:
+    """The command line, parsed once into configuration; None after --list-policies."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="hyperback-optimizer: %(levelname)s %(name)s: %(message)s")
+    if args.list_policies:
+        for name, ep in sorted(available_policies().items()):
+            print(f"{name:16} {ep.value}")
+        return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise OptimizerConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise OptimizerConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.max_batch < 1 or not args.grace >= 0:
+        raise OptimizerConfigError("--max-batch must be at least 1 and --grace not negative")
+    chain = build_chain(parse_chain(args.policies), parse_policy_options(args.policy_option))
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    return ServerConfig(listen=args.listen, tls=tls, grace=args.grace), Planner(chain, args.max_batch)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parsed = parse_args(argv)
+        if parsed is None:
+            return 0
+        asyncio.run(serve(*parsed))
+        return 0
+    except errors.HyperbackError as e:
+        print(f"hyperback-optimizer: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+__all__ = [
+    "DEFAULT_LISTEN", "SERVICE_NAME", "ClientTls", "OptimizerClient", "OptimizerRejected", "OptimizerServer",
+    "OptimizerServicer", "OptimizerUnavailable", "ServerConfig", "TlsFiles", "host_context", "main",
+    "request_from_pb", "request_to_pb", "result_from_pb", "result_to_pb", "serve", "start_server",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
