@@ -35,6 +35,7 @@ from host_agent.repository import (
     PACK_TARGET,
     REPACK_THRESHOLD,
     Repository,
+    Snapshot,
     fsync_dir,
     write_atomic,
 )
@@ -78,8 +79,11 @@ class _Collector:
                 if lk.name != GC_LOCK and not lk.is_stale()]
         return min(gens, default=1 << 62)
 
-    def _referenced(self, reader: NativeRepository) -> set[bytes]:
-        users, unreadable = self.repo.referenced(reader, self.repo.snapshots())
+    def _referenced(self, reader: NativeRepository, snaps: list[Snapshot]) -> set[bytes]:
+        """Every blob the snapshots reach. ``snaps`` must be listed before ``reader`` loaded its
+        indexes: a snapshot is committed only after its packs are indexed, so every one listed
+        then is readable whole through them."""
+        users, unreadable = self.repo.referenced(reader, snaps)
         if unreadable:
             raise errors.IntegrityError(
                 f"snapshots {', '.join(unreadable)} cannot be read whole, so what is garbage is unknown; "
@@ -115,11 +119,12 @@ class _Collector:
         if not ready:
             return
         doomed = {p for g in ready for p in tombs[g]}
+        snaps = self.repo.snapshots()
         every = self.repo.pack_names()
         waiting = {p for g, packs in tombs.items() if g not in ready for p in packs}
         live = [p for p in every if p not in doomed and p not in waiting]
         with self._native(live + [p for p in every if p in doomed or p in waiting]) as reader:
-            referenced = self._referenced(reader)
+            referenced = self._referenced(reader, snaps)
             present = {e.id for p in live + sorted(waiting) for e in read_index(self.repo.path / "index" / p)}
             rescue = [e for p in sorted(doomed) if p in every
                       for e in read_index(self.repo.path / "index" / p)
@@ -143,9 +148,10 @@ class _Collector:
         busy_writers = set(self._live_locks())
         candidates = [p for p in self.repo.pack_names() if p not in already
                       and pack_writer_id(self.repo.path / "packs" / p[:2] / p) not in busy_writers]
+        snaps = self.repo.snapshots()
         every = self.repo.pack_names()
         with self._native(every) as reader:
-            referenced = self._referenced(reader)
+            referenced = self._referenced(reader, snaps)
             doomed: list[str] = []
             repack: list[IndexEntry] = []
             for name in candidates:

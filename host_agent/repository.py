@@ -601,6 +601,7 @@ class Repository:
             raise errors.UsageError("sample must be a percentage above 0 and at most 100")
         started = time.monotonic()
         prog = copier.Progress()
+        snaps = self.snapshots()  # before the indexes: each one listed is then indexed whole
         with self.session("verify", writer=False) as native:
             with _Ticker(progress, prog, 0):
                 bad_ids, total = native.verify(round(sample_percent * 100), threads or os.cpu_count() or 1,
@@ -608,7 +609,7 @@ class Repository:
             users: dict[bytes, list[str]] = {}
             unreadable: list[str] = []
             if bad_ids:
-                users, unreadable = self.referenced(native, self.snapshots())
+                users, unreadable = self.referenced(native, snaps)
         bad = tuple(BadChunk(b.hex(), tuple(users[b])) if b in users
                     else BadChunk(b.hex(), tuple(unreadable), possibly=bool(unreadable)) for b in bad_ids)
         return VerifyReport(sample_percent, prog.read().bytes_read, bad, total,
@@ -616,7 +617,7 @@ class Repository:
 
     def check(self) -> CheckReport:
         """Check references: every blob a snapshot needs is indexed, every indexed pack exists."""
-        snaps = self.snapshots()
+        snaps = self.snapshots()  # before the indexes: each one listed is then indexed whole
         with self.session("check", writer=False) as native:
             users, unreadable = self.referenced(native, snaps)
             missing = tuple(BadChunk(cid.hex(), tuple(s)) for cid, s in users.items() if cid not in native)
