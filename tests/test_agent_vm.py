@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
-from vmlab import Disk, HostNotReady, Lab, make_disk
+from host_agent.lab import Disk, HostNotReady, Lab, make_disk
 
 from host_agent.hostload import HostLoadReader
 from host_agent.jobs import JobState
@@ -47,7 +47,7 @@ def lab(workdir: Path) -> Iterator[Lab]:
     try:
         the_lab.__enter__()
     except HostNotReady as e:
-        pytest.fail(f"host not prepared: run tests/vmlab/setup_host.sh ({e})")
+        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
     try:
         yield the_lab
     finally:

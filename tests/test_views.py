@@ -25,7 +25,7 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 import pytest
 from conftest import MIB, sha256_file
-from vmlab import Disk, HostNotReady, Lab, Vm, VmLabError
+from host_agent.lab import Disk, HostNotReady, Lab, Vm, VmLabError
 
 from host_agent import qcow2, views
 from host_agent.extents import Extent
@@ -182,7 +182,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     try:
         the_lab.__enter__()
     except HostNotReady as e:
-        pytest.fail(f"host not prepared: run tests/vmlab/setup_host.sh ({e})")
+        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
     try:
         yield the_lab
     finally:

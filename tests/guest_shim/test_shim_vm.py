@@ -1,8 +1,8 @@
-"""The shim in a real guest (tests/vmlab): the guest runs ``python -m guest_shim`` (the host's
+"""The shim in a real guest (host_agent/lab): the guest runs ``python -m guest_shim`` (the host's
 Python and checkout over 9p) against the real virtio-serial port; the host side is a small peer
 written with guest_shim.protocol on the channel's unix socket.
 
-Needs root and a host prepared by tests/vmlab/setup_host.sh; fails otherwise (deselect with
+Needs root and a host prepared by host_agent/lab/setup_host.sh; fails otherwise (deselect with
 -m 'not vm').
 
 The channel is named ``org.hyperback.shimtest.0`` (set in a guest config file that the guest
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from shim_helpers import FakeHost
-from vmlab import Channel, Disk, HostNotReady, Lab, Vm, VmLabError, make_disk
+from host_agent.lab import Channel, Disk, HostNotReady, Lab, Vm, VmLabError, make_disk
 
 from guest_shim import protocol as p
 
@@ -61,7 +61,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     try:
         the_lab.__enter__()
     except HostNotReady as e:
-        pytest.fail(f"host not prepared: run tests/vmlab/setup_host.sh ({e})")
+        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
     try:
         yield the_lab
     finally:

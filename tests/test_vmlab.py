@@ -1,6 +1,6 @@
 """The vmlab harness boots a real guest that runs the host's Python and talks over virtio-serial.
 
-Needs root and a host prepared by tests/vmlab/setup_host.sh; fails otherwise (deselect with -m 'not vm').
+Needs root and a host prepared by host_agent/lab/setup_host.sh; fails otherwise (deselect with -m 'not vm').
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from . import AGENT_CHANNEL, Disk, HostNotReady, Lab, Vm, make_disk, render_domain_xml
+from host_agent.lab import AGENT_CHANNEL, Disk, HostNotReady, Lab, Vm, make_disk, render_domain_xml
 
 # Runs in the guest (the host's own interpreter, over 9p).  The guest speaks first: its write()
 # blocks until the host has connected, so nothing the host sends can arrive stale.  It then
@@ -54,7 +54,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     try:
         the_lab.__enter__()
     except HostNotReady as e:
-        pytest.fail(f"host not prepared: run tests/vmlab/setup_host.sh ({e})")
+        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
     try:
         yield the_lab
     finally:

@@ -444,7 +444,7 @@ class Lab:
             self.conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
             raise HostNotReady(
-                f"cannot reach libvirt at {self.uri} (run tests/vmlab/setup_host.sh): {e}"
+                f"cannot reach libvirt at {self.uri} (run host_agent/lab/setup_host.sh): {e}"
             ) from e
         return self
 

@@ -73,7 +73,7 @@ def find_guest_kernel() -> GuestKernel:
     if not candidates:
         raise HostNotReady(
             "no kernel with 9p.ko under /lib/modules and an image in /boot "
-            "(install linux-image-amd64: run tests/vmlab/setup_host.sh)"
+            "(install linux-image-amd64: run host_agent/lab/setup_host.sh)"
         )
     return max(candidates, key=lambda k: _version_key(k.version))
 

@@ -3,7 +3,7 @@
 A guest boots the host's own kernel (linux-image-amd64) with a cached busybox initramfs, mounts the
 host's root read-only over 9p, chroots into it and runs one shell command, then powers off.  It has
 no network device; it talks to the host over virtio-serial channels and sees the virtio-blk disks
-the test gives it.  Set the host up once with ``tests/vmlab/setup_host.sh`` (root).
+the test gives it.  Set the host up once with ``host_agent/lab/setup_host.sh`` (root).
 
 Facts a test must know:
 

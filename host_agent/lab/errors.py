@@ -20,7 +20,7 @@ class VmLabError(Exception):
 
 
 class HostNotReady(VmLabError):
-    """The host lacks something the harness needs (see tests/vmlab/setup_host.sh)."""
+    """The host lacks something the harness needs (see host_agent/lab/setup_host.sh)."""
 
 
 class GuestBuildError(VmLabError):

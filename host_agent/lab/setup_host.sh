@@ -6,9 +6,9 @@
 # not already answering.  No reboot is needed: the kernel installed under /boot
 # by linux-image-amd64 is only used as the *guest's* kernel.
 #
-# Usage:  sudo sh tests/vmlab/setup_host.sh            # install + start daemons
-#         sudo sh tests/vmlab/setup_host.sh --no-start # install + configure only
-#         sudo sh tests/vmlab/setup_host.sh --stop     # stop the daemons it started
+# Usage:  sudo sh host_agent/lab/setup_host.sh            # install + start daemons
+#         sudo sh host_agent/lab/setup_host.sh --no-start # install + configure only
+#         sudo sh host_agent/lab/setup_host.sh --stop     # stop the daemons it started
 set -eu
 
 START=1
