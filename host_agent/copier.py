@@ -114,14 +114,18 @@ def _check(rc: int, err: Any, label: str) -> None:
         _raise(err, label)
 
 
-def _interruptible(call: Callable[[], int], progress: Progress) -> int:
+SHORT_CALL = 256  # chunks: a call this small ends before anyone could press Ctrl-C twice
+
+
+def _interruptible(call: Callable[[], int], progress: Progress, units: int) -> int:
     """Run a long native call so that Ctrl-C stops it within one batch of chunks.
 
     Python runs signal handlers only between bytecodes of the main thread, never
     during a native call; so from the main thread the call runs in a worker
     while the main thread waits, and a KeyboardInterrupt cancels the workers.
+    Short calls (incrementals run one per changed leaf) skip the worker thread.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if units <= SHORT_CALL or threading.current_thread() is not threading.main_thread():
         return call()
     result: list[int] = []
     # An Event, not Thread.join: a join interrupted by KeyboardInterrupt may mark a thread
@@ -234,8 +238,8 @@ class NativeRepository:
             fds = ffi.from_buffer("int32_t[]", located[0])
             offsets = ffi.from_buffer("uint64_t[]", located[1])
         rc = _interruptible(lambda: lib.hb_backup_segment(
-            self._h, fd, first_chunk, src_size, n, todo, base, fds, offsets, ids, states, threads,
-            progress._p, err), progress)
+            self._h, fd, first_chunk, src_size, n, todo, base, fds, offsets, ids, states,
+            threads if n > SHORT_CALL else 1, progress._p, err), progress, n)
         _check(rc, err, label)
         return bytes(ffi.buffer(ids)), bytes(ffi.buffer(states))
 
@@ -267,7 +271,7 @@ class NativeRepository:
         err = ffi.new("hb_error *")
         rc = _interruptible(lambda: lib.hb_restore_segment(
             self._h, fd, first_chunk, size, len(ids) // ID_LEN, ids, int(write_zeros), threads, progress._p,
-            err), progress)
+            err), progress, len(ids) // ID_LEN)
         _check(rc, err, label)
 
     def verify(self, per_10000: int, threads: int, progress: Progress,
@@ -277,7 +281,7 @@ class NativeRepository:
         nbad = ffi.new("uint32_t *")
         err = ffi.new("hb_error *")
         rc = _interruptible(lambda: lib.hb_verify_index(
-            self._h, per_10000, threads, bad, max_report, nbad, progress._p, err), progress)
+            self._h, per_10000, threads, bad, max_report, nbad, progress._p, err), progress, 1 << 30)
         _check(rc, err, "the repository")
         total = int(nbad[0])
         raw = bytes(ffi.buffer(bad, min(total, max_report) * ID_LEN))

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help=f"fixed chunk size, a power of two (default {DEFAULT_CHUNK_SIZE}; see "
                         "docs/repository-format.md for why)")
     p.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="N",
-                   help=f"zstd level 1-19 for new chunks (default {DEFAULT_COMPRESSION_LEVEL})")
+                   help="zstd level for new chunks: -7 (fastest) to 19 (smallest), not 0 "
+                        f"(default {DEFAULT_COMPRESSION_LEVEL})")
     p.set_defaults(run=run)
 
 

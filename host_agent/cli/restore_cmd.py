@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing file, or write over a block device")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: cores)")
+    p.add_argument("--no-sync", action="store_true",
+                   help="return before the data reaches stable storage (faster; a crash may lose the "
+                        "restored data, as with restic and borg, which never sync)")
     p.add_argument("--json", action="store_true", help="print one JSON result for scripts")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id, prefix, or NAME@latest")
     p.add_argument("target", metavar="TARGET", help="file (created) or block device")
@@ -28,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     bar = bar_for("restore", args.json)
     try:
-        result = repo.restore(args.snapshot, args.target, args.overwrite, bar, args.threads)
+        result = repo.restore(args.snapshot, args.target, args.overwrite, bar, args.threads,
+                              sync=not args.no_sync)
     finally:
         if bar:
             bar.close()
