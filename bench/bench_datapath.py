@@ -801,7 +801,8 @@ def render_table(rows: list[list[str]]) -> str:
     numeric = {2, 3, 4, 5, 6}
 
     def line(r: list[str]) -> str:
-        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        pairs = enumerate(zip(r, widths, strict=True))
+        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in pairs]
         return "  ".join(cells).rstrip()
 
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *map(line, rows[1:])])

@@ -31,7 +31,8 @@ GUEST = r'''
 import glob, json, os, select, sys, time
 sys.path.insert(0, {checkout!r})
 from guest_shim import protocol as p
-name = next(n for n in glob.glob("/sys/class/virtio-ports/*/name") if open(n).read().strip() == "org.hyperback.agent.0")
+name = next(n for n in glob.glob("/sys/class/virtio-ports/*/name")
+            if open(n).read().strip() == "org.hyperback.agent.0")
 fd = os.open("/dev/" + name.split("/")[-2], os.O_RDWR)
 reader = p.MessageReader(p.Direction.TO_GUEST)
 def wait_for(pred):
@@ -55,7 +56,8 @@ print("LATENCIES " + json.dumps(times), flush=True)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="requests to time (default 200)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/hyperback-bench-latency"))
     args = parser.parse_args()
