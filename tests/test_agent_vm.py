@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
-from host_agent.lab import Disk, HostNotReady, Lab, make_disk
 
 from host_agent.hostload import HostLoadReader
 from host_agent.jobs import JobState
+from host_agent.lab import Disk, HostNotReady, Lab, make_disk
 from host_agent.repository import Repository
 
 pytestmark = pytest.mark.vm
 
-SHIM = f"PYTHONPATH=/work/main {sys.executable} -m guest_shim"
+REPO = Path(__file__).resolve().parents[1]  # the guest sees this checkout over 9p
+SHIM = f"PYTHONPATH={REPO} {sys.executable} -m guest_shim"
 MIB = 1024 * 1024
 
 
@@ -43,6 +44,8 @@ def workdir() -> Iterator[Path]:
 def lab(workdir: Path) -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
+    if REPO.is_relative_to("/tmp"):
+        pytest.fail(f"the checkout {REPO} is under /tmp, which guests do not see: move it elsewhere")
     the_lab = Lab(workdir / "lab", max_running=2)
     try:
         the_lab.__enter__()
@@ -186,7 +189,7 @@ def test_a_busy_filesystem_is_frozen_for_the_view_and_restores_clean(agent: Runn
 
 HOSTILE_GUEST = r'''
 import glob, json, os, select, sys, time
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, {repo!r})
 from guest_shim import protocol as p
 
 name = next(path for path in glob.glob("/sys/class/virtio-ports/*/name")
@@ -251,7 +254,7 @@ print("HOSTILE " + json.dumps(report), flush=True)
 def test_a_hostile_guest_gets_clear_rejections_and_the_agent_keeps_serving(agent: RunningAgent, lab: Lab,
                                                                             workdir: Path) -> None:
     disk = make_disk(workdir / "hostile.raw", 16 * MIB)
-    script = f"{sys.executable} -c {shlex.quote(HOSTILE_GUEST)}"
+    script = f"{sys.executable} -c {shlex.quote(HOSTILE_GUEST.replace('{repo!r}', repr(str(REPO))))}"
     vm = lab.start_vm("hostile", command=script, disks=[Disk(disk, "vda", "raw", "hb-hostile")], timeout=180)
     assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
     report = guest_json(vm.console(), "HOSTILE")
@@ -280,7 +283,8 @@ def test_work_waits_while_the_host_is_busy_and_runs_when_it_calms_down(agent: Ru
         deadline = time.monotonic() + 120
         deferred = []
         while time.monotonic() < deadline and not deferred:
-            jobs = agent.call(lambda: [j for j in agent.agent.jobs.all() if j.domain_name.endswith("patient")])
+            jobs = agent.call(lambda: [j for j in agent.agent.jobs.all()
+                                       if j.domain_name.endswith("patient")])
             deferred = [e.message for j in jobs for e in j.events if e.state is JobState.DEFERRED]
             time.sleep(0.5)
         assert deferred, "the busy host did not defer the backup"
