@@ -16,12 +16,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
 from host_agent.hostload import HostLoadReader
 from host_agent.jobs import JobState
 from host_agent.lab import Disk, HostNotReady, Lab, make_disk
+from host_agent.optimizer import OptimizerClient
 from host_agent.repository import Repository
 
 pytestmark = pytest.mark.vm
@@ -61,6 +65,12 @@ def lab(workdir: Path) -> Iterator[Lab]:
 def agent(workdir: Path, lab: Lab) -> Iterator[RunningAgent]:
     with running_agent(agent_config_for(workdir / "agent", interval=1.0)) as running:
         yield running
+
+
+def tune(agent: RunningAgent, interval: float, batch_size: int) -> None:
+    def change() -> None:
+        agent.agent.driver.interval, agent.agent.driver.batch_size = interval, batch_size
+    agent.call(change)
 
 
 def guest_json(console: str, marker: str) -> dict[str, object]:
@@ -131,7 +141,9 @@ def test_two_vms_on_clones_of_one_base_read_the_base_once(agent: RunningAgent, l
         clone = workdir / f"{name}.qcow2"
         qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(clone))
         clones.append(clone)
-    agent.call(lambda: setattr(agent.agent.driver, "interval", 30.0))
+    # two requests make a full batch: the driver must flush by size, long before the interval
+    tune(agent, interval=60.0, batch_size=2)
+    flushed_before = agent.call(lambda: len(agent.agent.driver.flushes))
     script = f"""
         dd if=/dev/urandom of=/dev/vda bs=64K seek=3 count=2 conv=fsync 2>/dev/null
         echo "BACKUP $({SHIM} backup --json --policy full hb-data)"
@@ -144,8 +156,10 @@ def test_two_vms_on_clones_of_one_base_read_the_base_once(agent: RunningAgent, l
             assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
             results.append(guest_json(vm.console(), "BACKUP"))
     finally:
-        agent.call(lambda: setattr(agent.agent.driver, "interval", 1.0))
+        tune(agent, interval=1.0, batch_size=10)
     assert all(r["ok"] for r in results), results
+    flushes = agent.call(lambda: list(agent.agent.driver.flushes))[flushed_before:]
+    assert [(f.reason, f.instructions) for f in flushes] == [("size", 2)]
     reads = agent.call(lambda: dict(agent.agent.executor.reads))
     assert reads.get(str(base)) == 1, reads  # the shared base was read once, for both
     repo = Repository.open(workdir / "agent" / "repo")
@@ -298,3 +312,184 @@ def test_work_waits_while_the_host_is_busy_and_runs_when_it_calms_down(agent: Ru
     finally:
         agent.call(lambda: setattr(agent.agent, "load_reader", None))
     assert guest_json(vm.console(), "BACKUP")["ok"] is True
+
+
+def operator(workdir: Path) -> tuple[grpc.Channel, operator_pb2_grpc.OperatorStub]:
+    channel = grpc.insecure_channel(f"unix:{workdir}/agent/agent.sock")
+    return channel, operator_pb2_grpc.OperatorStub(channel)
+
+
+def wait_for_state(agent: RunningAgent, job_id: str, states: set[JobState], timeout: float = 120) -> JobState:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = agent.call(lambda: agent.agent.jobs.get(job_id))
+        if job is not None and job.state in states:
+            return job.state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {states}")
+
+
+def test_operators_list_trigger_and_watch_jobs_over_grpc(agent: RunningAgent, lab: Lab,
+                                                         workdir: Path) -> None:
+    disk = make_disk(workdir / "operated.qcow2", 32 * MIB, "qcow2")
+    vm = lab.start_vm("operated", command="sleep 300", disks=[Disk(disk, "vda", "qcow2", "hb-op")])
+    channel, stub = operator(workdir)
+    try:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="hyperback.v1.Operator"), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        domains = {d.name: d for d in stub.ListDomains(operator_pb2.ListDomainsRequest(), timeout=30).domains}
+        assert vm.name in domains and [d.serial for d in domains[vm.name].disks] == ["hb-op"]
+        request = operator_pb2.TriggerBackupRequest(domain=vm.name, policy=optimizer_pb2.POLICY_FULL,
+                                                    request_id="op-1")
+        job = stub.TriggerBackup(request, timeout=30).job
+        assert stub.TriggerBackup(request, timeout=30).job.id == job.id  # the idempotency key holds
+        events = list(stub.WatchJob(operator_pb2.WatchJobRequest(job_id=job.id), timeout=180))
+        assert events[-1].final and events[-1].state == operator_pb2.JOB_STATE_SUCCEEDED, events
+        assert [e.sequence for e in events] == sorted({e.sequence for e in events})
+        listed = stub.ListJobs(operator_pb2.ListJobsRequest(domain=vm.name), timeout=30).jobs
+        snapshot_ids = next(j.snapshot_ids for j in listed if j.id == job.id)
+        snaps = stub.ListSnapshots(operator_pb2.ListSnapshotsRequest(serial="hb-op"), timeout=30).snapshots
+        assert list(snapshot_ids) and snapshot_ids[0] in {s.id for s in snaps}
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.TriggerBackup(operator_pb2.TriggerBackupRequest(domain="no-such-vm"), timeout=30)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        channel.close()
+        vm.destroy()
+
+
+def test_an_unreachable_optimizer_delays_the_work_but_loses_nothing(agent: RunningAgent, lab: Lab,
+                                                                     workdir: Path) -> None:
+    real = agent.call(lambda: agent.agent._planner)
+    agent.call(lambda: setattr(agent.agent, "_planner", OptimizerClient(f"unix:{workdir}/nobody.sock",
+                                                                        timeout=2)))
+    flushed_before = agent.call(lambda: len(agent.agent.driver.flushes))
+    disk = make_disk(workdir / "patient2.qcow2", 32 * MIB, "qcow2")
+    try:
+        vm = lab.start_vm("no-optimizer", command=f"echo \"BACKUP $({SHIM} backup --json --policy full)\"",
+                          disks=[Disk(disk, "vda", "qcow2", "hb-retry")], timeout=180)
+        deadline = time.monotonic() + 120
+        attempts = 0
+        while time.monotonic() < deadline and attempts < 3:
+            flushes = agent.call(lambda: list(agent.agent.driver.flushes))[flushed_before:]
+            attempts = flushes[0].attempts if flushes else 0
+            time.sleep(0.2)
+        assert attempts >= 3, "the driver did not retry the unreachable optimizer"
+    finally:
+        agent.call(lambda: setattr(agent.agent, "_planner", real))
+    assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    assert guest_json(vm.console(), "BACKUP")["ok"] is True
+
+
+DISCONNECTING_GUEST = r'''
+import glob, json, os, select, sys, time
+sys.path.insert(0, {repo!r})
+from guest_shim import protocol as p
+
+def port():
+    name = next(n for n in glob.glob("/sys/class/virtio-ports/*/name")
+                if open(n).read().strip() == "org.hyperback.agent.0")
+    return os.open("/dev/" + name.split("/")[-2], os.O_RDWR)
+
+def talk(fd, frame, pred, timeout=60):
+    reader, deadline = p.MessageReader(p.Direction.TO_GUEST), time.monotonic() + timeout
+    sid = p.new_sync_id()
+    os.write(fd, p.sync_frame(sid))
+    synced = False
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 1)[0]:
+            continue
+        for m in reader.feed(os.read(fd, 65536)):
+            if not synced:
+                if isinstance(m, p.SyncAck) and m.id == sid:
+                    synced = True
+                    os.write(fd, frame)
+            elif pred(m):
+                return m
+    return None
+
+fd = port()
+accepted = talk(fd, p.encode(p.Backup(1, ("hb-gone",), p.Policy.FULL, None, False)),
+                lambda m: getattr(m, "id", None) == 1)
+os.close(fd)  # the application goes away before its result
+time.sleep(8)
+fd = port()
+answer = None
+for attempt in range(30):
+    rid = attempt + 2
+    answer = talk(fd, p.encode(p.Status(rid, accepted.job)), lambda m: getattr(m, "id", None) == rid)
+    if isinstance(answer, p.Result):
+        break
+    time.sleep(2)
+print("STATUS " + json.dumps({{"accepted": accepted.to_wire(), "answer": answer.to_wire()}}), flush=True)
+'''
+
+
+def test_a_guest_that_went_away_gets_its_result_from_status(agent: RunningAgent, lab: Lab,
+                                                           workdir: Path) -> None:
+    disk = make_disk(workdir / "gone.qcow2", 32 * MIB, "qcow2")
+    script = f"{sys.executable} -c {shlex.quote(DISCONNECTING_GUEST.format(repo=str(REPO)))}"
+    vm = lab.start_vm("disconnecting", command=script, disks=[Disk(disk, "vda", "qcow2", "hb-gone")])
+    assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    report = guest_json(vm.console(), "STATUS")
+    assert report["accepted"]["type"] == "accepted"  # type: ignore[index]
+    answer = report["answer"]
+    assert answer["type"] == "result" and answer["ok"] is True, answer  # type: ignore[index]
+    assert answer["job"] == report["accepted"]["job"]  # type: ignore[index]
+
+
+def test_a_vm_destroyed_mid_backup_leaves_its_image_whole_and_the_agent_serving(
+        agent: RunningAgent, lab: Lab, workdir: Path) -> None:
+    raw = workdir / "doomed.raw"
+    raw.write_bytes(os.urandom(384 * MIB))
+    image = workdir / "doomed.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    raw.unlink()
+    before = raw_of(image, workdir / "doomed-before.raw")
+    vm = lab.start_vm("doomed", command="sleep 300", disks=[Disk(image, "vda", "qcow2", "hb-doomed")])
+    channel, stub = operator(workdir)
+    try:
+        request = operator_pb2.TriggerBackupRequest(domain=vm.name, policy=optimizer_pb2.POLICY_FULL)
+        job = stub.TriggerBackup(request, timeout=30).job
+        wait_for_state(agent, job.id, {JobState.RUNNING})
+        vm.destroy()
+        final = wait_for_state(agent, job.id, {JobState.SUCCEEDED, JobState.FAILED}, timeout=180)
+    finally:
+        channel.close()
+    detail = agent.call(lambda: agent.agent.jobs.get(job.id).detail)  # type: ignore[union-attr]
+    assert final is JobState.SUCCEEDED or detail, "a failed job must say why"
+    assert not list(workdir.glob("doomed.qcow2.hb-*")), "an overlay was left behind"
+    qemu_img("check", str(image))
+    assert raw_of(image, workdir / "doomed-after.raw") == before  # the guest wrote nothing: unchanged
+    backup_round_trip(lab, workdir, "after-destroy")  # and the agent still serves
+
+
+def test_a_guest_restores_its_disk_to_a_new_disk_it_can_read(agent: RunningAgent, lab: Lab,
+                                                            workdir: Path) -> None:
+    disk = make_disk(workdir / "restorable.qcow2", 32 * MIB, "qcow2")
+    script = f"""
+        dd if=/dev/urandom of=/dev/vda bs=1M count=6 conv=fsync 2>/dev/null
+        echo "ORIGINAL $(head -c 6291456 /dev/vda | sha256sum | cut -d' ' -f1)"
+        echo "BACKUP $({SHIM} backup --json --policy full hb-rest)"
+        out=$({SHIM} restore --json hb-rest)
+        echo "RESTORE $out"
+        serial=$(echo "$out" | sed -n 's/.*"new_serial": *"\\([^"]*\\)".*/\\1/p')
+        for i in $(seq 1 60); do
+            dev=$(grep -lx "$serial" /sys/block/*/serial 2>/dev/null | head -1 | cut -d/ -f4)
+            [ -n "$dev" ] && break
+            sleep 0.5
+        done
+        echo "RESTORED /dev/$dev $(head -c 6291456 /dev/$dev | sha256sum | cut -d' ' -f1)"
+    """
+    vm = lab.start_vm("restorer", command=script, disks=[Disk(disk, "vda", "qcow2", "hb-rest")])
+    assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    console = vm.console()
+    restore = guest_json(console, "RESTORE")
+    assert restore["ok"] is True, restore
+    new_serial = restore["disks"][0]["new_serial"]  # type: ignore[index]
+    assert new_serial and new_serial != "hb-rest"
+    original = re.search(r"ORIGINAL ([0-9a-f]{64})", console)
+    restored = re.search(r"RESTORED /dev/(vd[b-z]) ([0-9a-f]{64})", console)
+    assert original and restored, console[-2000:]
+    assert restored.group(2) == original.group(1)
