@@ -139,10 +139,6 @@ class Agent:
 
     async def _accept(self, channel: GuestChannel, msg: p.Backup | p.Restore) -> p.Message:
         uuid = channel.domain_uuid
-        if self.jobs.pending_for(uuid) >= self.config.limits.pending_per_vm:
-            return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA,
-                                  f"this VM already has {self.config.limits.pending_per_vm} jobs waiting; "
-                                  "ask again when one has finished", retry_after=30.0)
         destination = msg.destination or self.config.default_destination
         if destination not in self.config.repositories:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DESTINATION,
@@ -159,6 +155,13 @@ class Agent:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
         if not disks:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, "this VM has no disk with a serial")
+        if len(disks) > self.config.limits.max_disks_per_request:
+            return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA,
+                                  f"at most {self.config.limits.max_disks_per_request} disks per request")
+        if self.jobs.pending_for(uuid) >= self.config.limits.pending_per_vm:
+            return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA,
+                                  f"this VM already has {self.config.limits.pending_per_vm} jobs waiting; "
+                                  "ask again when one has finished", retry_after=30.0)
         if isinstance(msg, p.Backup):
             instruction = Instruction(new_job_id(), uuid, str(msg.id), InstructionKind.BACKUP, disks,
                                       destination, Policy(msg.policy.value), "", time.time())

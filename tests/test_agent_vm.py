@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from agent_harness import RunningAgent, agent_config_for, running_agent
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
+from host_agent.config import Limits
 from host_agent.hostload import HostLoadReader
 from host_agent.jobs import JobState
 from host_agent.lab import Disk, HostNotReady, Lab, make_disk
@@ -113,9 +115,9 @@ def backup_round_trip(lab: Lab, workdir: Path, name: str) -> None:
 def test_a_guest_backup_request_is_served_from_shared_storage(agent: RunningAgent, lab: Lab,
                                                                workdir: Path) -> None:
     backup_round_trip(lab, workdir, "e2e-backup")
-    # the request crossed as a request: the driver flushed it and the plan came from gRPC
+    # the request crossed as a request: the driver flushed it by interval, the plan came over gRPC
     flushes = agent.call(lambda: list(agent.agent.driver.flushes))
-    assert flushes and flushes[0].planned_at > 0
+    assert [(f.reason, f.instructions) for f in flushes] == [("interval", 1)] and flushes[0].planned_at > 0
 
 
 def qemu_img(*args: str) -> None:
@@ -255,6 +257,12 @@ report["newer_version"] = ask(b'{"v":9,"type":"list","id":4}\n', 4)
 report["in_place_restore"] = ask(b'{"v":1,"type":"restore","id":5,"target":"hb-hostile","snapshot":"latest",'
                                  b'"mode":"in-place"}\n', 5)
 report["list"] = ask(b'{"v":1,"type":"list","id":6}\n', 6)
+send(b'{"v":1,"type":"frozen","id":99,"job":"x","filesystems":[],"skipped":[]}\n')  # out of order
+send(b'{"v":1,"type":"sync-ack","id":5}\n')                                           # wrong direction
+send(b'{"v":1,"type":"backup","id":7,"tar' + p.RESET)                                 # truncated
+report["replayed"] = [ask(b'{"v":1,"type":"backup","id":8,"targets":["hb-other"],"policy":"full"}\n', 8)
+                      for _ in range(2)]
+report["quota"] = ask(b'{"v":1,"type":"backup","id":9,"targets":["hb-hostile"],"policy":"full"}\n', 9)
 for i in range(40):                                        # a flood
     send(('{"v":1,"type":"status","id":%d,"job":"0000000000000000"}\n' % (100 + i)).encode())
 def flood_answers(got):
@@ -269,8 +277,14 @@ def test_a_hostile_guest_gets_clear_rejections_and_the_agent_keeps_serving(agent
                                                                             workdir: Path) -> None:
     disk = make_disk(workdir / "hostile.raw", 16 * MIB)
     script = f"{sys.executable} -c {shlex.quote(HOSTILE_GUEST.replace('{repo!r}', repr(str(REPO))))}"
-    vm = lab.start_vm("hostile", command=script, disks=[Disk(disk, "vda", "raw", "hb-hostile")], timeout=180)
-    assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    normal = agent.call(lambda: agent.agent.config)
+    agent.call(lambda: setattr(agent.agent, "config", replace(normal, limits=Limits(pending_per_vm=0))))
+    try:
+        vm = lab.start_vm("hostile", command=script, disks=[Disk(disk, "vda", "raw", "hb-hostile")],
+                          timeout=180)
+        assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    finally:
+        agent.call(lambda: setattr(agent.agent, "config", normal))
     report = guest_json(vm.console(), "HOSTILE")
     assert report["sync_after_garbage"] is True and report["sync_after_oversize"] is True
     assert report["other_vms_disk"]["code"] == "unknown-disk"  # type: ignore[index]
@@ -281,6 +295,8 @@ def test_a_hostile_guest_gets_clear_rejections_and_the_agent_keeps_serving(agent
     assert "new-disk" in report["in_place_restore"]["message"]  # type: ignore[index]
     assert report["list"]["type"] == "snapshots"  # type: ignore[index]
     assert "rate-limited" in report["flood_codes"]  # type: ignore[operator]
+    assert [r["code"] for r in report["replayed"]] == ["unknown-disk", "unknown-disk"]  # type: ignore[index,union-attr]
+    assert report["quota"]["code"] == "quota"  # type: ignore[index]
     # the agent keeps serving: another VM's backup goes through as before
     backup_round_trip(lab, workdir, "after-hostile")
 
