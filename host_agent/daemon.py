@@ -20,9 +20,12 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from guest_shim import protocol as p
 from host_agent import errors
@@ -345,6 +348,39 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
         await opt_server.stop(2.0)
     await client.close()
     domains.close()
+
+
+@contextmanager
+def agent_in_thread(config: AgentConfig) -> Iterator[tuple[Agent, asyncio.AbstractEventLoop]]:
+    """The agent, with the optimizer, running on its own event loop in a thread."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        holder["stop"] = stop
+
+        def ready(agent: Agent) -> None:
+            holder["agent"] = agent
+            started.set()
+
+        try:
+            await serve(config, True, stop, ready)
+        except BaseException as e:
+            holder["error"] = e
+            started.set()
+            raise
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), name="agent", daemon=True)
+    thread.start()
+    if not started.wait(60) or "error" in holder:
+        raise errors.EnvironmentProblem(f"the agent did not start: {holder.get('error')}")
+    try:
+        yield holder["agent"], loop
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(30)
 
 
 async def amain(config: AgentConfig, with_optimizer: bool) -> None:

@@ -16,16 +16,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from host_agent import errors
 from host_agent.config import AgentConfig
-from host_agent.daemon import Agent, serve
+from host_agent.daemon import Agent, agent_in_thread
 from host_agent.repository import Repository
 
 GUEST_APP = r'''
@@ -54,39 +51,6 @@ incr = client.backup(["demo-data"], policy="incremental")
 say("incremental backup done", result=incr.to_dict())
 subprocess.run(["umount", "/tmp/data"], check=True)
 '''
-
-
-@contextmanager
-def agent_in_thread(config: AgentConfig) -> Iterator[tuple[Agent, asyncio.AbstractEventLoop]]:
-    """The agent, with the optimizer, running on its own event loop in a thread."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        holder["stop"] = stop
-
-        def ready(agent: Agent) -> None:
-            holder["agent"] = agent
-            started.set()
-
-        try:
-            await serve(config, True, stop, ready)
-        except BaseException as e:
-            holder["error"] = e
-            started.set()
-            raise
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), name="agent", daemon=True)
-    thread.start()
-    if not started.wait(60) or "error" in holder:
-        raise errors.EnvironmentProblem(f"the agent did not start: {holder.get('error')}")
-    try:
-        yield holder["agent"], loop
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
 
 
 def demo_config(work: Path) -> AgentConfig:

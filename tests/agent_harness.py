@@ -6,7 +6,6 @@ whole test module; each test boots its own guests under the real libvirtd.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from host_agent.config import AgentConfig
-from host_agent.daemon import Agent, serve
+from host_agent.daemon import Agent, agent_in_thread
 
 T = TypeVar("T")
 
@@ -48,31 +47,5 @@ def agent_config_for(root: Path, **overrides: Any) -> AgentConfig:
 
 @contextmanager
 def running_agent(config: AgentConfig) -> Iterator[RunningAgent]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        holder["stop"] = stop
-
-        def ready(agent: Agent) -> None:
-            holder["agent"] = agent
-            started.set()
-
-        try:
-            await serve(config, True, stop, ready)
-        except BaseException as e:
-            holder["error"] = e
-            started.set()
-            raise
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), name="agent", daemon=True)
-    thread.start()
-    if not started.wait(60) or "error" in holder:
-        raise RuntimeError(f"the agent did not start: {holder.get('error')!r}")
-    try:
-        yield RunningAgent(holder["agent"], loop)
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
+    with agent_in_thread(config) as (agent, loop):
+        yield RunningAgent(agent, loop)
