@@ -38,6 +38,7 @@ from host_agent.hostload import HostLoadReader
 from host_agent.jobs import Jobs, JobState, Origin
 from host_agent.journal import Journal, new_job_id
 from host_agent.model import Instruction, InstructionKind, Plan, Policy
+from host_agent.optimizer import OptimizerClient, OptimizerUnavailable, host_context
 from host_agent.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def result_message(outcome: Outcome, request_id: p.RequestId | None, quiesced: b
 class Agent:
     """Owns the channels, the driver and the executor; implements the channel Handler."""
 
-    def __init__(self, config: AgentConfig, domains: Domains, planner: object) -> None:
+    def __init__(self, config: AgentConfig, domains: Domains, planner: OptimizerClient) -> None:
         self.config = config
         self.domains = domains
         self.jobs = Jobs()
@@ -246,13 +247,11 @@ class Agent:
     # ---------- driver and executor callbacks ----------
 
     async def _plan(self, batch: Sequence[Instruction]) -> Plan:
-        from host_agent.optimizer import OptimizerUnavailable, host_context
-
         for instruction in batch:
             await self.jobs.move(instruction.id, JobState.PLANNED, "sent to the optimizer")
         try:
             context = host_context(self.load_reader)
-            result = await self._planner.plan(batch, context)  # type: ignore[attr-defined]
+            result = await self._planner.plan(batch, context)
         except OptimizerUnavailable as e:
             raise Retryable(str(e)) from e
         for rejection in result.rejections:
