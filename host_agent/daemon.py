@@ -324,6 +324,9 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     from host_agent import optimizer, policies
     from host_agent.operator import start_operator_server
 
+    from host_agent import copier
+
+    copier.selftest()  # a broken native build must stop the service, not corrupt backups
     libvirtaio.virEventRegisterAsyncIOImpl()
     config.run_dir.mkdir(parents=True, exist_ok=True)
     opt_server = None
