@@ -321,10 +321,8 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     """Run the agent (and, if asked, the optimizer) until ``stop`` is set."""
     import libvirtaio  # type: ignore[import-untyped]
 
-    from host_agent import optimizer, policies
+    from host_agent import copier, optimizer, policies
     from host_agent.operator import start_operator_server
-
-    from host_agent import copier
 
     copier.selftest()  # a broken native build must stop the service, not corrupt backups
     libvirtaio.virEventRegisterAsyncIOImpl()
