@@ -1,0 +1,138 @@
+"""Two libvirt hosts on one machine (host B in its own network + mount namespaces, a veth LAN)
+and live migration of a vmlab guest between them.
+
+Needs root and a host prepared by host_agent/lab/setup_host.sh, plus pyroute2; fails otherwise
+(deselect with -m 'not vm').
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from host_agent.lab import Disk, HostNotReady, Lab, Vm, make_disk
+from host_agent.lab.migrate import MigrationFailed, live_migrate
+from host_agent.lab.twohosts import TwoHosts, start_migratable_vm
+
+pytestmark = pytest.mark.vm
+
+MIB = 1024 * 1024
+MEMORY_MIB = 256
+# Runs on the guest initramfs's busybox (no 9p).  The 48 MiB of random bytes in the initramfs's
+# RAM file system make the guest's memory non-zero, so the migration stream must carry them.
+TICKER = (
+    "head -c 50331648 /dev/urandom > /fill; echo filled; "
+    "i=0; while :; do i=$((i+1)); echo tick $i; sleep 1; done"
+)
+TICK_RE = re.compile(r"^tick (\d+)\s*$", re.MULTILINE)
+
+
+def last_tick(vm: Vm) -> int:
+    ticks = TICK_RE.findall(vm.console())
+    return int(ticks[-1]) if ticks else 0
+
+
+def wait_ticks(vm: Vm, after: int, more: int = 2, timeout: float = 20.0) -> int:
+    """Wait until the console shows tick ``after + more``; return the last tick."""
+    deadline = time.monotonic() + timeout
+    while (n := last_tick(vm)) < after + more:
+        if time.monotonic() > deadline:
+            pytest.fail(f"console stopped ticking at {n} (wanted {after + more}):\n{vm.console_tail()}")
+        time.sleep(0.1)
+    return n
+
+
+def state_on(uri: str, name: str) -> int | None:
+    """The libvirt state of domain ``name`` on ``uri``, None if it is not there."""
+    import libvirt  # type: ignore[import-untyped]
+
+    conn = libvirt.open(uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+        return int(dom.state()[0])
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def hosts_and_lab(tmp_path: Path) -> Iterator[tuple[TwoHosts, Lab]]:
+    if os.geteuid() != 0:
+        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
+    with TwoHosts(tmp_path / "hosts") as hosts:
+        lab = Lab(tmp_path / "lab")
+        try:
+            lab.__enter__()
+        except HostNotReady as e:
+            pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
+        try:
+            yield hosts, lab
+        finally:
+            lab.close()
+
+
+def boot_ticker(lab: Lab, tmp_path: Path) -> Vm:
+    # tmp_path is outside host B's private folders, so both daemons see the disk ("shared storage").
+    disk = make_disk(tmp_path / "mig.img", 64 * MIB)
+    vm = start_migratable_vm(
+        lab, "mig", command=TICKER, disks=[Disk(disk, serial="hb-mig", cache="none")], memory_mib=MEMORY_MIB
+    )
+    wait_ticks(vm, 0, 1, timeout=60)
+    return vm
+
+
+def test_live_migration_there_and_back(
+    hosts_and_lab: tuple[TwoHosts, Lab], tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    import libvirt
+
+    hosts, lab = hosts_and_lab
+    vm = boot_ticker(lab, tmp_path)
+    assert state_on(hosts.uri_a, vm.name) == libvirt.VIR_DOMAIN_RUNNING
+    n = last_tick(vm)
+
+    tx0, rx0 = hosts.lan_tx_bytes(), hosts.lan_rx_bytes()
+    there = live_migrate(vm.name, hosts.uri_a, hosts.uri_b, hosts.lan_ip_b, timeout=60)
+    tx = hosts.lan_tx_bytes() - tx0
+    assert state_on(hosts.uri_b, vm.name) == libvirt.VIR_DOMAIN_RUNNING
+    assert state_on(hosts.uri_a, vm.name) is None  # transient: it moved
+    n = wait_ticks(vm, n)  # the console log is shared: B's QEMU appends to it
+
+    rx1 = hosts.lan_rx_bytes()
+    back = live_migrate(vm.name, hosts.uri_b, hosts.uri_a, hosts.lan_ip_a, timeout=60)
+    rx = hosts.lan_rx_bytes() - rx1
+    assert state_on(hosts.uri_a, vm.name) == libvirt.VIR_DOMAIN_RUNNING
+    assert state_on(hosts.uri_b, vm.name) is None
+    assert vm.is_active()
+    wait_ticks(vm, n)
+
+    print(f"A->B {there:.2f} s, lan0 tx {tx} B; B->A {back:.2f} s, lan0 rx {rx} B (rx before: {rx1 - rx0})")
+    record_property("migrate_a_to_b_s", round(there, 2))
+    record_property("migrate_b_to_a_s", round(back, 2))
+    record_property("lan0_tx_bytes_a_to_b", tx)
+    record_property("lan0_rx_bytes_b_to_a", rx)
+    # The stream carries the guest's non-zero pages (kernel, initramfs, the 48 MiB fill), not its
+    # zero pages: more than the fill, less than the whole memory plus protocol overhead.
+    for moved in (tx, rx):
+        assert 48 * MIB < moved < (MEMORY_MIB + 32) * MIB
+
+
+def test_migration_to_stopped_host_fails(hosts_and_lab: tuple[TwoHosts, Lab], tmp_path: Path) -> None:
+    import libvirt
+
+    hosts, lab = hosts_and_lab
+    vm = boot_ticker(lab, tmp_path)
+    hosts.stop_libvirtd_b()
+    with pytest.raises(MigrationFailed, match="still running on the source"):
+        live_migrate(vm.name, hosts.uri_a, hosts.uri_b, hosts.lan_ip_b, timeout=30)
+    assert state_on(hosts.uri_a, vm.name) == libvirt.VIR_DOMAIN_RUNNING
+    wait_ticks(vm, last_tick(vm))
