@@ -22,8 +22,13 @@ from host_agent.extents import Layout
 from host_agent.qcow2 import ImageError, NotReadableInPlace
 from host_agent.repository import ChangeDetection, Policy, Repository
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
-                                reason="needs qemu-img and qemu-io (Debian: qemu-utils)")
+
+
+@pytest.fixture(autouse=True)
+def qemu_tools() -> None:
+    """Never a silent skip: .ci/setup installs qemu-utils."""
+    if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
+        pytest.fail("needs qemu-img and qemu-io (Debian: qemu-utils; .ci/setup installs them)")
 
 KIB = 1024
 

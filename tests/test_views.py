@@ -48,7 +48,7 @@ def bitmap_export(tmp_path: Path) -> Iterator[Path]:
     """A qcow2 image with bitmap b1 (dirty where written after it was added), exported by
     qemu-nbd on a unix socket; yields the socket path."""
     if shutil.which("qemu-nbd") is None:
-        pytest.skip("needs qemu-nbd (Debian: qemu-utils)")
+        pytest.fail("needs qemu-nbd (Debian: qemu-utils; .ci/setup installs it)")
     image = tmp_path / "bm.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", str(image))  # before the bitmap: clean
