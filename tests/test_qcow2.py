@@ -23,7 +23,6 @@ from host_agent.qcow2 import ImageError, NotReadableInPlace
 from host_agent.repository import ChangeDetection, Policy, Repository
 
 
-
 @pytest.fixture(autouse=True)
 def qemu_tools() -> None:
     """Never a silent skip: .ci/setup installs qemu-utils."""

@@ -25,10 +25,10 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 import pytest
 from conftest import MIB, sha256_file
-from host_agent.lab import Disk, HostNotReady, Lab, Vm, VmLabError
 
 from host_agent import qcow2, views
 from host_agent.extents import Extent
+from host_agent.lab import Disk, HostNotReady, Lab, Vm, VmLabError
 from host_agent.model import DiskRef
 from host_agent.repository import ChangeDetection, Policy, Repository
 

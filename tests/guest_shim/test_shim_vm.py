@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 from shim_helpers import FakeHost
-from host_agent.lab import Channel, Disk, HostNotReady, Lab, Vm, VmLabError, make_disk
 
 from guest_shim import protocol as p
+from host_agent.lab import Channel, Disk, HostNotReady, Lab, Vm, VmLabError, make_disk
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
