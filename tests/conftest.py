@@ -6,11 +6,14 @@ import os
 import platform
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from host_agent.lab import HostNotReady, Lab
 from host_agent.repository import Repository
 
 MIB = 1024 * 1024
@@ -98,3 +101,20 @@ def make_image(tmp_path: Path) -> ImageFactory:
         return write_image(tmp_path / (name or f"image-{next(counter)}.img"), size, seed)
 
     return make
+
+
+@contextmanager
+def lab_or_fail(workdir: Path, **options: Any) -> Iterator[Lab]:
+    """A guest lab for a real-VM test. Never a silent skip: a host that cannot run guests fails
+    the test, saying what to do; deselect real-VM tests with -m "not vm"."""
+    if os.geteuid() != 0:
+        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
+    the_lab = Lab(workdir, **options)
+    try:
+        the_lab.__enter__()
+    except HostNotReady as e:
+        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()

@@ -6,7 +6,6 @@ with SIGKILL between accepting a guest's request and flushing it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -19,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import lab_or_fail
 
-from host_agent.lab import Disk, HostNotReady, Lab, make_disk
+from host_agent.lab import Disk, make_disk
 
 pytestmark = pytest.mark.vm
 
@@ -96,14 +96,12 @@ default = "{workdir}/repo"
 
 
 def test_an_agent_killed_mid_batch_loses_no_instruction(workdir: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
     first = start_agent(workdir, interval=3600)  # it will never flush: it dies first
     disk = make_disk(workdir / "journaled.qcow2", 32 * MIB, "qcow2")
     script = f"{sys.executable} -c {shlex.quote(GUEST.format(repo=str(REPO)))}"
     second = None
     try:
-        with Lab(workdir / "lab") as lab:
+        with lab_or_fail(workdir / "lab") as lab:
             vm = lab.start_vm("journaled", command=script, disks=[Disk(disk, "vda", "qcow2", "hb-journal")])
             vm.wait_for_console(r"ACCEPTED [0-9a-f]{16}", timeout=180)
             job = re.search(r"ACCEPTED ([0-9a-f]{16})", vm.console())
@@ -113,8 +111,6 @@ def test_an_agent_killed_mid_batch_loses_no_instruction(workdir: Path) -> None:
             second = start_agent(workdir, interval=1)
             assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
             console = vm.console()
-    except HostNotReady as e:
-        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
     finally:
         for agent in (first, second):
             if agent is not None and agent.poll() is None:

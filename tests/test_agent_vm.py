@@ -20,13 +20,14 @@ from pathlib import Path
 import grpc
 import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
+from conftest import lab_or_fail
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
 from host_agent.config import Limits
 from host_agent.hostload import HostLoadReader
 from host_agent.jobs import JobState
-from host_agent.lab import Disk, HostNotReady, Lab, make_disk
+from host_agent.lab import Disk, Lab, make_disk
 from host_agent.optimizer import OptimizerClient
 from host_agent.repository import Repository
 
@@ -48,19 +49,10 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def lab(workdir: Path) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
     if REPO.is_relative_to("/tmp"):
         pytest.fail(f"the checkout {REPO} is under /tmp, which guests do not see: move it elsewhere")
-    the_lab = Lab(workdir / "lab", max_running=2)
-    try:
-        the_lab.__enter__()
-    except HostNotReady as e:
-        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
-    try:
+    with lab_or_fail(workdir / "lab", max_running=2) as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ Needs root and a host prepared by host_agent/lab/setup_host.sh, plus pyroute2; f
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import lab_or_fail
 
-from host_agent.lab import Disk, HostNotReady, Lab, Vm, make_disk
+from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.migrate import MigrationFailed, live_migrate
 from host_agent.lab.twohosts import TwoHosts, start_migratable_vm
 
@@ -66,18 +66,8 @@ def state_on(uri: str, name: str) -> int | None:
 
 @pytest.fixture
 def hosts_and_lab(tmp_path: Path) -> Iterator[tuple[TwoHosts, Lab]]:
-    if os.geteuid() != 0:
-        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
-    with TwoHosts(tmp_path / "hosts") as hosts:
-        lab = Lab(tmp_path / "lab")
-        try:
-            lab.__enter__()
-        except HostNotReady as e:
-            pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
-        try:
-            yield hosts, lab
-        finally:
-            lab.close()
+    with lab_or_fail(tmp_path / "lab") as lab, TwoHosts(tmp_path / "hosts") as hosts:
+        yield hosts, lab
 
 
 def boot_ticker(lab: Lab, tmp_path: Path) -> Vm:

@@ -24,11 +24,11 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 import pytest
-from conftest import MIB, sha256_file
+from conftest import MIB, lab_or_fail, sha256_file
 
 from host_agent import qcow2, views
 from host_agent.extents import Extent
-from host_agent.lab import Disk, HostNotReady, Lab, Vm, VmLabError
+from host_agent.lab import Disk, Lab, Vm, VmLabError
 from host_agent.model import DiskRef
 from host_agent.repository import ChangeDetection, Policy, Repository
 
@@ -176,17 +176,8 @@ def start_vm_waiting(lab: Lab, name: str, disks: list[Disk], command: str, persi
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
-    the_lab = Lab(tmp_path / "lab")
-    try:
-        the_lab.__enter__()
-    except HostNotReady as e:
-        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
-    try:
+    with lab_or_fail(tmp_path / "lab") as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 def disk_ref(vm: Vm, path: Path, fmt: str, serial: str, target: str = "vda") -> DiskRef:

@@ -5,7 +5,6 @@ Needs root and a host prepared by host_agent/lab/setup_host.sh; fails otherwise 
 
 from __future__ import annotations
 
-import os
 import secrets
 import shlex
 import sys
@@ -15,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import lab_or_fail
 
-from host_agent.lab import AGENT_CHANNEL, Disk, HostNotReady, Lab, Vm, make_disk, render_domain_xml
+from host_agent.lab import AGENT_CHANNEL, Disk, Lab, Vm, make_disk, render_domain_xml
 
 # Runs in the guest (the host's own interpreter, over 9p).  The guest speaks first: its write()
 # blocks until the host has connected, so nothing the host sends can arrive stale.  It then
@@ -47,18 +47,8 @@ print("guest: done", flush=True)
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    # Never a silent skip: a host without libvirt fails here; deselect with -m "not vm".
-    if os.geteuid() != 0:
-        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
-    the_lab = Lab(tmp_path / "lab")
-    try:
-        the_lab.__enter__()
-    except HostNotReady as e:
-        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
-    try:
+    with lab_or_fail(tmp_path / "lab") as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 def _wait_channel_state(vm: Vm, want: str, timeout: float = 10.0) -> str | None:

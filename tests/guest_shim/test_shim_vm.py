@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -28,10 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import lab_or_fail
 from shim_helpers import FakeHost
 
 from guest_shim import protocol as p
-from host_agent.lab import Channel, Disk, HostNotReady, Lab, Vm, VmLabError, make_disk
+from host_agent.lab import Channel, Disk, Lab, Vm, VmLabError, make_disk
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -55,17 +55,8 @@ def guest_config() -> Iterator[str]:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.fail("real-VM tests need root (deselect them with -m 'not vm')")
-    the_lab = Lab(tmp_path / "lab")
-    try:
-        the_lab.__enter__()
-    except HostNotReady as e:
-        pytest.fail(f"host not prepared: run host_agent/lab/setup_host.sh ({e})")
-    try:
+    with lab_or_fail(tmp_path / "lab") as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 def _start(lab: Lab, name: str, disk: Path, command: str, config: str, wait_minutes: float = 15) -> Vm:
