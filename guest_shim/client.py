@@ -60,6 +60,7 @@ from .protocol import (
     ErrorMessage,
     Freeze,
     Hello,
+    JobState,
     ListSnapshots,
     Message,
     MessageReader,
@@ -471,6 +472,21 @@ class Client:
             return SnapshotList(reply.snapshots, reply.truncated)
         raise self._unexpected(msg, reply)
 
+    def _rejoin(self, job: str, deadline: float) -> RequestId:
+        """The VM moved for ``job``: wait (until ``deadline``) for a host to connect again, resync and
+        ask for the job's status; return the status request's id."""
+        assert self._port is not None
+        log.info("the host moves this VM for job %s; waiting for it to come back", job)
+        if not self._port.wait_connected(deadline):
+            self._after_timeout()
+            raise TimedOut(f"job {job}: the host did not come back after moving this VM", job=job)
+        self._sync(deadline)
+        self._send(Hello(SHIM_VERSION, Role.CLIENT), deadline)
+        self._synced = True
+        status = Status(self._new_id(), job)
+        self._send(status, deadline)
+        return status.id
+
     def _unexpected(self, msg: Message, reply: Message) -> ShimError:
         if isinstance(reply, ErrorMessage):
             if reply.code == ErrorCode.NOT_CONNECTED:
@@ -498,15 +514,21 @@ class Client:
     ) -> JobResult:
         ids: list[RequestId] = [rid]  # the request's id and those of our status requests
         last_heard = time.monotonic()
+        moving = False  # the host announced it moves this VM: its hang-up is expected
         while True:
             try:
                 msg = self._receive(min(deadline, last_heard + self.config.status_interval))
             except HostNotConnected as e:
-                raise HostNotConnected(
-                    f"the host went away while job {job} ran ({e}); it may still finish: "
-                    f"ask `hyperback-shim status {job}` later",
-                    job=job,
-                ) from e
+                if not moving or self.via_serve:
+                    raise HostNotConnected(
+                        f"the host went away while job {job} ran ({e}); it may still finish: "
+                        f"ask `hyperback-shim status {job}` later",
+                        job=job,
+                    ) from e
+                ids.append(self._rejoin(job, deadline))
+                moving = False
+                last_heard = time.monotonic()
+                continue
             now = time.monotonic()
             if msg is None:
                 if now >= deadline:
@@ -542,6 +564,7 @@ class Client:
                 log.info("job %s done in %.1f s", job, result.seconds)
                 return result
             if isinstance(msg, Progress) and msg.job == job:
+                moving = moving or msg.state == JobState.MOVING
                 if on_progress is not None:
                     on_progress(JobStatus(job, msg.state.value, msg.done, msg.total))
                 continue

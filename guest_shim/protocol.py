@@ -159,6 +159,7 @@ class Op(_StrEnum):
 class JobState(_StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    MOVING = "moving"  # the host is about to move the VM for the job: the channel drops for a while
 
 
 class ChangeDetection(_StrEnum):

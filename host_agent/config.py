@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from host_agent import errors
+from host_agent.inventory import Inventory, Media
+from host_agent.inventory import parse as parse_inventory
 
 DEFAULT_PATH = Path("/etc/hyperback/agent.toml")
 DESTINATION = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -43,7 +46,7 @@ class AgentConfig:
     optimizer_timeout: float = 10.0
     # the optimizer's policy chain and options (e.g. {"timing": {"recheck": "30s"}}), when the
     # agent starts the optimizer itself; see host_agent.policies for every option
-    policies: tuple[str, ...] = ("merge", "timing")
+    policies: tuple[str, ...] = ("merge", "colocate", "timing")
     policy_options: dict[str, dict[str, str]] = field(default_factory=dict)
     # send this host's load (/proc/pressure, /proc/loadavg) with each batch, so the timing
     # policy can defer work while the host is busy
@@ -59,16 +62,44 @@ class AgentConfig:
     # a frozen guest thaws by itself after this many seconds
     freeze_timeout: float = 10.0
     limits: Limits = Limits()
+    # this host's name in the inventory (hosts, media on other hosts, shared storage: see
+    # host_agent.inventory); empty: the machine's host name
+    host_name: str = ""
+    inventory: Inventory = Inventory()
+    # seconds one live migration (or one leg of a cold move) may take before it is aborted
+    move_timeout: float = 300.0
+    # seconds a backup on another host (after moving the VM there) may take
+    visit_timeout: float = 6 * 3600.0
+    # a cold move asks the guest to shut down and forces it off after this many seconds
+    shutdown_timeout: float = 120.0
+
+    @property
+    def destinations(self) -> frozenset[str]:
+        """Every destination name guests and operators may use: local repositories and media."""
+        return frozenset(self.repositories) | frozenset(self.inventory.media)
+
+    def media(self, destination: str) -> Media | None:
+        """The media entry of ``destination`` if it is served by a media service, else None."""
+        return self.inventory.media.get(destination)
 
     def repository(self, destination: str | None) -> Path:
+        """The directory of a destination this host writes directly (a local repository, or media
+        attached to this host)."""
         name = destination or self.default_destination
+        media = self.media(name)
+        if media is not None and media.host == self.inventory.host_name:
+            return media.path
         if name not in self.repositories:
-            known = ", ".join(sorted(self.repositories))
+            known = ", ".join(sorted(self.destinations))
+            if media is not None:
+                raise errors.UsageError(f"destination {name!r} is on host {media.host}: reach it through "
+                                        f"its media service at {media.service}")
             raise errors.UsageError(f"no destination named {name!r}; known: {known}")
         return self.repositories[name]
 
 
 _ENV_PREFIX = "HYPERBACK_"
+_INVENTORY_KEYS = ("hosts", "media", "shared_storage")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -100,6 +131,8 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
     known = {f.name: f for f in fields(AgentConfig)}
     changes: dict[str, Any] = {}
     for key, value in doc.items():
+        if key in _INVENTORY_KEYS:
+            continue
         if key == "repositories":
             if not isinstance(value, dict) or not all(DESTINATION.fullmatch(k) for k in value):
                 raise errors.UsageError(f"config repositories: names must match {DESTINATION.pattern}")
@@ -117,12 +150,17 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
         else:
             raise errors.UsageError(f"config {path}: unknown setting {key!r}")
     for key in known:
-        if key in ("repositories", "limits", "policy_options"):
+        if key in ("repositories", "limits", "policy_options", "inventory"):
             continue
         value = env.get(_ENV_PREFIX + key.upper())
         if value is not None:
             changes[key] = _coerce(key, value, getattr(config, key))
     config = replace(config, **changes)
-    if config.default_destination not in config.repositories:
+    host_name = config.host_name or socket.gethostname()
+    config = replace(config, host_name=host_name, inventory=parse_inventory(doc, host_name))
+    clash = set(config.repositories) & set(config.inventory.media)
+    if clash:
+        raise errors.UsageError(f"config: {', '.join(sorted(clash))} named both in repositories and media")
+    if config.default_destination not in config.destinations:
         raise errors.UsageError(f"default_destination {config.default_destination!r} is not in repositories")
     return config

@@ -24,12 +24,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guest_shim import protocol as p
 from host_agent import errors
 from host_agent.channel import ChannelClosed, GuestChannel
+from host_agent.colocation import Colocator, allocated_bytes, footprint
 from host_agent.config import AgentConfig, load
 from host_agent.domains import DomainError, DomainInfo, Domains, UnknownDisk
 from host_agent.driver import BackupDriver, Retryable
@@ -37,14 +39,22 @@ from host_agent.executor import Executor, Outcome
 from host_agent.hostload import HostLoadReader
 from host_agent.jobs import Jobs, JobState, Origin
 from host_agent.journal import Journal, new_job_id
-from host_agent.model import Instruction, InstructionKind, Plan, Policy
+from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, VmFootprint
 from host_agent.optimizer import OptimizerClient, OptimizerUnavailable, host_context
+from host_agent.policies import HostContext
 from host_agent.repository import Repository
+
+if TYPE_CHECKING:
+    from host_agent.remote import RemoteRepository
 
 log = logging.getLogger(__name__)
 
 _DETECTION = {"dirty-bitmap": p.ChangeDetection.DIRTY_BITMAP,
               "allocation-map": p.ChangeDetection.ALLOCATION_MAP}
+
+
+def _measured(disk: DiskRef) -> DiskRef:
+    return replace(disk, allocated=allocated_bytes(disk.path))
 
 
 def result_message(outcome: Outcome, request_id: p.RequestId | None, quiesced: bool) -> p.Result:
@@ -72,15 +82,25 @@ class Agent:
         self._channel_tasks: dict[str, asyncio.Task[None]] = {}
         self._planner = planner
         self.load_reader: HostLoadReader | None = HostLoadReader() if config.send_load else None
-        self._repos: dict[str, Repository] = {}
+        self._repos: dict[str, Repository | RemoteRepository] = {}
         self._quiesced: dict[str, bool] = {}
         self.driver = BackupDriver(self._plan, self._execute, self._fail, config.interval, config.batch_size)
+        colocator = Colocator(config) if config.inventory.hosts else None
         self.executor = Executor(self.repository, domains.conn, self._answer, self._freeze, self._thaw,
-                                 domains.attach_disk, config.restore_dir)
+                                 domains.attach_disk, config.restore_dir, colocator, self._announce)
 
     # ---------- repositories ----------
 
-    def repository(self, destination: str) -> Repository:
+    def repository(self, destination: str) -> Repository | RemoteRepository:
+        """The destination's repository: opened here, or reached through its media service when the
+        media sit on another host."""
+        media = self.config.media(destination)
+        if media is not None and media.host != self.config.inventory.host_name:
+            if destination not in self._repos:
+                from host_agent.remote import RemoteRepository
+
+                self._repos[destination] = RemoteRepository(media.service, destination)
+            return self._repos[destination]
         if destination not in self._repos:
             path = self.config.repository(destination)
             try:
@@ -94,6 +114,10 @@ class Agent:
 
     def serve_domain(self, info: DomainInfo) -> None:
         if info.channel_path is None or info.uuid in self.channels:
+            return
+        if info.visiting_from and info.visiting_from != self.config.inventory.host_name:
+            # its guest waits for the job's answer from its own host: leave the channel alone
+            log.info("domain %s is visiting from %s: not serving its channel", info.name, info.visiting_from)
             return
         channel = GuestChannel(info.uuid, info.name, info.channel_path, self,
                                self.config.limits.requests_per_minute)
@@ -144,7 +168,7 @@ class Agent:
     async def _accept(self, channel: GuestChannel, msg: p.Backup | p.Restore) -> p.Message:
         uuid = channel.domain_uuid
         destination = msg.destination or self.config.default_destination
-        if destination not in self.config.repositories:
+        if destination not in self.config.destinations:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DESTINATION,
                                   f"this host has no destination named {destination!r}")
         if isinstance(msg, p.Restore) and msg.mode is p.RestoreMode.IN_PLACE:
@@ -197,7 +221,7 @@ class Agent:
 
     def _list(self, uuid: str, msg: p.ListSnapshots) -> p.Message:
         destination = msg.destination or self.config.default_destination
-        if destination not in self.config.repositories:
+        if destination not in self.config.destinations:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DESTINATION,
                                   f"this host has no destination named {destination!r}")
         try:
@@ -250,8 +274,8 @@ class Agent:
         for instruction in batch:
             await self.jobs.move(instruction.id, JobState.PLANNED, "sent to the optimizer")
         try:
-            context = host_context(self.load_reader)
-            result = await self._planner.plan(batch, context)
+            context, measured = await asyncio.to_thread(self._context, batch)
+            result = await self._planner.plan(measured, context)
         except OptimizerUnavailable as e:
             raise Retryable(str(e)) from e
         for rejection in result.rejections:
@@ -259,10 +283,57 @@ class Agent:
             await self._fail(instruction, rejection.reason, JobState.REJECTED)
         for unit in result.plan.units:
             for job_id in unit.satisfies:
+                job = self.jobs.get(job_id)
+                if job is not None and job.plan is None and unit.disk is not None:
+                    job.plan = unit
                 if unit.not_before > time.time():
                     await self.jobs.move(job_id, JobState.DEFERRED, unit.reason, unit.not_before)
         plan: Plan = result.plan
         return plan
+
+    def _context(self, batch: Sequence[Instruction]) -> tuple[HostContext, list[Instruction]]:
+        """This host's context for a batch, and the batch; for instructions whose media sit on another
+        host, also what the colocate policy weighs: the VM's footprint, its disks' data (measured
+        into ``DiskRef.allocated``), what the media hold."""
+        context = replace(host_context(self.load_reader, host_name=self.config.inventory.host_name or None),
+                          remote_destinations=self.config.inventory.remote_destinations())
+        remote = [i for i in batch if self.config.inventory.is_remote(i.destination)
+                  and i.kind is InstructionKind.BACKUP]
+        if not remote:
+            return context, list(batch)
+        footprints: dict[str, VmFootprint] = {}
+        held: dict[tuple[str, str], int] = {}
+        for instruction in remote:
+            paths = [p for d in instruction.disks for p in (d.path, *d.backing_chain)]
+            if instruction.domain_uuid not in footprints:
+                try:
+                    dom = self.domains.domain(instruction.domain_uuid)
+                    footprints[instruction.domain_uuid] = footprint(dom, self.config, paths)
+                except (DomainError, OSError) as e:
+                    log.warning("no footprint of %s: %s", instruction.domain_uuid, e)
+            repo = self.repository(instruction.destination)
+            for disk in instruction.disks:
+                try:
+                    latest = repo.snapshots(disk.snapshot_name)
+                except (errors.HyperbackError, OSError) as e:
+                    log.warning("cannot ask %s what it holds: %s", instruction.destination, e)
+                    continue
+                if latest:
+                    held[(instruction.destination, disk.snapshot_name)] = latest[-1].stats.bytes_stored
+        measured = [replace(i, disks=tuple(map(_measured, i.disks))) if i in remote else i for i in batch]
+        return replace(context, footprints=footprints, held=held), measured
+
+    async def _announce(self, job_ids: tuple[str, ...], message: str, done: int, total: int) -> None:
+        """A step of a co-located backup: to the operator's job, and to a waiting guest (its VM is
+        about to move: the shim must wait for its host to come back instead of giving up)."""
+        for job_id in job_ids:
+            await self.jobs.step(job_id, message, done, total)
+            job = self.jobs.get(job_id)
+            channel = self.channels.get(job.instruction.domain_uuid) if job is not None else None
+            if job is None or job.origin is not Origin.GUEST or channel is None:
+                continue
+            with contextlib.suppress(ChannelClosed, p.ProtocolError):
+                await channel.send(p.Progress(None, job_id, p.JobState.MOVING, min(done, total), total))
 
     async def _execute(self, plan: Plan, by_id: dict[str, Instruction]) -> None:
         for job_id in by_id:

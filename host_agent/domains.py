@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors
+from host_agent.migration import visit_marker
 from host_agent.model import DiskRef
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class DomainInfo:
     channel_path: str | None      # host side of the hyperback channel, None without one
     channel_state: str | None     # "connected" / "disconnected" as libvirt sees the guest side
     disks: tuple[DiskRef, ...]
+    visiting_from: str = ""       # the host it moved here from for a job (its visit marker), if any
 
 
 def _disk_refs(root: ET.Element, uuid: str, name: str) -> tuple[DiskRef, ...]:
@@ -77,7 +79,9 @@ def parse_domain_xml(xml: str, uuid: str, name: str, running: bool) -> DomainInf
         source = channel.find("source")
         if target is not None and target.get("name") == AGENT_CHANNEL and source is not None:
             path, state = source.get("path"), target.get("state")
-    return DomainInfo(uuid, name, running, path, state, _disk_refs(root, uuid, name))
+    marker = visit_marker(xml)
+    return DomainInfo(uuid, name, running, path, state, _disk_refs(root, uuid, name),
+                      marker.origin if marker is not None else "")
 
 
 class Domains:
@@ -106,7 +110,7 @@ class Domains:
                 sized.append(DiskRef(disk.domain_uuid, disk.domain_name, disk.serial, disk.target, disk.path,
                                      disk.format, capacity, disk.backing_chain))
             return DomainInfo(info.uuid, info.name, running, info.channel_path, info.channel_state,
-                              tuple(sized))
+                              tuple(sized), info.visiting_from)
         except libvirt.libvirtError as e:
             raise DomainError(f"cannot read domain {dom.name()}: {e}") from e
 

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors, qcow2, views
+from host_agent.colocation import Colocator, VisitResult
 from host_agent.extents import Extent, Layout
-from host_agent.model import Instruction, Plan, Policy, UnitKind, WorkUnit
+from host_agent.model import Instruction, Placement, Plan, Policy, UnitKind, WorkUnit
 from host_agent.policies import base_name
 from host_agent.repository import BackupResult, Repository, Snapshot
 
@@ -64,6 +65,20 @@ AnswerFn = Callable[[Outcome], Coroutine[Any, Any, None]]
 AttachFn = Callable[[str, str, str], str]   # (domain uuid, image path, serial) -> target name
 FreezeFn = Callable[[str, tuple[str, ...], str], Coroutine[Any, Any, None]]   # (domain uuid, serials, job)
 ThawFn = Callable[[str, str], Coroutine[Any, Any, None]]                      # (domain uuid, job)
+# (instruction ids, what happens, bytes done, bytes total): a step of a co-located backup
+AnnounceFn = Callable[[tuple[str, ...], str, int, int], Coroutine[Any, Any, None]]
+MOVES = (Placement.MIGRATE, Placement.COLD_MOVE)
+
+
+def visits(units: tuple[WorkUnit, ...]) -> dict[str, list[WorkUnit]]:
+    """Units to carry out on another host, grouped by the unit that opens the visit: one move there
+    and back per domain, destination and target host."""
+    groups: dict[tuple[str, str, str], list[WorkUnit]] = {}
+    for unit in units:
+        if unit.placement in MOVES and unit.disk is not None:
+            key = (unit.disk.domain_uuid, unit.destination, unit.target_host)
+            groups.setdefault(key, []).append(unit)
+    return {group[0].id: group for group in groups.values()}
 
 
 def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
@@ -83,8 +98,11 @@ def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
 
 class Executor:
     def __init__(self, repository_for: Callable[[str], Repository], conn: Any, answer: AnswerFn,
-                 freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, work_dir: Path) -> None:
+                 freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, work_dir: Path,
+                 colocator: Colocator | None = None, announce: AnnounceFn | None = None) -> None:
         self._repository_for = repository_for
+        self._colocator = colocator
+        self._announce = announce
         self._conn = conn                 # libvirt connection for point-in-time views
         self._attach = attach
         self._work_dir = work_dir         # restored images and fallback conversions
@@ -92,6 +110,7 @@ class Executor:
         self._freeze, self._thaw = freeze, thaw
         self._lock = asyncio.Lock()
         self.reads: dict[str, int] = {}  # source path -> times read, for operators and tests
+        self.visits: list[VisitResult] = []  # co-located backups done, for operators and tests
 
     async def execute(self, plan: Plan, instructions: dict[str, Instruction]) -> None:
         async with self._lock:
@@ -100,12 +119,20 @@ class Executor:
             remaining = {i: sum(i in u.satisfies for u in plan.units) for i in outcomes}
             bases: dict[str, Snapshot] = {}
             failed_units: dict[str, str] = {}
+            groups = visits(plan.units)
+            visited = {u.id: opener for opener, group in groups.items() for u in group}
             for unit in ordered(plan.units):
                 try:
                     broken = [d for d in unit.depends_on if d in failed_units]
                     if broken:
                         raise errors.HyperbackError(f"shared base failed: {failed_units[broken[0]]}")
-                    await self._run(unit, outcomes, bases)
+                    if unit.id in groups:
+                        await self._visit(groups[unit.id], outcomes)
+                    elif unit.id in visited:
+                        if visited[unit.id] in failed_units:
+                            raise errors.HyperbackError(failed_units[visited[unit.id]])
+                    else:
+                        await self._run(unit, outcomes, bases)
                 except (errors.HyperbackError, OSError) as e:
                     log.warning("unit %s failed: %s", unit.id, e)
                     failed_units[unit.id] = str(e)
@@ -117,6 +144,30 @@ class Executor:
                         remaining[i] -= 1
                         if remaining[i] == 0:
                             await self._answer(outcomes[i])
+
+    async def _visit(self, units: list[WorkUnit], outcomes: dict[str, Outcome]) -> None:
+        """Back the units' disks up on another host, moving the VM there and back."""
+        if self._colocator is None:
+            raise errors.UsageError("this agent has no inventory of other hosts: it cannot move VMs")
+        job_ids = tuple(dict.fromkeys(i for u in units for i in u.satisfies))
+
+        async def report(message: str, done: int, total: int) -> None:
+            if self._announce is not None:
+                await self._announce(job_ids, message, done, total)
+
+        result: VisitResult = await self._colocator.visit(units, report)
+        there, back = result.there, result.back
+        note = (f"backed up on {units[0].target_host}: moved there in {there.seconds:.1f} s "
+                f"({there.bytes} bytes), back in {back.seconds:.1f} s ({back.bytes} bytes)")
+        for disk in result.disks:
+            disk_result = DiskResult(disk.serial, disk.snapshot, disk.bytes_read, disk.bytes_new,
+                                     round(result.seconds, 3), "full-read", note)
+            for unit in units:
+                if unit.disk is not None and unit.disk.serial == disk.serial:
+                    for i in unit.satisfies:
+                        if i in outcomes:
+                            outcomes[i].disks.append(disk_result)
+        self.visits.append(result)
 
     async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot]) -> None:
         repo = self._repository_for(unit.destination)

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from host_agent.model import Instruction
+from host_agent.model import Instruction, WorkUnit
 
 KEEP = 1000
 
@@ -45,6 +45,8 @@ class Event:
     state: JobState
     message: str
     final: bool
+    bytes_done: int = 0
+    bytes_total: int = 0
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Job:
     not_before: float = 0.0
     snapshot_ids: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    bytes_done: int = 0
+    bytes_total: int = 0
+    plan: WorkUnit | None = None     # the first unit serving it: placement and the optimizer's predictions
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -100,9 +105,20 @@ class Jobs:
         async with job.changed:
             job.changed.notify_all()
 
+    async def step(self, job_id: str, message: str, bytes_done: int = 0, bytes_total: int = 0) -> None:
+        """A running job's next step (same state), with its progress."""
+        job = self._jobs.get(job_id)
+        if job is None or job.state.final:
+            return
+        job.bytes_done, job.bytes_total = bytes_done, bytes_total
+        self._record(job, job.state, message)
+        async with job.changed:
+            job.changed.notify_all()
+
     def _record(self, job: Job, state: JobState, message: str) -> None:
         job.state, job.detail, job.updated_at = state, message, time.time()
-        job.events.append(Event(len(job.events) + 1, job.updated_at, state, message, state.final))
+        job.events.append(Event(len(job.events) + 1, job.updated_at, state, message, state.final,
+                                job.bytes_done, job.bytes_total))
 
     def pending_for(self, domain_uuid: str) -> int:
         return sum(1 for j in self._jobs.values()

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from host_agent.repository import Policy
 
-__all__ = ["DiskRef", "Instruction", "InstructionKind", "Plan", "Policy", "UnitKind", "WorkUnit"]
+__all__ = ["DiskRef", "Instruction", "InstructionKind", "Placement", "Plan", "Policy", "UnitKind",
+           "VmFootprint", "WorkUnit"]
 
 
 class InstructionKind(enum.StrEnum):
@@ -26,6 +27,29 @@ class UnitKind(enum.StrEnum):
     BACKUP_DISK = "backup-disk"    # one disk of one domain, as the guest sees it
     BACKUP_BASE = "backup-base"    # a backing image shared by several disks, read once
     RESTORE_DISK = "restore-disk"
+
+
+class Placement(enum.StrEnum):
+    """Where a backup's data path runs when its destination's media sit on another host."""
+
+    AUTO = "auto"            # let the colocate policy choose (operators' default; never in a plan)
+    LOCAL = "local"          # the media are on this host: nothing crosses the LAN
+    STREAM = "stream"        # this host streams the new data to the media host's service
+    MIGRATE = "migrate"      # live-migrate the VM to the media host, back it up there, move it back
+    COLD_MOVE = "cold-move"  # stop the VM, define and boot it on the media host, and the same way back
+
+
+@dataclass(frozen=True)
+class VmFootprint:
+    """What moving a running domain would cost, measured on its host (``host_agent.colocation``)."""
+
+    domain_uuid: str
+    memory_bytes: int                # configured RAM
+    touched_bytes: int               # estimated non-zero RAM: what one live migration sends
+    dirty_bytes_per_second: float    # how fast the guest rewrites memory (resent during a migration)
+    live_migratable: bool            # False with host devices or a 'no' in the domain's metadata
+    movable: bool                    # every disk on storage the media host sees too
+    why_not: str = ""                # why it cannot be live-migrated or moved, for people
 
 
 @dataclass(frozen=True)
@@ -40,6 +64,7 @@ class DiskRef:
     format: str                      # "raw" or "qcow2"
     size: int                        # virtual size in bytes
     backing_chain: tuple[str, ...] = ()  # backing images, nearest first
+    allocated: int = 0               # bytes of the image that hold data (0: not measured)
 
     @property
     def snapshot_name(self) -> str:
@@ -58,6 +83,7 @@ class Instruction:
     policy: Policy = Policy.INCREMENTAL
     snapshot: str = ""               # restore: snapshot id or "latest"
     received_at: float = 0.0         # time.time() when the host accepted it
+    placement: Placement = Placement.AUTO  # an operator's forced choice; guests cannot set it
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,10 @@ class WorkUnit:
     depends_on: tuple[str, ...] = ()  # units that must finish first (a shared base)
     not_before: float = 0.0          # time.time() before which the unit must not start
     reason: str = ""                 # why the optimizer planned it so, for people
+    placement: Placement = Placement.LOCAL
+    target_host: str = ""            # MIGRATE / COLD_MOVE: where the VM goes; STREAM: the media host
+    predicted_stream_bytes: int = 0  # LAN bytes the colocate policy predicts for streaming...
+    predicted_move_bytes: int = 0    # ... and for moving the VM there and back
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from host_agent.channel import State
 from host_agent.domains import DomainError, DomainInfo, UnknownDisk
 from host_agent.jobs import Job, JobState, Origin
 from host_agent.journal import new_job_id
-from host_agent.model import Instruction, InstructionKind, Policy
+from host_agent.model import Instruction, InstructionKind, Placement, Policy, WorkUnit
 
 if TYPE_CHECKING:
     from host_agent.daemon import Agent
@@ -37,6 +37,11 @@ SERVICE_NAME = "hyperback.v1.Operator"
 _POLICY = {opb.POLICY_FULL: Policy.FULL, opb.POLICY_INCREMENTAL: Policy.INCREMENTAL,
            opb.POLICY_DIFFERENTIAL: Policy.DIFFERENTIAL, opb.POLICY_UNSPECIFIED: Policy.INCREMENTAL}
 _POLICY_PB = {v: k for k, v in _POLICY.items() if k != opb.POLICY_UNSPECIFIED}
+_PLACEMENT_BACK = {opb.PLACEMENT_STREAM: Placement.STREAM, opb.PLACEMENT_MIGRATE: Placement.MIGRATE,
+                   opb.PLACEMENT_LOCAL: Placement.LOCAL, opb.PLACEMENT_COLD_MOVE: Placement.MIGRATE}
+_PLACEMENT_PB = {Placement.AUTO: opb.PLACEMENT_UNSPECIFIED, Placement.LOCAL: opb.PLACEMENT_LOCAL,
+                 Placement.STREAM: opb.PLACEMENT_STREAM, Placement.MIGRATE: opb.PLACEMENT_MIGRATE,
+                 Placement.COLD_MOVE: opb.PLACEMENT_COLD_MOVE}
 
 
 def _disk_pb(d: Any) -> opb.DiskRef:
@@ -58,7 +63,17 @@ def _job_pb(job: Job) -> pb.Job:
                   policy=_POLICY_PB[i.policy],
                   snapshot=i.snapshot, state=_state_pb(job.state), detail=job.detail,
                   created_at=job.created_at,
-                  updated_at=job.updated_at, not_before=job.not_before, snapshot_ids=job.snapshot_ids)
+                  updated_at=job.updated_at, not_before=job.not_before, snapshot_ids=job.snapshot_ids,
+                  progress=pb.Progress(bytes_done=job.bytes_done, bytes_total=job.bytes_total),
+                  **_placement_fields(job.plan))
+
+
+def _placement_fields(unit: WorkUnit | None) -> dict[str, Any]:
+    if unit is None:
+        return {}
+    return {"placement": _PLACEMENT_PB[unit.placement], "target_host": unit.target_host,
+            "predicted_stream_bytes": unit.predicted_stream_bytes,
+            "predicted_move_bytes": unit.predicted_move_bytes}
 
 
 class OperatorServicer(pb_grpc.OperatorServicer):
@@ -100,8 +115,8 @@ class OperatorServicer(pb_grpc.OperatorServicer):
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSnapshotsResponse:
         config = self.agent.config
-        destinations = [request.destination] if request.destination else sorted(config.repositories)
-        if any(d not in config.repositories for d in destinations):
+        destinations = [request.destination] if request.destination else sorted(config.destinations)
+        if any(d not in config.destinations for d in destinations):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {request.destination!r}")
         out = []
         for dest in destinations:
@@ -130,7 +145,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             if earlier is not None:
                 return earlier
         destination = request.destination or self.agent.config.default_destination
-        if destination not in self.agent.config.repositories:
+        if destination not in self.agent.config.destinations:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {destination!r}")
         try:
             disks = await asyncio.to_thread(self.agent.domains.disks_by_serial, info.uuid,
@@ -138,9 +153,11 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         except UnknownDisk as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         policy = _POLICY[request.policy] if kind is InstructionKind.BACKUP else Policy.FULL
+        placement = (_PLACEMENT_BACK.get(request.placement, Placement.AUTO)
+                     if isinstance(request, pb.TriggerBackupRequest) else Placement.AUTO)
         instruction = Instruction(new_job_id(), info.uuid, request.request_id or new_job_id(), kind, disks,
                                   destination, policy, getattr(request, "snapshot", "") or "latest"
-                                  if kind is InstructionKind.RESTORE else "", time.time())
+                                  if kind is InstructionKind.RESTORE else "", time.time(), placement)
         self.agent.submit(instruction, Origin.OPERATOR, info.name)
         job = self.agent.jobs.get(instruction.id)
         assert job is not None
@@ -175,7 +192,9 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             for event in job.events[sent:]:
                 sent = event.sequence
                 yield pb.JobEvent(job_id=job.id, sequence=event.sequence, at=event.at,
-                                  state=_state_pb(event.state), message=event.message, final=event.final)
+                                  state=_state_pb(event.state), message=event.message, final=event.final,
+                                  progress=pb.Progress(bytes_done=event.bytes_done,
+                                                       bytes_total=event.bytes_total))
                 if event.final:
                     return
             await _next_event(job, sent)

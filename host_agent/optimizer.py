@@ -52,7 +52,17 @@ from host_agent import errors
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
 from host_agent.hostload import HostLoad, HostLoadError, HostLoadReader
-from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, UnitKind, WorkUnit
+from host_agent.model import (
+    DiskRef,
+    Instruction,
+    InstructionKind,
+    Placement,
+    Plan,
+    Policy,
+    UnitKind,
+    VmFootprint,
+    WorkUnit,
+)
 from host_agent.policies import (
     DEFAULT_CHAIN,
     DEFAULT_MAX_BATCH,
@@ -118,6 +128,11 @@ _UNIT_KIND: Final[Mapping[UnitKind, pb.UnitKind.ValueType]] = {
     UnitKind.RESTORE_DISK: pb.UNIT_KIND_RESTORE_DISK}
 
 
+_PLACEMENT: Final[Mapping[Placement, pb.Placement.ValueType]] = {
+    Placement.AUTO: pb.PLACEMENT_UNSPECIFIED, Placement.LOCAL: pb.PLACEMENT_LOCAL,
+    Placement.STREAM: pb.PLACEMENT_STREAM, Placement.MIGRATE: pb.PLACEMENT_MIGRATE,
+    Placement.COLD_MOVE: pb.PLACEMENT_COLD_MOVE}
+_PLACEMENT_BACK: Final = {int(number): member for member, number in _PLACEMENT.items()}
 _POLICY_BACK: Final = {int(number): member for member, number in _POLICY.items()}
 _KIND_BACK: Final = {int(number): member for member, number in _KIND.items()}
 _UNIT_KIND_BACK: Final = {int(number): member for member, number in _UNIT_KIND.items()}
@@ -140,18 +155,20 @@ def _time(value: float, where: str, field: str) -> float:
 def disk_to_pb(disk: DiskRef) -> pb.DiskRef:
     return pb.DiskRef(domain_uuid=disk.domain_uuid, domain_name=disk.domain_name, serial=disk.serial,
                       target=disk.target, path=disk.path, format=disk.format, size=disk.size,
-                      backing_chain=disk.backing_chain)
+                      backing_chain=disk.backing_chain, allocated=disk.allocated)
 
 
 def disk_from_pb(m: pb.DiskRef) -> DiskRef:
     return DiskRef(domain_uuid=m.domain_uuid, domain_name=m.domain_name, serial=m.serial, target=m.target,
-                   path=m.path, format=m.format, size=m.size, backing_chain=tuple(m.backing_chain))
+                   path=m.path, format=m.format, size=m.size, backing_chain=tuple(m.backing_chain),
+                   allocated=m.allocated)
 
 
 def instruction_to_pb(i: Instruction) -> pb.Instruction:
     return pb.Instruction(id=i.id, domain_uuid=i.domain_uuid, request_id=i.request_id, kind=_KIND[i.kind],
                           disks=[disk_to_pb(d) for d in i.disks], destination=i.destination,
-                          policy=_POLICY[i.policy], snapshot=i.snapshot, received_at=i.received_at)
+                          policy=_POLICY[i.policy], snapshot=i.snapshot, received_at=i.received_at,
+                          placement=_PLACEMENT[i.placement])
 
 
 def instruction_from_pb(m: pb.Instruction, where: str) -> Instruction:
@@ -159,14 +176,21 @@ def instruction_from_pb(m: pb.Instruction, where: str) -> Instruction:
                        kind=_from_enum(_KIND_BACK, m.kind, where, "kind"),
                        disks=tuple(disk_from_pb(d) for d in m.disks), destination=m.destination,
                        policy=_from_enum(_POLICY_BACK, m.policy, where, "policy"), snapshot=m.snapshot,
-                       received_at=_time(m.received_at, where, "received_at"))
+                       received_at=_time(m.received_at, where, "received_at"),
+                       placement=_placement(m.placement, where, Placement.AUTO))
+
+
+def _placement(value: int, where: str, unspecified: Placement) -> Placement:
+    return unspecified if value == 0 else _from_enum(_PLACEMENT_BACK, value, where, "placement")
 
 
 def unit_to_pb(u: WorkUnit) -> pb.WorkUnit:
     return pb.WorkUnit(id=u.id, kind=_UNIT_KIND[u.kind], source=u.source, snapshot_name=u.snapshot_name,
                        destination=u.destination, policy=_POLICY[u.policy], satisfies=u.satisfies,
                        disk=disk_to_pb(u.disk) if u.disk else None, depends_on=u.depends_on,
-                       not_before=u.not_before, reason=u.reason)
+                       not_before=u.not_before, reason=u.reason, placement=_PLACEMENT[u.placement],
+                       target_host=u.target_host, predicted_stream_bytes=u.predicted_stream_bytes,
+                       predicted_move_bytes=u.predicted_move_bytes)
 
 
 def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
@@ -175,7 +199,9 @@ def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
                     policy=_from_enum(_POLICY_BACK, m.policy, where, "policy"), satisfies=tuple(m.satisfies),
                     disk=disk_from_pb(m.disk) if m.HasField("disk") else None,
                     depends_on=tuple(m.depends_on), not_before=_time(m.not_before, where, "not_before"),
-                    reason=m.reason)
+                    reason=m.reason, placement=_placement(m.placement, where, Placement.LOCAL),
+                    target_host=m.target_host, predicted_stream_bytes=m.predicted_stream_bytes,
+                    predicted_move_bytes=m.predicted_move_bytes)
 
 
 def load_to_pb(load: HostLoad) -> pb.HostLoad:
@@ -203,14 +229,35 @@ def context_to_pb(c: HostContext) -> pb.HostContext:
     return pb.HostContext(host_name=c.host_name, now=c.now, load=load_to_pb(c.load) if c.load else None,
                           known_bases=[pb.KnownBase(destination=d, snapshot_name=n)
                                        for d, n in sorted(c.known_bases)],
-                          utc_offset_seconds=c.utc_offset)
+                          utc_offset_seconds=c.utc_offset,
+                          footprints=[footprint_to_pb(f) for f in c.footprints.values()],
+                          remote_destinations=[pb.RemoteDestination(destination=d, host=h)
+                                               for d, h in sorted(c.remote_destinations.items())],
+                          held=[pb.HeldDisk(destination=d, snapshot_name=n, last_stored_bytes=b)
+                                for (d, n), b in sorted(c.held.items())])
+
+
+def footprint_to_pb(f: VmFootprint) -> pb.VmFootprint:
+    return pb.VmFootprint(domain_uuid=f.domain_uuid, memory_bytes=f.memory_bytes,
+                          touched_bytes=f.touched_bytes, dirty_bytes_per_second=f.dirty_bytes_per_second,
+                          live_migratable=f.live_migratable, movable=f.movable, why_not=f.why_not)
+
+
+def footprint_from_pb(m: pb.VmFootprint) -> VmFootprint:
+    if not (math.isfinite(m.dirty_bytes_per_second) and m.dirty_bytes_per_second >= 0):
+        raise MalformedBatch(f"footprint of {m.domain_uuid}: dirty rate {m.dirty_bytes_per_second!r}")
+    return VmFootprint(m.domain_uuid, m.memory_bytes, m.touched_bytes, m.dirty_bytes_per_second,
+                       m.live_migratable, m.movable, m.why_not)
 
 
 def context_from_pb(m: pb.HostContext, default_now: float) -> HostContext:
     return HostContext(host_name=m.host_name, now=_time(m.now, "host", "now") or default_now,
                        load=load_from_pb(m.load) if m.HasField("load") else None,
                        known_bases=frozenset((b.destination, b.snapshot_name) for b in m.known_bases),
-                       utc_offset=m.utc_offset_seconds if m.HasField("utc_offset_seconds") else None)
+                       utc_offset=m.utc_offset_seconds if m.HasField("utc_offset_seconds") else None,
+                       footprints={f.domain_uuid: footprint_from_pb(f) for f in m.footprints},
+                       remote_destinations={r.destination: r.host for r in m.remote_destinations},
+                       held={(h.destination, h.snapshot_name): h.last_stored_bytes for h in m.held})
 
 
 def request_to_pb(batch: Sequence[Instruction], context: HostContext) -> pb.PlanRequest:

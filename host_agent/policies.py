@@ -16,7 +16,7 @@ How a batch is planned
 2. **Baseline.** One unit per disk per accepted instruction, in batch order; this is the plan the
    ``passthrough`` policy returns unchanged. Where a disk is both written (restored) and read in one
    batch, each of its units depends on the one before, so the batch order holds.
-3. **Policies**, in the order of the chain (default ``merge,timing``), each
+3. **Policies**, in the order of the chain (default ``merge,colocate,timing``), each
    ``apply(plan_so_far, batch, context) -> Plan``. ``batch`` holds the accepted instructions only.
 4. **Checked again** (:func:`check_plan`): unit ids unique, ``depends_on`` naming units of the plan
    without cycles, ``satisfies`` naming accepted instructions only, and every disk of every accepted
@@ -75,6 +75,28 @@ parses them once into the policy's frozen configuration (``--policy-option timin
     that time plus ``max_defer`` (default 30 min), and a unit that has waited ``max_defer`` is released
     whatever the load, with a reason that says so. All times are the host's (``context.now``).
 
+``colocate``
+    For backup units whose destination's media sit on another host (``context.remote_destinations``),
+    predicts the LAN bytes of the two ways to get the data there and picks the smaller:
+
+    - *stream*: the sending host sends the new data to the media host's service. Per disk: the stored
+      size of the destination's latest snapshot of that disk (``context.held``) for an incremental or
+      differential (the data a deduplicating stream sends is what changed, and the last change is the
+      best guess of the next), else the disk's allocated bytes (``DiskRef.allocated``, its size if
+      unmeasured); times ``stream_overhead`` (default 1.03: TCP/IP and framing).
+    - *migrate*: the VM goes to the media host and back, each way sending its touched memory plus what
+      the guest dirties meanwhile: ``2 * (touched + dirty_rate * touched / lan_bandwidth) *
+      migration_overhead`` (defaults: ``lan_bandwidth=125000000`` bytes/s, ``migration_overhead=1.02``).
+
+    Migrating wins when it costs less than ``1 - margin`` (default ``margin=0.1``) of streaming. A
+    domain that cannot be moved (a disk not on shared storage, ``VmFootprint.movable``) streams. One
+    that cannot live-migrate (host devices, or metadata that says so) is moved cold (stopped, defined
+    and booted on the media host) only with ``allow_cold_moves=yes``: a cold move sends almost nothing
+    but stops the guest. Operators force a choice per instruction (``Instruction.placement``) or for
+    every instruction with ``force=stream|migrate``; a forced migration of a domain that cannot live-
+    migrate is a cold move. Restores from remote media always stream. Each unit gets the choice, the
+    target host, both predictions and a reason that states them.
+
 Errors
 ------
 ::
@@ -98,18 +120,28 @@ import posixpath
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar, Self
 
 from host_agent import errors
 from host_agent.hostload import HostLoad
-from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, UnitKind, WorkUnit
+from host_agent.model import (
+    DiskRef,
+    Instruction,
+    InstructionKind,
+    Placement,
+    Plan,
+    Policy,
+    UnitKind,
+    VmFootprint,
+    WorkUnit,
+)
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "hyperback.policies"
-DEFAULT_CHAIN = ("merge", "timing")
+DEFAULT_CHAIN = ("merge", "colocate", "timing")
 DEFAULT_MAX_BATCH = 10_000
 STRENGTH = {Policy.INCREMENTAL: 1, Policy.DIFFERENTIAL: 2, Policy.FULL: 3}
 
@@ -147,6 +179,9 @@ class HostContext:
     load: HostLoad | None = None                # None: not measured; never judged busy
     known_bases: frozenset[tuple[str, str]] = frozenset()  # (destination, "base/<16 hex>") already stored
     utc_offset: int | None = None               # seconds east of UTC of the host's local time
+    footprints: Mapping[str, VmFootprint] = field(default_factory=dict)  # domain uuid -> cost of moving it
+    remote_destinations: Mapping[str, str] = field(default_factory=dict)  # destination -> its media's host
+    held: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (destination, name) -> last stored
 
 
 @dataclass(frozen=True)
@@ -772,8 +807,167 @@ class Timing(PlanningPolicy):
         return replace(plan, units=tuple(units), notes=(*plan.notes, note))
 
 
+# --------------------------------------------------------------------------- colocate
+
+_SIZE_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_rate(text: str) -> float:
+    """Bytes per second from ``125000000``, ``125M`` (bytes) or ``1Gbit`` (bits)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(bit|b)?(?:/s)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a rate (e.g. 125M, 1Gbit)")
+    number, prefix, unit = match.groups()
+    rate = float(number) * _SIZE_SUFFIXES[prefix] / (8 if unit == "bit" else 1)
+    if not rate > 0:
+        raise ValueError(f"{text!r} is not a positive rate")
+    return rate
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@dataclass(frozen=True)
+class ColocateConfig:
+    lan_bandwidth: float = 125e6       # bytes/s between hosts, to price the guest's dirtying
+    stream_overhead: float = 1.03      # LAN bytes per byte of streamed data (TCP/IP, framing)
+    migration_overhead: float = 1.02   # LAN bytes per byte of migrated memory
+    margin: float = 0.1                # migrate only if it saves more than this share of the stream
+    allow_cold_moves: bool = False     # may a domain that cannot live-migrate be stopped and moved?
+    force: Placement = Placement.AUTO  # stream or migrate for every instruction
+
+
+class Colocate(PlanningPolicy):
+    """Stream backups to another host's media, or move the VM there: whichever crosses the LAN less."""
+
+    name = "colocate"
+
+    def __init__(self, config: ColocateConfig = ColocateConfig()) -> None:
+        self.config = config
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Self:
+        fields: dict[str, Any] = {}
+        for key, value in options.items():
+            try:
+                if key == "lan_bandwidth":
+                    fields[key] = parse_rate(value)
+                elif key in ("stream_overhead", "migration_overhead"):
+                    fields[key] = float(value)
+                    if not fields[key] >= 1:
+                        raise ValueError("must be at least 1")
+                elif key == "margin":
+                    fields[key] = float(value)
+                    if not 0 <= fields[key] < 1:
+                        raise ValueError("must be from 0 to below 1")
+                elif key == "allow_cold_moves":
+                    fields[key] = _parse_bool(value)
+                elif key == "force":
+                    fields[key] = Placement(value.strip())
+                    if fields[key] not in (Placement.AUTO, Placement.STREAM, Placement.MIGRATE):
+                        raise ValueError("must be auto, stream or migrate")
+                else:
+                    raise OptimizerConfigError(
+                        f"policy 'colocate' has no option {key!r} (options: lan_bandwidth, stream_overhead, "
+                        f"migration_overhead, margin, allow_cold_moves, force)")
+            except ValueError as e:
+                raise OptimizerConfigError(f"colocate.{key}={value}: {e}") from e
+        return cls(ColocateConfig(**fields))
+
+    def stream_bytes(self, units: Sequence[WorkUnit], context: HostContext) -> int:
+        total = 0
+        for unit in units:
+            assert unit.disk is not None
+            held = context.held.get((unit.destination, unit.snapshot_name))
+            if unit.policy is not Policy.FULL and held is not None:
+                total += held
+            else:
+                total += unit.disk.allocated or unit.disk.size
+        return round(total * self.config.stream_overhead)
+
+    def move_bytes(self, footprint: VmFootprint) -> int:
+        c = self.config
+        touched = footprint.touched_bytes
+        one_way = touched + footprint.dirty_bytes_per_second * touched / c.lan_bandwidth
+        return round(2 * one_way * c.migration_overhead)
+
+    def choose(self, forced: Placement, footprint: VmFootprint | None, stream: int,
+               move: int) -> tuple[Placement, str]:
+        """The placement for one domain's units and why."""
+        if footprint is None:
+            return Placement.STREAM, "the host sent no footprint of the VM: it cannot be moved"
+        if forced is Placement.STREAM:
+            return Placement.STREAM, "streaming forced by the operator"
+        if not footprint.movable:
+            return Placement.STREAM, f"the VM cannot be moved ({footprint.why_not})"
+        if forced is Placement.MIGRATE:
+            if footprint.live_migratable:
+                return Placement.MIGRATE, "migration forced by the operator"
+            return Placement.COLD_MOVE, f"migration forced by the operator; cold move ({footprint.why_not})"
+        if not footprint.live_migratable:
+            if self.config.allow_cold_moves:
+                return Placement.COLD_MOVE, f"cold move: the VM cannot live-migrate ({footprint.why_not})"
+            return Placement.STREAM, (f"the VM cannot live-migrate ({footprint.why_not}) and "
+                                      "allow_cold_moves is off")
+        if move < stream * (1 - self.config.margin):
+            return Placement.MIGRATE, "migrating there and back crosses the LAN less than streaming"
+        return Placement.STREAM, "streaming crosses the LAN less than migrating there and back"
+
+    def apply(self, plan: Plan, batch: Sequence[Instruction], context: HostContext) -> Plan:
+        forced = {i.id: i.placement for i in batch}
+        groups: dict[tuple[str, str], list[WorkUnit]] = {}
+        for unit in plan.units:
+            host = context.remote_destinations.get(unit.destination, "")
+            if host and host != context.host_name and unit.kind is UnitKind.BACKUP_DISK and unit.disk:
+                groups.setdefault((unit.disk.domain_uuid, unit.destination), []).append(unit)
+        decided: dict[str, WorkUnit] = {}
+        notes = []
+        for (uuid, destination), units in groups.items():
+            host = context.remote_destinations[destination]
+            footprint = context.footprints.get(uuid)
+            stream = self.stream_bytes(units, context)
+            move = 0 if footprint is None else self.move_bytes(footprint)
+            wish = next((forced[i] for u in units for i in u.satisfies
+                         if forced.get(i, Placement.AUTO) is not Placement.AUTO), self.config.force)
+            placement, why = self.choose(wish, footprint, stream, move)
+            if placement is Placement.COLD_MOVE:
+                move = 0
+            reason = (f"{placement.value} to {host}: {why} (predicted LAN bytes: stream "
+                      f"{format_bytes(stream)}, migrate there and back {format_bytes(move)})")
+            notes.append(f"colocate: {units[0].disk.domain_name if units[0].disk else uuid} -> {reason}")
+            for unit in units:
+                decided[unit.id] = replace(unit, placement=placement, target_host=host,
+                                           predicted_stream_bytes=stream, predicted_move_bytes=move,
+                                           reason=_add_reason(unit, reason))
+        out = []
+        for unit in plan.units:
+            if unit.id in decided:
+                out.append(decided[unit.id])
+            elif context.remote_destinations.get(unit.destination, context.host_name) != context.host_name:
+                host = context.remote_destinations[unit.destination]
+                out.append(replace(unit, placement=Placement.STREAM, target_host=host))
+            else:
+                out.append(unit)
+        return replace(plan, units=tuple(out), notes=(*plan.notes, *notes))
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
 __all__ = [
-    "DEFAULT_CHAIN", "ENTRY_POINT_GROUP", "BackupWindow", "HostContext", "MalformedBatch", "Merge",
+    "DEFAULT_CHAIN", "ENTRY_POINT_GROUP", "BackupWindow", "Colocate", "ColocateConfig", "HostContext",
+    "MalformedBatch", "Merge",
     "OptimizerConfigError", "OptimizerError", "Passthrough", "PlanResult", "Planner", "PlanningPolicy",
     "PolicyError", "Rejection", "Timing", "TimingConfig", "UnknownPolicy", "available_policies",
     "base_name", "baseline_plan", "build_chain", "check_batch", "check_plan", "load_policy", "parse_chain",

@@ -1,0 +1,126 @@
+"""The hosts a host agent works with, and the backup media attached to them.
+
+Every agent of a cluster reads the same inventory (the ``[hosts.*]``, ``[media.*]`` and
+``shared_storage`` parts of its config file, see ``docs/agent.md``); only ``host_name`` says which
+host it is.  A single host needs none of it: without an inventory every destination is a local
+repository and no VM is ever moved.
+
+* A **host** is a hypervisor: the libvirt URI its peers migrate to, the gRPC address of its agent's
+  operator API, and the LAN address migration streams arrive on.
+* A **media** entry is a destination served by a media service (``hyperback-media``) on one host:
+  that host's agent writes the repository directly (``path``); every other host streams to the
+  service's predefined address (``service``), or moves the VM there (the ``colocate`` policy).
+* **Shared storage** lists the directories every host sees in common: a VM whose disks all lie in
+  them can run on any host, so it may be moved.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from host_agent import errors
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    libvirt_uri: str      # as the other hosts' libvirt daemons reach this one (peer-to-peer migration)
+    agent: str            # gRPC target of this host's agent operator API, e.g. "10.0.0.2:7411"
+    lan_ip: str           # migration streams to this host arrive on this address
+
+
+@dataclass(frozen=True)
+class Media:
+    name: str             # the destination name guests and operators use
+    host: str             # the host whose backup media hold the repository
+    service: str          # the media service's predefined address, "IP:PORT"
+    path: Path            # the repository directory, as the media host sees it
+
+
+@dataclass(frozen=True)
+class Inventory:
+    host_name: str = ""                                  # this host; "" = a single host
+    hosts: Mapping[str, Host] = field(default_factory=dict)
+    media: Mapping[str, Media] = field(default_factory=dict)
+    shared_storage: tuple[Path, ...] = ()
+
+    def host(self, name: str) -> Host:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise errors.UsageError(f"host {name!r} is not in the inventory (known: "
+                                    f"{', '.join(sorted(self.hosts)) or 'none'})") from None
+
+    @property
+    def this_host(self) -> Host:
+        return self.host(self.host_name)
+
+    def is_remote(self, destination: str) -> bool:
+        """True if ``destination`` is media attached to another host than this one."""
+        media = self.media.get(destination)
+        return media is not None and media.host != self.host_name
+
+    def remote_destinations(self) -> dict[str, str]:
+        """Destination -> the host of its media, for every destination on another host."""
+        return {name: m.host for name, m in self.media.items() if m.host != self.host_name}
+
+    def shared(self, path: str) -> bool:
+        """True if ``path`` lies inside a shared storage directory (lexically: no symlinks followed,
+        so a link out of shared storage does not count as shared)."""
+        normal = os.path.normpath(path)
+        return any(normal == str(root) or normal.startswith(str(root).rstrip("/") + "/")
+                   for root in self.shared_storage)
+
+
+def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise errors.UsageError(f"config {key} must be a table of tables, e.g. [{key}.NAME]")
+    for name in value:
+        if not NAME.fullmatch(name):
+            raise errors.UsageError(f"config {key}.{name}: names must match {NAME.pattern}")
+    return value
+
+
+def _fields(where: str, table: Mapping[str, Any], required: Iterable[str]) -> dict[str, str]:
+    required = tuple(required)
+    unknown = set(table) - set(required)
+    if unknown:
+        raise errors.UsageError(f"config {where}: unknown setting(s) {', '.join(sorted(unknown))} "
+                                f"(settings: {', '.join(required)})")
+    missing = [k for k in required if not str(table.get(k, "")).strip()]
+    if missing:
+        raise errors.UsageError(f"config {where}: missing {', '.join(missing)}")
+    return {k: str(table[k]) for k in required}
+
+
+def _service(where: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.UsageError(f"config {where}: service {value!r} is not IP:PORT")
+    return value
+
+
+def parse(doc: Mapping[str, Any], host_name: str) -> Inventory:
+    """The inventory from a config document's ``hosts``, ``media`` and ``shared_storage``."""
+    hosts = {name: Host(name, **_fields(f"hosts.{name}", t, ("libvirt_uri", "agent", "lan_ip")))
+             for name, t in _table(doc, "hosts").items()}
+    media = {}
+    for name, t in _table(doc, "media").items():
+        f = _fields(f"media.{name}", t, ("host", "service", "path"))
+        if f["host"] not in hosts:
+            raise errors.UsageError(f"config media.{name}: host {f['host']!r} is not in [hosts]")
+        media[name] = Media(name, f["host"], _service(f"media.{name}", f["service"]), Path(f["path"]))
+    shared = doc.get("shared_storage", [])
+    if not isinstance(shared, list) or not all(isinstance(p, str) and p.startswith("/") for p in shared):
+        raise errors.UsageError("config shared_storage must be a list of absolute paths")
+    if (hosts or media) and host_name not in hosts:
+        raise errors.UsageError(f"config host_name {host_name!r} is not in [hosts] (known: "
+                                f"{', '.join(sorted(hosts)) or 'none'}); set host_name to this host's entry")
+    return Inventory(host_name, hosts, media, tuple(Path(os.path.normpath(p)) for p in shared))

@@ -1,0 +1,190 @@
+"""The colocate policy: for a backup whose media sit on another host it predicts the LAN bytes of
+streaming and of moving the VM there and back, picks the smaller, says why; operators can force
+either; a VM that cannot move streams; cold moves only when allowed or forced. Also the inventory."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_policies import NOW, backup, build_chain, disk, parse_chain, restore
+
+from host_agent import errors
+from host_agent.config import load
+from host_agent.model import Placement, Policy, UnitKind, VmFootprint
+from host_agent.optimizer import request_from_pb, request_to_pb, result_from_pb, result_to_pb
+from host_agent.policies import (
+    Colocate,
+    ColocateConfig,
+    HostContext,
+    OptimizerConfigError,
+    Planner,
+    parse_rate,
+)
+
+MB = 10**6
+GIB = 1 << 30
+
+
+def footprint(uuid: str = "uuid-vm1", touched: int = 100 * MB, dirty: float = 0.0, live: bool = True,
+              movable: bool = True, why: str = "") -> VmFootprint:
+    return VmFootprint(uuid, GIB, touched, dirty, live, movable, why)
+
+
+def context(*footprints: VmFootprint, held: dict[tuple[str, str], int] | None = None) -> HostContext:
+    return HostContext("host-a", NOW, None, footprints={f.domain_uuid: f for f in footprints},
+                       remote_destinations={"offsite": "host-b"}, held=held or {})
+
+
+def data_disk(allocated: int) -> object:
+    return replace(disk("vm1"), allocated=allocated)
+
+
+def plan_units(batch: list, ctx: HostContext, chain: str = "merge,colocate,timing", **options: str) -> list:
+    policies = build_chain(parse_chain(chain), {"colocate": options} if options else None)
+    result = Planner(policies).plan(batch, ctx)
+    return [u for u in result.plan.units if u.kind is UnitKind.BACKUP_DISK]
+
+
+def test_big_data_and_a_small_vm_migrate_with_both_predictions_in_the_reason() -> None:
+    [unit] = plan_units([backup("1", data_disk(1000 * MB), destination="offsite", policy=Policy.FULL)],
+                        context(footprint(touched=100 * MB)))
+    assert unit.placement is Placement.MIGRATE and unit.target_host == "host-b"
+    assert unit.predicted_stream_bytes == round(1000 * MB * 1.03)
+    assert unit.predicted_move_bytes == round(2 * 100 * MB * 1.02)
+    assert "migrate to host-b" in unit.reason and "1.0 GB" in unit.reason and "204.0 MB" in unit.reason
+
+
+def test_little_data_streams() -> None:
+    [unit] = plan_units([backup("1", data_disk(50 * MB), destination="offsite", policy=Policy.FULL)],
+                        context(footprint(touched=100 * MB)))
+    assert unit.placement is Placement.STREAM and "streaming crosses the LAN less" in unit.reason
+
+
+def test_an_incremental_is_priced_by_what_the_destination_last_stored() -> None:
+    held = {("offsite", "uuid-vm1/s1"): 5 * MB}
+    [unit] = plan_units([backup("1", data_disk(1000 * MB), destination="offsite")],
+                        context(footprint(), held=held))
+    assert unit.predicted_stream_bytes == round(5 * MB * 1.03) and unit.placement is Placement.STREAM
+
+
+def test_the_dirty_rate_adds_what_the_guest_rewrites_during_the_copy() -> None:
+    # 100 MB at 125 MB/s take 0.8 s, during which a 50 MB/s guest dirties 40 MB more, each way
+    [unit] = plan_units([backup("1", data_disk(1000 * MB), destination="offsite", policy=Policy.FULL)],
+                        context(footprint(touched=100 * MB, dirty=50 * MB)))
+    assert unit.predicted_move_bytes == round(2 * 140 * MB * 1.02)
+
+
+def test_operators_force_either_way() -> None:
+    big = backup("1", data_disk(1000 * MB), destination="offsite", policy=Policy.FULL)
+    [unit] = plan_units([replace(big, placement=Placement.STREAM)], context(footprint()))
+    assert unit.placement is Placement.STREAM and "forced" in unit.reason
+    small = backup("2", data_disk(1 * MB), destination="offsite", policy=Policy.FULL)
+    [unit] = plan_units([small], context(footprint()), force="migrate")
+    assert unit.placement is Placement.MIGRATE and "forced" in unit.reason
+
+
+def test_a_vm_that_cannot_move_streams_even_when_forced() -> None:
+    stuck = footprint(movable=False, why="disk /local/vm1.img is not on shared storage")
+    [unit] = plan_units([replace(backup("1", data_disk(1000 * MB), destination="offsite"),
+                                 placement=Placement.MIGRATE)], context(stuck))
+    assert unit.placement is Placement.STREAM and "/local/vm1.img" in unit.reason
+
+
+def test_a_vm_that_cannot_live_migrate_moves_cold_only_when_allowed_or_forced() -> None:
+    pinned = footprint(live=False, why="1 host device(s) passed through")
+    batch = [backup("1", data_disk(1000 * MB), destination="offsite", policy=Policy.FULL)]
+    [unit] = plan_units(batch, context(pinned))
+    assert unit.placement is Placement.STREAM and "allow_cold_moves is off" in unit.reason
+    [unit] = plan_units(batch, context(pinned), allow_cold_moves="yes")
+    assert unit.placement is Placement.COLD_MOVE and unit.predicted_move_bytes == 0
+    [unit] = plan_units([replace(batch[0], placement=Placement.MIGRATE)], context(pinned))
+    assert unit.placement is Placement.COLD_MOVE
+
+
+def test_local_destinations_are_left_alone_and_remote_restores_stream() -> None:
+    units = plan_units([backup("1", data_disk(1000 * MB)), restore("2", disk("vm2"), destination="offsite")],
+                       context(footprint()))
+    assert [u.placement for u in units] == [Placement.LOCAL]
+    result = Planner(build_chain(["merge", "colocate"])).plan(
+        [restore("2", disk("vm2"), destination="offsite")], context())
+    assert [u.placement for u in result.plan.units] == [Placement.STREAM]
+
+
+def test_a_vm_without_footprint_streams() -> None:
+    [unit] = plan_units([backup("1", data_disk(1000 * MB), destination="offsite")], context())
+    assert unit.placement is Placement.STREAM and "no footprint" in unit.reason
+
+
+def test_placements_and_facts_survive_the_wire() -> None:
+    batch = [replace(backup("1", data_disk(1000 * MB), destination="offsite"), placement=Placement.MIGRATE)]
+    ctx = context(footprint(dirty=3.5), held={("offsite", "uuid-vm1/s1"): 7})
+    again, ctx2 = request_from_pb(request_to_pb(batch, ctx), NOW)
+    assert again == batch and ctx2.footprints == ctx.footprints and ctx2.held == ctx.held
+    assert ctx2.remote_destinations == ctx.remote_destinations
+    result = Planner([Colocate()]).plan(batch, ctx)
+    assert result_from_pb(result_to_pb(result)) == result
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"margin": "1.5"}, "margin"), ({"force": "teleport"}, "force"), ({"lan_bandwidth": "fast"}, "rate"),
+    ({"allow_cold_moves": "maybe"}, "yes or no"), ({"speed": "1"}, "no option 'speed'")])
+def test_bad_options_are_refused_with_the_reason(options: dict[str, str], message: str) -> None:
+    with pytest.raises(OptimizerConfigError, match=message):
+        Colocate.from_options(options)
+
+
+def test_rates_read_bytes_and_bits() -> None:
+    assert parse_rate("125M") == 125e6 and parse_rate("1Gbit") == 125e6 and parse_rate("10") == 10
+    assert Colocate.from_options({"lan_bandwidth": "10Gbit"}).config == ColocateConfig(lan_bandwidth=1.25e9)
+
+
+# --------------------------------------------------------------------------- the inventory
+
+INVENTORY = """
+host_name = "hosta"
+shared_storage = ["/srv/vms/"]
+[repositories]
+default = "/var/lib/hyperback/repo"
+[hosts.hosta]
+libvirt_uri = "qemu+ssh://hosta/system"
+agent = "10.0.0.1:7411"
+lan_ip = "10.0.0.1"
+[hosts.hostb]
+libvirt_uri = "qemu+ssh://hostb/system"
+agent = "10.0.0.2:7411"
+lan_ip = "10.0.0.2"
+[media.offsite]
+host = "hostb"
+service = "10.0.0.100:7420"
+path = "/srv/backup/offsite"
+"""
+
+
+def test_the_inventory_names_hosts_media_and_shared_storage(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text(INVENTORY)
+    config = load(tmp_path / "agent.toml", env={})
+    inv = config.inventory
+    assert inv.this_host.lan_ip == "10.0.0.1" and inv.remote_destinations() == {"offsite": "hostb"}
+    assert config.destinations == {"default", "offsite"}
+    assert inv.shared("/srv/vms/a/vm1.img") and not inv.shared("/srv/vmsX/vm1.img")
+    assert not inv.shared("/srv/vms/../etc/passwd")
+    with pytest.raises(errors.UsageError, match="media service at 10.0.0.100:7420"):
+        config.repository("offsite")
+    on_b = load(tmp_path / "agent.toml", env={"HYPERBACK_HOST_NAME": "hostb"})
+    assert on_b.repository("offsite") == Path("/srv/backup/offsite")
+    assert not on_b.inventory.is_remote("offsite")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (('lan_ip = "10.0.0.2"', 'lan_ip = "10.0.0.2"\nbogus = "1"'), "unknown setting"),
+    (('host = "hostb"', 'host = "hostc"'), "not in \\[hosts\\]"),
+    (('service = "10.0.0.100:7420"', 'service = "10.0.0.100"'), "IP:PORT"),
+    (('host_name = "hosta"', 'host_name = "hostz"'), "host_name 'hostz' is not in"),
+    (('shared_storage = ["/srv/vms/"]', 'shared_storage = ["srv"]'), "absolute"),
+])
+def test_a_broken_inventory_is_refused_with_what_to_fix(tmp_path: Path, change: tuple[str, str],
+                                                          message: str) -> None:
+    (tmp_path / "agent.toml").write_text(INVENTORY.replace(*change, 1))
+    with pytest.raises(errors.UsageError, match=message):
+        load(tmp_path / "agent.toml", env={})
