@@ -422,3 +422,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = f"internal error: {type(e).__name__}: {e} (rerun with --debug)"
         return _fail(common, EXIT_INTERNAL, message, "InternalError")
+if __name__ == "__main__":
+    raise SystemExit(main())

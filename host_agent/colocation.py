@@ -208,6 +208,8 @@ class Colocator:
             verb = "live-migrating" if first.placement is Placement.MIGRATE else "moving (cold)"
             await report(f"{verb} {name} to {there.name} (predicted {first.predicted_move_bytes} LAN bytes "
                          f"there and back, against {first.predicted_stream_bytes} to stream)", 0, 0)
+            # the guest reads that step before its channel drops, so it knows to wait for the move
+            await asyncio.sleep(0.5)
             try:
                 out = await asyncio.to_thread(self._move, first.placement, name, here, there)
             except migration.MoveError as e:

@@ -311,17 +311,23 @@ class Agent:
                     footprints[instruction.domain_uuid] = footprint(dom, self.config, paths)
                 except (DomainError, OSError) as e:
                     log.warning("no footprint of %s: %s", instruction.domain_uuid, e)
-            repo = self.repository(instruction.destination)
-            for disk in instruction.disks:
-                try:
-                    latest = repo.snapshots(disk.snapshot_name)
-                except (errors.HyperbackError, OSError) as e:
-                    log.warning("cannot ask %s what it holds: %s", instruction.destination, e)
-                    continue
-                if latest:
-                    held[(instruction.destination, disk.snapshot_name)] = latest[-1].stats.bytes_stored
+            held.update(self._held(instruction))
         measured = [replace(i, disks=tuple(map(_measured, i.disks))) if i in remote else i for i in batch]
         return replace(context, footprints=footprints, held=held), measured
+
+    def _held(self, instruction: Instruction) -> dict[tuple[str, str], int]:
+        """The stored size of the destination's latest snapshot of each disk (none if unreachable:
+        the policy then prices a full copy)."""
+        held = {}
+        try:
+            repo = self.repository(instruction.destination)
+            for disk in instruction.disks:
+                latest = repo.snapshots(disk.snapshot_name)
+                if latest:
+                    held[(instruction.destination, disk.snapshot_name)] = latest[-1].stats.bytes_stored
+        except (errors.HyperbackError, OSError) as e:
+            log.warning("cannot ask %s what it holds: %s", instruction.destination, e)
+        return held
 
     async def _announce(self, job_ids: tuple[str, ...], message: str, done: int, total: int) -> None:
         """A step of a co-located backup: to the operator's job, and to a waiting guest (its VM is
@@ -351,7 +357,8 @@ class Agent:
         self.journal.finish(instruction, {"ok": outcome.error is None, "wire": result.to_wire()})
         final = state or (JobState.SUCCEEDED if outcome.error is None else JobState.FAILED)
         await self.jobs.move(instruction.id, final, outcome.error or "done",
-                             snapshot_ids=[d.snapshot for d in outcome.disks])
+                             snapshot_ids=[d.snapshot for d in outcome.disks],
+                             moved_bytes=outcome.moved_bytes)
         job = self.jobs.get(instruction.id)
         channel = self.channels.get(instruction.domain_uuid)
         if channel is None or (job is not None and job.origin is not Origin.GUEST):

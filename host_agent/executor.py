@@ -52,6 +52,7 @@ class Outcome:
     disks: list[DiskResult] = field(default_factory=list)
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
+    moved_bytes: int = 0            # migration streams sent to back it up on another host
 
     def to_json(self) -> dict[str, Any]:
         base = {"ok": self.error is None, "job": self.instruction.id,
@@ -167,6 +168,9 @@ class Executor:
                     for i in unit.satisfies:
                         if i in outcomes:
                             outcomes[i].disks.append(disk_result)
+        for i in job_ids:
+            if i in outcomes:
+                outcomes[i].moved_bytes += there.bytes + back.bytes
         self.visits.append(result)
 
     async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot]) -> None:

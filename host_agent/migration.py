@@ -288,7 +288,9 @@ def cold_move(domain_name: str, src_uri: str, dst_uri: str, *, shutdown_timeout:
         dom = _lookup(src, domain_name, src_uri)
         try:
             persistent = bool(dom.isPersistent())
-            flags = libvirt.VIR_DOMAIN_XML_SECURE | (libvirt.VIR_DOMAIN_XML_INACTIVE if persistent else 0)
+            # the definition, not the live state: no host-local paths libvirt generated here
+            flags = (libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE
+                     | libvirt.VIR_DOMAIN_XML_MIGRATABLE)
             xml = dom.XMLDesc(flags)
         except libvirt.libvirtError as e:
             raise MoveError(f"cold move of {domain_name}: {e}") from e

@@ -65,6 +65,7 @@ def _job_pb(job: Job) -> pb.Job:
                   created_at=job.created_at,
                   updated_at=job.updated_at, not_before=job.not_before, snapshot_ids=job.snapshot_ids,
                   progress=pb.Progress(bytes_done=job.bytes_done, bytes_total=job.bytes_total),
+                  moved_bytes=job.moved_bytes,
                   **_placement_fields(job.plan))
 
 

@@ -317,7 +317,8 @@ def test_the_command_explains_itself_and_refuses_an_unknown_policy() -> None:
                          timeout=30)
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("hyperback-optimizer: no policy named 'quickest' is installed (available: "
-                                  "colocate, merge, passthrough, timing; entry point group hyperback.policies)")
+                                  "colocate, merge, passthrough, timing; "
+                                  "entry point group hyperback.policies)")
 
 
 # --------------------------------------------------------------------------- the host's side

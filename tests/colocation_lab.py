@@ -1,0 +1,235 @@
+"""Two real libvirt hosts with a hyperback agent each, and backup media on host B only.
+
+Host A is this machine's libvirtd and network namespace; host B is ``TwoHosts``'s second libvirtd in
+its own network and mount namespaces, joined by the veth LAN.  ``Cluster`` adds:
+
+* B's backup media: a tmpfs mounted in B's mount namespace only, so nothing on A can write it except
+  through the LAN (or by moving the VM to B);
+* the media service (``hyperback-media``) in B's namespaces, on the predefined service address
+  10.77.0.100 that it claims on B's LAN interface;
+* one ``hyperback-agent`` per host, as separate processes (B's entered with nsenter), reading one
+  inventory that differs only in ``host_name``; B's operator API listens on B's LAN address.
+
+Every process is stopped, and every mount goes with B's namespace, when the ``Cluster`` closes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from host_agent._proto.hyperback.v1 import media_pb2, media_pb2_grpc
+from host_agent._proto.hyperback.v1 import operator_pb2 as opb
+from host_agent._proto.hyperback.v1 import operator_pb2_grpc as opb_grpc
+from host_agent.lab.twohosts import LAN_A_IF, LAN_B_IF, TwoHosts
+
+SERVICE_IP = "10.77.0.100"
+MEDIA_PORT = 7420
+AGENT_PORT = 7411
+BIN = Path(sys.executable).parent
+FINAL = {opb.JOB_STATE_SUCCEEDED, opb.JOB_STATE_FAILED, opb.JOB_STATE_REJECTED, opb.JOB_STATE_CANCELLED}
+
+
+def inventory(hosts: TwoHosts, media_root: Path, shared: Path, host_name: str) -> str:
+    return f"""
+host_name = "{host_name}"
+shared_storage = ["{shared}"]
+default_destination = "media-b"
+
+[hosts.hosta]
+libvirt_uri = "{hosts.uri_a}"
+agent = "{hosts.lan_ip_a}:{AGENT_PORT}"
+lan_ip = "{hosts.lan_ip_a}"
+
+[hosts.hostb]
+libvirt_uri = "{hosts.uri_b}"
+agent = "{hosts.lan_ip_b}:{AGENT_PORT}"
+lan_ip = "{hosts.lan_ip_b}"
+
+[media.media-b]
+host = "hostb"
+service = "{SERVICE_IP}:{MEDIA_PORT}"
+path = "{media_root}/media-b"
+
+[media.media-b2]
+host = "hostb"
+service = "{SERVICE_IP}:{MEDIA_PORT}"
+path = "{media_root}/media-b2"
+"""
+
+
+def agent_config(root: Path, operator: str, extra: str = "") -> str:
+    return f"""
+libvirt_uri = "qemu:///system"
+state_dir = "{root}/state"
+run_dir = "{root}/run"
+restore_dir = "{root}/restores"
+optimizer = "unix:{root}/optimizer.sock"
+operator_listen = "{operator}"
+interval = 1.0
+send_load = false
+move_timeout = 120
+shutdown_timeout = 3
+{extra}
+[repositories]
+local = "{root}/repo"
+
+[policy_options.timing]
+recheck = "2s"
+"""
+
+
+class Cluster:
+    def __init__(self, hosts: TwoHosts, root: Path, shared: Path) -> None:
+        self.hosts = hosts
+        self.root = root
+        self.shared = shared
+        self.media_root = root / "media"      # a tmpfs in B's mount namespace only
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- processes --
+
+    def in_b(self, *command: str) -> list[str]:
+        return ["nsenter", f"--target={self.hosts.libvirtd_pid_b}", "--mount", "--net", "--", *command]
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def start_media_b(self) -> None:
+        self.root.joinpath("media").mkdir(exist_ok=True)
+        subprocess.run(self.in_b("mount", "-t", "tmpfs", "-o", "size=2g", "hb-media-b", str(self.media_root)),
+                       check=True)
+        for repo in ("media-b", "media-b2"):
+            subprocess.run(self.in_b(str(BIN / "hyperback"), "init", str(self.media_root / repo)), check=True,
+                           capture_output=True)
+        self.start_media("hostb", {r: self.media_root / r for r in ("media-b", "media-b2")})
+        self.describe(timeout=30)
+
+    def start_media(self, host: str, repos: dict[str, Path]) -> None:
+        """The media service on ``host``, claiming the service address on that host's LAN interface."""
+        lan = LAN_B_IF if host == "hostb" else LAN_A_IF
+        command = [str(BIN / "hyperback-media"), "--listen", f"{SERVICE_IP}:{MEDIA_PORT}",
+                   "--host-name", host, "--service-ip", f"{SERVICE_IP}/24", "--service-dev", lan]
+        for name, path in repos.items():
+            command += ["--repo", f"{name}={path}"]
+        self._spawn(f"media-{host}", self.in_b(*command) if host == "hostb" else command)
+
+    def start_agent(self, host: str, extra: str = "") -> None:
+        root = self.root / host
+        root.mkdir(exist_ok=True)
+        operator = (f"{self.hosts.lan_ip_b}:{AGENT_PORT}" if host == "hostb" else f"unix:{root}/agent.sock")
+        config = root / "agent.toml"
+        config.write_text(inventory(self.hosts, self.media_root, self.shared, host)
+                          + agent_config(root, operator, extra))
+        command = [str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer", "-v"]
+        self._spawn(f"agent-{host}", self.in_b(*command) if host == "hostb" else command)
+        self.wait_operator(host)
+
+    def operator_target(self, host: str) -> str:
+        return (f"{self.hosts.lan_ip_b}:{AGENT_PORT}" if host == "hostb"
+                else f"unix:{self.root / host / 'agent.sock'}")
+
+    @contextlib.contextmanager
+    def operator(self, host: str = "hosta") -> Iterator[opb_grpc.OperatorStub]:
+        with grpc.insecure_channel(self.operator_target(host)) as channel:
+            yield opb_grpc.OperatorStub(channel)
+
+    def wait_operator(self, host: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.procs[f"agent-{host}"]
+            if proc.poll() is not None:
+                log = self.log(f"agent-{host}")
+                raise AssertionError(f"agent on {host} exited {proc.returncode}:\n{log}")
+            try:
+                with self.operator(host) as stub:
+                    stub.ListDomains(opb.ListDomainsRequest(), timeout=2)
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    log = self.log(f"agent-{host}")
+                    raise AssertionError(f"agent on {host} does not answer:\n{log}") from None
+                time.sleep(0.3)
+
+    def describe(self, timeout: float = 10) -> Any:
+        """The media service's answer at the service address (from host A, over the LAN)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with grpc.insecure_channel(f"{SERVICE_IP}:{MEDIA_PORT}") as channel:
+                    return media_pb2_grpc.MediaStub(channel).Describe(media_pb2.DescribeRequest(), timeout=3)
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    # -- jobs --
+
+    def wait_job(self, job_id: str, host: str = "hosta", timeout: float = 600) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.operator(host) as stub:
+                jobs = stub.ListJobs(opb.ListJobsRequest(), timeout=10).jobs
+            job = next((j for j in jobs if j.id == job_id), None)
+            if job is not None and job.state in FINAL:
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} did not finish in {timeout} s:\n{self.log('agent-hosta')}")
+
+    def jobs_of(self, domain: str, host: str = "hosta") -> list[Any]:
+        with self.operator(host) as stub:
+            return list(stub.ListJobs(opb.ListJobsRequest(domain=domain), timeout=10).jobs)
+
+    def events(self, job_id: str, host: str = "hosta") -> list[str]:
+        with self.operator(host) as stub:
+            stream = stub.WatchJob(opb.WatchJobRequest(job_id=job_id, after_sequence=0), timeout=10)
+            return [e.message for e in stream]
+
+    def lan_bytes(self) -> int:
+        """Bytes that crossed the LAN in either direction so far (lan0's counters)."""
+        return self.hosts.lan_tx_bytes() + self.hosts.lan_rx_bytes()
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@contextlib.contextmanager
+def cluster(hosts: TwoHosts, root: Path, shared: Path, *, agent_a_extra: str = "") -> Iterator[Cluster]:
+    c = Cluster(hosts, root, shared)
+    try:
+        c.start_media_b()
+        c.start_agent("hostb")
+        c.start_agent("hosta", agent_a_extra)
+        yield c
+    finally:
+        c.close()
+
+
+__all__ = ["BIN", "FINAL", "LAN_A_IF", "SERVICE_IP", "Cluster", "cluster"]
