@@ -252,7 +252,8 @@ class Colocator:
         if placement is Placement.COLD_MOVE:
             return migration.cold_move(name, src_uri, dst.libvirt_uri,
                                        shutdown_timeout=self.config.shutdown_timeout)
-        return migration.live_migrate(name, src_uri, dst.libvirt_uri, dst.lan_ip, self.config.move_timeout)
+        return migration.live_migrate(name, src_uri, dst.libvirt_uri, dst.lan_ip, self.config.move_timeout,
+                                      bandwidth_mib=self.config.move_bandwidth)
 
     async def _move_back(self, placement: Placement, name: str, here: Any, there: Any,
                          attempts: int = 3) -> migration.MoveStats:

@@ -68,6 +68,8 @@ class AgentConfig:
     inventory: Inventory = Inventory()
     # seconds one live migration (or one leg of a cold move) may take before it is aborted
     move_timeout: float = 300.0
+    # cap on a live migration's stream in MiB/s, to leave the LAN to other traffic; 0: no cap
+    move_bandwidth: int = 0
     # seconds a backup on another host (after moving the VM there) may take
     visit_timeout: float = 6 * 3600.0
     # a cold move asks the guest to shut down and forces it off after this many seconds

@@ -8,13 +8,16 @@
     │   ├── NotARepository
     │   ├── UnsupportedFormat       written by a newer hyperback
     │   ├── RepositoryExists
-    │   └── SnapshotNotFound
+    │   ├── SnapshotNotFound
+    │   └── UnknownDestination      a media service serves no destination of that name
     ├── EnvironmentProblem          exit 3  the system refused: fix it and run again
     │   ├── SourceError             the source cannot be opened or read
     │   ├── TargetError             the restore target cannot be written
     │   ├── RepositoryFull          ENOSPC/EDQUOT on the backup media
     │   ├── RepositoryIOError       another I/O error on the backup media
-    │   └── RepositoryBusy          a lock is held by a live process
+    │   ├── RepositoryBusy          a lock is held by a live process
+    │   └── RemoteError             a media service cannot be reached, or failed
+    │       └── SessionExpired      it dropped a backup session (silent too long, aborted, restarted)
     ├── IntegrityError              exit 4  stored data is damaged
     │   ├── CorruptChunk            a blob failed its checks
     │   └── MissingChunk            a referenced blob is not in the repository
@@ -55,6 +58,10 @@ class SnapshotNotFound(RepositoryError):
     pass
 
 
+class UnknownDestination(RepositoryError):
+    pass
+
+
 class EnvironmentProblem(HyperbackError):
     exit_code = 3
 
@@ -76,6 +83,14 @@ class RepositoryIOError(EnvironmentProblem):
 
 
 class RepositoryBusy(EnvironmentProblem):
+    pass
+
+
+class RemoteError(EnvironmentProblem):
+    pass
+
+
+class SessionExpired(RemoteError):
     pass
 
 

@@ -27,9 +27,13 @@ from host_agent.colocation import Colocator, VisitResult
 from host_agent.extents import Extent, Layout
 from host_agent.model import Instruction, Placement, Plan, Policy, UnitKind, WorkUnit
 from host_agent.policies import base_name
+from host_agent.remote import RemoteRepository
 from host_agent.repository import BackupResult, Repository, Snapshot
 
 log = logging.getLogger(__name__)
+
+# a destination on this host, or on another host's media reached through its media service
+AnyRepository = Repository | RemoteRepository
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
 
 
 class Executor:
-    def __init__(self, repository_for: Callable[[str], Repository], conn: Any, answer: AnswerFn,
+    def __init__(self, repository_for: Callable[[str], AnyRepository], conn: Any, answer: AnswerFn,
                  freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, work_dir: Path,
                  colocator: Colocator | None = None, announce: AnnounceFn | None = None) -> None:
         self._repository_for = repository_for
@@ -201,7 +205,7 @@ class Executor:
             return
         raise errors.UsageError(f"unit kind {unit.kind.value} is not carried out by this executor")
 
-    def _restore_disk(self, repo: Repository, unit: WorkUnit) -> DiskResult:
+    def _restore_disk(self, repo: AnyRepository, unit: WorkUnit) -> DiskResult:
         """Restore into a new image and hot-plug it as a new disk: the running disk is never touched.
 
         A guest may restore only snapshots of its own disk: the snapshot must carry the
@@ -221,7 +225,7 @@ class Executor:
         return DiskResult(disk.serial, snap.id, result.bytes_written, 0, result.seconds, "restore",
                           f"restored to a new disk with serial {new_serial}", new_serial)
 
-    def _backup_base(self, repo: Repository, unit: WorkUnit) -> Snapshot:
+    def _backup_base(self, repo: AnyRepository, unit: WorkUnit) -> Snapshot:
         """A shared backing image is immutable while overlays use it: back it up once, then reuse."""
         existing = repo.snapshots(unit.snapshot_name)
         info = qcow2.image_info(unit.source)
@@ -235,7 +239,7 @@ class Executor:
             source = qcow2.chain_layout(info.path, repo.config.chunk_size, label=info.path)
         return repo.backup(source, unit.snapshot_name, Policy.FULL).snapshot
 
-    async def _backup_disk(self, repo: Repository, unit: WorkUnit,
+    async def _backup_disk(self, repo: AnyRepository, unit: WorkUnit,
                            shared: dict[str, Snapshot]) -> tuple[BackupResult, views.DiskView, str]:
         disk = unit.disk
         assert disk is not None
@@ -252,7 +256,7 @@ class Executor:
 
         return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(disk.serial), freeze, thaw)
 
-    def _backup_view(self, repo: Repository, unit: WorkUnit, shared_base: Snapshot | None,
+    def _backup_view(self, repo: AnyRepository, unit: WorkUnit, shared_base: Snapshot | None,
                      freeze: Callable[[], None],
                      thaw: Callable[[], None]) -> tuple[BackupResult, views.DiskView, str]:
         """Take the disk's point-in-time view and back it up; the view merges back on exit.
@@ -297,7 +301,7 @@ class Executor:
         self._prune_checkpoints(repo, disk.domain_uuid)
         return result, view, view.change_detection
 
-    def _prune_checkpoints(self, repo: Repository, domain_uuid: str) -> None:
+    def _prune_checkpoints(self, repo: AnyRepository, domain_uuid: str) -> None:
         """Each checkpoint costs a bitmap QEMU updates on every write: keep only those a future
         incremental or differential of this domain's disks can start from (this repository's)."""
         keep: set[str] = set()

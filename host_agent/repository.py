@@ -333,15 +333,18 @@ class Repository:
         return sorted(p.name for p in self._dir("index").iterdir() if PACK_NAME.fullmatch(p.name))
 
     @contextmanager
-    def session(self, kind: str, writer: bool) -> Iterator[NativeRepository]:
+    def session(self, kind: str, writer: bool, writer_id: bytes | None = None) -> Iterator[NativeRepository]:
         """Hold a lock and a native handle with the index loaded.
 
         Writers skip packs named by a tombstone (their chunks count as absent, so
         a writer never comes to depend on them); readers load those too, and
         hold the lock as if older than every tombstone, so none is swept under them.
+        ``writer_id`` (16 bytes, the lock's name and the writer id of new packs) is
+        random unless given: the media service gives its backup session's, so that
+        packs a client writes for the session belong to the session's lock.
         """
         # The lock comes before the tombstones are read: see docs, "Garbage collection".
-        writer_id = os.urandom(16)
+        writer_id = writer_id or os.urandom(16)
         lock = Lock(self._dir("locks"), kind, self.generation() if writer else 0, writer_id.hex()).acquire()
         native = None
         try:
