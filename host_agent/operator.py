@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "hyperback.v1.Operator"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _POLICY = {opb.POLICY_FULL: Policy.FULL, opb.POLICY_INCREMENTAL: Policy.INCREMENTAL,
            opb.POLICY_DIFFERENTIAL: Policy.DIFFERENTIAL, opb.POLICY_UNSPECIFIED: Policy.INCREMENTAL}
 _POLICY_PB = {v: k for k, v in _POLICY.items() if k != opb.POLICY_UNSPECIFIED}
@@ -119,12 +121,16 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         destinations = [request.destination] if request.destination else sorted(config.destinations)
         if any(d not in config.destinations for d in destinations):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {request.destination!r}")
+        # a uuid names a domain even after it is gone; a name only while this host knows it
+        domain = request.domain
+        if domain and not _UUID.fullmatch(domain):
+            domain = (await self._domain(domain, context)).uuid
         out = []
         for dest in destinations:
             repo = await asyncio.to_thread(self.agent.repository, dest)
             for snap in await asyncio.to_thread(repo.snapshots):
                 uuid, _, serial = snap.name.partition("/")
-                if request.domain and request.domain not in (uuid,):
+                if domain and domain != uuid:
                     continue
                 if request.serial and request.serial != serial:
                     continue

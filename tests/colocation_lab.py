@@ -38,12 +38,9 @@ BIN = Path(sys.executable).parent
 FINAL = {opb.JOB_STATE_SUCCEEDED, opb.JOB_STATE_FAILED, opb.JOB_STATE_REJECTED, opb.JOB_STATE_CANCELLED}
 
 
-def inventory(hosts: TwoHosts, media_root: Path, shared: Path, host_name: str) -> str:
+def inventory(hosts: TwoHosts, media_root: Path) -> str:
+    """The inventory's tables: the same for both hosts."""
     return f"""
-host_name = "{host_name}"
-shared_storage = ["{shared}"]
-default_destination = "media-b"
-
 [hosts.hosta]
 libvirt_uri = "{hosts.uri_a}"
 agent = "{hosts.lan_ip_a}:{AGENT_PORT}"
@@ -66,8 +63,11 @@ path = "{media_root}/media-b2"
 """
 
 
-def agent_config(root: Path, operator: str, extra: str = "") -> str:
+def agent_config(root: Path, host_name: str, shared: Path, operator: str, extra: str = "") -> str:
     return f"""
+host_name = "{host_name}"
+shared_storage = ["{shared}"]
+default_destination = "media-b"
 libvirt_uri = "qemu:///system"
 state_dir = "{root}/state"
 run_dir = "{root}/run"
@@ -76,7 +76,6 @@ optimizer = "unix:{root}/optimizer.sock"
 operator_listen = "{operator}"
 interval = 1.0
 send_load = false
-move_timeout = 120
 shutdown_timeout = 3
 {extra}
 [repositories]
@@ -101,8 +100,8 @@ class Cluster:
         return ["nsenter", f"--target={self.hosts.libvirtd_pid_b}", "--mount", "--net", "--", *command]
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.root / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -122,7 +121,7 @@ class Cluster:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def start_media_b(self) -> None:
-        self.root.joinpath("media").mkdir(exist_ok=True)
+        self.media_root.mkdir(parents=True, exist_ok=True)
         subprocess.run(self.in_b("mount", "-t", "tmpfs", "-o", "size=2g", "hb-media-b", str(self.media_root)),
                        check=True)
         for repo in ("media-b", "media-b2"):
@@ -145,8 +144,8 @@ class Cluster:
         root.mkdir(exist_ok=True)
         operator = (f"{self.hosts.lan_ip_b}:{AGENT_PORT}" if host == "hostb" else f"unix:{root}/agent.sock")
         config = root / "agent.toml"
-        config.write_text(inventory(self.hosts, self.media_root, self.shared, host)
-                          + agent_config(root, operator, extra))
+        config.write_text(agent_config(root, host, self.shared, operator, extra)
+                          + inventory(self.hosts, self.media_root))
         command = [str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer", "-v"]
         self._spawn(f"agent-{host}", self.in_b(*command) if host == "hostb" else command)
         self.wait_operator(host)
@@ -205,11 +204,6 @@ class Cluster:
     def jobs_of(self, domain: str, host: str = "hosta") -> list[Any]:
         with self.operator(host) as stub:
             return list(stub.ListJobs(opb.ListJobsRequest(domain=domain), timeout=10).jobs)
-
-    def events(self, job_id: str, host: str = "hosta") -> list[str]:
-        with self.operator(host) as stub:
-            stream = stub.WatchJob(opb.WatchJobRequest(job_id=job_id, after_sequence=0), timeout=10)
-            return [e.message for e in stream]
 
     def lan_bytes(self) -> int:
         """Bytes that crossed the LAN in either direction so far (lan0's counters)."""
