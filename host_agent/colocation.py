@@ -222,7 +222,9 @@ class Colocator:
                 await report(f"moving {name} back to {here.name}", 0, 0)
                 back = await self._move_back(first.placement, name, here, there)
         finally:
-            await asyncio.to_thread(self._unmark, name)
+            # wherever it ended (home, or left on the media host after failed moves back), it must
+            # not stay marked: the marker keeps its host's agent off its channel
+            await asyncio.to_thread(self._unmark, name, (self.config.libvirt_uri, there.libvirt_uri))
         return VisitResult(disks, out, back, remote_job, time.monotonic() - t0)
 
     # -- libvirt steps (worker threads) --
@@ -241,11 +243,15 @@ class Colocator:
         except libvirt.libvirtError as e:
             raise ColocationError(f"cannot prepare {name} for a move: {e}") from e
 
-    def _unmark(self, name: str) -> None:
-        try:
-            self._with_domain(self.config.libvirt_uri, name, migration.clear_visit)
-        except libvirt.libvirtError as e:
-            log.warning("cannot clear the visit marker of %s here: %s", name, e)
+    def _unmark(self, name: str, uris: Sequence[str]) -> None:
+        """Clear the marker on the first of ``uris`` that runs the domain."""
+        for uri in uris:
+            try:
+                self._with_domain(uri, name, migration.clear_visit)
+                return
+            except libvirt.libvirtError as e:
+                log.info("%s: no %s to unmark (%s)", uri, name, e)
+        log.warning("could not clear the visit marker of %s on %s", name, ", ".join(uris))
 
     def _move(self, placement: Placement, name: str, src: Any, dst: Any) -> migration.MoveStats:
         src_uri = self.config.libvirt_uri if src.name == self.config.inventory.host_name else src.libvirt_uri
@@ -308,5 +314,5 @@ class Colocator:
         for sid in final.snapshot_ids:
             s = by_id.get(sid)
             if s is not None:
-                disks.append(VisitedDisk(s.serial, sid, s.size, s.bytes_new))
+                disks.append(VisitedDisk(s.serial, sid, s.bytes_read, s.bytes_new))
         return job.id, tuple(disks)

@@ -140,7 +140,8 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                                        policy=_POLICY_PB[snap.policy],
                                        parent_id=snap.parent or "", created_at=snap.time.timestamp(),
                                        source=snap.source, size=snap.size, bytes_new=snap.stats.bytes_new,
-                                       bytes_stored=snap.stats.bytes_stored))
+                                       bytes_stored=snap.stats.bytes_stored,
+                                       bytes_read=snap.stats.bytes_read))
         out.sort(key=lambda s: s.created_at, reverse=True)
         return pb.ListSnapshotsResponse(snapshots=out)
 
