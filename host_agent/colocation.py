@@ -25,6 +25,7 @@ import random
 import re
 import stat
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 SAMPLE_PAGES = 4096
 _ZERO_PAGE = bytes(PAGE)
+_FINAL = {opb.JOB_STATE_SUCCEEDED, opb.JOB_STATE_FAILED, opb.JOB_STATE_REJECTED, opb.JOB_STATE_CANCELLED}
 _POLICY_PB = {Policy.FULL: pb.POLICY_FULL, Policy.INCREMENTAL: pb.POLICY_INCREMENTAL,
               Policy.DIFFERENTIAL: pb.POLICY_DIFFERENTIAL}
 
@@ -102,6 +104,15 @@ def touched_bytes(pid: int, memory_bytes: int, samples: int = SAMPLE_PAGES) -> i
     return round(length * nonzero / len(picks))
 
 
+def domain_sources(domain_xml: str) -> list[str]:
+    """Every file or device the domain writes or boots from: disk and cdrom sources with their
+    backing chains, and the UEFI variable store.  All must be on shared storage for it to move."""
+    root = ET.fromstring(domain_xml)
+    paths = [src.get("file") or src.get("dev") or "" for src in root.iterfind("./devices/disk//source")]
+    paths += [n.text or "" for n in root.iterfind("./os/nvram")]
+    return [p for p in paths if p]
+
+
 def dirty_rate(dom: Any, seconds: int = 1) -> float:
     """Bytes per second the guest dirties, as QEMU measures it (0.0 if it cannot)."""
     try:
@@ -118,18 +129,22 @@ def dirty_rate(dom: Any, seconds: int = 1) -> float:
     return 0.0
 
 
-def footprint(dom: Any, config: AgentConfig, disk_paths: Sequence[str]) -> VmFootprint:
+def footprint(dom: Any, config: AgentConfig) -> VmFootprint:
     """What moving ``dom`` to another host would cost, measured now."""
     uuid = dom.UUIDString()
     xml = dom.XMLDesc(0)
-    memory = int(dom.info()[2]) * 1024
+    memory = int(dom.info()[1]) * 1024  # the maximum: QEMU maps that much guest RAM, balloon or not
     live, why = migration.live_migratable(xml)
-    local = [p for p in disk_paths if not config.inventory.shared(p)]
+    local = [p for p in domain_sources(xml) if not config.inventory.shared(p)]
     movable = not local
     if local:
         why = f"disk {local[0]} is not on shared storage" + (f"; {why}" if why else "")
     pid = qemu_pid(uuid)
-    touched = touched_bytes(pid, memory) if pid is not None else None
+    try:
+        touched = touched_bytes(pid, memory) if pid is not None else None
+    except OSError as e:  # e.g. ptrace access to QEMU's memory denied by a security module
+        log.info("cannot sample the guest RAM of %s: %s", dom.name(), e)
+        touched = None
     if touched is None:
         rss = int(dom.memoryStats().get("rss", 0)) * 1024
         log.info("guest RAM of %s not found in QEMU's maps; using its RSS %d", dom.name(), rss)
@@ -218,9 +233,15 @@ class Colocator:
             try:
                 await report(f"backing up {name} on {there.name}", 0, 0)
                 remote_job, disks = await self._remote_backup(units, there.agent, report)
-            finally:
+            except ColocationError as e:
                 await report(f"moving {name} back to {here.name}", 0, 0)
-                back = await self._move_back(first.placement, name, here, there)
+                try:
+                    await self._move_back(first.placement, name, here, there)
+                except ColocationError as back_error:
+                    raise ColocationError(f"{e}; and then: {back_error}") from e
+                raise
+            await report(f"moving {name} back to {here.name}", 0, 0)
+            back = await self._move_back(first.placement, name, here, there)
         finally:
             # wherever it ended (home, or left on the media host after failed moves back), it must
             # not stay marked: the marker keeps its host's agent off its channel
@@ -257,25 +278,43 @@ class Colocator:
         src_uri = self.config.libvirt_uri if src.name == self.config.inventory.host_name else src.libvirt_uri
         if placement is Placement.COLD_MOVE:
             return migration.cold_move(name, src_uri, dst.libvirt_uri,
-                                       shutdown_timeout=self.config.shutdown_timeout)
+                                       shutdown_timeout=self.config.shutdown_timeout,
+                                       rescue_dir=str(self.config.state_dir))
         return migration.live_migrate(name, src_uri, dst.libvirt_uri, dst.lan_ip, self.config.move_timeout,
                                       bandwidth_mib=self.config.move_bandwidth)
 
     async def _move_back(self, placement: Placement, name: str, here: Any, there: Any,
-                         attempts: int = 3) -> migration.MoveStats:
-        """Bring the VM home; it stays running where it is between attempts."""
+                         attempts: int = 4) -> migration.MoveStats:
+        """Bring the VM home; it stays running where it is between attempts (5, 10, 20 s apart: the
+        media host may still be letting go of the disk view)."""
         for attempt in range(1, attempts + 1):
             try:
                 return await asyncio.to_thread(self._move, placement, name, there, here)
             except migration.MoveError as e:
                 if attempt == attempts:
-                    raise ColocationError(f"could not move {name} back to {here.name} ({e}); it keeps "
-                                          f"running on {there.name}: move it with 'virsh migrate'") from e
+                    raise ColocationError(f"could not move {name} back to {here.name} ({e}); it stays on "
+                                          f"{there.name}: move it with 'virsh migrate'") from e
                 log.warning("moving %s back failed (attempt %d): %s", name, attempt, e)
-                await asyncio.sleep(2 * attempt)
+                await asyncio.sleep(5 * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
     # -- the media host's agent --
+
+    async def _until_final(self, stub: Any, domain_uuid: str, job_id: str, wait: float = 120.0) -> Any:
+        """The media host's job once it is final (or as it stands after ``wait`` seconds)."""
+        deadline = time.monotonic() + wait
+        job = None
+        while time.monotonic() < deadline:
+            try:
+                jobs = await stub.ListJobs(opb.ListJobsRequest(domain=domain_uuid), timeout=10)
+            except grpc.aio.AioRpcError as e:
+                log.warning("cannot ask the media host about job %s: %s", job_id, e.details())
+                return job
+            job = next((j for j in jobs.jobs if j.id == job_id), None)
+            if job is None or job.state in _FINAL:
+                return job
+            await asyncio.sleep(1)
+        return job
 
     async def _remote_backup(self, units: Sequence[WorkUnit], agent: str,
                              report: Report) -> tuple[str, tuple[VisitedDisk, ...]]:
@@ -286,22 +325,26 @@ class Colocator:
                                                                Policy.FULL).index(p))
         request = opb.TriggerBackupRequest(domain=first.disk.domain_uuid, serials=serials,
                                            destination=first.destination, policy=_POLICY_PB[policy],
-                                           request_id=f"visit-{first.satisfies[0]}-{first.id}",
+                                           # a new key per visit: a requeued job must not get the
+                                           # media host's answer to an earlier attempt
+                                           request_id=f"visit-{first.satisfies[0]}-{time.time_ns()}",
                                            placement=pb.PLACEMENT_LOCAL)
         try:
             async with grpc.aio.insecure_channel(agent) as channel:
                 stub = opb_grpc.OperatorStub(channel)
                 started = await stub.TriggerBackup(request, timeout=60)
                 job = started.job
-                async for event in stub.WatchJob(opb.WatchJobRequest(job_id=job.id),
-                                                 timeout=self.config.visit_timeout):
-                    if event.message:
-                        await report(f"on the media host: {event.message}", event.progress.bytes_done,
-                                     event.progress.bytes_total)
-                    if event.final:
-                        break
-                jobs = await stub.ListJobs(opb.ListJobsRequest(domain=first.disk.domain_uuid), timeout=60)
-                final = next((j for j in jobs.jobs if j.id == job.id), None)
+                try:
+                    async for event in stub.WatchJob(opb.WatchJobRequest(job_id=job.id),
+                                                     timeout=self.config.visit_timeout):
+                        if event.message:
+                            await report(f"on the media host: {event.message}", event.progress.bytes_done,
+                                         event.progress.bytes_total)
+                        if event.final:
+                            break
+                finally:
+                    # never move the VM away while the media host still holds a view of its disks
+                    final = await self._until_final(stub, first.disk.domain_uuid, job.id)
                 if final is None or final.state != opb.JOB_STATE_SUCCEEDED:
                     why = final.detail if final is not None else "the job vanished"
                     raise ColocationError(f"the backup on the media host failed: {why}")
@@ -310,9 +353,10 @@ class Colocator:
         except grpc.aio.AioRpcError as e:
             raise ColocationError(f"the media host's agent at {agent}: {e.code().name}: {e.details()}") from e
         by_id = {s.id: s for s in snaps.snapshots}
-        disks = []
-        for sid in final.snapshot_ids:
-            s = by_id.get(sid)
-            if s is not None:
-                disks.append(VisitedDisk(s.serial, sid, s.bytes_read, s.bytes_new))
-        return job.id, tuple(disks)
+        disks = tuple(VisitedDisk(s.serial, s.id, s.bytes_read, s.bytes_new)
+                      for s in (by_id.get(sid) for sid in final.snapshot_ids) if s is not None)
+        missing = set(serials) - {d.serial for d in disks}
+        if missing:
+            raise ColocationError(f"the media host reports no snapshot of disk(s) "
+                                  f"{', '.join(sorted(missing))}")
+        return job.id, disks

@@ -39,6 +39,7 @@ from host_agent.executor import Executor, Outcome
 from host_agent.hostload import HostLoadReader
 from host_agent.jobs import Jobs, JobState, Origin
 from host_agent.journal import Journal, new_job_id
+from host_agent.migration import clear_visit
 from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, VmFootprint
 from host_agent.optimizer import OptimizerClient, OptimizerUnavailable, host_context
 from host_agent.policies import HostContext
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from host_agent.remote import RemoteRepository
 
 log = logging.getLogger(__name__)
+
+RESCAN_SECONDS = 30.0
 
 _DETECTION = {"dirty-bitmap": p.ChangeDetection.DIRTY_BITMAP,
               "allocation-map": p.ChangeDetection.ALLOCATION_MAP}
@@ -304,12 +307,11 @@ class Agent:
         footprints: dict[str, VmFootprint] = {}
         held: dict[tuple[str, str], int] = {}
         for instruction in remote:
-            paths = [p for d in instruction.disks for p in (d.path, *d.backing_chain)]
             if instruction.domain_uuid not in footprints:
                 try:
                     dom = self.domains.domain(instruction.domain_uuid)
-                    footprints[instruction.domain_uuid] = footprint(dom, self.config, paths)
-                except (DomainError, OSError) as e:
+                    footprints[instruction.domain_uuid] = footprint(dom, self.config)
+                except Exception as e:  # noqa: BLE001 - without a footprint the policy streams
                     log.warning("no footprint of %s: %s", instruction.domain_uuid, e)
             held.update(self._held(instruction))
         measured = [replace(i, disks=tuple(map(_measured, i.disks))) if i in remote else i for i in batch]
@@ -333,6 +335,8 @@ class Agent:
         """A step of a co-located backup: to the operator's job, and to a waiting guest (its VM is
         about to move: the shim must wait for its host to come back instead of giving up)."""
         for job_id in job_ids:
+            # this host cannot freeze a guest that is away; the media host does not serve its channel
+            self._quiesced[job_id] = False
             await self.jobs.step(job_id, message, done, total)
             job = self.jobs.get(job_id)
             channel = self.channels.get(job.instruction.domain_uuid) if job is not None else None
@@ -378,8 +382,26 @@ class Agent:
             self.jobs.add(instruction, Origin.GUEST, instruction.domain_uuid)
             self.driver.submit(instruction)
         self.domains.watch(self.on_domain_event)
+        self._clear_stale_visits()
         self.rescan()
-        await self.driver.run()
+        rescans = asyncio.create_task(self._rescan_every(RESCAN_SECONDS), name="rescan")
+        try:
+            await self.driver.run()
+        finally:
+            rescans.cancel()
+
+    async def _rescan_every(self, seconds: float) -> None:
+        """Catch what no lifecycle event reports, e.g. a visit marker cleared by the VM's home host."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.rescan()
+
+    def _clear_stale_visits(self) -> None:
+        """A VM this host marked for a visit, found here at start: the visit died with the agent."""
+        for info in self.domains.served():
+            if info.visiting_from and info.visiting_from == self.config.inventory.host_name:
+                log.warning("clearing the visit marker %s kept from before this agent started", info.name)
+                clear_visit(self.domains.domain(info.uuid))
 
 
 def build_parser() -> argparse.ArgumentParser:

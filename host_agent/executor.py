@@ -126,19 +126,29 @@ class Executor:
             failed_units: dict[str, str] = {}
             groups = visits(plan.units)
             visited = {u.id: opener for opener, group in groups.items() for u in group}
+            done_visits: set[str] = set()
             for unit in ordered(plan.units):
                 try:
                     broken = [d for d in unit.depends_on if d in failed_units]
                     if broken:
                         raise errors.HyperbackError(f"shared base failed: {failed_units[broken[0]]}")
-                    if unit.id in groups:
-                        await self._visit(groups[unit.id], outcomes)
-                    elif unit.id in visited:
-                        if visited[unit.id] in failed_units:
-                            raise errors.HyperbackError(failed_units[visited[unit.id]])
+                    if unit.id in visited:
+                        # the whole group runs when the first of its units comes up
+                        opener = visited[unit.id]
+                        if opener not in done_visits:
+                            done_visits.add(opener)
+                            try:
+                                await self._visit(groups[opener], outcomes)
+                            except Exception as e:
+                                failed_units[opener] = str(e)
+                                raise
+                        if opener in failed_units:
+                            raise errors.HyperbackError(failed_units[opener])
                     else:
                         await self._run(unit, outcomes, bases)
-                except (errors.HyperbackError, OSError) as e:
+                except Exception as e:  # noqa: BLE001 - every instruction must get an answer
+                    if not isinstance(e, (errors.HyperbackError, OSError)):
+                        log.exception("unit %s failed unexpectedly", unit.id)
                     log.warning("unit %s failed: %s", unit.id, e)
                     failed_units[unit.id] = str(e)
                     for i in unit.satisfies:
@@ -178,7 +188,8 @@ class Executor:
         self.visits.append(result)
 
     async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot]) -> None:
-        repo = self._repository_for(unit.destination)
+        # reaching another host's media service for the first time is a network call
+        repo = await asyncio.to_thread(self._repository_for, unit.destination)
         if unit.kind is UnitKind.BACKUP_BASE:
             bases[unit.id] = await asyncio.to_thread(self._backup_base, repo, unit)
             return

@@ -71,9 +71,9 @@ class Inventory:
         return {name: m.host for name, m in self.media.items() if m.host != self.host_name}
 
     def shared(self, path: str) -> bool:
-        """True if ``path`` lies inside a shared storage directory (lexically: no symlinks followed,
-        so a link out of shared storage does not count as shared)."""
-        normal = os.path.normpath(path)
+        """True if ``path`` lies inside a shared storage directory once symlinks are resolved, so a
+        link from shared storage to a host's local disk does not count as shared."""
+        normal = os.path.realpath(path)
         return any(normal == str(root) or normal.startswith(str(root).rstrip("/") + "/")
                    for root in self.shared_storage)
 
@@ -123,4 +123,4 @@ def parse(doc: Mapping[str, Any], host_name: str) -> Inventory:
     if (hosts or media) and host_name not in hosts:
         raise errors.UsageError(f"config host_name {host_name!r} is not in [hosts] (known: "
                                 f"{', '.join(sorted(hosts)) or 'none'}); set host_name to this host's entry")
-    return Inventory(host_name, hosts, media, tuple(Path(os.path.normpath(p)) for p in shared))
+    return Inventory(host_name, hosts, media, tuple(Path(os.path.realpath(p)) for p in shared))

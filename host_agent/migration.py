@@ -5,8 +5,9 @@ Two ways, both leaving the domain *running on exactly one host* whatever happens
 * :func:`live_migrate`: peer-to-peer managed live migration (``migrateToURI3`` with
   VIR_MIGRATE_LIVE | VIR_MIGRATE_PEER2PEER: the *source* daemon connects to ``dst_uri``, so that URI
   must be valid where the source daemon runs).  The memory stream goes straight from QEMU to QEMU
-  over ``tcp://<dst_lan_ip>:<port>``, the destination listening on that address only.  A persistent
-  domain gets PERSIST_DEST | UNDEFINE_SOURCE, so it is defined on one host before and after.  After
+  over ``tcp://<dst_lan_ip>`` (a port libvirt picks), the destination listening on that address
+  only.  A persistent domain gets PERSIST_DEST | UNDEFINE_SOURCE, so it is defined on one host before
+  and after.  After
   ``timeout`` seconds the job is aborted; a failed or aborted migration leaves the domain running on
   the source (libvirt resumes it), and the error says where it runs.
 * :func:`cold_move` for a domain that cannot live-migrate (host devices): shut down (destroyed after
@@ -41,7 +42,6 @@ from host_agent.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
 
-MIGRATION_PORT = 49152
 METADATA_NS = "https://hyperback.dev/xmlns/placement/1"
 METADATA_PREFIX = "hb"
 
@@ -203,7 +203,7 @@ def _completed_stats(dst_uri: str, name: str) -> tuple[int, int]:
 
 
 def live_migrate(domain_name: str, src_uri: str, dst_uri: str, dst_lan_ip: str, timeout: float = 300.0, *,
-                 port: int = MIGRATION_PORT, unsafe: bool | None = None,
+                 port: int = 0, unsafe: bool | None = None,
                  bandwidth_mib: int = 0) -> MoveStats:
     """Live-migrate running domain ``domain_name`` from ``src_uri`` to ``dst_uri``.
 
@@ -226,11 +226,13 @@ def live_migrate(domain_name: str, src_uri: str, dst_uri: str, dst_lan_ip: str, 
             flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
         if unsafe if unsafe is not None else needs_unsafe(xml):
             flags |= libvirt.VIR_MIGRATE_UNSAFE
-        params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{dst_lan_ip}:{port}",
+        # without a port libvirt takes a free one of its migration range: several may arrive at once
+        uri = f"tcp://{dst_lan_ip}" + (f":{port}" if port else "")
+        params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: uri,
                                   libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: dst_lan_ip}
         if bandwidth_mib:
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
-        what = f"{domain_name} {src_uri} -> {dst_uri} via {dst_lan_ip}:{port}"
+        what = f"{domain_name} {src_uri} -> {dst_uri} via {uri}"
         seconds = _run_migration(dom, dst_uri, params, flags, timeout, what)
     finally:
         conn.close()
@@ -267,20 +269,42 @@ def _run_migration(dom: Any, dst_uri: str, params: dict[str, Any], flags: int, t
     if timed_out and result and err is None:
         log.warning("migration %s completed after the abort request (%.2f s)", what, seconds)
         return seconds
-    if err is not None or worker.is_alive():
-        where = "still running on the source" if _running(dom) else "NOT running on the source"
+    if worker.is_alive():
+        # libvirt ignored the abort: the migration may still complete, so nothing can be promised
+        raise MigrationTimeout(f"migrate {what} timed out after {timeout:g} s and ignores the abort; "
+                               f"check where the domain runs ('virsh list' on both hosts)")
+    if err is not None:
+        where = "still running on the source" if _resume_if_paused(dom) else "NOT running on the source"
         why = f"timed out after {timeout:g} s" if timed_out else f"failed: {err}"
         cls = MigrationTimeout if timed_out else MigrationFailed
         raise cls(f"migrate {what} {why} ({where})") from err
     return seconds
 
 
+def _resume_if_paused(dom: Any) -> bool:
+    """After a failed migration: resume a source left paused; True if it runs now."""
+    try:
+        state, _reason = dom.state()
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            log.warning("%s was left paused by the failed migration; resuming it", dom.name())
+            dom.resume()
+        return bool(dom.isActive()) and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    except libvirt.libvirtError:
+        return False
+
+
+# undefine although hyperback's checkpoints (and any snapshots) exist; keep UEFI variables on disk
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+
+
 def cold_move(domain_name: str, src_uri: str, dst_uri: str, *, shutdown_timeout: float = 60.0,
-              boot_timeout: float = 60.0) -> MoveStats:
+              rescue_dir: str = "/var/lib/hyperback") -> MoveStats:
     """Stop ``domain_name`` on ``src_uri``, define and boot it on ``dst_uri``.
 
     The guest is asked to shut down and destroyed after ``shutdown_timeout`` seconds.  If the target
     cannot define or boot it, it is defined and booted on the source again and MoveError says so.
+    Should that fail too, its definition is written to ``rescue_dir`` and the error names the file.
     """
     t0 = time.monotonic()
     src = _open(src_uri, "source")
@@ -298,14 +322,14 @@ def cold_move(domain_name: str, src_uri: str, dst_uri: str, *, shutdown_timeout:
         try:
             _stop(dom, shutdown_timeout)
             stopped = time.monotonic()
-            if persistent:
-                dom.undefine()
             try:
+                if persistent:
+                    dom.undefineFlags(_UNDEFINE_FLAGS)
                 _boot(dst, xml, persistent)
             except libvirt.libvirtError as e:
-                log.error("booting %s on %s failed (%s); booting it on %s again", domain_name, dst_uri, e,
+                log.error("moving %s to %s failed (%s); booting it on %s again", domain_name, dst_uri, e,
                           src_uri)
-                _boot(src, xml, persistent)
+                _boot_back(src, xml, persistent, domain_name, rescue_dir, e)
                 raise MoveError(f"cold move of {domain_name} to {dst_uri} failed: {e}; it runs on "
                                 f"{src_uri} again") from e
         finally:
@@ -333,6 +357,29 @@ def _stop(dom: Any, timeout: float) -> None:
         except libvirt.libvirtError as e:
             if _running(dom):
                 raise MoveError(f"cannot stop {dom.name()}: {e}") from e
+
+
+def _boot_back(conn: Any, xml: str, persistent: bool, name: str, rescue_dir: str, cause: Exception) -> None:
+    try:
+        if persistent and _defined(conn, name):
+            conn.lookupByName(name).create()
+        else:
+            _boot(conn, xml, persistent)
+    except libvirt.libvirtError as e:
+        os.makedirs(rescue_dir, exist_ok=True)
+        path = os.path.join(rescue_dir, f"{name}.rescue.xml")
+        with open(path, "w") as f:
+            f.write(xml)
+        raise MoveError(f"cold move of {name} failed ({cause}) and it could not be booted again here ({e}): "
+                        f"it is stopped; its definition is in {path} ('virsh define {path}')") from e
+
+
+def _defined(conn: Any, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 def _boot(conn: Any, xml: str, persistent: bool) -> None:
