@@ -102,7 +102,16 @@ class Agent:
             if destination not in self._repos:
                 from host_agent.remote import RemoteRepository
 
-                self._repos[destination] = RemoteRepository(media.service, destination)
+                remote = RemoteRepository(media.service, destination)
+                if remote.host_name not in self.config.inventory.hosts:
+                    remote.close()
+                    # the service may move between the cluster's hosts, never outside it: a stranger
+                    # answering at its address is a misconfiguration that must not get backups (this
+                    # is a sanity check, not authentication: that needs TLS, not done yet)
+                    raise errors.EnvironmentProblem(
+                        f"the media service at {media.service} says it runs on {remote.host_name!r}, which "
+                        f"is not a host of the inventory; refusing to send backups there")
+                self._repos[destination] = remote
             return self._repos[destination]
         if destination not in self._repos:
             path = self.config.repository(destination)
