@@ -119,7 +119,7 @@ import math
 import posixpath
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar, Self
@@ -660,6 +660,30 @@ class Merge(PlanningPolicy):
 
 # --------------------------------------------------------------------------- timing
 
+def parse_options(policy: str, options: Mapping[str, str],
+                  parsers: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """A policy's ``key=value`` options parsed by ``parsers`` (one per known key) into config fields;
+    an unknown key or a value its parser refuses (ValueError) is an OptimizerConfigError."""
+    fields: dict[str, Any] = {}
+    for key, value in options.items():
+        parser = parsers.get(key)
+        if parser is None:
+            raise OptimizerConfigError(f"policy {policy!r} has no option {key!r} "
+                                       f"(options: {', '.join(parsers)})")
+        try:
+            fields[key] = parser(value)
+        except ValueError as e:
+            raise OptimizerConfigError(f"{policy}.{key}={value}: {e}") from e
+    return fields
+
+
+def _threshold(text: str) -> float:
+    number = math.inf if text.strip() == "off" else float(text)
+    if not number >= 0:
+        raise ValueError(f"{text!r} is negative")
+    return number
+
+
 def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``30m``, ``1.5h`` -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", text)
@@ -723,25 +747,10 @@ class Timing(PlanningPolicy):
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Self:
-        fields: dict[str, Any] = {}
-        for key, value in options.items():
-            try:
-                if key in ("cpu_pressure", "io_pressure", "load_per_core"):
-                    number = math.inf if value.strip() == "off" else float(value)
-                    if not number >= 0:
-                        raise ValueError(f"{value!r} is negative")
-                    fields[key] = number
-                elif key in ("recheck", "max_defer"):
-                    fields[key] = parse_duration(value)
-                elif key == "window":
-                    fields[key] = BackupWindow.parse(value) if value.strip() else None
-                else:
-                    raise OptimizerConfigError(
-                        f"policy 'timing' has no option {key!r} (options: cpu_pressure, io_pressure, "
-                        f"load_per_core, window, recheck, max_defer)")
-            except ValueError as e:
-                raise OptimizerConfigError(f"timing.{key}={value}: {e}") from e
-        config = TimingConfig(**fields)
+        config = TimingConfig(**parse_options("timing", options, {
+            "cpu_pressure": _threshold, "io_pressure": _threshold, "load_per_core": _threshold,
+            "window": lambda v: BackupWindow.parse(v) if v.strip() else None,
+            "recheck": parse_duration, "max_defer": parse_duration}))
         if config.recheck <= 0:
             raise OptimizerConfigError("timing.recheck must be more than 0 seconds")
         return cls(config)
@@ -852,32 +861,9 @@ class Colocate(PlanningPolicy):
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Self:
-        fields: dict[str, Any] = {}
-        for key, value in options.items():
-            try:
-                if key == "lan_bandwidth":
-                    fields[key] = parse_rate(value)
-                elif key in ("stream_overhead", "migration_overhead"):
-                    fields[key] = float(value)
-                    if not fields[key] >= 1:
-                        raise ValueError("must be at least 1")
-                elif key == "margin":
-                    fields[key] = float(value)
-                    if not 0 <= fields[key] < 1:
-                        raise ValueError("must be from 0 to below 1")
-                elif key == "allow_cold_moves":
-                    fields[key] = _parse_bool(value)
-                elif key == "force":
-                    fields[key] = Placement(value.strip())
-                    if fields[key] not in (Placement.AUTO, Placement.STREAM, Placement.MIGRATE):
-                        raise ValueError("must be auto, stream or migrate")
-                else:
-                    raise OptimizerConfigError(
-                        f"policy 'colocate' has no option {key!r} (options: lan_bandwidth, stream_overhead, "
-                        f"migration_overhead, margin, allow_cold_moves, force)")
-            except ValueError as e:
-                raise OptimizerConfigError(f"colocate.{key}={value}: {e}") from e
-        return cls(ColocateConfig(**fields))
+        return cls(ColocateConfig(**parse_options("colocate", options, {
+            "lan_bandwidth": parse_rate, "stream_overhead": _overhead, "migration_overhead": _overhead,
+            "margin": _margin, "allow_cold_moves": _parse_bool, "force": _forced})))
 
     def stream_bytes(self, units: Sequence[WorkUnit], context: HostContext) -> int:
         total = 0
@@ -954,6 +940,27 @@ class Colocate(PlanningPolicy):
             else:
                 out.append(unit)
         return replace(plan, units=tuple(out), notes=(*plan.notes, *notes))
+
+
+def _overhead(text: str) -> float:
+    value = float(text)
+    if not value >= 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _margin(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError("must be from 0 to below 1")
+    return value
+
+
+def _forced(text: str) -> Placement:
+    value = Placement(text.strip())
+    if value not in (Placement.AUTO, Placement.STREAM, Placement.MIGRATE):
+        raise ValueError("must be auto, stream or migrate")
+    return value
 
 
 def _parse_bool(text: str) -> bool:
