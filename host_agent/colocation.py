@@ -40,6 +40,7 @@ from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.config import AgentConfig
 from host_agent.errors import EnvironmentProblem
 from host_agent.model import Placement, Policy, VmFootprint, WorkUnit
+from host_agent.policies import STRENGTH
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +322,7 @@ class Colocator:
         first = units[0]
         assert first.disk is not None
         serials = [u.disk.serial for u in units if u.disk is not None]
-        policy = max((u.policy for u in units), key=lambda p: (Policy.INCREMENTAL, Policy.DIFFERENTIAL,
-                                                               Policy.FULL).index(p))
+        policy = max((u.policy for u in units), key=STRENGTH.__getitem__)
         request = opb.TriggerBackupRequest(domain=first.disk.domain_uuid, serials=serials,
                                            destination=first.destination, policy=_POLICY_PB[policy],
                                            # a new key per visit: a requeued job must not get the
