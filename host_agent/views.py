@@ -314,14 +314,17 @@ def _merge(extents: Iterator[Extent] | Sequence[Extent]) -> list[Extent]:
 # ---------- checkpoints ----------
 
 def list_checkpoints(domain: Any) -> list[str]:
-    """The hyperback checkpoints of a domain, oldest first."""
+    """The hyperback checkpoints of a domain, oldest first.
+
+    Ordered by the checkpoint chain (each checkpoint's parent is the one current when it was
+    made), not by creationTime: that has one-second resolution, and two views in one second
+    would otherwise come back in the order of their random name suffixes.
+    """
     try:
-        cps = domain.listAllCheckpoints(0)
-        named = [(int(ET.fromstring(c.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
-                      .findtext("creationTime") or 0), c.getName()) for c in cps]
+        cps = domain.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
     except libvirt.libvirtError as e:
         raise ViewError(f"cannot list the checkpoints of {domain.name()}: {e}") from e
-    return [name for _, name in sorted(named) if name.startswith(CHECKPOINT_PREFIX)]
+    return [name for name in (c.getName() for c in cps) if name.startswith(CHECKPOINT_PREFIX)]
 
 
 def _checkpoint_disks(domain: Any, name: str) -> set[str] | None:

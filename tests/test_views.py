@@ -344,6 +344,26 @@ def test_views_of_a_qcow2_disk_under_writes(lab: Lab, tmp_path: Path, repo: Repo
 
 
 @pytest.mark.vm
+def test_checkpoints_list_in_the_order_they_were_made_even_within_one_second(lab: Lab,
+                                                                             tmp_path: Path) -> None:
+    """creationTime has one-second resolution and names end in random hex: neither orders them."""
+    image = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    guest = Guest(lab, "views-order", [Disk(image, "vda", "qcow2", "hb-views-order")], noise=False)
+    try:
+        dom = guest.vm.domain
+        made = [f"{views.CHECKPOINT_PREFIX}20990101T000000Z-{suffix}" for suffix in ("ff", "80", "00", "c0")]
+        for name in made:
+            disks = "<disks><disk name='vda' checkpoint='bitmap'/></disks>"
+            dom.checkpointCreateXML(f"<domaincheckpoint><name>{name}</name>{disks}</domaincheckpoint>", 0)
+        assert views.list_checkpoints(dom) == made
+        views.delete_checkpoint(dom, made[1])
+        assert views.list_checkpoints(dom) == [made[0], made[2], made[3]]
+    finally:
+        guest.close()
+
+
+@pytest.mark.vm
 def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
         lab: Lab, tmp_path: Path) -> None:
     """Raw disks: comparison, with a reason, beside a qcow2 disk of the same domain that is tracked;
