@@ -21,10 +21,12 @@ kernel (the two-host lab) or a cluster file system it is shared.  The inventory'
 is what hyperback trusts; libvirt's own check is the one being overridden.
 
 While hyperback moves a domain for a job it carries a *visit marker* in its metadata
-(``<hb:visit origin='HOST' job='ID'/>`` in namespace :data:`METADATA_NS`): it travels with the
+(``<hbv:visit origin='HOST' job='ID'/>`` in namespace :data:`VISIT_NS`): it travels with the
 domain, tells the host it visits not to serve its channel (the job's guest waits for its origin),
 and refuses a second move while one is under way.  A domain is marked not live-migratable by
-``<hb:placement live-migratable='no'/>`` in the same namespace, or by having host devices.
+``<hb:placement live-migratable='no'/>`` in namespace :data:`METADATA_NS`, or by having host
+devices.  The two have separate namespaces because libvirt keeps one element per namespace: a
+marker written into the operator's namespace would replace the operator's setting.
 """
 from __future__ import annotations
 
@@ -42,8 +44,10 @@ from host_agent.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
 
-METADATA_NS = "https://hyperback.dev/xmlns/placement/1"
+METADATA_NS = "https://hyperback.dev/xmlns/placement/1"   # the operator's settings for moves
 METADATA_PREFIX = "hb"
+VISIT_NS = "https://hyperback.dev/xmlns/visit/1"          # hyperback's own, while a move is under way
+VISIT_PREFIX = "hbv"
 
 
 class MoveError(EnvironmentProblem):
@@ -132,7 +136,7 @@ def live_migratable(domain_xml: str) -> tuple[bool, str]:
 
 def visit_marker(domain_xml: str) -> VisitMarker | None:
     root = ET.fromstring(domain_xml)
-    visit = root.find(f"./metadata/{{{METADATA_NS}}}visit")
+    visit = root.find(f"./metadata/{{{VISIT_NS}}}visit")
     if visit is None or not visit.get("origin"):
         return None
     return VisitMarker(visit.get("origin", ""), visit.get("job", ""))
@@ -154,14 +158,14 @@ def mark_visit(dom: Any, origin: str, job: str) -> None:
     root = ET.Element("visit", origin=origin, job=job)
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(root, encoding="unicode"),
-                        METADATA_PREFIX, METADATA_NS, _affect(dom))
+                        VISIT_PREFIX, VISIT_NS, _affect(dom))
     except libvirt.libvirtError as e:
         raise MoveError(f"cannot mark {dom.name()} for a move: {e}") from e
 
 
 def clear_visit(dom: Any) -> None:
     try:
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, METADATA_PREFIX, METADATA_NS, _affect(dom))
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, VISIT_PREFIX, VISIT_NS, _affect(dom))
     except libvirt.libvirtError as e:
         log.warning("could not clear the visit marker of %s: %s", dom.name(), e)
 

@@ -9,9 +9,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import libvirt  # type: ignore[import-untyped]
 import pytest
 
-from host_agent.migration import METADATA_NS, live_migratable, needs_unsafe, visit_marker
+from host_agent.migration import (
+    METADATA_NS,
+    VISIT_NS,
+    VisitMarker,
+    clear_visit,
+    live_migratable,
+    mark_visit,
+    needs_unsafe,
+    visit_marker,
+)
 from host_agent.serviceip import ServiceAddress, ServiceAddressError, _gratuitous_arp
 
 
@@ -33,8 +43,25 @@ def test_host_devices_or_a_metadata_mark_make_a_domain_not_live_migratable() -> 
 
 def test_the_visit_marker_names_the_origin_and_the_job() -> None:
     assert visit_marker(domain()) is None
-    marker = visit_marker(domain(metadata=f"<hb:visit xmlns:hb='{METADATA_NS}' origin='hosta' job='j1'/>"))
+    marker = visit_marker(domain(metadata=f"<hbv:visit xmlns:hbv='{VISIT_NS}' origin='hosta' job='j1'/>"))
     assert marker is not None and (marker.origin, marker.job) == ("hosta", "j1")
+
+
+def test_a_visit_marker_comes_and_goes_without_touching_the_operators_placement_setting() -> None:
+    """libvirt keeps one metadata element per namespace: the marker must not share the operator's."""
+    conn = libvirt.open("test:///default")  # libvirt's own in-process test driver: a real domain API
+    try:
+        dom = conn.lookupByName("test")
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<placement live-migratable='no'/>", "hb",
+                        METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        mark_visit(dom, "hosta", "j1")
+        assert visit_marker(dom.XMLDesc(0)) == VisitMarker("hosta", "j1")
+        assert live_migratable(dom.XMLDesc(0))[0] is False
+        clear_visit(dom)
+        assert visit_marker(dom.XMLDesc(0)) is None
+        assert live_migratable(dom.XMLDesc(0))[0] is False
+    finally:
+        conn.close()
 
 
 def test_a_writable_disk_on_a_local_file_system_needs_unsafe() -> None:
