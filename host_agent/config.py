@@ -89,19 +89,20 @@ class AgentConfig:
         attached to this host)."""
         name = destination or self.default_destination
         media = self.media(name)
-        if media is not None and media.host == self.inventory.host_name:
+        if media is not None and media.host == self.inventory.host_name and media.path is not None:
             return media.path
         if name not in self.repositories:
             known = ", ".join(sorted(self.destinations))
             if media is not None:
-                raise errors.UsageError(f"destination {name!r} is on host {media.host}: reach it through "
+                where = f"appliance {media.appliance}" if media.appliance else f"host {media.host}"
+                raise errors.UsageError(f"destination {name!r} is on {where}: reach it through "
                                         f"its media service at {media.service}")
             raise errors.UsageError(f"no destination named {name!r}; known: {known}")
         return self.repositories[name]
 
 
 _ENV_PREFIX = "HYPERBACK_"
-_INVENTORY_KEYS = ("hosts", "media", "shared_storage")
+_INVENTORY_KEYS = ("hosts", "media", "appliances", "shared_storage")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guest_shim import protocol as p
-from host_agent import errors
+from host_agent import appliance, errors
+from host_agent.appliance import Porter
 from host_agent.channel import ChannelClosed, GuestChannel
 from host_agent.colocation import Colocator, allocated_bytes, footprint
 from host_agent.config import AgentConfig, load
@@ -40,7 +41,15 @@ from host_agent.hostload import HostLoadReader
 from host_agent.jobs import Jobs, JobState, Origin
 from host_agent.journal import Journal, new_job_id
 from host_agent.migration import clear_visit
-from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, VmFootprint
+from host_agent.model import (
+    ApplianceFootprint,
+    DiskRef,
+    Instruction,
+    InstructionKind,
+    Plan,
+    Policy,
+    VmFootprint,
+)
 from host_agent.optimizer import OptimizerClient, OptimizerUnavailable, host_context
 from host_agent.policies import HostContext
 from host_agent.repository import Repository
@@ -89,8 +98,10 @@ class Agent:
         self._quiesced: dict[str, bool] = {}
         self.driver = BackupDriver(self._plan, self._execute, self._fail, config.interval, config.batch_size)
         colocator = Colocator(config) if config.inventory.hosts else None
+        self.porter = Porter(config) if config.inventory.appliances else None
         self.executor = Executor(self.repository, domains.conn, self._answer, self._freeze, self._thaw,
-                                 domains.attach_disk, config.restore_dir, colocator, self._announce)
+                                 domains.attach_disk, config.restore_dir, colocator, self._announce,
+                                 self.porter)
 
     # ---------- repositories ----------
 
@@ -103,7 +114,8 @@ class Agent:
                 from host_agent.remote import RemoteRepository
 
                 remote = RemoteRepository(media.service, destination)
-                if remote.host_name not in self.config.inventory.hosts:
+                known = (*self.config.inventory.hosts, media.appliance)
+                if remote.host_name not in known:
                     remote.close()
                     # the service may move between the cluster's hosts, never outside it: a stranger
                     # answering at its address is a misconfiguration that must not get backups (this
@@ -160,10 +172,18 @@ class Agent:
 
     def on_domain_event(self, uuid: str, kind: str) -> None:
         log.info("domain %s %s", uuid, kind)
+        self.reconcile_appliances()
         if kind == "started":
             asyncio.get_running_loop().call_soon(self.rescan)
         else:
             self.forget_domain(uuid)
+
+    def reconcile_appliances(self) -> None:
+        """Serve each appliance's address from this host exactly while it runs here (in a worker
+        thread: libvirt lookups and netlink calls)."""
+        if self.config.inventory.appliances:
+            asyncio.get_running_loop().run_in_executor(None, appliance.reconcile, self.domains.conn,
+                                                       self.config.inventory)
 
     # ---------- requests (channel.Handler) ----------
 
@@ -306,11 +326,19 @@ class Agent:
     def _context(self, batch: Sequence[Instruction]) -> tuple[HostContext, list[Instruction]]:
         """This host's context for a batch, and the batch; for instructions whose media sit on another
         host, also what the colocate policy weighs: the VM's footprint, its disks' data (measured
-        into ``DiskRef.allocated``), what the media hold."""
-        context = replace(host_context(self.load_reader, host_name=self.config.inventory.host_name or None),
-                          remote_destinations=self.config.inventory.remote_destinations())
-        remote = [i for i in batch if self.config.inventory.is_remote(i.destination)
-                  and i.kind is InstructionKind.BACKUP]
+        into ``DiskRef.allocated``), what the media hold, and for media in an appliance VM where it
+        runs and what moving it would cost."""
+        inventory = self.config.inventory
+        elsewhere = inventory.remote_destinations()
+        appliances: dict[str, ApplianceFootprint] = {}
+        for destination in sorted({i.destination for i in batch if inventory.appliance_of(i.destination)}):
+            located = self._appliance_elsewhere(destination)
+            if located is not None:
+                elsewhere[destination] = located[0]
+                appliances[destination] = located[1]
+        context = replace(host_context(self.load_reader, host_name=inventory.host_name or None),
+                          remote_destinations=elsewhere, appliances=appliances)
+        remote = [i for i in batch if i.destination in elsewhere and i.kind is InstructionKind.BACKUP]
         if not remote:
             return context, list(batch)
         footprints: dict[str, VmFootprint] = {}
@@ -325,6 +353,17 @@ class Agent:
             held.update(self._held(instruction))
         measured = [replace(i, disks=tuple(map(_measured, i.disks))) if i in remote else i for i in batch]
         return replace(context, footprints=footprints, held=held), measured
+
+    def _appliance_elsewhere(self, destination: str) -> tuple[str, ApplianceFootprint] | None:
+        """(host, footprint) of the appliance serving ``destination`` if it runs on another host;
+        None if it runs here (its backups stay inside this host) or nowhere (they fail, saying so)."""
+        found = self.config.inventory.appliance_of(destination)
+        assert found is not None
+        host = appliance.locate(self.config.inventory, self.config.libvirt_uri, found)
+        if host is None or host == self.config.inventory.host_name:
+            return None
+        return host, ApplianceFootprint(destination, found.name,
+                                        appliance.measure_at(self.config.inventory, host, found))
 
     def _held(self, instruction: Instruction) -> dict[tuple[str, str], int]:
         """The stored size of the destination's latest snapshot of each disk (none if unreachable:
@@ -392,6 +431,9 @@ class Agent:
             self.driver.submit(instruction)
         self.domains.watch(self.on_domain_event)
         self._clear_stale_visits()
+        if self.porter is not None:
+            await asyncio.to_thread(self.porter.recover)
+        self.reconcile_appliances()
         self.rescan()
         rescans = asyncio.create_task(self._rescan_every(RESCAN_SECONDS), name="rescan")
         try:
@@ -404,6 +446,7 @@ class Agent:
         while True:
             await asyncio.sleep(seconds)
             self.rescan()
+            self.reconcile_appliances()
 
     def _clear_stale_visits(self) -> None:
         """A VM this host marked for a visit, found here at start: the visit died with the agent."""

@@ -14,6 +14,7 @@ loop keeps serving every guest channel meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors, qcow2, views
+from host_agent.appliance import Porter
+from host_agent.appliance import Visit as ApplianceVisit
 from host_agent.colocation import Colocator, VisitResult
 from host_agent.extents import Extent, Layout
 from host_agent.model import Instruction, Placement, Plan, Policy, UnitKind, WorkUnit
@@ -75,6 +78,15 @@ AnnounceFn = Callable[[tuple[str, ...], str, int, int], Coroutine[Any, Any, None
 MOVES = (Placement.MIGRATE, Placement.COLD_MOVE)
 
 
+def appliance_units(units: tuple[WorkUnit, ...]) -> dict[str, list[WorkUnit]]:
+    """Units planned APPLIANCE, by destination: its appliance comes here once for all of them."""
+    groups: dict[str, list[WorkUnit]] = {}
+    for unit in units:
+        if unit.placement is Placement.APPLIANCE:
+            groups.setdefault(unit.destination, []).append(unit)
+    return groups
+
+
 def visits(units: tuple[WorkUnit, ...]) -> dict[str, list[WorkUnit]]:
     """Units to carry out on another host, grouped by the unit that opens the visit: one move there
     and back per domain, destination and target host."""
@@ -104,9 +116,11 @@ def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
 class Executor:
     def __init__(self, repository_for: Callable[[str], AnyRepository], conn: Any, answer: AnswerFn,
                  freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, work_dir: Path,
-                 colocator: Colocator | None = None, announce: AnnounceFn | None = None) -> None:
+                 colocator: Colocator | None = None, announce: AnnounceFn | None = None,
+                 porter: Porter | None = None) -> None:
         self._repository_for = repository_for
         self._colocator = colocator
+        self._porter = porter
         self._announce = announce
         self._conn = conn                 # libvirt connection for point-in-time views
         self._attach = attach
@@ -116,49 +130,76 @@ class Executor:
         self._lock = asyncio.Lock()
         self.reads: dict[str, int] = {}  # source path -> times read, for operators and tests
         self.visits: list[VisitResult] = []  # co-located backups done, for operators and tests
+        self.appliance_visits: list[ApplianceVisit] = []  # appliances brought here, likewise
 
     async def execute(self, plan: Plan, instructions: dict[str, Instruction]) -> None:
         async with self._lock:
             outcomes = {i: Outcome(instructions[i])
                         for u in plan.units for i in u.satisfies if i in instructions}
-            remaining = {i: sum(i in u.satisfies for u in plan.units) for i in outcomes}
-            bases: dict[str, Snapshot] = {}
-            failed_units: dict[str, str] = {}
-            groups = visits(plan.units)
-            visited = {u.id: opener for opener, group in groups.items() for u in group}
-            done_visits: set[str] = set()
-            for unit in ordered(plan.units):
-                try:
-                    broken = [d for d in unit.depends_on if d in failed_units]
-                    if broken:
-                        raise errors.HyperbackError(f"shared base failed: {failed_units[broken[0]]}")
-                    if unit.id in visited:
-                        # the whole group runs when the first of its units comes up
-                        opener = visited[unit.id]
-                        if opener not in done_visits:
-                            done_visits.add(opener)
-                            try:
-                                await self._visit(groups[opener], outcomes)
-                            except Exception as e:
-                                failed_units[opener] = str(e)
-                                raise
-                        if opener in failed_units:
-                            raise errors.HyperbackError(failed_units[opener])
-                    else:
-                        await self._run(unit, outcomes, bases)
-                except Exception as e:  # noqa: BLE001 - every instruction must get an answer
-                    if not isinstance(e, (errors.HyperbackError, OSError)):
-                        log.exception("unit %s failed unexpectedly", unit.id)
-                    log.warning("unit %s failed: %s", unit.id, e)
-                    failed_units[unit.id] = str(e)
-                    for i in unit.satisfies:
-                        if i in outcomes and outcomes[i].error is None:
-                            outcomes[i].error = str(e)
+            async with contextlib.AsyncExitStack() as appliances:
+                for destination, units in appliance_units(plan.units).items():
+                    await self._bring_appliance(appliances, destination, units, outcomes)
+                await self._run_plan(plan, outcomes)
+
+    async def _bring_appliance(self, stack: contextlib.AsyncExitStack, destination: str,
+                               units: list[WorkUnit], outcomes: dict[str, Outcome]) -> None:
+        """Have the destination's appliance run on this host until the plan is done (if it cannot
+        come, the units stream to it over the LAN: the visit says why)."""
+        appliance = self._porter.inventory.appliance_of(destination) if self._porter else None
+        if self._porter is None or appliance is None:
+            log.warning("destination %s has no appliance this agent can move; streaming", destination)
+            return
+        job_ids = tuple(dict.fromkeys(i for u in units for i in u.satisfies))
+
+        async def report(message: str, done: int, total: int) -> None:
+            if self._announce is not None:
+                await self._announce(job_ids, message, done, total)
+
+        visit = await stack.enter_async_context(self._porter.here(appliance, job_ids[0], report))
+        self.appliance_visits.append(visit)
+        for i in job_ids:
+            if i in outcomes:
+                outcomes[i].moved_bytes += visit.moved_bytes
+
+    async def _run_plan(self, plan: Plan, outcomes: dict[str, Outcome]) -> None:
+        remaining = {i: sum(i in u.satisfies for u in plan.units) for i in outcomes}
+        bases: dict[str, Snapshot] = {}
+        failed_units: dict[str, str] = {}
+        groups = visits(plan.units)
+        visited = {u.id: opener for opener, group in groups.items() for u in group}
+        done_visits: set[str] = set()
+        for unit in ordered(plan.units):
+            try:
+                broken = [d for d in unit.depends_on if d in failed_units]
+                if broken:
+                    raise errors.HyperbackError(f"shared base failed: {failed_units[broken[0]]}")
+                if unit.id in visited:
+                    # the whole group runs when the first of its units comes up
+                    opener = visited[unit.id]
+                    if opener not in done_visits:
+                        done_visits.add(opener)
+                        try:
+                            await self._visit(groups[opener], outcomes)
+                        except Exception as e:
+                            failed_units[opener] = str(e)
+                            raise
+                    if opener in failed_units:
+                        raise errors.HyperbackError(failed_units[opener])
+                else:
+                    await self._run(unit, outcomes, bases)
+            except Exception as e:  # noqa: BLE001 - every instruction must get an answer
+                if not isinstance(e, (errors.HyperbackError, OSError)):
+                    log.exception("unit %s failed unexpectedly", unit.id)
+                log.warning("unit %s failed: %s", unit.id, e)
+                failed_units[unit.id] = str(e)
                 for i in unit.satisfies:
-                    if i in remaining:
-                        remaining[i] -= 1
-                        if remaining[i] == 0:
-                            await self._answer(outcomes[i])
+                    if i in outcomes and outcomes[i].error is None:
+                        outcomes[i].error = str(e)
+            for i in unit.satisfies:
+                if i in remaining:
+                    remaining[i] -= 1
+                    if remaining[i] == 0:
+                        await self._answer(outcomes[i])
 
     async def _visit(self, units: list[WorkUnit], outcomes: dict[str, Outcome]) -> None:
         """Back the units' disks up on another host, moving the VM there and back."""

@@ -10,6 +10,11 @@ repository and no VM is ever moved.
 * A **media** entry is a destination served by a media service (``hyperback-media``) on one host:
   that host's agent writes the repository directly (``path``); every other host streams to the
   service's predefined address (``service``), or moves the VM there (the ``colocate`` policy).
+* An **appliance** is a backup appliance VM: a domain (on shared storage, live-migratable) that runs
+  the media service itself, on a predefined address that moves with it (its NIC is routed through a
+  tap on whichever host runs it: ``host_agent.appliance``).  A media entry served by an appliance
+  names it instead of a host, a service and a path; its host is wherever the appliance runs now, and
+  the ``colocate`` policy may bring the appliance to the VMs instead of the VMs to it.
 * **Shared storage** lists the directories every host sees in common: a VM whose disks all lie in
   them can run on any host, so it may be moved.
 """
@@ -36,11 +41,25 @@ class Host:
 
 
 @dataclass(frozen=True)
+class Appliance:
+    name: str
+    domain: str           # its libvirt domain name, the same on every host
+    home: str             # the host it returns to when no other host is queued for it
+    service: str          # its media service's predefined address, "IP:PORT" (IPv4)
+    tap: str              # the host side of its NIC (the domain's <interface><target dev>)
+
+    @property
+    def ip(self) -> str:
+        return self.service.rpartition(":")[0]
+
+
+@dataclass(frozen=True)
 class Media:
     name: str             # the destination name guests and operators use
-    host: str             # the host whose backup media hold the repository
+    host: str             # the host whose backup media hold the repository ("" if an appliance serves it)
     service: str          # the media service's predefined address, "IP:PORT"
-    path: Path            # the repository directory, as the media host sees it
+    path: Path | None     # the repository directory, as the media host sees it (None: inside the appliance)
+    appliance: str = ""   # the appliance that serves it, if one does
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,7 @@ class Inventory:
     hosts: Mapping[str, Host] = field(default_factory=dict)
     media: Mapping[str, Media] = field(default_factory=dict)
     shared_storage: tuple[Path, ...] = ()
+    appliances: Mapping[str, Appliance] = field(default_factory=dict)
 
     def host(self, name: str) -> Host:
         try:
@@ -62,13 +82,19 @@ class Inventory:
         return self.host(self.host_name)
 
     def is_remote(self, destination: str) -> bool:
-        """True if ``destination`` is media attached to another host than this one."""
+        """True if ``destination`` is media attached to another host than this one (an appliance's
+        media are where the appliance runs: ask ``host_agent.appliance``)."""
         media = self.media.get(destination)
-        return media is not None and media.host != self.host_name
+        return media is not None and not media.appliance and media.host != self.host_name
 
     def remote_destinations(self) -> dict[str, str]:
-        """Destination -> the host of its media, for every destination on another host."""
-        return {name: m.host for name, m in self.media.items() if m.host != self.host_name}
+        """Destination -> the host of its media, for every destination attached to another host."""
+        return {name: m.host for name, m in self.media.items()
+                if not m.appliance and m.host != self.host_name}
+
+    def appliance_of(self, destination: str) -> Appliance | None:
+        media = self.media.get(destination)
+        return self.appliances[media.appliance] if media is not None and media.appliance else None
 
     def shared(self, path: str) -> bool:
         """True if ``path`` lies inside a shared storage directory once symlinks are resolved, so a
@@ -108,19 +134,34 @@ def _service(where: str, value: str) -> str:
 
 
 def parse(doc: Mapping[str, Any], host_name: str) -> Inventory:
-    """The inventory from a config document's ``hosts``, ``media`` and ``shared_storage``."""
+    """The inventory from a config document's ``hosts``, ``media``, ``appliances`` and ``shared_storage``."""
     hosts = {name: Host(name, **_fields(f"hosts.{name}", t, ("libvirt_uri", "agent", "lan_ip")))
              for name, t in _table(doc, "hosts").items()}
-    media = {}
-    for name, t in _table(doc, "media").items():
-        f = _fields(f"media.{name}", t, ("host", "service", "path"))
-        if f["host"] not in hosts:
-            raise errors.UsageError(f"config media.{name}: host {f['host']!r} is not in [hosts]")
-        media[name] = Media(name, f["host"], _service(f"media.{name}", f["service"]), Path(f["path"]))
+    appliances = {}
+    for name, t in _table(doc, "appliances").items():
+        f = _fields(f"appliances.{name}", t, ("domain", "home", "service", "tap"))
+        if f["home"] not in hosts:
+            raise errors.UsageError(f"config appliances.{name}: home {f['home']!r} is not in [hosts]")
+        service = _service(f"appliances.{name}", f["service"])
+        appliances[name] = Appliance(name, f["domain"], f["home"], service, f["tap"])
+    media = {name: _media(name, t, hosts, appliances) for name, t in _table(doc, "media").items()}
     shared = doc.get("shared_storage", [])
     if not isinstance(shared, list) or not all(isinstance(p, str) and p.startswith("/") for p in shared):
         raise errors.UsageError("config shared_storage must be a list of absolute paths")
     if (hosts or media) and host_name not in hosts:
         raise errors.UsageError(f"config host_name {host_name!r} is not in [hosts] (known: "
                                 f"{', '.join(sorted(hosts)) or 'none'}); set host_name to this host's entry")
-    return Inventory(host_name, hosts, media, tuple(Path(os.path.realpath(p)) for p in shared))
+    return Inventory(host_name, hosts, media, tuple(Path(os.path.realpath(p)) for p in shared), appliances)
+
+
+def _media(name: str, table: Mapping[str, Any], hosts: Mapping[str, Host],
+           appliances: Mapping[str, Appliance]) -> Media:
+    if "appliance" in table:
+        appliance = _fields(f"media.{name}", table, ("appliance",))["appliance"]
+        if appliance not in appliances:
+            raise errors.UsageError(f"config media.{name}: appliance {appliance!r} is not in [appliances]")
+        return Media(name, "", appliances[appliance].service, None, appliance)
+    f = _fields(f"media.{name}", table, ("host", "service", "path"))
+    if f["host"] not in hosts:
+        raise errors.UsageError(f"config media.{name}: host {f['host']!r} is not in [hosts]")
+    return Media(name, f["host"], _service(f"media.{name}", f["service"]), Path(f["path"]))

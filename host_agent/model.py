@@ -37,6 +37,8 @@ class Placement(enum.StrEnum):
     STREAM = "stream"        # this host streams the new data to the media host's service
     MIGRATE = "migrate"      # live-migrate the VM to the media host, back it up there, move it back
     COLD_MOVE = "cold-move"  # stop the VM, define and boot it on the media host, and the same way back
+    APPLIANCE = "appliance"  # bring the destination's backup appliance VM here, stream to it inside this
+    #                          host, then send it on (the next host in its queue, or home)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,16 @@ class VmFootprint:
     live_migratable: bool            # False with host devices or a 'no' in the domain's metadata
     movable: bool                    # every disk on storage the media host sees too
     why_not: str = ""                # why it cannot be live-migrated or moved, for people
+
+
+@dataclass(frozen=True)
+class ApplianceFootprint:
+    """The backup appliance VM serving a destination, measured on the other host it runs on now
+    (``host_agent.appliance``): what bringing it to the sending host would cost."""
+
+    destination: str
+    appliance: str                   # its name in the inventory
+    footprint: VmFootprint
 
 
 @dataclass(frozen=True)

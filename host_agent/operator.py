@@ -40,10 +40,11 @@ _POLICY = {opb.POLICY_FULL: Policy.FULL, opb.POLICY_INCREMENTAL: Policy.INCREMEN
            opb.POLICY_DIFFERENTIAL: Policy.DIFFERENTIAL, opb.POLICY_UNSPECIFIED: Policy.INCREMENTAL}
 _POLICY_PB = {v: k for k, v in _POLICY.items() if k != opb.POLICY_UNSPECIFIED}
 _PLACEMENT_BACK = {opb.PLACEMENT_STREAM: Placement.STREAM, opb.PLACEMENT_MIGRATE: Placement.MIGRATE,
-                   opb.PLACEMENT_LOCAL: Placement.LOCAL, opb.PLACEMENT_COLD_MOVE: Placement.MIGRATE}
+                   opb.PLACEMENT_LOCAL: Placement.LOCAL, opb.PLACEMENT_COLD_MOVE: Placement.MIGRATE,
+                   opb.PLACEMENT_APPLIANCE: Placement.APPLIANCE}
 _PLACEMENT_PB = {Placement.AUTO: opb.PLACEMENT_UNSPECIFIED, Placement.LOCAL: opb.PLACEMENT_LOCAL,
                  Placement.STREAM: opb.PLACEMENT_STREAM, Placement.MIGRATE: opb.PLACEMENT_MIGRATE,
-                 Placement.COLD_MOVE: opb.PLACEMENT_COLD_MOVE}
+                 Placement.COLD_MOVE: opb.PLACEMENT_COLD_MOVE, Placement.APPLIANCE: opb.PLACEMENT_APPLIANCE}
 
 
 def _disk_pb(d: Any) -> opb.DiskRef:

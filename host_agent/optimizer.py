@@ -53,6 +53,7 @@ from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
 from host_agent.hostload import HostLoad, HostLoadError, HostLoadReader
 from host_agent.model import (
+    ApplianceFootprint,
     DiskRef,
     Instruction,
     InstructionKind,
@@ -131,7 +132,7 @@ _UNIT_KIND: Final[Mapping[UnitKind, pb.UnitKind.ValueType]] = {
 _PLACEMENT: Final[Mapping[Placement, pb.Placement.ValueType]] = {
     Placement.AUTO: pb.PLACEMENT_UNSPECIFIED, Placement.LOCAL: pb.PLACEMENT_LOCAL,
     Placement.STREAM: pb.PLACEMENT_STREAM, Placement.MIGRATE: pb.PLACEMENT_MIGRATE,
-    Placement.COLD_MOVE: pb.PLACEMENT_COLD_MOVE}
+    Placement.COLD_MOVE: pb.PLACEMENT_COLD_MOVE, Placement.APPLIANCE: pb.PLACEMENT_APPLIANCE}
 _PLACEMENT_BACK: Final = {int(number): member for member, number in _PLACEMENT.items()}
 _POLICY_BACK: Final = {int(number): member for member, number in _POLICY.items()}
 _KIND_BACK: Final = {int(number): member for member, number in _KIND.items()}
@@ -234,7 +235,10 @@ def context_to_pb(c: HostContext) -> pb.HostContext:
                           remote_destinations=[pb.RemoteDestination(destination=d, host=h)
                                                for d, h in sorted(c.remote_destinations.items())],
                           held=[pb.HeldDisk(destination=d, snapshot_name=n, last_stored_bytes=b)
-                                for (d, n), b in sorted(c.held.items())])
+                                for (d, n), b in sorted(c.held.items())],
+                          appliances=[pb.ApplianceFootprint(destination=a.destination, appliance=a.appliance,
+                                                            footprint=footprint_to_pb(a.footprint))
+                                      for _, a in sorted(c.appliances.items())])
 
 
 def footprint_to_pb(f: VmFootprint) -> pb.VmFootprint:
@@ -257,7 +261,10 @@ def context_from_pb(m: pb.HostContext, default_now: float) -> HostContext:
                        utc_offset=m.utc_offset_seconds if m.HasField("utc_offset_seconds") else None,
                        footprints={f.domain_uuid: footprint_from_pb(f) for f in m.footprints},
                        remote_destinations={r.destination: r.host for r in m.remote_destinations},
-                       held={(h.destination, h.snapshot_name): h.last_stored_bytes for h in m.held})
+                       held={(h.destination, h.snapshot_name): h.last_stored_bytes for h in m.held},
+                       appliances={a.destination: ApplianceFootprint(a.destination, a.appliance,
+                                                                     footprint_from_pb(a.footprint))
+                                   for a in m.appliances})
 
 
 def request_to_pb(batch: Sequence[Instruction], context: HostContext) -> pb.PlanRequest:

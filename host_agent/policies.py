@@ -97,6 +97,15 @@ parses them once into the policy's frozen configuration (``--policy-option timin
     migrate is a cold move. Restores from remote media always stream. Each unit gets the choice, the
     target host, both predictions and a reason that states them.
 
+    A destination served by a backup *appliance* VM (``context.appliances``, measured where it runs
+    now) has a third way: bring the appliance here, stream to it inside this host, and send it away
+    again (to the next host in its queue, or home). One move serves every VM of the batch that backs
+    up there, so it is priced once, like a VM's migration there and back, against the sum of what the
+    batch's VMs would cost as decided above (per VM: its stream or its migration). It wins by the
+    same ``margin``; an operator forces it with ``placement=appliance`` (or ``force=appliance``), and
+    then every backup unit of that destination gets APPLIANCE with the appliance's prediction. An
+    appliance that cannot live-migrate never moves.
+
 Errors
 ------
 ::
@@ -127,6 +136,7 @@ from typing import Any, ClassVar, Self
 from host_agent import errors
 from host_agent.hostload import HostLoad
 from host_agent.model import (
+    ApplianceFootprint,
     DiskRef,
     Instruction,
     InstructionKind,
@@ -182,6 +192,7 @@ class HostContext:
     footprints: Mapping[str, VmFootprint] = field(default_factory=dict)  # domain uuid -> cost of moving it
     remote_destinations: Mapping[str, str] = field(default_factory=dict)  # destination -> its media's host
     held: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (destination, name) -> last stored
+    appliances: Mapping[str, ApplianceFootprint] = field(default_factory=dict)  # destination -> its appliance
 
 
 @dataclass(frozen=True)
@@ -848,7 +859,7 @@ class ColocateConfig:
     migration_overhead: float = 1.02   # LAN bytes per byte of migrated memory
     margin: float = 0.1                # migrate only if it saves more than this share of the stream
     allow_cold_moves: bool = False     # may a domain that cannot live-migrate be stopped and moved?
-    force: Placement = Placement.AUTO  # stream or migrate for every instruction
+    force: Placement = Placement.AUTO  # stream, migrate or appliance for every instruction
 
 
 class Colocate(PlanningPolicy):
@@ -918,9 +929,9 @@ class Colocate(PlanningPolicy):
             footprint = context.footprints.get(uuid)
             stream = self.stream_bytes(units, context)
             move = 0 if footprint is None else self.move_bytes(footprint)
-            wish = next((forced[i] for u in units for i in u.satisfies
-                         if forced.get(i, Placement.AUTO) is not Placement.AUTO), self.config.force)
-            placement, why = self.choose(wish, footprint, stream, move)
+            wish = self._wish(units, forced)
+            placement, why = self.choose(Placement.AUTO if wish is Placement.APPLIANCE else wish,
+                                         footprint, stream, move)
             if placement is Placement.COLD_MOVE:
                 move = 0
             reason = (f"{placement.value} to {host}: {why} (predicted LAN bytes: stream "
@@ -939,7 +950,65 @@ class Colocate(PlanningPolicy):
                 out.append(replace(unit, placement=Placement.STREAM, target_host=host))
             else:
                 out.append(unit)
+        for destination, appliance in sorted(context.appliances.items()):
+            out, note = self._bring_appliance(out, destination, appliance, forced, context)
+            if note:
+                notes.append(note)
         return replace(plan, units=tuple(out), notes=(*plan.notes, *notes))
+
+    def _wish(self, units: Sequence[WorkUnit], forced: Mapping[str, Placement]) -> Placement:
+        """The operator's choice for these units (the first instruction that forces one), else the
+        configured ``force``."""
+        return next((forced[i] for u in units for i in u.satisfies
+                     if forced.get(i, Placement.AUTO) is not Placement.AUTO), self.config.force)
+
+    def _bring_appliance(self, units: list[WorkUnit], destination: str, appliance: ApplianceFootprint,
+                         forced: Mapping[str, Placement], context: HostContext) -> tuple[list[WorkUnit], str]:
+        """Every backup unit of ``destination`` gets APPLIANCE if moving its appliance here (and away
+        again) crosses the LAN less than what the units would cost otherwise, or if an operator asks."""
+        mine = [u for u in units if u.destination == destination
+                and u.kind in (UnitKind.BACKUP_DISK, UnitKind.BACKUP_BASE)]
+        if not mine:
+            return units, ""
+        host = context.remote_destinations.get(destination, "")
+        wish = self._wish(mine, forced)
+        otherwise = self._otherwise(mine)
+        bring = self.move_bytes(appliance.footprint)
+        f = appliance.footprint
+        if wish not in (Placement.AUTO, Placement.APPLIANCE):
+            return units, ""
+        if not (f.movable and f.live_migratable):
+            why = f"appliance {appliance.appliance} cannot live-migrate ({f.why_not})"
+            return units, f"colocate: {destination} -> no appliance move: {why}"
+        if wish is Placement.APPLIANCE:
+            why = "forced by the operator"
+        elif bring < otherwise * (1 - self.config.margin):
+            why = "moving it here and away crosses the LAN less than the backups would"
+        else:
+            return units, (f"colocate: {destination} -> appliance {appliance.appliance} stays on {host}: "
+                           f"moving it here and away ({format_bytes(bring)}) saves too little against "
+                           f"{format_bytes(otherwise)}")
+        reason = (f"appliance: bring {appliance.appliance} from {host} to {context.host_name}: {why} "
+                  f"(predicted LAN bytes: appliance here and away {format_bytes(bring)}, otherwise "
+                  f"{format_bytes(otherwise)} for {len(mine)} unit(s))")
+        chosen = {u.id for u in mine}
+        return [replace(u, placement=Placement.APPLIANCE, target_host=context.host_name,
+                        predicted_move_bytes=bring, reason=_add_reason(u, reason))
+                if u.id in chosen else u for u in units], f"colocate: {destination} -> {reason}"
+
+    @staticmethod
+    def _otherwise(units: Sequence[WorkUnit]) -> int:
+        """What the units cross the LAN with as decided, counted once per VM (each of its units carries
+        the VM's whole prediction): its migration, its stream, or almost nothing for a cold move."""
+        per_vm: dict[str, int] = {}
+        for unit in units:
+            if unit.disk is None:
+                continue
+            if unit.placement is Placement.MIGRATE:
+                per_vm[unit.disk.domain_uuid] = unit.predicted_move_bytes
+            elif unit.placement is Placement.STREAM:
+                per_vm[unit.disk.domain_uuid] = unit.predicted_stream_bytes
+        return sum(per_vm.values())
 
 
 def _overhead(text: str) -> float:
@@ -958,8 +1027,8 @@ def _margin(text: str) -> float:
 
 def _forced(text: str) -> Placement:
     value = Placement(text.strip())
-    if value not in (Placement.AUTO, Placement.STREAM, Placement.MIGRATE):
-        raise ValueError("must be auto, stream or migrate")
+    if value not in (Placement.AUTO, Placement.STREAM, Placement.MIGRATE, Placement.APPLIANCE):
+        raise ValueError("must be auto, stream, migrate or appliance")
     return value
 
 

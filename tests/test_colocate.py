@@ -11,7 +11,7 @@ from test_policies import NOW, backup, build_chain, disk, parse_chain, restore
 
 from host_agent import errors
 from host_agent.config import load
-from host_agent.model import Placement, Policy, UnitKind, VmFootprint
+from host_agent.model import ApplianceFootprint, Placement, Policy, UnitKind, VmFootprint
 from host_agent.optimizer import request_from_pb, request_to_pb, result_from_pb, result_to_pb
 from host_agent.policies import (
     Colocate,
@@ -186,5 +186,99 @@ def test_the_inventory_names_hosts_media_and_shared_storage(tmp_path: Path) -> N
 def test_a_broken_inventory_is_refused_with_what_to_fix(tmp_path: Path, change: tuple[str, str],
                                                           message: str) -> None:
     (tmp_path / "agent.toml").write_text(INVENTORY.replace(*change, 1))
+    with pytest.raises(errors.UsageError, match=message):
+        load(tmp_path / "agent.toml", env={})
+
+
+# --------------------------------------------------------------------------- backup appliances
+
+def vm_disk(name: str, allocated: int) -> object:
+    return replace(disk(name), allocated=allocated)
+
+
+def appliance_context(appliance: VmFootprint, *vms: VmFootprint) -> HostContext:
+    """host-a's VMs back up to "vault", served by appliance "app1" that runs on host-b now."""
+    return HostContext("host-a", NOW, None, footprints={f.domain_uuid: f for f in vms},
+                       remote_destinations={"vault": "host-b"},
+                       appliances={"vault": ApplianceFootprint("vault", "app1", appliance)})
+
+
+def test_one_appliance_move_serves_every_vm_that_would_otherwise_stream_or_migrate() -> None:
+    # three VMs stream 300 MB each (too little to move one), together 927 MB; the appliance's 150 MB
+    # of touched memory costs 306 MB here and away: it comes
+    batch = [backup(str(n), vm_disk(f"vm{n}", 300 * MB), destination="vault", policy=Policy.FULL)
+             for n in (1, 2, 3)]
+    vms = [footprint(f"uuid-vm{n}", touched=400 * MB) for n in (1, 2, 3)]
+    units = plan_units(batch, appliance_context(footprint("uuid-app", touched=150 * MB), *vms))
+    assert [u.placement for u in units] == [Placement.APPLIANCE] * 3
+    assert {u.target_host for u in units} == {"host-a"}
+    assert {u.predicted_move_bytes for u in units} == {round(2 * 150 * MB * 1.02)}
+    assert "bring app1 from host-b to host-a" in units[0].reason and "927.0 MB" in units[0].reason
+
+
+def test_an_appliance_stays_when_one_small_backup_needs_it() -> None:
+    batch = [backup("1", vm_disk("vm1", 50 * MB), destination="vault", policy=Policy.FULL)]
+    [unit] = plan_units(batch, appliance_context(footprint("uuid-app", touched=150 * MB),
+                                                 footprint("uuid-vm1", touched=400 * MB)))
+    assert unit.placement is Placement.STREAM and unit.target_host == "host-b"
+
+
+def test_operators_bring_the_appliance_unless_it_cannot_live_migrate() -> None:
+    wanted = replace(backup("1", vm_disk("vm1", 50 * MB), destination="vault", policy=Policy.FULL),
+                     placement=Placement.APPLIANCE)
+    vm = footprint("uuid-vm1", touched=400 * MB)
+    [unit] = plan_units([wanted], appliance_context(footprint("uuid-app"), vm))
+    assert unit.placement is Placement.APPLIANCE and "forced by the operator" in unit.reason
+    pinned = footprint("uuid-app", live=False, why="1 host device(s) passed through")
+    result = Planner(build_chain(parse_chain("merge,colocate"))).plan([wanted], appliance_context(pinned, vm))
+    assert [u.placement for u in result.plan.units] == [Placement.STREAM]
+    assert any("app1 cannot live-migrate (1 host device(s)" in n for n in result.plan.notes)
+    forcing = plan_units([replace(wanted, placement=Placement.AUTO)],
+                         appliance_context(footprint("uuid-app"), vm), force="appliance")
+    assert [u.placement for u in forcing] == [Placement.APPLIANCE]
+
+
+def test_appliance_facts_and_placements_survive_the_wire() -> None:
+    batch = [backup("1", vm_disk("vm1", 300 * MB), destination="vault")]
+    ctx = appliance_context(footprint("uuid-app", dirty=2.5), footprint("uuid-vm1"))
+    again, ctx2 = request_from_pb(request_to_pb(batch, ctx), NOW)
+    assert ctx2.appliances == ctx.appliances
+    result = Planner([Colocate(ColocateConfig(force=Placement.APPLIANCE))]).plan(batch, ctx)
+    assert result_from_pb(result_to_pb(result)) == result
+
+
+APPLIANCE_INVENTORY = INVENTORY + """
+[appliances.app1]
+domain = "backup-appliance"
+home = "hostb"
+service = "10.0.0.200:7420"
+tap = "hbapp0"
+[media.vault]
+appliance = "app1"
+"""
+
+
+def test_media_served_by_an_appliance_are_where_it_runs_and_always_reached_by_its_service(
+        tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text(APPLIANCE_INVENTORY)
+    for host in ("hosta", "hostb"):
+        config = load(tmp_path / "agent.toml", env={"HYPERBACK_HOST_NAME": host})
+        app = config.inventory.appliance_of("vault")
+        assert app is not None and (app.domain, app.ip, app.tap) == ("backup-appliance", "10.0.0.200",
+                                                                     "hbapp0")
+        assert "vault" not in config.inventory.remote_destinations()  # the agent locates it per batch
+        with pytest.raises(errors.UsageError, match="appliance app1: reach it through its media service"):
+            config.repository("vault")
+    assert config.destinations == {"default", "offsite", "vault"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (('appliance = "app1"', 'appliance = "app2"'), "appliance 'app2' is not in \\[appliances\\]"),
+    (('home = "hostb"', 'home = "hostc"'), "home 'hostc' is not in \\[hosts\\]"),
+    (('tap = "hbapp0"', ''), "missing tap"),
+])
+def test_a_broken_appliance_entry_is_refused_with_what_to_fix(tmp_path: Path, change: tuple[str, str],
+                                                                message: str) -> None:
+    (tmp_path / "agent.toml").write_text(APPLIANCE_INVENTORY.replace(*change, 1))
     with pytest.raises(errors.UsageError, match=message):
         load(tmp_path / "agent.toml", env={})
