@@ -249,6 +249,65 @@ class Colocator:
             await asyncio.to_thread(self._unmark, name, (self.config.libvirt_uri, there.libvirt_uri))
         return VisitResult(disks, out, back, remote_job, time.monotonic() - t0)
 
+    async def recover(self) -> list[str]:
+        """At agent start: bring home the VMs this host sent on visits that its previous run did not
+        finish (the agent died meanwhile).  Each waits for the media host's job on it to end, moves
+        back and loses its marker.  Returns what was done, for the log."""
+        done = []
+        me = self.config.inventory.host_name
+        for host in self.config.inventory.hosts.values():
+            if host.name == me:
+                continue
+            for name, live in await asyncio.to_thread(self._stranded_on, host.libvirt_uri):
+                placement = Placement.MIGRATE if live else Placement.COLD_MOVE
+                log.warning("%s was left on %s by an unfinished visit; bringing it home", name, host.name)
+                try:
+                    await self._wait_for_jobs_on(host.agent, name)
+                    await self._move_back(placement, name, self.config.inventory.this_host, host)
+                    done.append(f"{name}: brought home from {host.name}")
+                except ColocationError as e:
+                    log.error("%s stays on %s: %s", name, host.name, e)
+                    done.append(f"{name}: stays on {host.name} ({e})")
+                finally:
+                    await asyncio.to_thread(self._unmark, name, (self.config.libvirt_uri, host.libvirt_uri))
+        return done
+
+    def _stranded_on(self, uri: str) -> list[tuple[str, bool]]:
+        """(name, live-migratable) of the running domains on ``uri`` that carry this host's marker."""
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            log.warning("cannot look for VMs left on %s: %s", uri, e)
+            return []
+        try:
+            found = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                xml = dom.XMLDesc(0)
+                marker = migration.visit_marker(xml)
+                if marker is not None and marker.origin == self.config.inventory.host_name:
+                    found.append((dom.name(), migration.live_migratable(xml)[0]))
+            return found
+        finally:
+            conn.close()
+
+    async def _wait_for_jobs_on(self, agent: str, name: str) -> None:
+        """Until the media host's agent holds no unfinished job on domain ``name`` (its disk views
+        must be gone before the VM moves), at most ``visit_timeout``."""
+        deadline = time.monotonic() + self.config.visit_timeout
+        async with grpc.aio.insecure_channel(agent) as channel:
+            stub = opb_grpc.OperatorStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    jobs = await stub.ListJobs(opb.ListJobsRequest(domain=name), timeout=10)
+                except grpc.aio.AioRpcError as e:
+                    log.warning("cannot ask %s about jobs on %s (%s); moving it anyway", agent, name,
+                                e.details())
+                    return
+                if all(j.state in _FINAL for j in jobs.jobs):
+                    return
+                await asyncio.sleep(1)
+        raise ColocationError(f"the media host still backs {name} up after {self.config.visit_timeout:.0f} s")
+
     # -- libvirt steps (worker threads) --
 
     def _with_domain(self, uri: str, name: str, fn: Callable[[Any], None]) -> None:

@@ -97,10 +97,10 @@ class Agent:
         self._repos: dict[str, Repository | RemoteRepository] = {}
         self._quiesced: dict[str, bool] = {}
         self.driver = BackupDriver(self._plan, self._execute, self._fail, config.interval, config.batch_size)
-        colocator = Colocator(config) if config.inventory.hosts else None
+        self.colocator = Colocator(config) if config.inventory.hosts else None
         self.porter = Porter(config) if config.inventory.appliances else None
         self.executor = Executor(self.repository, domains.conn, self._answer, self._freeze, self._thaw,
-                                 domains.attach_disk, config.restore_dir, colocator, self._announce,
+                                 domains.attach_disk, config.restore_dir, self.colocator, self._announce,
                                  self.porter)
 
     # ---------- repositories ----------
@@ -431,6 +431,7 @@ class Agent:
             self.driver.submit(instruction)
         self.domains.watch(self.on_domain_event)
         self._clear_stale_visits()
+        recovery = asyncio.create_task(self._recover_visits(), name="recover-visits")
         if self.porter is not None:
             await asyncio.to_thread(self.porter.recover)
         self.reconcile_appliances()
@@ -440,6 +441,14 @@ class Agent:
             await self.driver.run()
         finally:
             rescans.cancel()
+            recovery.cancel()
+
+    async def _recover_visits(self) -> None:
+        """VMs this host sent on visits its previous run did not finish come home (in the background:
+        the agent serves meanwhile)."""
+        if self.colocator is not None:
+            for line in await self.colocator.recover():
+                log.warning("recovered visit: %s", line)
 
     async def _rescan_every(self, seconds: float) -> None:
         """Catch what no lifecycle event reports, e.g. a visit marker cleared by the VM's home host."""

@@ -87,8 +87,9 @@ recheck = "2s"
 
 
 class Cluster:
-    def __init__(self, hosts: TwoHosts, root: Path, shared: Path) -> None:
+    def __init__(self, hosts: TwoHosts, root: Path, shared: Path, inventory_extra: str = "") -> None:
         self.hosts = hosts
+        self.inventory_extra = inventory_extra  # more inventory tables, e.g. appliances
         self.root = root
         self.shared = shared
         self.media_root = root / "media"      # a tmpfs in B's mount namespace only
@@ -115,6 +116,12 @@ class Cluster:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: the process gets no chance to clean up (an agent that crashes, a host that dies)."""
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -145,7 +152,7 @@ class Cluster:
         operator = (f"{self.hosts.lan_ip_b}:{AGENT_PORT}" if host == "hostb" else f"unix:{root}/agent.sock")
         config = root / "agent.toml"
         config.write_text(agent_config(root, host, self.shared, operator, extra)
-                          + inventory(self.hosts, self.media_root))
+                          + inventory(self.hosts, self.media_root) + self.inventory_extra)
         command = [str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer", "-v"]
         self._spawn(f"agent-{host}", self.in_b(*command) if host == "hostb" else command)
         self.wait_operator(host)
@@ -176,12 +183,12 @@ class Cluster:
                     raise AssertionError(f"agent on {host} does not answer:\n{log}") from None
                 time.sleep(0.3)
 
-    def describe(self, timeout: float = 10) -> Any:
+    def describe(self, timeout: float = 10, target: str = f"{SERVICE_IP}:{MEDIA_PORT}") -> Any:
         """The media service's answer at the service address (from host A, over the LAN)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with grpc.insecure_channel(f"{SERVICE_IP}:{MEDIA_PORT}") as channel:
+                with grpc.insecure_channel(target) as channel:
                     return media_pb2_grpc.MediaStub(channel).Describe(media_pb2.DescribeRequest(), timeout=3)
             except grpc.RpcError:
                 if time.monotonic() > deadline:
@@ -215,8 +222,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(hosts: TwoHosts, root: Path, shared: Path, *, agent_a_extra: str = "") -> Iterator[Cluster]:
-    c = Cluster(hosts, root, shared)
+def cluster(hosts: TwoHosts, root: Path, shared: Path, *, agent_a_extra: str = "",
+            inventory_extra: str = "") -> Iterator[Cluster]:
+    c = Cluster(hosts, root, shared, inventory_extra)
     try:
         c.start_media_b()
         c.start_agent("hostb")

@@ -1,6 +1,7 @@
 """Co-location when things go wrong, on two real libvirt hosts: a migration that outlives its timeout,
 and the target host's libvirtd stopped while the VM is on its way. Either way the VM ends running
-where it started, nowhere else, and the job fails with an error that says so.
+where it started, nowhere else, and the job fails with an error that says so.  And the home agent
+killed while its VM visits the media host: restarted, it brings the VM home.
 
 Needs root and a host prepared by host_agent/lab/setup_host.sh; fails otherwise (-m 'not vm').
 """
@@ -19,6 +20,7 @@ from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.twohosts import TwoHosts, start_migratable_vm
+from host_agent.migration import visit_marker
 
 pytestmark = pytest.mark.vm
 
@@ -66,6 +68,44 @@ def test_a_migration_that_times_out_is_aborted_and_the_vm_keeps_running_at_home(
     assert_home_and_running(c, vm)
     assert state_on(c.hosts.uri_b, vm.name) is None
     vm.destroy()
+
+
+def test_a_vm_stranded_by_its_agent_dying_mid_visit_comes_home_when_the_agent_restarts(
+        lab_and_cluster: tuple[Lab, Cluster]) -> None:
+    import libvirt  # type: ignore[import-untyped]
+
+    lab, c = lab_and_cluster
+    c.stop("agent-hosta")
+    c.start_agent("hosta", SLOW)
+    vm = boot(lab, c, "stray")
+    trigger_move(c, vm)
+    deadline = time.monotonic() + 120
+    while state_on(c.hosts.uri_b, vm.name) != libvirt.VIR_DOMAIN_RUNNING:
+        assert time.monotonic() < deadline, c.log("agent-hosta")
+        time.sleep(0.2)
+    c.kill("agent-hosta")  # the VM is on B, marked as visiting from A, and nobody will bring it back
+    marker = visit_marker(xml_on(c.hosts.uri_b, vm.name))
+    assert marker is not None and marker.origin == "hosta"
+
+    c.start_agent("hosta", SLOW)
+    deadline = time.monotonic() + 240
+    while state_on(c.hosts.uri_a, vm.name) != libvirt.VIR_DOMAIN_RUNNING or state_on(c.hosts.uri_b, vm.name):
+        assert time.monotonic() < deadline, c.log("agent-hosta")
+        time.sleep(0.5)
+    assert visit_marker(xml_on(c.hosts.uri_a, vm.name)) is None
+    assert "brought home from hostb" in c.log("agent-hosta")
+    assert_home_and_running(c, vm)
+    vm.destroy()
+
+
+def xml_on(uri: str, name: str) -> str:
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        return str(conn.lookupByName(name).XMLDesc(0))
+    finally:
+        conn.close()
 
 
 def test_the_target_daemon_stopping_mid_migration_leaves_the_vm_running_at_home(
