@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -69,6 +70,15 @@ def _measured(disk: DiskRef) -> DiskRef:
     return replace(disk, allocated=allocated_bytes(disk.path))
 
 
+_URI = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s,;'\"()]+")
+
+
+def for_guest(error: str) -> str:
+    """An error as a guest may read it: the operator's job keeps the whole text, but the cluster's
+    addresses (libvirt and migration URIs) are not the guest's business."""
+    return p.clean_text(_URI.sub("<uri>", error))
+
+
 def result_message(outcome: Outcome, request_id: p.RequestId | None, quiesced: bool) -> p.Result:
     instruction = outcome.instruction
     op = p.Op.RESTORE if instruction.kind is InstructionKind.RESTORE else p.Op.BACKUP
@@ -76,7 +86,7 @@ def result_message(outcome: Outcome, request_id: p.RequestId | None, quiesced: b
                                 None if op is p.Op.RESTORE else _DETECTION.get(d.change_detection,
                                                                                 p.ChangeDetection.FULL_READ),
                                 d.new_serial) for d in outcome.disks)
-    error = None if outcome.error is None else p.ErrorInfo(p.ErrorCode.FAILED, p.clean_text(outcome.error))
+    error = None if outcome.error is None else p.ErrorInfo(p.ErrorCode.FAILED, for_guest(outcome.error))
     return p.Result(request_id, instruction.id, op, outcome.error is None, disks,
                     sum(d.bytes_read for d in outcome.disks), round(time.monotonic() - outcome.started, 3),
                     quiesced and outcome.error is None, error)

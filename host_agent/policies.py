@@ -88,6 +88,8 @@ parses them once into the policy's frozen configuration (``--policy-option timin
       the guest dirties meanwhile: ``2 * (touched + dirty_rate * touched / lan_bandwidth) *
       migration_overhead`` (defaults: ``lan_bandwidth=125000000`` bytes/s, ``migration_overhead=1.02``).
 
+    A guest that dirties memory at half the LAN bandwidth or more streams: pre-copy would not
+    converge (the migration would run into the agent's ``move_timeout`` and fail the job).
     Migrating wins when it costs less than ``1 - margin`` (default ``margin=0.1``) of streaming. A
     domain that cannot be moved (a disk not on shared storage, ``VmFootprint.movable``) streams. One
     that cannot live-migrate (host devices, or metadata that says so) is moved cold (stopped, defined
@@ -852,6 +854,9 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+CONVERGENCE_SHARE = 0.5  # a guest dirtying more than this share of the LAN bandwidth is not live-migrated
+
+
 @dataclass(frozen=True)
 class ColocateConfig:
     lan_bandwidth: float = 125e6       # bytes/s between hosts, to price the guest's dirtying
@@ -893,6 +898,11 @@ class Colocate(PlanningPolicy):
         one_way = touched + footprint.dirty_bytes_per_second * touched / c.lan_bandwidth
         return round(2 * one_way * c.migration_overhead)
 
+    def converges(self, footprint: VmFootprint) -> bool:
+        """Whether pre-copy can catch up with the guest: it must dirty memory well below the LAN's
+        bandwidth (half: past that, each round resends most of the last and the copy drags on)."""
+        return footprint.dirty_bytes_per_second < CONVERGENCE_SHARE * self.config.lan_bandwidth
+
     def choose(self, forced: Placement, footprint: VmFootprint | None, stream: int,
                move: int) -> tuple[Placement, str]:
         """The placement for one domain's units and why."""
@@ -906,6 +916,10 @@ class Colocate(PlanningPolicy):
             if footprint.live_migratable:
                 return Placement.MIGRATE, "migration forced by the operator"
             return Placement.COLD_MOVE, f"migration forced by the operator; cold move ({footprint.why_not})"
+        if footprint.live_migratable and not self.converges(footprint):
+            rate = format_bytes(round(footprint.dirty_bytes_per_second))
+            return Placement.STREAM, (f"the guest dirties {rate}/s of memory, too close to the LAN's "
+                                      "bandwidth: a live migration would not converge")
         if not footprint.live_migratable:
             if self.config.allow_cold_moves:
                 return Placement.COLD_MOVE, f"cold move: the VM cannot live-migrate ({footprint.why_not})"
@@ -979,6 +993,9 @@ class Colocate(PlanningPolicy):
             return units, ""
         if not (f.movable and f.live_migratable):
             why = f"appliance {appliance.appliance} cannot live-migrate ({f.why_not})"
+            return units, f"colocate: {destination} -> no appliance move: {why}"
+        if wish is Placement.AUTO and not self.converges(f):
+            why = f"appliance {appliance.appliance} dirties memory too fast to live-migrate"
             return units, f"colocate: {destination} -> no appliance move: {why}"
         if wish is Placement.APPLIANCE:
             why = "forced by the operator"

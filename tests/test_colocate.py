@@ -282,3 +282,21 @@ def test_a_broken_appliance_entry_is_refused_with_what_to_fix(tmp_path: Path, ch
     (tmp_path / "agent.toml").write_text(APPLIANCE_INVENTORY.replace(*change, 1))
     with pytest.raises(errors.UsageError, match=message):
         load(tmp_path / "agent.toml", env={})
+
+
+def test_a_failed_move_tells_the_guest_what_happened_but_not_the_clusters_addresses() -> None:
+    from host_agent.daemon import for_guest
+
+    error = ("could not move vm1 to hostb: migrate vm1 qemu:///system -> qemu+tls://hostb/system via "
+             "tcp://10.0.0.2:49152 failed: timed out after 2 s; it runs on hosta as before")
+    assert for_guest(error) == ("could not move vm1 to hostb: migrate vm1 <uri> -> <uri> via <uri> failed: "
+                                "timed out after 2 s; it runs on hosta as before")
+
+
+def test_a_guest_dirtying_memory_near_the_lan_bandwidth_streams_for_migration_would_not_converge() -> None:
+    big = backup("1", data_disk(1000 * MB), destination="offsite", policy=Policy.FULL)
+    [unit] = plan_units([big], context(footprint(touched=100 * MB, dirty=70 * MB)))  # LAN: 125 MB/s
+    assert unit.placement is Placement.STREAM and "would not converge" in unit.reason
+    [forced] = plan_units([replace(big, placement=Placement.MIGRATE)],
+                          context(footprint(touched=100 * MB, dirty=70 * MB)))
+    assert forced.placement is Placement.MIGRATE
