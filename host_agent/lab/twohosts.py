@@ -821,12 +821,16 @@ def migratable_guest_xml(
     vcpus: int = 1,
     memory_mib: int = 256,
     cpu_mode: str = "maximum",
+    extra_devices: Sequence[str] = (),
+    kernel_args: Sequence[str] = (),
 ) -> str:
     """Domain XML of a guest that can live-migrate: the lab's XML without the 9p <filesystem>,
     the console log in append mode, the command on the kernel command line.
 
     ``initrd`` must be a ``migratable_initramfs``; every path (kernel, initrd, disks, console)
     must be one both daemons see (outside B's private folders: e.g. /var/tmp or pytest's tmp_path).
+    ``extra_devices`` are device elements (XML text, e.g. an ``<interface>``) added to <devices>;
+    ``kernel_args`` go on the kernel command line before the command.
     """
     cmd_arg = guest.command_cmdline_arg(command)
     if len(cmd_arg) > guest.MAX_CMDLINE_COMMAND:
@@ -835,7 +839,7 @@ def migratable_guest_xml(
             f"command of {name} too long for the kernel command line ({len(cmd_arg)} > "
             f"{guest.MAX_CMDLINE_COMMAND} bytes as base64): shorten it"
         )
-    cmdline = " ".join([*BASE_KERNEL_ARGS, cmd_arg])
+    cmdline = " ".join([*BASE_KERNEL_ARGS, *kernel_args, cmd_arg])
     xml = render_domain_xml(
         name,
         kernel=kernel,
@@ -859,6 +863,11 @@ def migratable_guest_xml(
             src = elem.find("source")
             if src is not None:
                 src.set("append", "on")  # the destination's QEMU reopens the log
+    for device in extra_devices:
+        try:
+            devices.append(ET.fromstring(device))
+        except ET.ParseError as e:
+            raise VmLabError(f"extra device of {name} is not well-formed XML: {e}") from e
     return ET.tostring(root, encoding="unicode")
 
 
@@ -871,13 +880,18 @@ def start_migratable_vm(
     memory_mib: int = 256,
     timeout: float = 120.0,
     python: bool = False,
+    initrd: Path | None = None,
+    extra_devices: Sequence[str] = (),
+    kernel_args: Sequence[str] = (),
 ) -> Vm:
     """Start a migratable guest (transient) on the lab's connection and wait for HB-READY.
 
     ``command`` runs on the initramfs's busybox sh.  With ``python=True`` the initramfs also
     carries a Python and the guest shim (``python_segment``, cached in the lab's cache_dir):
     ``command`` may then run ``hyperback-shim ARGS`` (see ``shim_command``) or ``python3``.  The
-    guest has the lab's default channel, the hyperback port the shim looks for.
+    guest has the lab's default channel, the hyperback port the shim looks for.  ``initrd`` (a
+    ``migratable_initramfs`` built by the caller, e.g. with extra segments) replaces the lab's;
+    ``extra_devices`` and ``kernel_args`` go into the domain XML (see ``migratable_guest_xml``).
 
     The ``Vm`` keeps the source domain handle: after a migration use ``Vm.console()`` (the log
     file is shared) and look the domain up on the other host by ``vm.name``.
@@ -890,7 +904,10 @@ def start_migratable_vm(
     running = running_guests(lab.conn)
     if len(running) >= lab.max_running:
         raise VmLabError(f"vmlab guest(s) already running on {lab.uri}: {', '.join(running)}")
-    if python:
+    if initrd is not None:
+        if python:
+            raise VmLabError("give either python=True or an initrd of your own, not both")
+    elif python:
         initrd = migratable_python_initramfs(lab.initramfs, lab.cache_dir)
     else:
         initrd = migratable_initramfs(lab.initramfs, lab.workdir / "migratable-initramfs.cpio.gz")
@@ -904,6 +921,8 @@ def start_migratable_vm(
         console_log=console_log,
         disks=disks,
         memory_mib=memory_mib,
+        extra_devices=extra_devices,
+        kernel_args=kernel_args,
     )
     (lab.workdir / f"{full_name}.xml").write_text(xml)
     t0 = time.monotonic()
