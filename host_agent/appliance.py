@@ -180,9 +180,9 @@ def reconcile(conn: Any, inventory: Inventory) -> None:
             running = False
         try:
             route = route_for(inventory, appliance)
-            if running:
+            if running and not route.held():
                 route.claim()
-            else:
+            elif not running and route.held():
                 route.release()
         except (ApplianceError, ServiceAddressError) as e:
             log.warning("appliance %s: %s", appliance.name, e)
@@ -248,8 +248,10 @@ class Porter:
         return conn, conn.lookupByName(appliance.domain)
 
     def _migrate(self, appliance: Appliance, src: str, dst: str) -> migration.MoveStats:
-        return migration.live_migrate(appliance.domain, self._uri(src), self._uri(dst),
-                                      self.inventory.host(dst).lan_ip, self.config.move_timeout,
+        # peer to peer: the *source* daemon dials the target, so the target needs its inventory URI
+        target = self.inventory.host(dst)
+        return migration.live_migrate(appliance.domain, self._uri(src), target.libvirt_uri,
+                                      target.lan_ip, self.config.move_timeout,
                                       bandwidth_mib=self.config.move_bandwidth)
 
     def _bring(self, appliance: Appliance, job: str, visit: Visit) -> None:

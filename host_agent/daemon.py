@@ -490,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
                 started: Callable[[Agent], None] | None = None) -> None:
     """Run the agent (and, if asked, the optimizer) until ``stop`` is set."""
+    import libvirt  # type: ignore[import-untyped]
     import libvirtaio  # type: ignore[import-untyped]
 
     from host_agent import copier, optimizer, policies
@@ -497,6 +498,9 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
 
     copier.selftest()  # a broken native build must stop the service, not corrupt backups
     libvirtaio.virEventRegisterAsyncIOImpl()
+    # every libvirt failure is raised as an exception and logged where it matters; libvirt's own
+    # handler would also print each one (an expected "domain not found" too) to stderr
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     opt_server = None
     if with_optimizer:

@@ -197,7 +197,9 @@ def _completed_stats(dst_uri: str, name: str) -> tuple[int, int]:
     try:
         conn = libvirt.open(dst_uri)
         try:
-            stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            # keep them: operators (virsh domjobinfo --completed) may want to read them as well
+            stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                                                     | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
         finally:
             conn.close()
     except libvirt.libvirtError as e:

@@ -63,10 +63,12 @@ path = "{media_root}/media-b2"
 """
 
 
-def agent_config(root: Path, host_name: str, shared: Path, operator: str, extra: str = "") -> str:
+def agent_config(root: Path, host_name: str, shared: Path | tuple[Path, ...], operator: str,
+                 extra: str = "") -> str:
+    paths = ", ".join(f'"{p}"' for p in (shared if isinstance(shared, tuple) else (shared,)))
     return f"""
 host_name = "{host_name}"
-shared_storage = ["{shared}"]
+shared_storage = [{paths}]
 default_destination = "media-b"
 libvirt_uri = "qemu:///system"
 state_dir = "{root}/state"
@@ -87,7 +89,8 @@ recheck = "2s"
 
 
 class Cluster:
-    def __init__(self, hosts: TwoHosts, root: Path, shared: Path, inventory_extra: str = "") -> None:
+    def __init__(self, hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...],
+                 inventory_extra: str = "") -> None:
         self.hosts = hosts
         self.inventory_extra = inventory_extra  # more inventory tables, e.g. appliances
         self.root = root
@@ -222,7 +225,7 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(hosts: TwoHosts, root: Path, shared: Path, *, agent_a_extra: str = "",
+def cluster(hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...], *, agent_a_extra: str = "",
             inventory_extra: str = "") -> Iterator[Cluster]:
     c = Cluster(hosts, root, shared, inventory_extra)
     try:
