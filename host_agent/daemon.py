@@ -102,6 +102,7 @@ class Agent:
         self.journal = Journal(config.state_dir)
         self.channels: dict[str, GuestChannel] = {}
         self._channel_tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
         self._planner = planner
         self.load_reader: HostLoadReader | None = HostLoadReader() if config.send_load else None
         self._repos: dict[str, Repository | RemoteRepository] = {}
@@ -167,9 +168,12 @@ class Agent:
         if task is not None:
             task.cancel()
 
-    def rescan(self) -> None:
+    async def rescan(self) -> None:
+        """Serve the channels of the running domains that have one, forget the others.  The listing
+        runs in a worker thread: libvirt blocks calls on a domain while a migration job holds it
+        (an incoming VM for the whole migration), and the loop must keep serving meanwhile."""
         try:
-            served = self.domains.served()
+            served = await asyncio.to_thread(self.domains.served)
         except DomainError as e:
             log.warning("cannot list domains: %s", e)
             return
@@ -184,7 +188,9 @@ class Agent:
         log.info("domain %s %s", uuid, kind)
         self.reconcile_appliances()
         if kind == "started":
-            asyncio.get_running_loop().call_soon(self.rescan)
+            task = asyncio.get_running_loop().create_task(self.rescan(), name="rescan-on-start")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         else:
             self.forget_domain(uuid)
 
@@ -435,17 +441,17 @@ class Agent:
     # ---------- running ----------
 
     async def run(self) -> None:
-        for instruction in self.journal.pending():
+        pending = self.journal.pending()
+        for instruction in pending:
             log.info("re-queueing instruction %s from the journal", instruction.id)
             self.jobs.add(instruction, Origin.GUEST, instruction.domain_uuid)
-            self.driver.submit(instruction)
         self.domains.watch(self.on_domain_event)
         self._clear_stale_visits()
-        recovery = asyncio.create_task(self._recover_visits(), name="recover-visits")
+        recovery = asyncio.create_task(self._recover_visits(pending), name="recover-visits")
         if self.porter is not None:
             await asyncio.to_thread(self.porter.recover)
         self.reconcile_appliances()
-        self.rescan()
+        await self.rescan()
         rescans = asyncio.create_task(self._rescan_every(RESCAN_SECONDS), name="rescan")
         try:
             await self.driver.run()
@@ -453,18 +459,21 @@ class Agent:
             rescans.cancel()
             recovery.cancel()
 
-    async def _recover_visits(self) -> None:
-        """VMs this host sent on visits its previous run did not finish come home (in the background:
-        the agent serves meanwhile)."""
+    async def _recover_visits(self, pending: Sequence[Instruction]) -> None:
+        """VMs this host sent on visits its previous run did not finish come home, then the journal's
+        unanswered instructions run again (in the background: the agent serves meanwhile).  In that
+        order: an instruction whose visit was cut short would otherwise find its VM away."""
         if self.colocator is not None:
             for line in await self.colocator.recover():
                 log.warning("recovered visit: %s", line)
+        for instruction in pending:
+            self.driver.submit(instruction)
 
     async def _rescan_every(self, seconds: float) -> None:
         """Catch what no lifecycle event reports, e.g. a visit marker cleared by the VM's home host."""
         while True:
             await asyncio.sleep(seconds)
-            self.rescan()
+            await self.rescan()
             self.reconcile_appliances()
 
     def _clear_stale_visits(self) -> None:

@@ -76,12 +76,11 @@ def state_on(uri: str, name: str) -> int | None:
     conn = libvirt.open(uri)
     try:
         try:
-            dom = conn.lookupByName(name)
+            return int(conn.lookupByName(name).state()[0])
         except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # also: gone between lookup and state
                 return None
             raise
-        return int(dom.state()[0])
     finally:
         conn.close()
 
