@@ -15,6 +15,7 @@ Templates (``domain.xml``, ``disk.xml``, ``channel.xml``) sit beside this module
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shlex
@@ -212,6 +213,16 @@ def _is_vmlab_domain(dom: Any) -> bool:
         raise LibvirtFailure(f"XMLDesc({dom.name()}): {e}") from e
 
 
+def _alive(conn: Any) -> bool:
+    """Whether the daemon still answers on ``conn`` (``isAlive()`` stays true after the daemon
+    closed it, until the next call fails: so make a cheap call)."""
+    try:
+        conn.getLibVersion()
+        return True
+    except Exception:  # noqa: BLE001 - a connection that cannot answer is not usable
+        return False
+
+
 def running_guests(conn: Any) -> list[str]:
     """Names of the running vmlab guests on ``conn`` (any Lab's, any process's)."""
     libvirt = _libvirt()
@@ -250,7 +261,7 @@ class Vm:
     ) -> None:
         self.lab = lab
         self.name = name
-        self.domain = domain
+        self._domain = domain
         self.console_log = console_log
         self.persistent = persistent
         self.started_at = started_at
@@ -260,6 +271,14 @@ class Vm:
         self._console = ""
         self._console_bytes = 0
         self._destroyed = False
+
+    @property
+    def domain(self) -> Any:
+        """The libvirt handle; looked up again on the lab's connection if the one it came from died
+        (see ``Lab.conn``)."""
+        if self.lab is not None and not _alive(self._domain.connect()):
+            self._domain = self.lab.conn.lookupByUUIDString(self._domain.UUIDString())
+        return self._domain
 
     def __repr__(self) -> str:
         return f"<Vm {self.name}>"
@@ -430,11 +449,28 @@ class Lab:
         self.cache_dir = Path(cache_dir)
         self.max_running = max_running
         self.name_prefix = name_prefix
-        self.conn: Any = None
+        self._conn: Any = None
         self.vms: list[Vm] = []
         self._kernel: guest.GuestKernel | None = None
         self._initramfs: Path | None = None
         self._boot_image: Path | None = None
+
+    @property
+    def conn(self) -> Any:
+        """The lab's libvirt connection, opened again if the daemon dropped it.  It does when a
+        libvirt event loop was registered in this process (an agent run in a thread, in tests) but
+        no longer runs: the connection then promises keepalive answers nobody sends, and the
+        daemon closes it after 30 s of silence."""
+        if self._conn is not None and not _alive(self._conn):
+            log.info("libvirt connection to %s was closed; opening it again", self.uri)
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = _libvirt().open(self.uri)
+        return self._conn
+
+    @conn.setter
+    def conn(self, value: Any) -> None:
+        self._conn = value
 
     def __enter__(self) -> Lab:
         libvirt = _libvirt()
