@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from colocation_lab import Cluster, cluster
 from conftest import lab_or_fail
-from test_twohosts import TICKER, state_on, wait_ticks
+from test_twohosts import TICKER, state_on, wait_ticks, xml_on
 
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
@@ -83,13 +83,7 @@ def trigger(c: Cluster, vm: Vm, placement: Any) -> str:
 
 
 def hold_on(uri: str, name: str) -> Any:
-    import libvirt  # type: ignore[import-untyped]
-
-    conn = libvirt.open(uri)
-    try:
-        return read_hold(conn.lookupByName(name).XMLDesc(0))
-    finally:
-        conn.close()
+    return read_hold(xml_on(uri, name))
 
 
 def last_migration_bytes(uri: str, name: str) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from colocation_lab import Cluster, cluster
 from conftest import lab_or_fail
-from test_twohosts import TICKER, last_tick, state_on, wait_ticks
+from test_twohosts import TICKER, last_tick, state_on, wait_ticks, xml_on
 
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
@@ -96,16 +96,6 @@ def test_a_vm_stranded_by_its_agent_dying_mid_visit_comes_home_when_the_agent_re
     assert visit_marker(xml_on(c.hosts.uri_a, vm.name)) is None
     assert_home_and_running(c, vm)
     vm.destroy()
-
-
-def xml_on(uri: str, name: str) -> str:
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        return str(conn.lookupByName(name).XMLDesc(0))
-    finally:
-        conn.close()
 
 
 def test_the_target_daemon_stopping_mid_migration_leaves_the_vm_running_at_home(

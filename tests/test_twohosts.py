@@ -85,6 +85,17 @@ def state_on(uri: str, name: str) -> int | None:
         conn.close()
 
 
+def xml_on(uri: str, name: str) -> str:
+    """The live XML of domain ``name`` on ``uri``."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        return str(conn.lookupByName(name).XMLDesc(0))
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def hosts_and_lab(tmp_path: Path) -> Iterator[tuple[TwoHosts, Lab]]:
     with lab_or_fail(tmp_path / "lab") as lab, TwoHosts(tmp_path / "hosts") as hosts:
