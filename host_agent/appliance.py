@@ -206,7 +206,7 @@ class Porter:
             await asyncio.to_thread(self._bring, appliance, job, visit)
             came = f" (from {visit.came_from}, {visit.moved_bytes} bytes)" if visit.moves else ""
             await report(f"appliance {appliance.name} is here{came}", 0, 0)
-        except (ApplianceError, migration.MoveError, libvirt.libvirtError) as e:
+        except (EnvironmentProblem, libvirt.libvirtError, OSError) as e:  # e.g. the route not claimed
             visit.why_not = str(e)
             log.warning("appliance %s not brought here: %s", appliance.name, e)
             await report(f"appliance {appliance.name} stays where it is ({e}); streaming over the LAN", 0, 0)
@@ -216,7 +216,7 @@ class Porter:
             if visit.here:
                 try:
                     await asyncio.to_thread(self._send_on, appliance, visit)
-                except (ApplianceError, migration.MoveError, libvirt.libvirtError) as e:
+                except (EnvironmentProblem, libvirt.libvirtError, OSError) as e:
                     log.error("appliance %s stays on %s: %s", appliance.name, self.inventory.host_name, e)
 
     def recover(self) -> None:
@@ -281,7 +281,7 @@ class Porter:
             except migration.MoveError:
                 self._clear_hold(where, appliance)
                 raise
-        visit.here = True
+        visit.here = True  # before the claim: if that fails, it must still be sent on afterwards
         route_for(self.inventory, appliance).claim()
 
     def _take_or_queue(self, dom: Any, where: str, job: str) -> bool:
