@@ -37,7 +37,7 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import migration
-from host_agent.colocation import dirty_rate, domain_sources
+from host_agent.colocation import footprint
 from host_agent.config import AgentConfig
 from host_agent.errors import EnvironmentProblem
 from host_agent.inventory import Appliance, Inventory
@@ -51,6 +51,9 @@ HOLD_PREFIX = "hba"
 ARRIVAL_POLL = 1.0
 
 Report = Callable[[str, int, int], Awaitable[None]]   # (message, bytes done, bytes total)
+# what bringing or sending an appliance may fail with (a move, libvirt, netlink for its route): the
+# plan's backups still run, and an agent starting up still starts
+MOVE_FAILURES = (EnvironmentProblem, libvirt.libvirtError, OSError)
 
 
 class ApplianceError(EnvironmentProblem):
@@ -123,30 +126,13 @@ def locate(inventory: Inventory, local_uri: str, appliance: Appliance) -> str | 
     return None
 
 
-def footprint(dom: Any, inventory: Inventory) -> VmFootprint:
-    """What moving the appliance costs, measured through the libvirt of the host it runs on.
-
-    Its guest RAM cannot be sampled from here (that needs the QEMU process), so the touched memory is
-    QEMU's RSS: an overestimate (by 20-25 % in the lab, docs/colocation.md), which errs towards
-    leaving the appliance where it is.
-    """
-    xml = dom.XMLDesc(0)
-    memory = int(dom.info()[1]) * 1024
-    rss = int(dom.memoryStats().get("rss", 0)) * 1024
-    live, why = migration.live_migratable(xml)
-    local = [p for p in domain_sources(xml) if not inventory.shared(p)]
-    if local:
-        why = f"disk {local[0]} is not on shared storage" + (f"; {why}" if why else "")
-    touched = min(rss, memory) or memory
-    return VmFootprint(dom.UUIDString(), memory, touched, dirty_rate(dom), live, not local, why)
-
-
 def measure_at(inventory: Inventory, host: str, appliance: Appliance) -> VmFootprint:
-    """The appliance's footprint on ``host``; one that says it cannot move if it cannot be measured."""
+    """The appliance's footprint on ``host``, through that host's libvirt (its guest RAM cannot be
+    sampled from here); one that says it cannot move if it cannot be measured."""
     try:
         conn = libvirt.open(inventory.host(host).libvirt_uri)
         try:
-            return footprint(conn.lookupByName(appliance.domain), inventory)
+            return footprint(conn.lookupByName(appliance.domain), inventory, sample=False)
         finally:
             conn.close()
     except libvirt.libvirtError as e:
@@ -206,7 +192,7 @@ class Porter:
             await asyncio.to_thread(self._bring, appliance, job, visit)
             came = f" (from {visit.came_from}, {visit.moved_bytes} bytes)" if visit.moves else ""
             await report(f"appliance {appliance.name} is here{came}", 0, 0)
-        except (EnvironmentProblem, libvirt.libvirtError, OSError) as e:  # e.g. the route not claimed
+        except MOVE_FAILURES as e:
             visit.why_not = str(e)
             log.warning("appliance %s not brought here: %s", appliance.name, e)
             await report(f"appliance {appliance.name} stays where it is ({e}); streaming over the LAN", 0, 0)
@@ -216,7 +202,7 @@ class Porter:
             if visit.here:
                 try:
                     await asyncio.to_thread(self._send_on, appliance, visit)
-                except (EnvironmentProblem, libvirt.libvirtError, OSError) as e:
+                except MOVE_FAILURES as e:
                     log.error("appliance %s stays on %s: %s", appliance.name, self.inventory.host_name, e)
 
     def recover(self) -> None:
@@ -235,7 +221,7 @@ class Porter:
                 log.warning("appliance %s was left here by a previous run; sending it on", appliance.name)
                 try:
                     self._send_on(appliance, Visit(appliance.name, here=True))
-                except (ApplianceError, migration.MoveError, libvirt.libvirtError) as e:
+                except MOVE_FAILURES as e:
                     log.error("appliance %s stays here: %s", appliance.name, e)
 
     # -- worker threads --

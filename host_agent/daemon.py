@@ -363,7 +363,7 @@ class Agent:
             if instruction.domain_uuid not in footprints:
                 try:
                     dom = self.domains.domain(instruction.domain_uuid)
-                    footprints[instruction.domain_uuid] = footprint(dom, self.config)
+                    footprints[instruction.domain_uuid] = footprint(dom, self.config.inventory)
                 except Exception as e:  # noqa: BLE001 - without a footprint the policy streams
                     log.warning("no footprint of %s: %s", instruction.domain_uuid, e)
             held.update(self._held(instruction))
