@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from host_agent import lab  # noqa: E402
 from host_agent.config import Limits  # noqa: E402
-from host_agent.vmdemo import agent_in_thread, demo_config  # noqa: E402
+from host_agent.lab.demo import agent_in_thread, demo_config  # noqa: E402
 
 GUEST = r'''
 import glob, json, os, select, sys, time

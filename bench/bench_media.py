@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from host_agent.remote import RemoteRepository
-from host_agent.repository import Policy, Repository
+from host_agent.media.client import RemoteRepository
+from host_agent.model import Policy
+from host_agent.storage.repository import Repository
 
 MiB = 1 << 20
 EXTENT = 64 * 1024

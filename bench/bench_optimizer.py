@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Optimizer benchmark: time from flush to plan for a batch of instructions over real gRPC.
 
-For each policy chain it starts ``python -m host_agent.optimizer`` on a unix socket in a temporary
+For each policy chain it starts ``python -m host_agent.planning.service`` on a unix socket in a temporary
 directory (a separate process, as in production), waits until the health service says SERVING, then
 times ``OptimizerClient.plan`` (convert the batch, call, plan, convert the answer back) ``--runs`` times
 after ``--warmup`` untimed calls, and prints median and p95. ``plan only`` is the same planning in this
@@ -27,10 +27,10 @@ from pathlib import Path
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from host_agent.hostload import HostLoad
 from host_agent.model import DiskRef, Instruction, InstructionKind, Policy
-from host_agent.optimizer import OptimizerClient
-from host_agent.policies import HostContext, Planner, build_chain, parse_chain
+from host_agent.planning.chain import HostContext, Planner, build_chain, parse_chain
+from host_agent.planning.hostload import HostLoad
+from host_agent.planning.service import OptimizerClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHAINS = ("passthrough", "merge", "timing", "merge,timing")
@@ -103,8 +103,8 @@ def bench(chain: str, batch: list[Instruction], context: HostContext, runs: int,
           workdir: Path) -> list[str]:
     target = f"unix:{workdir / (chain.replace(',', '-') + '.sock')}"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "host_agent.optimizer", "--listen", target, "--policies",
-                             chain, "--grace", "1"], env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "host_agent.planning.service", "--listen", target,
+                             "--policies", chain, "--grace", "1"], env=env, stderr=subprocess.DEVNULL)
     try:
         asyncio.run(wait_serving(target, proc))
         seconds, units, rejected = asyncio.run(time_chain(target, batch, context, runs, warmup))

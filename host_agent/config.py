@@ -45,7 +45,7 @@ class AgentConfig:
     optimizer: str = "unix:/run/hyperback/optimizer.sock"
     optimizer_timeout: float = 10.0
     # the optimizer's policy chain and options (e.g. {"timing": {"recheck": "30s"}}), when the
-    # agent starts the optimizer itself; see host_agent.policies for every option
+    # agent starts the optimizer itself; see host_agent.planning.chain for every option
     policies: tuple[str, ...] = ("merge", "colocate", "timing")
     policy_options: dict[str, dict[str, str]] = field(default_factory=dict)
     # send this host's load (/proc/pressure, /proc/loadavg) with each batch, so the timing

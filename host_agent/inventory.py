@@ -12,7 +12,7 @@ repository and no VM is ever moved.
   service's predefined address (``service``), or moves the VM there (the ``colocate`` policy).
 * An **appliance** is a backup appliance VM: a domain (on shared storage, live-migratable) that runs
   the media service itself, on a predefined address that moves with it (its NIC is routed through a
-  tap on whichever host runs it: ``host_agent.appliance``).  A media entry served by an appliance
+  tap on whichever host runs it: ``host_agent.colocation.appliance``).  A media entry served by an appliance
   names it instead of a host, a service and a path; its host is wherever the appliance runs now, and
   the ``colocate`` policy may bring the appliance to the VMs instead of the VMs to it.
 * **Shared storage** lists the directories every host sees in common: a VM whose disks all lie in
@@ -83,7 +83,7 @@ class Inventory:
 
     def is_remote(self, destination: str) -> bool:
         """True if ``destination`` is media attached to another host than this one (an appliance's
-        media are where the appliance runs: ask ``host_agent.appliance``)."""
+        media are where the appliance runs: ask ``host_agent.colocation.appliance``)."""
         media = self.media.get(destination)
         return media is not None and not media.appliance and media.host != self.host_name
 

@@ -5,17 +5,50 @@ domain its channel belongs to. The driver batches instructions; the optimizer
 turns a batch into a :class:`Plan` of :class:`WorkUnit` objects, each saying
 which instructions it satisfies; the executor carries the units out and answers
 every instruction. These types cross the gRPC boundary as the messages of
-``proto/hyperback/v1/optimizer.proto`` (``host_agent.optimizer`` converts).
+``proto/hyperback/v1/optimizer.proto`` (``host_agent.planning.service`` converts).
 """
 from __future__ import annotations
 
 import enum
+import hashlib
+import posixpath
 from dataclasses import dataclass, field
 
-from host_agent.repository import Policy
+__all__ = ["STRENGTH", "ChangeDetection", "DiskRef", "Instruction", "InstructionKind", "Placement", "Plan",
+           "Policy", "UnitKind", "VmFootprint", "WorkUnit", "base_name", "normalize_path"]
 
-__all__ = ["DiskRef", "Instruction", "InstructionKind", "Placement", "Plan", "Policy", "UnitKind",
-           "VmFootprint", "WorkUnit"]
+
+class Policy(enum.StrEnum):
+    """How a backup is made: what it reads and compares against (every snapshot restores alone)."""
+
+    FULL = "full"                  # everything read
+    INCREMENTAL = "incremental"    # what changed since the latest snapshot of the disk
+    DIFFERENTIAL = "differential"  # what changed since the latest full snapshot of the disk
+
+
+class ChangeDetection(enum.StrEnum):
+    """How a backup found what changed since its base: one vocabulary from the disk's view through
+    the snapshot document to the guest's answer (which says ``full-read`` for the first three)."""
+
+    NONE = "none"                      # no base: everything read (a full backup)
+    CHANGE_LIST = "change-list"        # only the extents a caller listed were read
+    COMPARISON = "comparison"          # everything read, each chunk compared with the base's
+    DIRTY_BITMAP = "dirty-bitmap"      # only what QEMU's dirty bitmap marks since the base's checkpoint
+    ALLOCATION_MAP = "allocation-map"  # only the overlay's own clusters, over a stored shared base
+
+
+STRENGTH = {Policy.INCREMENTAL: 1, Policy.DIFFERENTIAL: 2, Policy.FULL: 3}
+"""A stronger policy serves a request for a weaker one (a full backup answers an incremental)."""
+
+
+def normalize_path(path: str) -> str:
+    """An image path compared lexically: the optimizer may run elsewhere and cannot resolve links."""
+    return posixpath.normpath(path)
+
+
+def base_name(image: str) -> str:
+    """The repository name of a shared backing image: ``base/`` and 16 hex digits of its path's SHA-256."""
+    return "base/" + hashlib.sha256(normalize_path(image).encode()).hexdigest()[:16]
 
 
 class InstructionKind(enum.StrEnum):
@@ -43,7 +76,7 @@ class Placement(enum.StrEnum):
 
 @dataclass(frozen=True)
 class VmFootprint:
-    """What moving a running domain would cost, measured on its host (``host_agent.colocation``)."""
+    """What moving a running domain would cost, measured on its host (``host_agent.colocation.visits``)."""
 
     domain_uuid: str
     memory_bytes: int                # configured RAM
@@ -57,7 +90,7 @@ class VmFootprint:
 @dataclass(frozen=True)
 class ApplianceFootprint:
     """The backup appliance VM serving a destination, measured on the other host it runs on now
-    (``host_agent.appliance``): what bringing it to the sending host would cost."""
+    (``host_agent.colocation.appliance``): what bringing it to the sending host would cost."""
 
     destination: str
     appliance: str                   # its name in the inventory

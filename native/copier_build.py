@@ -1,4 +1,4 @@
-"""cffi out-of-line build of the native copier into ``host_agent._copier``.
+"""cffi out-of-line build of the native copier into ``host_agent.storage._copier``.
 
 Named in ``setup.py``'s ``cffi_modules``; ``pip install .`` compiles it and
 links Debian's libcrypto (libssl-dev) and libzstd (libzstd-dev).
@@ -65,7 +65,7 @@ int hb_hash(const uint8_t *data, uint64_t len, uint8_t out[32]);
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
-    "host_agent._copier",
+    "host_agent.storage._copier",
     '#include "copier.h"',
     # relative to the project root, where setuptools runs this script
     sources=["native/copier.c"],

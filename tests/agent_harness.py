@@ -12,8 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from host_agent.agent.daemon import Agent, agent_in_thread
 from host_agent.config import AgentConfig
-from host_agent.daemon import Agent, agent_in_thread
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from host_agent.lab import HostNotReady, Lab
-from host_agent.repository import Repository
+from host_agent.storage.repository import Repository
 
 MIB = 1024 * 1024
 WORDS = b"disk guest host chunk pack tree index snapshot restore backup volume ext4 inode".split()

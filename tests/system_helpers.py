@@ -164,7 +164,8 @@ def backup_loop(repo_path: str, workdir: str, seconds: float) -> None:
     Appends one JSON line per committed snapshot to WORKDIR/snapshots.jsonl:
     its id and the SHA-256 of the image it was taken of.
     """
-    from host_agent.repository import Policy, Repository
+    from host_agent.model import Policy
+    from host_agent.storage.repository import Repository
 
     repo = Repository.open(repo_path)
     work = Path(workdir)
@@ -188,9 +189,9 @@ def backup_loop(repo_path: str, workdir: str, seconds: float) -> None:
 
 def prune_loop(repo_path: str, seconds: float) -> None:
     """Keep the 2 newest snapshots of each name, forget the rest and collect garbage, until time is up."""
-    from host_agent.gc import collect_garbage
-    from host_agent.repository import Repository
-    from host_agent.retention import KeepPolicy, select
+    from host_agent.storage.gc import collect_garbage
+    from host_agent.storage.repository import Repository
+    from host_agent.storage.retention import KeepPolicy, select
 
     repo = Repository.open(repo_path)
     deadline = time.monotonic() + seconds

@@ -90,7 +90,8 @@ send_load = false
 [repositories]
 default = "{workdir}/repo"
 """)
-    argv = [sys.executable, "-m", "host_agent.daemon", "--config", str(config), "--with-optimizer", "-v"]
+    argv = [sys.executable, "-m", "host_agent.agent.daemon", "--config", str(config), "--with-optimizer",
+            "-v"]
     with open(workdir / f"agent-{time.monotonic_ns()}.log", "wb") as log:  # the child keeps its own copy
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 

@@ -24,12 +24,12 @@ from conftest import lab_or_fail
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
+from host_agent.agent.jobs import JobState
 from host_agent.config import Limits
-from host_agent.hostload import HostLoadReader
-from host_agent.jobs import JobState
 from host_agent.lab import Disk, Lab, make_disk
-from host_agent.optimizer import OptimizerClient
-from host_agent.repository import Repository
+from host_agent.planning.hostload import HostLoadReader
+from host_agent.planning.service import OptimizerClient
+from host_agent.storage.repository import Repository
 
 pytestmark = pytest.mark.vm
 

@@ -13,7 +13,7 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 import pytest
 
-from host_agent.appliance import Hold, Porter, next_stop, read_hold, write_hold
+from host_agent.colocation.appliance import Hold, Porter, next_stop, read_hold, write_hold
 from host_agent.config import load
 
 HOSTS = ("hosta", "hostb", "hostc")

@@ -24,7 +24,7 @@ from test_twohosts import TICKER, state_on, wait_ticks, xml_on
 
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
-from host_agent.appliance import read_hold
+from host_agent.colocation.appliance import read_hold
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.appliance import APPLIANCE_IP, DESTINATION, MEDIA_PORT, TAP, Appliance, start_appliance
 from host_agent.lab.twohosts import TwoHosts, start_migratable_vm

@@ -24,6 +24,7 @@ from conftest import lab_or_fail
 from test_twohosts import state_on
 
 from host_agent._proto.hyperback.v1 import media_pb2, media_pb2_grpc
+from host_agent.colocation.migration import live_migrate
 from host_agent.lab.appliance import (
     HOST_NAME,
     READY_MARKER,
@@ -33,8 +34,7 @@ from host_agent.lab.appliance import (
     start_appliance,
 )
 from host_agent.lab.twohosts import TwoHosts
-from host_agent.migration import live_migrate
-from host_agent.remote import RemoteRepository
+from host_agent.media.client import RemoteRepository
 
 pytestmark = pytest.mark.vm
 

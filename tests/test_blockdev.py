@@ -17,7 +17,7 @@ from system_helpers import (
 )
 
 from host_agent import errors
-from host_agent.repository import Repository
+from host_agent.storage.repository import Repository
 
 pytestmark = pytest.mark.root
 

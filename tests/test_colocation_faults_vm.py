@@ -18,9 +18,9 @@ from test_twohosts import TICKER, last_tick, state_on, wait_ticks, xml_on
 
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
+from host_agent.colocation.migration import visit_marker
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.twohosts import TwoHosts, start_migratable_vm
-from host_agent.migration import visit_marker
 
 pytestmark = pytest.mark.vm
 

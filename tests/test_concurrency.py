@@ -21,9 +21,9 @@ from system_helpers import (
     write_random_image,
 )
 
-from host_agent.gc import collect_garbage
-from host_agent.packfile import read_index
-from host_agent.repository import BackupResult, Repository
+from host_agent.storage.gc import collect_garbage
+from host_agent.storage.packfile import read_index
+from host_agent.storage.repository import BackupResult, Repository
 
 
 def assert_restores(repo: Repository, expected: dict[str, str], target_dir: Path) -> None:

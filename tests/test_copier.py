@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_agent import copier, errors
-from host_agent.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
-from host_agent.packfile import RECORD_HEADER, read_index
+from host_agent import errors
+from host_agent.storage import copier
+from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
+from host_agent.storage.packfile import RECORD_HEADER, read_index
 
 CHUNK = 4096
 

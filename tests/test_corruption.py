@@ -19,9 +19,9 @@ from system_helpers import (
 )
 
 from host_agent import errors
-from host_agent.copier import BLOB_DATA
-from host_agent.packfile import RECORD_HEADER, IndexEntry, read_index
-from host_agent.repository import DEFAULT_CHUNK_SIZE, Repository, Snapshot
+from host_agent.storage.copier import BLOB_DATA
+from host_agent.storage.packfile import RECORD_HEADER, IndexEntry, read_index
+from host_agent.storage.repository import DEFAULT_CHUNK_SIZE, Repository, Snapshot
 
 
 def pack_path(repo: Repository, name: str) -> Path:
@@ -208,7 +208,7 @@ def test_a_garbage_snapshot_document_is_skipped_by_list_with_a_warning(
     repo, first, second, _ = two_snapshots
     (repo.path / "snapshots" / "0123456789abcdef").write_bytes(garbage)
 
-    with caplog.at_level(logging.WARNING, logger="host_agent.repository"):
+    with caplog.at_level(logging.WARNING, logger="host_agent.storage.repository"):
         assert [s.id for s in repo.snapshots()] == [first.id, second.id]
     assert "0123456789abcdef" in caplog.text
 

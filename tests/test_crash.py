@@ -29,9 +29,9 @@ from system_helpers import (
     write_random_image,
 )
 
-from host_agent.gc import collect_garbage
-from host_agent.locks import read_locks
-from host_agent.repository import Repository
+from host_agent.storage.gc import collect_garbage
+from host_agent.storage.locks import read_locks
+from host_agent.storage.repository import Repository
 
 BIG = 256 * MIB
 image_digest = functools.cache(sha256_file)

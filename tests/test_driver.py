@@ -5,7 +5,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from host_agent.driver import BackupDriver, Retryable
+from host_agent.agent.driver import BackupDriver, Retryable
 from host_agent.model import Instruction, InstructionKind, Plan, Policy, UnitKind, WorkUnit
 
 

@@ -25,8 +25,8 @@ from system_helpers import (
 )
 
 from host_agent import errors
-from host_agent.gc import collect_garbage
-from host_agent.repository import Repository
+from host_agent.storage.gc import collect_garbage
+from host_agent.storage.repository import Repository
 
 pytestmark = pytest.mark.root
 

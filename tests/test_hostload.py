@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from host_agent.hostload import HostLoad, HostLoadError, HostLoadReader, parse_loadavg, parse_pressure
+from host_agent.planning.hostload import (
+    HostLoad,
+    HostLoadError,
+    HostLoadReader,
+    parse_loadavg,
+    parse_pressure,
+)
 
 PSI = Path("/proc/pressure")
 CPU = "some avg10=12.50 avg60=3.00 avg300=0.75 total=123456\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
@@ -48,7 +54,7 @@ def test_a_reading_has_pressure_and_load_per_cpu(tmp_path: Path) -> None:
 def test_without_pressure_files_the_reader_degrades_to_load_average_and_says_so(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reader = HostLoadReader(fake_proc(tmp_path, io=None), cpu_count=4)
-    with caplog.at_level(logging.WARNING, logger="host_agent.hostload"):
+    with caplog.at_level(logging.WARNING, logger="host_agent.planning.hostload"):
         first, second = reader.read(), reader.read()
     assert first.cpu_some_avg10 is None and first.io_some_avg10 is None and first.load1 == 3.0
     assert "no pressure stall information" in first.notes[0] and "load average alone" in first.notes[0]

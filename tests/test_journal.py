@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from host_agent.journal import Journal, new_job_id
+from host_agent.agent.journal import Journal, new_job_id
 from host_agent.model import DiskRef, Instruction, InstructionKind, Policy
 
 

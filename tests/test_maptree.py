@@ -7,8 +7,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_agent.copier import NativeRepository
-from host_agent.maptree import FANOUT, TreeBuilder, TreeReader
+from host_agent.storage.copier import NativeRepository
+from host_agent.storage.maptree import FANOUT, TreeBuilder, TreeReader
 
 
 def native(root: Path) -> NativeRepository:

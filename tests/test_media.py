@@ -31,15 +31,18 @@ from system_helpers import (
     write_random_image,
 )
 
-from host_agent import errors, media
+from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
-from host_agent.copier import BLOB_DATA
-from host_agent.gc import collect_garbage
-from host_agent.packfile import INDEX_ENTRY, PACK_HEADER, PACK_MAGIC, RECORD_HEADER
-from host_agent.remote import RemoteRepository
-from host_agent.repository import Policy, Repository
+from host_agent.media import codec
+from host_agent.media import server as media
+from host_agent.media.client import RemoteRepository
+from host_agent.model import Policy
+from host_agent.storage.copier import BLOB_DATA
+from host_agent.storage.gc import collect_garbage
+from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, PACK_MAGIC, RECORD_HEADER
+from host_agent.storage.repository import Repository
 
 MEDIA = Path(sys.executable).with_name("hyperback-media")
 SIZE = 32 * MIB
@@ -99,7 +102,7 @@ def make_pack(writer_id: bytes, blobs: list[bytes], *, bad_id: bool = False) -> 
         cid = hashlib.sha256(blob + (b"x" if bad_id and i == len(blobs) - 1 else b"")).digest()
         entries += INDEX_ENTRY.pack(cid, BLOB_DATA, 0, 0, len(pack), len(blob), len(blob))
         pack += RECORD_HEADER.pack(cid, BLOB_DATA, 0, 0, len(blob), len(blob)) + blob
-    return pack_id.hex(), bytes(pack), media.index_bytes(pack_id, bytes(entries))
+    return pack_id.hex(), bytes(pack), codec.index_bytes(pack_id, bytes(entries))
 
 
 def upload_requests(session_id: str, name: str, pack: bytes, index: bytes,
@@ -120,7 +123,7 @@ def open_session(stub: pb_grpc.MediaStub, name: str = "vm9/vda") -> pb.OpenBacku
 
 def error_class(e: grpc.RpcError) -> str:
     assert isinstance(e, grpc.Call)
-    return dict(e.trailing_metadata() or ()).get(media.ERROR_KEY, "")
+    return dict(e.trailing_metadata() or ()).get(codec.ERROR_KEY, "")
 
 
 # ---------- backups through the service ----------
@@ -295,7 +298,7 @@ def test_another_chunk_size_is_a_failed_precondition(repo: Repository, remote: R
     doc = other.backup(image, "vm9/vda").snapshot
     opened = open_session(stub)
     with pytest.raises(grpc.RpcError) as exc:
-        stub.Commit(pb.CommitRequest(session_id=opened.session_id, document=media.snapshot_document(doc)))
+        stub.Commit(pb.CommitRequest(session_id=opened.session_id, document=codec.snapshot_document(doc)))
     assert exc.value.code() is grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
     assert "chunk size" in exc.value.details()  # type: ignore[attr-defined]
 
@@ -316,7 +319,7 @@ def test_a_commit_naming_chunks_the_repository_lacks_is_refused(
     snap = elsewhere.backup(image, "vm9/vda").snapshot
     opened = open_session(stub)
     with pytest.raises(grpc.RpcError) as exc:
-        stub.Commit(pb.CommitRequest(session_id=opened.session_id, document=media.snapshot_document(snap)))
+        stub.Commit(pb.CommitRequest(session_id=opened.session_id, document=codec.snapshot_document(snap)))
     assert exc.value.code() is grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
     assert error_class(exc.value) == "MissingChunk"
     stub.Abort(pb.SessionRequest(session_id=opened.session_id))
@@ -528,7 +531,7 @@ ip link set lan1p up
 pid=$!
 for i in $(seq 100); do grep -q serving "$LOG" && break; sleep 0.1; done
 echo "held: $(ip -4 -o addr show dev lan1 | grep -c 10.77.0.100)"
-"$PYTHON" -c 'from host_agent.remote import RemoteRepository as R; r = R("10.77.0.100:7420", "main"); \
+"$PYTHON" -c 'from host_agent.media.client import RemoteRepository as R; r = R("10.77.0.100:7420", "main"); \
 print("host:", r.host_name); r.close()'
 kill -TERM $pid
 wait $pid && echo "exit: 0" || echo "exit: $?"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import libvirt  # type: ignore[import-untyped]
 import pytest
 
-from host_agent.migration import (
+from host_agent.colocation.migration import (
     METADATA_NS,
     VISIT_NS,
     VisitMarker,
@@ -22,7 +22,7 @@ from host_agent.migration import (
     needs_unsafe,
     visit_marker,
 )
-from host_agent.serviceip import ServiceAddress, ServiceAddressError, _gratuitous_arp
+from host_agent.colocation.serviceip import ServiceAddress, ServiceAddressError, _gratuitous_arp
 
 
 def domain(devices: str = "", metadata: str = "") -> str:
@@ -104,7 +104,7 @@ def in_netns(name: str, code: str) -> str:
 @pytest.mark.root
 def test_claim_and_release_are_idempotent_and_held_tells(netns_with_svc0: str) -> None:
     code = """
-from host_agent.serviceip import ServiceAddress
+from host_agent.colocation.serviceip import ServiceAddress
 a = ServiceAddress.parse("10.99.0.5/24", "svc0")
 out = [a.held()]
 a.claim(); a.claim(); out.append(a.held())

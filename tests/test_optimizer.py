@@ -23,9 +23,17 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
-from host_agent.hostload import HostLoad, HostLoadReader
 from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, UnitKind
-from host_agent.optimizer import (
+from host_agent.planning.chain import (
+    HostContext,
+    OptimizerConfigError,
+    Planner,
+    PlanningPolicy,
+    PlanResult,
+    build_chain,
+)
+from host_agent.planning.hostload import HostLoad, HostLoadReader
+from host_agent.planning.service import (
     SERVICE_NAME,
     ClientTls,
     OptimizerClient,
@@ -40,14 +48,6 @@ from host_agent.optimizer import (
     result_from_pb,
     result_to_pb,
     start_server,
-)
-from host_agent.policies import (
-    HostContext,
-    OptimizerConfigError,
-    Planner,
-    PlanningPolicy,
-    PlanResult,
-    build_chain,
 )
 
 NOW = 1_700_000_000.0
@@ -288,7 +288,7 @@ def test_an_unreadable_tls_file_is_a_configuration_error(pki: Pki, tmp_path: Pat
 # --------------------------------------------------------------------------- the command
 
 def optimizer_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "host_agent.optimizer", *args]
+    return [sys.executable, "-m", "host_agent.planning.service", *args]
 
 
 def test_the_command_serves_until_sigterm_and_stops_cleanly(tmp_path: Path) -> None:

@@ -11,29 +11,36 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_agent.hostload import HostLoad
-from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, UnitKind, WorkUnit
-from host_agent.policies import (
+from host_agent.model import (
     STRENGTH,
+    DiskRef,
+    Instruction,
+    InstructionKind,
+    Plan,
+    Policy,
+    UnitKind,
+    WorkUnit,
+    base_name,
+)
+from host_agent.planning.chain import (
     HostContext,
     MalformedBatch,
-    Merge,
     OptimizerConfigError,
-    Passthrough,
     Planner,
     PlanningPolicy,
     PlanResult,
     PolicyError,
-    Timing,
-    TimingConfig,
     UnknownPolicy,
     available_policies,
-    base_name,
     build_chain,
     load_policy,
     parse_chain,
     parse_policy_options,
 )
+from host_agent.planning.hostload import HostLoad
+from host_agent.planning.merge import Merge
+from host_agent.planning.passthrough import Passthrough
+from host_agent.planning.timing import Timing, TimingConfig
 
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 IDLE = HostLoad(load1=0.1, load5=0.1, load15=0.1, cpu_count=4, cpu_some_avg10=1.0, io_some_avg10=1.0)

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from host_agent import errors
-from host_agent.extents import Layout, Mapping
-from host_agent.gc import collect_garbage
-from host_agent.repository import ChangeDetection, Policy, Repository
+from host_agent.model import ChangeDetection, Policy
+from host_agent.storage.extents import Layout, Mapping
+from host_agent.storage.gc import collect_garbage
+from host_agent.storage.repository import Repository
 
 
 def restored_digest(repo: Repository, spec: str, tmp: Path) -> str:

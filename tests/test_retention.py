@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from host_agent import errors
-from host_agent.maptree import TreeRef
-from host_agent.repository import ChangeDetection, Policy, Snapshot, SnapshotStats
-from host_agent.retention import KeepPolicy, select
+from host_agent.model import ChangeDetection, Policy
+from host_agent.storage.maptree import TreeRef
+from host_agent.storage.repository import Snapshot, SnapshotStats
+from host_agent.storage.retention import KeepPolicy, select
 
 T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from host_agent.serviceip import APPLIANCE_GATEWAY, ApplianceRoute, ServiceAddressError
+from host_agent.colocation.serviceip import APPLIANCE_GATEWAY, ApplianceRoute, ServiceAddressError
 
 APPLIANCE_IP = "10.99.0.200"
 PORT = 7499
@@ -31,7 +31,7 @@ def in_netns(name: str, code: str, *, check: bool = True) -> subprocess.Complete
 
 def route_call(ns: str, call: str, tap: str = "hbapp0", lan: str = "lan0") -> str:
     code = f"""
-    from host_agent.serviceip import ApplianceRoute
+    from host_agent.colocation.serviceip import ApplianceRoute
     r = ApplianceRoute({APPLIANCE_IP!r}, {tap!r}, {lan!r})
     {call}
     """
@@ -116,7 +116,7 @@ def test_release_after_the_vm_left_removes_the_proxy_entry_and_a_claim_without_t
     route_call(a, "r.release()")
     assert sh("ip", "-n", a, "neigh", "show", "proxy") == ""
     failed = in_netns(a, f"""
-    from host_agent.serviceip import ApplianceRoute, ServiceAddressError
+    from host_agent.colocation.serviceip import ApplianceRoute, ServiceAddressError
     try:
         ApplianceRoute({APPLIANCE_IP!r}, "hbapp0", "lan0").claim()
     except ServiceAddressError as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import lab_or_fail
 
+from host_agent.colocation.migration import MigrationFailed, live_migrate
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.twohosts import (
     TwoHosts,
@@ -26,7 +27,6 @@ from host_agent.lab.twohosts import (
     shim_command,
     start_migratable_vm,
 )
-from host_agent.migration import MigrationFailed, live_migrate
 
 pytestmark = pytest.mark.vm
 

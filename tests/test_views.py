@@ -26,11 +26,12 @@ import libvirt  # type: ignore[import-untyped]
 import pytest
 from conftest import MIB, lab_or_fail, sha256_file
 
-from host_agent import qcow2, views
-from host_agent.extents import Extent
+from host_agent.agent import views
 from host_agent.lab import Disk, Lab, Vm, VmLabError
-from host_agent.model import DiskRef
-from host_agent.repository import ChangeDetection, Policy, Repository
+from host_agent.model import ChangeDetection, DiskRef, Policy
+from host_agent.storage import qcow2
+from host_agent.storage.extents import Extent
+from host_agent.storage.repository import Repository
 
 KIB = 1024
 GUEST_CTL_ROOT = Path("/var/tmp")  # the guest sees the host's root over 9p, but not its /tmp

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from host_agent.cli.progress import bar_for, human
-from host_agent.extents import parse_change_file
-from host_agent.repository import Policy, Repository
+from host_agent.model import Policy
+from host_agent.storage.extents import parse_change_file
+from host_agent.storage.repository import Repository
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

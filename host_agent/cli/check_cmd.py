@@ -5,7 +5,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from host_agent.repository import Repository
+from host_agent.storage.repository import Repository
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

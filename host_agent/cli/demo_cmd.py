@@ -1,7 +1,7 @@
 """hyperback demo: the main job on an embedded default, with no configuration.
 
 By default a real VM backs itself up through the guest shim, the agent, the
-driver, the gRPC optimizer and the copier (``host_agent.vmdemo``; needs root
+driver, the gRPC optimizer and the copier (``host_agent.lab.demo``; needs root
 and the host prepared by ``.ci/setup``). With ``--image`` it is a tour of the
 data path alone: a sparse disk image with random and compressible data is
 backed up (full), 1% of it changed and backed up again (incremental, once by
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from host_agent import errors
 from host_agent.cli.progress import bar_for, human
-from host_agent.repository import Policy, Repository
+from host_agent.model import Policy
+from host_agent.storage.repository import Repository
 
 MIB = 1024 * 1024
 
@@ -73,12 +74,12 @@ def _digest(path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if not args.image:
-        from host_agent import vmdemo
+        from host_agent.lab import demo
 
         if os.geteuid() != 0:
             raise errors.UsageError("the VM demo needs root (libvirtd, guests); 'hyperback demo --image' "
                                     "does not")
-        return vmdemo.run(args.workdir, print)
+        return demo.run(args.workdir, print)
     work: Path = args.workdir
     size = args.size_mib * MIB
     if work.exists():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from host_agent.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
+from host_agent.storage.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from host_agent.cli.progress import human
-from host_agent.repository import Repository
+from host_agent.storage.repository import Repository
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -5,7 +5,7 @@ import sys
 import time
 from typing import TextIO
 
-from host_agent.repository import ProgressFn
+from host_agent.storage.repository import ProgressFn
 
 MIB = 1024 * 1024
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 
 from host_agent.cli.progress import human
-from host_agent.repository import REPACK_THRESHOLD, Repository
+from host_agent.storage.repository import REPACK_THRESHOLD, Repository
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from host_agent.gc import collect_garbage
-    from host_agent.retention import KeepPolicy, select
+    from host_agent.storage.gc import collect_garbage
+    from host_agent.storage.retention import KeepPolicy, select
 
     policy = KeepPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     repo = Repository.open(args.repo)

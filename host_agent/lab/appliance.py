@@ -1,9 +1,9 @@
 """The backup appliance of the two-host lab: a live-migratable VM that runs the media service.
 
 The appliance is a ``start_migratable_vm`` guest (no 9p, so it can live-migrate) that runs the real
-``python -m host_agent.media`` on a predefined address, ``APPLIANCE_IP``:``MEDIA_PORT``, serving one
+``python -m host_agent.media.server`` on a predefined address, ``APPLIANCE_IP``:``MEDIA_PORT``, serving one
 repository (destination ``DESTINATION``).  Moving the VM moves the service; the host that runs it
-routes the address to it (``host_agent.serviceip.ApplianceRoute``), so the address answers from
+routes the address to it (``host_agent.colocation.serviceip.ApplianceRoute``), so the address answers from
 both hosts wherever the VM runs::
 
     with TwoHosts(root / "hosts") as hosts, Lab(root / "lab-b", uri=hosts.uri_b) as lab_b:
@@ -26,7 +26,7 @@ What the guest consists of, and why:
   whole stdlib compiled to unchecked-hash pycs (no compiling under TCG, and nothing to miss that
   a lazy import wants), the site-packages the media service imports (found by importing and
   running it at build time: grpc, protobuf, cffi, ...), the project's ``host_agent`` package with
-  its native copier (``host_agent/_copier.abi3.so``), and every shared library ``ldd`` names for
+  its native copier (``host_agent/storage/_copier.abi3.so``), and every shared library ``ldd`` names for
   all of them.  It is a disk rather than more initramfs because an initramfs lives in guest RAM,
   and guest RAM is what a live migration sends: from a disk the guest reads only the pages it uses
   (about 33 MB of the 68 MB of files), and the page cache holds them.  The build imports the
@@ -70,7 +70,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from host_agent.serviceip import APPLIANCE_GATEWAY, ApplianceRoute
+from host_agent.colocation.serviceip import APPLIANCE_GATEWAY, ApplianceRoute
 
 from . import guest
 from .domain import Disk, Lab, Vm, _libvirt
@@ -167,7 +167,7 @@ export PATH=/usr/bin:/bin HOME=/ PYTHONPATH={GUEST_HOME} PYTHONDONTWRITEBYTECODE
 # glibc: big buffers (1 MiB messages) mmapped and unmapped when freed, few arenas, free tops trimmed:
 # memory the service no longer uses goes back to the kernel (zeroed) instead of migrating
 export MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
-chroot /app /usr/bin/python3 -m host_agent.media --listen {APPLIANCE_IP}:{MEDIA_PORT} \\
+chroot /app /usr/bin/python3 -m host_agent.media.server --listen {APPLIANCE_IP}:{MEDIA_PORT} \\
     --repo {DESTINATION}=/repo/{DESTINATION} --host-name {HOST_NAME} &
 pid=$!
 # listening (state 0A); grpc binds a dual-stack socket, so the port may show in tcp6
@@ -187,11 +187,11 @@ _TRACE_SCRIPT = r"""
 import json, runpy, sys
 checkout, site, out = sys.argv[1:4]
 sys.path[:0] = [checkout, site]
-import host_agent.media, host_agent.copier, grpc
-host_agent.copier.selftest()
+import host_agent.media.server, host_agent.storage.copier, grpc
+host_agent.storage.copier.selftest()
 sys.argv = ["hyperback-media", "--help"]
 try:
-    runpy.run_module("host_agent.media", run_name="__main__", alter_sys=True)
+    runpy.run_module("host_agent.media.server", run_name="__main__", alter_sys=True)
 except SystemExit:
     pass
 files = sorted({getattr(m, "__file__", None) or "" for m in list(sys.modules.values())} - {""})
@@ -202,8 +202,8 @@ with open(out, "w") as f:
 # Run chrooted in the staged tree, as the guest will run the service: a file missing from the tree
 # fails here, at build time.
 _SMOKE_SCRIPT = """
-import grpc, host_agent.copier, host_agent.media
-host_agent.copier.selftest()
+import grpc, host_agent.storage.copier, host_agent.media.server
+host_agent.storage.copier.selftest()
 print("appliance-smoke-ok", grpc.__version__)
 """
 
@@ -427,7 +427,7 @@ def appliance_initramfs(lab: Lab) -> Path:
 def repository_disk(path: Path | str, size: int = DEFAULT_REPO_BYTES) -> Path:
     """A raw disk image at ``path``: ext4 holding a new repository ``/DESTINATION`` (created here,
     on the host: no ``hyperback init`` under TCG)."""
-    from host_agent.repository import Repository
+    from host_agent.storage.repository import Repository
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -555,7 +555,7 @@ def _route_on(hosts: TwoHosts, host: str, method: str) -> None:
     pid = hosts.libvirtd_pid_b
     if pid is None:
         raise VmLabError("host B's libvirtd is not running")
-    code = (f"from host_agent.serviceip import ApplianceRoute\n"
+    code = (f"from host_agent.colocation.serviceip import ApplianceRoute\n"
             f"ApplianceRoute({route.ip!r}, {route.tap!r}, {route.lan_dev!r}).{method}()\n")
     r = subprocess.run(["nsenter", f"--target={pid}", "--net", "--", sys.executable, "-c", code],
                        capture_output=True, text=True, timeout=60)

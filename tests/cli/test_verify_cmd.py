@@ -5,7 +5,7 @@ from pathlib import Path
 from cli_helpers import run, run_json
 from conftest import MIB, write_image
 
-from host_agent.packfile import RECORD_HEADER, read_index
+from host_agent.storage.packfile import RECORD_HEADER, read_index
 
 
 def test_verify_is_clean_then_names_a_flipped_chunk(tmp_path: Path) -> None:

@@ -1,13 +1,13 @@
-"""The optimizer service: gRPC plumbing around :class:`host_agent.policies.Planner`.
+"""The optimizer service: gRPC plumbing around :class:`host_agent.planning.chain.Planner`.
 
 A host agent's driver sends each batch of instructions (``hyperback.v1.Optimizer/PlanBatch``, see
 ``proto/hyperback/v1/optimizer.proto``) with its host context: host name, clock, load reading, the base
 images it already stores. The optimizer answers with a plan and the instructions it rejects. The
-planning itself, the policies and their chain are plain Python in ``host_agent.policies``; this module
+planning itself, the policies and their chain are plain Python in ``host_agent.planning.chain``; this module
 converts between protobuf messages and ``host_agent.model``, serves, and is the client.
 
 Serving
-    ``python -m host_agent.optimizer`` (console script ``hyperback-optimizer``) listens on a unix
+    ``python -m host_agent.planning.service`` (console script ``hyperback-optimizer``) listens on a unix
     socket, by default ``unix:/run/hyperback/optimizer.sock``, or on TCP (``HOST:PORT``) to serve many
     hosts; TCP requires TLS (``--tls-cert``/``--tls-key``) and mutual TLS follows from
     ``--tls-client-ca``. The gRPC health service (``grpc.health.v1.Health``, for ``""`` and
@@ -25,7 +25,7 @@ Client
     :class:`OptimizerUnavailable` (retry later); every other status, and an answer that cannot be
     read, becomes :class:`OptimizerRejected` (retrying the same batch will not help).
 
-The exception tree, shared with ``host_agent.policies``, is drawn in that module's docstring.
+The exception tree, shared with ``host_agent.planning.chain``, is drawn in that module's docstring.
 """
 from __future__ import annotations
 
@@ -51,7 +51,6 @@ from grpc_reflection.v1alpha import reflection
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
-from host_agent.hostload import HostLoad, HostLoadError, HostLoadReader
 from host_agent.model import (
     ApplianceFootprint,
     DiskRef,
@@ -64,7 +63,7 @@ from host_agent.model import (
     VmFootprint,
     WorkUnit,
 )
-from host_agent.policies import (
+from host_agent.planning.chain import (
     DEFAULT_CHAIN,
     DEFAULT_MAX_BATCH,
     HostContext,
@@ -80,6 +79,7 @@ from host_agent.policies import (
     parse_chain,
     parse_policy_options,
 )
+from host_agent.planning.hostload import HostLoad, HostLoadError, HostLoadReader
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from host_agent import copier, errors
-from host_agent.copier import ID_LEN, ZERO_ID, NativeRepository
-from host_agent.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
-from host_agent.locks import Lock, read_locks
-from host_agent.maptree import FANOUT, TreeBuilder, TreeReader, TreeRef, leaves_for
+from host_agent import errors
+from host_agent.model import ChangeDetection, Policy
+from host_agent.storage import copier
+from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
+from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
+from host_agent.storage.locks import Lock, read_locks
+from host_agent.storage.maptree import FANOUT, TreeBuilder, TreeReader, TreeRef, leaves_for
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0
 
 ProgressFn = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) a few times a second during long work."""
-
-
-class Policy(StrEnum):
-    FULL = "full"
-    INCREMENTAL = "incremental"
-    DIFFERENTIAL = "differential"
-
-
-class ChangeDetection(StrEnum):
-    NONE = "none"              # a full backup: everything read
-    CHANGE_LIST = "change-list"  # only the caller's changed extents read
-    COMPARISON = "comparison"  # everything read, compared with the base snapshot
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from host_agent import errors
-from host_agent.copier import NativeRepository
-from host_agent.locks import GC_LOCK, Lock, read_locks
-from host_agent.packfile import IndexEntry, pack_writer_id, read_index
-from host_agent.repository import (
+from host_agent.storage.copier import NativeRepository
+from host_agent.storage.locks import GC_LOCK, Lock, read_locks
+from host_agent.storage.packfile import IndexEntry, pack_writer_id, read_index
+from host_agent.storage.repository import (
     PACK_NAME,
     PACK_TARGET,
     REPACK_THRESHOLD,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from host_agent import errors
-from host_agent.copier import BLOB_TREE, ID_LEN, NativeRepository
+from host_agent.storage.copier import BLOB_TREE, ID_LEN, NativeRepository
 
 FANOUT = 64
 

@@ -1,7 +1,7 @@
 """How busy this host is: a small typed reader of ``/proc/pressure/{cpu,io}`` and ``/proc/loadavg``.
 
 The driver reads a :class:`HostLoad` at every flush and sends it with the batch, so an optimizer on
-another machine can judge the busyness of the sending host (``host_agent.policies.Timing``).
+another machine can judge the busyness of the sending host (``host_agent.planning.chain.Timing``).
 
 Pressure stall information (PSI, Linux 4.20+, ``CONFIG_PSI``) is the better signal: ``some avg10`` is
 the share of the last 10 seconds in which at least one task waited for the CPU or for I/O. Where the

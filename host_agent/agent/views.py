@@ -30,7 +30,7 @@ Taking a view (measured on libvirt 9.0 / QEMU 7.2, TCG, a 64 MiB qcow2 disk unde
    of the overlay and the image, so the extents cover every write from the checkpoint until the job
    started: a superset of what changed up to the snapshot, which is all a backup needs.
 4. The copier reads the stable image itself: raw images by path, qcow2 chains through
-   :func:`host_agent.qcow2.chain_layout` (clusters at their file offsets).
+   :func:`host_agent.storage.qcow2.chain_layout` (clusters at their file offsets).
 5. On exit, whatever happened: ``blockCommit(ACTIVE | SHALLOW)`` of each overlay into the image
    right below it, ``blockJobAbort(PIVOT)`` once the job is ready, the overlay file deleted
    (0.04-0.21 s); a domain paused by an I/O error during the view is resumed. libvirt carries the
@@ -95,9 +95,10 @@ from urllib.parse import quote
 
 import libvirt  # type: ignore[import-untyped]
 
-from host_agent import errors, qcow2
-from host_agent.extents import Extent, Layout
+from host_agent import errors
 from host_agent.model import DiskRef
+from host_agent.storage import qcow2
+from host_agent.storage.extents import Extent, Layout
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""A repository on another host, reached through its media service (``host_agent.media``)::
+"""A repository on another host, reached through its media service (``host_agent.media.server``)::
 
     repo = RemoteRepository("10.77.0.100:7420", "main")
     result = repo.backup("/dev/vg/vm1", "vm1/vda", Policy.INCREMENTAL, changes)
     repo.restore("vm1/vda@latest", "/var/tmp/vm1.img")
     repo.bytes_sent, repo.bytes_received   # what crossed the network
 
-It offers the part of :class:`~host_agent.repository.Repository`'s API the host agent's executor
+It offers the part of :class:`~host_agent.storage.repository.Repository`'s API the host agent's executor
 uses, with the same signatures and result types, and raises the same exceptions a local repository
 would (the server names their class), plus ``RemoteError`` when the service cannot be reached.
 
@@ -38,15 +38,11 @@ from typing import Final, TypeVar
 
 import grpc
 
-from host_agent import copier, errors
+from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
-from host_agent.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
-from host_agent.extents import Extent, Layout, OpenSource, open_source, validate_changes
-from host_agent.maptree import FANOUT, TreeBuilder, leaves_for
-from host_agent.media import (
+from host_agent.media.codec import (
     CHANNEL_OPTIONS,
-    ERROR_KEY,
     MAX_IDS,
     PIECE,
     POLICY_TO_PB,
@@ -54,13 +50,18 @@ from host_agent.media import (
     index_bytes,
     parse_snapshot,
     pieces,
+    remote_error,
     snapshot_document,
 )
-from host_agent.packfile import INDEX_ENTRY, PACK_HEADER, IndexEntry, read_index
-from host_agent.repository import (
+from host_agent.model import Policy
+from host_agent.storage import copier
+from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
+from host_agent.storage.extents import Extent, Layout, OpenSource, open_source, validate_changes
+from host_agent.storage.maptree import FANOUT, TreeBuilder, leaves_for
+from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, IndexEntry, read_index
+from host_agent.storage.repository import (
     PACK_TARGET,
     BackupResult,
-    Policy,
     ProgressFn,
     RepoConfig,
     Repository,
@@ -84,22 +85,6 @@ PROGRESS_EVERY: Final = 0.2
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 _T = TypeVar("_T")
-
-
-def remote_error(e: grpc.RpcError, address: str) -> errors.HyperbackError:
-    """The exception a failed call stands for: the class the server named, else RemoteError."""
-    if not isinstance(e, grpc.Call):
-        return errors.RemoteError(f"the media service at {address} failed: {e}")
-    details = e.details() or ""
-    name = next((str(v) for k, v in e.trailing_metadata() or () if k == ERROR_KEY), "")
-    cls = getattr(errors, name, None) if name else None
-    if isinstance(cls, type) and issubclass(cls, errors.HyperbackError):
-        return cls(details)
-    if e.code() is grpc.StatusCode.ABORTED:
-        return errors.SessionExpired(f"the media service at {address} ended the session: {details}")
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return errors.RemoteError(f"cannot reach the media service at {address}: {details}")
-    return errors.RemoteError(f"the media service at {address} failed ({e.code().name}): {details}")
 
 
 class RemoteRepository:

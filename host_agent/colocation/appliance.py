@@ -36,13 +36,13 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 
-from host_agent import migration
-from host_agent.colocation import footprint
+from host_agent.colocation import migration
+from host_agent.colocation.footprint import footprint
+from host_agent.colocation.serviceip import ApplianceRoute, ServiceAddressError
 from host_agent.config import AgentConfig
 from host_agent.errors import EnvironmentProblem
 from host_agent.inventory import Appliance, Inventory
 from host_agent.model import VmFootprint
-from host_agent.serviceip import ApplianceRoute, ServiceAddressError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from host_agent import errors
-from host_agent.copier import TODO_KEEP, TODO_READ, TODO_ZERO
+from host_agent.storage.copier import TODO_KEEP, TODO_READ, TODO_ZERO
 
 Extent = tuple[int, int]
 

@@ -5,9 +5,9 @@ and reports lifecycle events; one ``channel.GuestChannel`` per domain speaks
 the wire protocol; guest requests become ``Instruction`` objects, journaled and
 queued in the ``driver``; each batch is planned by the optimizer over gRPC
 and carried out by the ``executor``, which answers the guest. Operators use the
-gRPC API in ``host_agent.operator`` on the agent's own socket.
+gRPC API in ``host_agent.agent.operator`` on the agent's own socket.
 
-``python -m host_agent.daemon`` runs it (``--help``); with ``--with-optimizer``
+``python -m host_agent.agent.daemon`` runs it (``--help``); with ``--with-optimizer``
 the agent also serves the optimizer, on its configured socket, in-process:
 still a real gRPC hop, but one service to start.
 """
@@ -30,18 +30,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guest_shim import protocol as p
-from host_agent import appliance, errors
-from host_agent.appliance import Porter
-from host_agent.channel import ChannelClosed, GuestChannel
-from host_agent.colocation import Colocator, allocated_bytes, footprint
+from host_agent import errors
+from host_agent.agent.channel import ChannelClosed, GuestChannel
+from host_agent.agent.domains import DomainError, DomainInfo, Domains, UnknownDisk
+from host_agent.agent.driver import BackupDriver, Retryable
+from host_agent.agent.executor import Executor, Outcome
+from host_agent.agent.jobs import Jobs, JobState, Origin
+from host_agent.agent.journal import Journal, new_job_id
+from host_agent.colocation import appliance
+from host_agent.colocation.appliance import Porter
+from host_agent.colocation.footprint import allocated_bytes, footprint
+from host_agent.colocation.migration import clear_visit
+from host_agent.colocation.visits import Colocator
 from host_agent.config import AgentConfig, load
-from host_agent.domains import DomainError, DomainInfo, Domains, UnknownDisk
-from host_agent.driver import BackupDriver, Retryable
-from host_agent.executor import Executor, Outcome
-from host_agent.hostload import HostLoadReader
-from host_agent.jobs import Jobs, JobState, Origin
-from host_agent.journal import Journal, new_job_id
-from host_agent.migration import clear_visit
 from host_agent.model import (
     ApplianceFootprint,
     DiskRef,
@@ -51,12 +52,13 @@ from host_agent.model import (
     Policy,
     VmFootprint,
 )
-from host_agent.optimizer import OptimizerClient, OptimizerUnavailable, host_context
-from host_agent.policies import HostContext
-from host_agent.repository import Repository
+from host_agent.planning.chain import HostContext
+from host_agent.planning.hostload import HostLoadReader
+from host_agent.planning.service import OptimizerClient, OptimizerUnavailable, host_context
+from host_agent.storage.repository import Repository
 
 if TYPE_CHECKING:
-    from host_agent.remote import RemoteRepository
+    from host_agent.media.client import RemoteRepository
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ class Agent:
         media = self.config.media(destination)
         if media is not None and media.host != self.config.inventory.host_name:
             if destination not in self._repos:
-                from host_agent.remote import RemoteRepository
+                from host_agent.media.client import RemoteRepository
 
                 remote = RemoteRepository(media.service, destination)
                 known = (*self.config.inventory.hosts, media.appliance)
@@ -502,8 +504,10 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     import libvirt  # type: ignore[import-untyped]
     import libvirtaio  # type: ignore[import-untyped]
 
-    from host_agent import copier, optimizer, policies
-    from host_agent.operator import start_operator_server
+    from host_agent.agent.operator import start_operator_server
+    from host_agent.planning import chain as policies
+    from host_agent.planning import service as optimizer
+    from host_agent.storage import copier
 
     copier.selftest()  # a broken native build must stop the service, not corrupt backups
     libvirtaio.virEventRegisterAsyncIOImpl()

@@ -2,7 +2,7 @@
 
 A host agent whose backup media sit on another host streams its backups to that host's media
 service (``hyperback.v1.Media``, proto/hyperback/v1/media.proto; the protocol, what the server checks
-and what a crash leaves behind: docs/media-protocol.md). The client (``host_agent.remote``)
+and what a crash leaves behind: docs/media-protocol.md). The client (``host_agent.media.client``)
 deduplicates at the source, so only packs of data the destination lacks cross the LAN; this server
 checks every pack before it publishes it, and every snapshot's references before it commits it.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -38,91 +37,53 @@ from typing import Final, NoReturn
 
 import grpc
 
-from host_agent import copier, errors
+from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
-from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
-from host_agent.copier import ID_LEN, ZERO_ID, NativeRepository
-from host_agent.maptree import TreeReader
-from host_agent.packfile import INDEX_ENTRY, INDEX_HEADER, INDEX_MAGIC, PACK_HEADER, PACK_MAGIC, RECORD_HEADER
-from host_agent.packfile import VERSION as PACK_VERSION
-from host_agent.repository import (
+from host_agent.colocation.serviceip import ServiceAddress
+from host_agent.media.codec import (
+    CHANNEL_OPTIONS,
+    ERROR_KEY,
+    MAX_IDS,
+    PIECE,
+    POLICY_FROM_PB,
+    config_to_pb,
+    index_bytes,
+    parse_snapshot,
+    snapshot_document,
+    status_for,
+)
+from host_agent.model import ChangeDetection, Policy
+from host_agent.storage import copier
+from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
+from host_agent.storage.maptree import TreeReader
+from host_agent.storage.packfile import (
+    INDEX_ENTRY,
+    INDEX_HEADER,
+    PACK_HEADER,
+    PACK_MAGIC,
+    RECORD_HEADER,
+)
+from host_agent.storage.packfile import VERSION as PACK_VERSION
+from host_agent.storage.repository import (
     NAME,
     PACK_NAME,
     PACK_TARGET,
     SNAPSHOT_ID,
-    ChangeDetection,
-    Policy,
-    RepoConfig,
     Repository,
     Snapshot,
     fsync_dir,
     write_atomic,
 )
-from host_agent.serviceip import ServiceAddress
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 7420
 DEFAULT_LEASE: Final = 60.0
 GRACE: Final = 5.0  # seconds calls in flight get to finish on stop
-PIECE: Final = 1 << 20  # bulk bytes per message, both ways
-MAX_IDS: Final = PIECE // ID_LEN  # ids per FilterMissing request
 MAX_PACK: Final = 2 * PACK_TARGET  # an upload above this is refused: it bounds tmp/ and the check's memory
 SNAPSHOTS_PER_PAGE: Final = 256
-ERROR_KEY: Final = "hyperback-error"  # trailing metadata: the host_agent.errors class of a failure
 DESTINATION_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-CHANNEL_OPTIONS: Final = (
-    # Pings find a client or server that vanished without closing its connections (a host that
-    # went down): its streams fail instead of hanging, and its session's lease runs out.
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.max_receive_message_length", 4 * PIECE),
-    ("grpc.max_send_message_length", 4 * PIECE),
-)
-
-POLICY_TO_PB: Final[Mapping[Policy, opb.Policy.ValueType]] = {
-    Policy.FULL: opb.POLICY_FULL, Policy.INCREMENTAL: opb.POLICY_INCREMENTAL,
-    Policy.DIFFERENTIAL: opb.POLICY_DIFFERENTIAL}
-POLICY_FROM_PB: Final[Mapping[int, Policy]] = {int(v): k for k, v in POLICY_TO_PB.items()}
-
-
-# --------------------------------------------------------------------------- shared with the client
-
-def config_to_pb(config: RepoConfig) -> pb.RepositoryConfig:
-    return pb.RepositoryConfig(repo_id=config.repo_id, chunk_size=config.chunk_size,
-                               compression_level=config.compression_level, created=config.created,
-                               version=config.version)
-
-
-def config_from_pb(msg: pb.RepositoryConfig) -> RepoConfig:
-    return RepoConfig(msg.repo_id, msg.chunk_size, msg.compression_level, msg.created, msg.version)
-
-
-def snapshot_document(snap: Snapshot) -> str:
-    return json.dumps(snap.to_json())
-
-
-def parse_snapshot(document: str) -> Snapshot:
-    """A snapshot from its document; UsageError if it is not one."""
-    try:
-        return Snapshot.from_json(json.loads(document))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise errors.UsageError(f"malformed snapshot document: {e!r}") from e
-
-
-def index_bytes(pack_id: bytes, entries: bytes) -> bytes:
-    """An index file (repository-format section 4) of packed ``INDEX_ENTRY`` records."""
-    count = len(entries) // INDEX_ENTRY.size
-    body = INDEX_HEADER.pack(INDEX_MAGIC, PACK_VERSION, pack_id, count, 0) + entries
-    return body + hashlib.sha256(body).digest()
-
-
-def pieces(data: bytes) -> Iterator[bytes]:
-    """``data`` cut into message-sized pieces."""
-    for at in range(0, len(data), PIECE):
-        yield data[at:at + PIECE]
 
 
 class PackScanner:
@@ -200,22 +161,6 @@ class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, error: errors.HyperbackError) -> None:
         super().__init__(str(error))
         self.code, self.error = code, error
-
-
-_STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] = (
-    (errors.UnknownDestination, grpc.StatusCode.NOT_FOUND),
-    (errors.SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.SessionExpired, grpc.StatusCode.ABORTED),
-    (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.RepositoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (errors.RepositoryError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.EnvironmentProblem, grpc.StatusCode.UNAVAILABLE),
-)
-
-
-def status_for(error: errors.HyperbackError) -> grpc.StatusCode:
-    return next((code for cls, code in _STATUS if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
 
 
 class _Answering:
@@ -900,8 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
 
 
-__all__ = ["DEFAULT_LEASE", "DEFAULT_PORT", "MediaServer", "MediaServicer", "PackScanner",
-           "index_bytes", "main", "open_destinations", "serve", "start"]
+__all__ = ["DEFAULT_LEASE", "DEFAULT_PORT", "MediaServer", "MediaServicer", "PackScanner", "main",
+           "open_destinations", "serve", "start"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from host_agent.agent.daemon import Agent, agent_in_thread
 from host_agent.config import AgentConfig
-from host_agent.daemon import Agent, agent_in_thread
-from host_agent.repository import Repository
+from host_agent.storage.repository import Repository
 
 GUEST_APP = r'''
 import json, os, subprocess, sys

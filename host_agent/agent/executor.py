@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from host_agent import errors, qcow2, views
-from host_agent.appliance import Porter
-from host_agent.appliance import Visit as ApplianceVisit
-from host_agent.colocation import Colocator, VisitResult
-from host_agent.extents import Extent, Layout
-from host_agent.model import Instruction, Placement, Plan, Policy, UnitKind, WorkUnit
-from host_agent.policies import base_name
-from host_agent.remote import RemoteRepository
-from host_agent.repository import BackupResult, Repository, Snapshot
+from host_agent import errors
+from host_agent.agent import views
+from host_agent.colocation.appliance import Porter
+from host_agent.colocation.appliance import Visit as ApplianceVisit
+from host_agent.colocation.visits import Colocator, VisitResult
+from host_agent.media.client import RemoteRepository
+from host_agent.model import Instruction, Placement, Plan, Policy, UnitKind, WorkUnit, base_name
+from host_agent.storage import qcow2
+from host_agent.storage.extents import Extent, Layout
+from host_agent.storage.repository import BackupResult, Repository, Snapshot
 
 log = logging.getLogger(__name__)
 

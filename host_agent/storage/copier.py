@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from host_agent import errors
-from host_agent._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
+from host_agent.storage._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
 
 ID_LEN = 32
 ZERO_ID = bytes(ID_LEN)

@@ -23,14 +23,14 @@ from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2 as pb
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
-from host_agent.channel import State
-from host_agent.domains import DomainError, DomainInfo, UnknownDisk
-from host_agent.jobs import Job, JobState, Origin
-from host_agent.journal import new_job_id
+from host_agent.agent.channel import State
+from host_agent.agent.domains import DomainError, DomainInfo, UnknownDisk
+from host_agent.agent.jobs import Job, JobState, Origin
+from host_agent.agent.journal import new_job_id
 from host_agent.model import Instruction, InstructionKind, Placement, Policy, WorkUnit
 
 if TYPE_CHECKING:
-    from host_agent.daemon import Agent
+    from host_agent.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 

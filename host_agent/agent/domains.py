@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors
-from host_agent.migration import visit_marker
+from host_agent.colocation.migration import visit_marker
 from host_agent.model import DiskRef
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@
 Both run ``qemu-img`` with ``-U`` (force-share), so they work on images a running QEMU holds
 open. Only a *stable* image may be mapped for a backup: one that no one writes while the copier
 reads, such as the read-only image below the overlay of a point-in-time view
-(:mod:`host_agent.views`); the map of an image a guest writes to is stale as soon as it is made.
+(:mod:`host_agent.agent.views`); the map of an image a guest writes to is stale as soon as it is made.
 
-How ``qemu-img map --output=json`` (QEMU 7.2) turns into a :class:`~host_agent.extents.Layout`:
+How ``qemu-img map --output=json`` (QEMU 7.2) turns into a :class:`~host_agent.storage.extents.Layout`:
 
 * ``files`` is the chain, top first, so that a range's ``depth`` indexes it (a qcow2 image with an
   external ``data-file`` contributes that data file instead: its offsets point there).
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors
-from host_agent.extents import Extent, Layout, Mapping
+from host_agent.storage.extents import Extent, Layout, Mapping
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,110 @@
+"""What the media service and its client share: message sizes, snapshot documents, index files
+and the errors that cross the wire (docs/media-protocol.md).
+
+A failure travels as a gRPC status code and, in the trailing metadata ``hyperback-error``, the name of
+its :mod:`host_agent.errors` class: :func:`status_for` picks the code on the server,
+:func:`remote_error` rebuilds the exception on the client, so a client raises what a local
+repository would have raised.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from typing import Final
+
+import grpc
+
+from host_agent import errors
+from host_agent._proto.hyperback.v1 import media_pb2 as pb
+from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
+from host_agent.model import Policy
+from host_agent.storage.copier import ID_LEN
+from host_agent.storage.packfile import INDEX_ENTRY, INDEX_HEADER, INDEX_MAGIC
+from host_agent.storage.packfile import VERSION as PACK_VERSION
+from host_agent.storage.repository import RepoConfig, Snapshot
+
+PIECE: Final = 1 << 20  # bulk bytes per message, both ways
+MAX_IDS: Final = PIECE // ID_LEN  # ids per FilterMissing request
+ERROR_KEY: Final = "hyperback-error"  # trailing metadata: the host_agent.errors class of a failure
+CHANNEL_OPTIONS: Final = (
+    # Pings find a client or server that vanished without closing its connections (a host that
+    # went down): its streams fail instead of hanging, and its session's lease runs out.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 4 * PIECE),
+    ("grpc.max_send_message_length", 4 * PIECE),
+)
+
+POLICY_TO_PB: Final[Mapping[Policy, opb.Policy.ValueType]] = {
+    Policy.FULL: opb.POLICY_FULL, Policy.INCREMENTAL: opb.POLICY_INCREMENTAL,
+    Policy.DIFFERENTIAL: opb.POLICY_DIFFERENTIAL}
+POLICY_FROM_PB: Final[Mapping[int, Policy]] = {int(v): k for k, v in POLICY_TO_PB.items()}
+
+
+def config_to_pb(config: RepoConfig) -> pb.RepositoryConfig:
+    return pb.RepositoryConfig(repo_id=config.repo_id, chunk_size=config.chunk_size,
+                               compression_level=config.compression_level, created=config.created,
+                               version=config.version)
+
+
+def config_from_pb(msg: pb.RepositoryConfig) -> RepoConfig:
+    return RepoConfig(msg.repo_id, msg.chunk_size, msg.compression_level, msg.created, msg.version)
+
+
+def snapshot_document(snap: Snapshot) -> str:
+    return json.dumps(snap.to_json())
+
+
+def parse_snapshot(document: str) -> Snapshot:
+    """A snapshot from its document; UsageError if it is not one."""
+    try:
+        return Snapshot.from_json(json.loads(document))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise errors.UsageError(f"malformed snapshot document: {e!r}") from e
+
+
+def index_bytes(pack_id: bytes, entries: bytes) -> bytes:
+    """An index file (repository-format section 4) of packed ``INDEX_ENTRY`` records."""
+    count = len(entries) // INDEX_ENTRY.size
+    body = INDEX_HEADER.pack(INDEX_MAGIC, PACK_VERSION, pack_id, count, 0) + entries
+    return body + hashlib.sha256(body).digest()
+
+
+def pieces(data: bytes) -> Iterator[bytes]:
+    """``data`` cut into message-sized pieces."""
+    for at in range(0, len(data), PIECE):
+        yield data[at:at + PIECE]
+
+
+_STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] = (
+    (errors.UnknownDestination, grpc.StatusCode.NOT_FOUND),
+    (errors.SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.SessionExpired, grpc.StatusCode.ABORTED),
+    (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.RepositoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (errors.RepositoryError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.EnvironmentProblem, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(error: errors.HyperbackError) -> grpc.StatusCode:
+    return next((code for cls, code in _STATUS if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
+
+
+def remote_error(e: grpc.RpcError, address: str) -> errors.HyperbackError:
+    """The exception a failed call stands for: the class the server named, else RemoteError."""
+    if not isinstance(e, grpc.Call):
+        return errors.RemoteError(f"the media service at {address} failed: {e}")
+    details = e.details() or ""
+    name = next((str(v) for k, v in e.trailing_metadata() or () if k == ERROR_KEY), "")
+    cls = getattr(errors, name, None) if name else None
+    if isinstance(cls, type) and issubclass(cls, errors.HyperbackError):
+        return cls(details)
+    if e.code() is grpc.StatusCode.ABORTED:
+        return errors.SessionExpired(f"the media service at {address} ended the session: {details}")
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return errors.RemoteError(f"cannot reach the media service at {address}: {details}")
+    return errors.RemoteError(f"the media service at {address} failed ({e.code().name}): {details}")
