@@ -1,21 +1,28 @@
-"""The host side's typed model of work: disks, instructions, plans.
+"""The host side's typed model of work: disks, instructions, plans, outcomes, and the vocabulary
+they share (policy, change detection, placement).
 
-An :class:`Instruction` is one guest request after validation, bound to the
-domain its channel belongs to. The driver batches instructions; the optimizer
-turns a batch into a :class:`Plan` of :class:`WorkUnit` objects, each saying
-which instructions it satisfies; the executor carries the units out and answers
-every instruction. These types cross the gRPC boundary as the messages of
-``proto/hyperback/v1/optimizer.proto`` (``host_agent.planning.service`` converts).
+An :class:`Instruction` is one request (a guest's, or an operator's) after validation, bound to
+the domain its channel belongs to. The driver batches instructions; the optimizer turns a batch
+into a :class:`Plan` of :class:`WorkUnit` objects, each saying which instructions it satisfies; the
+executor carries the units out and gives each instruction its :class:`Outcome`, which the agent's
+guest door answers with. Each type has one conversion at each edge: the wire protocol
+(``host_agent.agent.intake`` in, ``host_agent.agent.guests`` out), protobuf
+(``host_agent.protobuf``), the journal (``host_agent.agent.journal``).
 """
 from __future__ import annotations
 
 import enum
 import hashlib
 import posixpath
+import time
 from dataclasses import dataclass, field
 
-__all__ = ["STRENGTH", "ChangeDetection", "DiskRef", "Instruction", "InstructionKind", "Placement", "Plan",
-           "Policy", "UnitKind", "VmFootprint", "WorkUnit", "base_name", "normalize_path"]
+__all__ = ["STRENGTH", "ApplianceFootprint", "ChangeDetection", "DiskRef", "DiskResult", "Instruction",
+           "InstructionKind", "Outcome", "Placement", "Plan", "Policy", "RequestId", "UnitKind",
+           "VmFootprint", "WorkUnit", "base_name", "normalize_path"]
+
+RequestId = int | str
+"""A guest's request id, of the JSON type the guest chose: its answer carries it back unchanged."""
 
 
 class Policy(enum.StrEnum):
@@ -121,7 +128,7 @@ class DiskRef:
 class Instruction:
     id: str                          # host-assigned, unique for the agent's lifetime
     domain_uuid: str
-    request_id: str                  # the guest's id, echoed in the answer
+    request_id: RequestId            # the guest's id (an operator's idempotency key), echoed back
     kind: InstructionKind
     disks: tuple[DiskRef, ...]
     destination: str                 # a repository name from the agent's configuration
@@ -155,3 +162,28 @@ class Plan:
     units: tuple[WorkUnit, ...]
     policy: str                      # the policy chain that produced it, e.g. "merge,timing"
     notes: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    """What happened to one disk of an instruction."""
+
+    serial: str
+    snapshot: str
+    bytes_read: int
+    bytes_new: int
+    seconds: float
+    change_detection: ChangeDetection | None  # None for a restore
+    note: str = ""
+    new_serial: str | None = None   # restore: the disk the snapshot was restored to
+
+
+@dataclass
+class Outcome:
+    """What one instruction gets back, filled in as its units run."""
+
+    instruction: Instruction
+    disks: list[DiskResult] = field(default_factory=list)
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    moved_bytes: int = 0            # migration streams sent to back it up on another host

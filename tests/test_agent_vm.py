@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -265,18 +264,53 @@ print("HOSTILE " + json.dumps(report), flush=True)
 '''
 
 
+ID_TYPES_GUEST = r'''
+import glob, json, os, select, sys, time
+sys.path.insert(0, {repo!r})
+from guest_shim import protocol as p
+
+name = next(path for path in glob.glob("/sys/class/virtio-ports/*/name")
+            if open(path).read().strip() == "org.hyperback.agent.0")
+fd = os.open("/dev/" + name.split("/")[-2], os.O_RDWR)
+reader = p.MessageReader(p.Direction.TO_GUEST)
+os.write(fd, p.sync_frame(p.new_sync_id()))
+seen = []
+def until(done):
+    while not done():
+        for m in reader.feed(os.read(fd, 65536)):
+            if not isinstance(m, (p.ProtocolError, p.SyncAck, p.Progress)):
+                seen.append(m.to_wire())
+for rid in ('"42"', '42'):
+    os.write(fd, b'{"v":1,"type":"backup","id":' + rid.encode() + b',"targets":["hb-ids"],"policy":"full",'
+                 b'"quiesce":false}\n')
+    until(lambda: any(m["type"] == "result" and json.dumps(m["id"]) == rid for m in seen))
+print("IDS " + json.dumps({"replies": [[m["type"], m["id"]] for m in seen]}), flush=True)
+'''
+
+
+def test_a_request_id_comes_back_with_the_json_type_it_was_sent_with(agent: RunningAgent, lab: Lab,
+                                                                      workdir: Path) -> None:
+    """docs/wire-protocol.md: replies echo the request's id unchanged, "42" as a string, 42 as a number."""
+    disk = make_disk(workdir / "ids.raw", 4 * MIB)
+    script = f"{sys.executable} -c {shlex.quote(ID_TYPES_GUEST.replace('{repo!r}', repr(str(REPO))))}"
+    vm = lab.start_vm("ids", command=script, disks=[Disk(disk, "vda", "raw", "hb-ids")], timeout=180)
+    assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
+    replies = guest_json(vm.console(), "IDS")["replies"]
+    assert replies == [["accepted", "42"], ["result", "42"], ["accepted", 42], ["result", 42]], replies
+
+
 def test_a_hostile_guest_gets_clear_rejections_and_the_agent_keeps_serving(agent: RunningAgent, lab: Lab,
                                                                             workdir: Path) -> None:
     disk = make_disk(workdir / "hostile.raw", 16 * MIB)
     script = f"{sys.executable} -c {shlex.quote(HOSTILE_GUEST.replace('{repo!r}', repr(str(REPO))))}"
-    normal = agent.call(lambda: agent.agent.config)
-    agent.call(lambda: setattr(agent.agent, "config", replace(normal, limits=Limits(pending_per_vm=0))))
+    normal = agent.call(lambda: agent.agent.intake.limits)
+    agent.call(lambda: setattr(agent.agent.intake, "limits", Limits(pending_per_vm=0)))
     try:
         vm = lab.start_vm("hostile", command=script, disks=[Disk(disk, "vda", "raw", "hb-hostile")],
                           timeout=180)
         assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
     finally:
-        agent.call(lambda: setattr(agent.agent, "config", normal))
+        agent.call(lambda: setattr(agent.agent.intake, "limits", normal))
     report = guest_json(vm.console(), "HOSTILE")
     assert report["sync_after_garbage"] is True and report["sync_after_oversize"] is True
     assert report["other_vms_disk"]["code"] == "unknown-disk"  # type: ignore[index]
@@ -299,7 +333,7 @@ def test_work_waits_while_the_host_is_busy_and_runs_when_it_calms_down(agent: Ru
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
     try:
         time.sleep(12)  # CPU pressure is a 10 s average
-        agent.call(lambda: setattr(agent.agent, "load_reader", HostLoadReader()))
+        agent.call(lambda: setattr(agent.agent.planner, "load_reader", HostLoadReader()))
         vm = lab.start_vm("patient", command=f"echo \"BACKUP $({SHIM} backup --json --policy full)\"",
                           disks=[Disk(disk, "vda", "qcow2", "hb-patient")], timeout=180)
         deadline = time.monotonic() + 120
@@ -318,7 +352,7 @@ def test_work_waits_while_the_host_is_busy_and_runs_when_it_calms_down(agent: Ru
     try:
         assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
     finally:
-        agent.call(lambda: setattr(agent.agent, "load_reader", None))
+        agent.call(lambda: setattr(agent.agent.planner, "load_reader", None))
     assert guest_json(vm.console(), "BACKUP")["ok"] is True
 
 
@@ -369,9 +403,9 @@ def test_operators_list_trigger_and_watch_jobs_over_grpc(agent: RunningAgent, la
 
 def test_an_unreachable_optimizer_delays_the_work_but_loses_nothing(agent: RunningAgent, lab: Lab,
                                                                      workdir: Path) -> None:
-    real = agent.call(lambda: agent.agent._planner)
-    agent.call(lambda: setattr(agent.agent, "_planner", OptimizerClient(f"unix:{workdir}/nobody.sock",
-                                                                        timeout=2)))
+    real = agent.call(lambda: agent.agent.planner.client)
+    agent.call(lambda: setattr(agent.agent.planner, "client", OptimizerClient(f"unix:{workdir}/nobody.sock",
+                                                                              timeout=2)))
     flushed_before = agent.call(lambda: len(agent.agent.driver.flushes))
     disk = make_disk(workdir / "patient2.qcow2", 32 * MIB, "qcow2")
     try:
@@ -385,7 +419,7 @@ def test_an_unreachable_optimizer_delays_the_work_but_loses_nothing(agent: Runni
             time.sleep(0.2)
         assert attempts >= 3, "the driver did not retry the unreachable optimizer"
     finally:
-        agent.call(lambda: setattr(agent.agent, "_planner", real))
+        agent.call(lambda: setattr(agent.agent.planner, "client", real))
     assert vm.wait_for_exit(timeout=300) == 0, vm.console_tail()
     assert guest_json(vm.console(), "BACKUP")["ok"] is True
 

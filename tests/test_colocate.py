@@ -11,8 +11,9 @@ from test_policies import NOW, backup, build_chain, disk, parse_chain, restore
 
 from host_agent import errors
 from host_agent.config import load
+from host_agent.errors import OptimizerConfigError
 from host_agent.model import ApplianceFootprint, Placement, Policy, UnitKind, VmFootprint
-from host_agent.planning.chain import HostContext, OptimizerConfigError, Planner
+from host_agent.planning.chain import HostContext, Planner
 from host_agent.planning.colocate import Colocate, ColocateConfig, parse_rate
 from host_agent.planning.service import request_from_pb, request_to_pb, result_from_pb, result_to_pb
 
@@ -279,7 +280,7 @@ def test_a_broken_appliance_entry_is_refused_with_what_to_fix(tmp_path: Path, ch
 
 
 def test_a_failed_move_tells_the_guest_what_happened_but_not_the_clusters_addresses() -> None:
-    from host_agent.agent.daemon import for_guest
+    from host_agent.agent.guests import for_guest
 
     error = ("could not move vm1 to hostb: migrate vm1 qemu:///system -> qemu+tls://hostb/system via "
              "tcp://10.0.0.2:49152 failed: timed out after 2 s; it runs on hosta as before")

@@ -5,7 +5,8 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from host_agent.agent.driver import BackupDriver, Retryable
+from host_agent.agent.driver import BackupDriver
+from host_agent.errors import OptimizerUnavailable
 from host_agent.model import Instruction, InstructionKind, Plan, Policy, UnitKind, WorkUnit
 
 
@@ -30,7 +31,7 @@ class Recorder:
     async def plan(self, batch: Sequence[Instruction]) -> Plan:
         if self.down:
             self.down -= 1
-            raise Retryable("connection refused")
+            raise OptimizerUnavailable("connection refused")
         self.batches.append([i.id for i in batch])
         if self.defer_first:
             when, self.defer_first = time.time() + self.defer_first, 0.0

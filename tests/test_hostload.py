@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from host_agent.planning.hostload import (
-    HostLoad,
-    HostLoadError,
-    HostLoadReader,
-    parse_loadavg,
-    parse_pressure,
-)
+from host_agent.errors import HostLoadError
+from host_agent.planning.hostload import HostLoad, HostLoadReader, parse_loadavg, parse_pressure
 
 PSI = Path("/proc/pressure")
 CPU = "some avg10=12.50 avg60=3.00 avg300=0.75 total=123456\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"

@@ -22,7 +22,8 @@ from host_agent.colocation.migration import (
     needs_unsafe,
     visit_marker,
 )
-from host_agent.colocation.serviceip import ServiceAddress, ServiceAddressError, _gratuitous_arp
+from host_agent.colocation.serviceip import ServiceAddress, _gratuitous_arp
+from host_agent.errors import ServiceAddressError
 
 
 def domain(devices: str = "", metadata: str = "") -> str:

@@ -23,23 +23,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
+from host_agent.errors import OptimizerConfigError, OptimizerRejected, OptimizerUnavailable
 from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, UnitKind
-from host_agent.planning.chain import (
-    HostContext,
-    OptimizerConfigError,
-    Planner,
-    PlanningPolicy,
-    PlanResult,
-    build_chain,
-)
+from host_agent.planning.chain import HostContext, Planner, PlanningPolicy, PlanResult, build_chain
 from host_agent.planning.hostload import HostLoad, HostLoadReader
 from host_agent.planning.service import (
     SERVICE_NAME,
     ClientTls,
     OptimizerClient,
-    OptimizerRejected,
     OptimizerServer,
-    OptimizerUnavailable,
     ServerConfig,
     TlsFiles,
     host_context,

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from host_agent.errors import MalformedBatch, OptimizerConfigError, PolicyError, UnknownPolicy
 from host_agent.model import (
     STRENGTH,
     DiskRef,
@@ -24,13 +25,9 @@ from host_agent.model import (
 )
 from host_agent.planning.chain import (
     HostContext,
-    MalformedBatch,
-    OptimizerConfigError,
     Planner,
     PlanningPolicy,
     PlanResult,
-    PolicyError,
-    UnknownPolicy,
     available_policies,
     build_chain,
     load_policy,

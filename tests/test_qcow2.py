@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import MIB, sha256_file
 
-from host_agent.errors import SourceError
+from host_agent.errors import ImageError, NotReadableInPlace, SourceError
 from host_agent.model import ChangeDetection, Policy
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Layout
-from host_agent.storage.qcow2 import ImageError, NotReadableInPlace
 from host_agent.storage.repository import Repository
 
 

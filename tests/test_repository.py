@@ -16,7 +16,7 @@ from host_agent import errors
 from host_agent.model import ChangeDetection, Policy
 from host_agent.storage.extents import Layout, Mapping
 from host_agent.storage.gc import collect_garbage
-from host_agent.storage.repository import Repository
+from host_agent.storage.repository import Repository, Snapshot
 
 
 def restored_digest(repo: Repository, spec: str, tmp: Path) -> str:
@@ -280,3 +280,20 @@ def test_a_layout_finer_than_a_chunk_is_refused(repo: Repository, tmp_path: Path
     layout = Layout((str(tmp_path / "f"),), (Mapping(4096, 4096, 0, 0),), 65536, "fine layout")
     with pytest.raises(errors.SourceError, match="cluster size below the chunk size"):
         repo.backup(layout, "vm/vda")
+
+
+def test_a_snapshot_records_its_checkpoint_in_a_field_and_older_snapshots_still_name_theirs(
+        repo: Repository, make_image: ImageFactory) -> None:
+    image = make_image()
+    name = "hyperback-20261207T020000Z-0a1b2c"
+    snap = repo.backup(image, "vm1/vda", checkpoint=name).snapshot
+    assert snap.checkpoint == name and snap.source == str(image)
+    assert repo.resolve(snap.id).checkpoint == name
+    assert repo.backup(image, "vm1/vda", Policy.INCREMENTAL).snapshot.checkpoint is None
+    # written before the field existed: the checkpoint was the end of the source label
+    doc = snap.to_json()
+    del doc["checkpoint"]
+    doc["source"] = f"{image} [checkpoint {name}]"
+    assert Snapshot.from_json(doc).checkpoint == name
+    doc["source"] = str(image)
+    assert Snapshot.from_json(doc).checkpoint is None

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from host_agent.colocation.serviceip import APPLIANCE_GATEWAY, ApplianceRoute, ServiceAddressError
+from host_agent.colocation.serviceip import APPLIANCE_GATEWAY, ApplianceRoute
+from host_agent.errors import ServiceAddressError
 
 APPLIANCE_IP = "10.99.0.200"
 PORT = 7499
@@ -116,7 +117,8 @@ def test_release_after_the_vm_left_removes_the_proxy_entry_and_a_claim_without_t
     route_call(a, "r.release()")
     assert sh("ip", "-n", a, "neigh", "show", "proxy") == ""
     failed = in_netns(a, f"""
-    from host_agent.colocation.serviceip import ApplianceRoute, ServiceAddressError
+    from host_agent.colocation.serviceip import ApplianceRoute
+    from host_agent.errors import ServiceAddressError
     try:
         ApplianceRoute({APPLIANCE_IP!r}, "hbapp0", "lan0").claim()
     except ServiceAddressError as e:

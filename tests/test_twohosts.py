@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import lab_or_fail
 
-from host_agent.colocation.migration import MigrationFailed, live_migrate
+from host_agent.colocation.migration import live_migrate
+from host_agent.errors import MigrationFailed
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.twohosts import (
     TwoHosts,

@@ -26,7 +26,8 @@ import libvirt  # type: ignore[import-untyped]
 import pytest
 from conftest import MIB, lab_or_fail, sha256_file
 
-from host_agent.agent import views
+from host_agent import errors
+from host_agent.agent import checkpoints, overlays, views
 from host_agent.lab import Disk, Lab, Vm, VmLabError
 from host_agent.model import ChangeDetection, DiskRef, Policy
 from host_agent.storage import qcow2
@@ -75,29 +76,27 @@ EXPECTED_DIRTY = [(MIB, 64 * KIB), (3 * MIB, 64 * KIB), (4 * MIB, 192 * KIB)]
 
 @pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="needs nbdinfo (Debian: libnbd-bin)")
 def test_dirty_extents_read_with_nbdinfo(bitmap_export: Path) -> None:
-    assert views.read_dirty_extents(str(bitmap_export), "disk", "qemu:dirty-bitmap:b1") == EXPECTED_DIRTY
+    extents = checkpoints.read_dirty_extents(str(bitmap_export), "disk", "qemu:dirty-bitmap:b1")
+    assert extents == EXPECTED_DIRTY
 
 
 def test_dirty_extents_read_with_qemu_img_when_nbdinfo_is_missing(
         bitmap_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(views, "NBDINFO", "nbdinfo-not-installed")
-    assert views.read_dirty_extents(str(bitmap_export), "disk", "qemu:dirty-bitmap:b1") == EXPECTED_DIRTY
+    monkeypatch.setattr(checkpoints, "NBDINFO", "nbdinfo-not-installed")
+    extents = checkpoints.read_dirty_extents(str(bitmap_export), "disk", "qemu:dirty-bitmap:b1")
+    assert extents == EXPECTED_DIRTY
 
 
 def test_an_unknown_bitmap_is_a_view_error(bitmap_export: Path) -> None:
-    with pytest.raises(views.ViewError, match="nope"):
-        views.read_dirty_extents(str(bitmap_export), "disk", "qemu:dirty-bitmap:nope")
+    with pytest.raises(errors.ViewError, match="nope"):
+        checkpoints.read_dirty_extents(str(bitmap_export), "disk", "qemu:dirty-bitmap:nope")
 
 
 # ---------- labels and definitions (no VM) ----------
 
-def test_the_checkpoint_travels_in_the_snapshot_source_label() -> None:
-    name = views.new_checkpoint_name()
-    assert name.startswith(views.CHECKPOINT_PREFIX)
-    label = views.view_label("/srv/vm1/disk.qcow2", name)
-    assert views.checkpoint_of(label) == name
-    assert views.checkpoint_of("/srv/vm1/disk.qcow2") is None
-    assert views.view_label("/srv/vm1/disk.raw", None) == "/srv/vm1/disk.raw"
+def test_checkpoint_names_are_hyperbacks_own_and_unique() -> None:
+    names = {checkpoints.new_checkpoint_name() for _ in range(100)}
+    assert len(names) == 100 and all(n.startswith(checkpoints.CHECKPOINT_PREFIX) for n in names)
 
 
 def test_a_definition_on_an_overlay_is_pointed_back_at_the_image_below() -> None:
@@ -107,12 +106,12 @@ def test_a_definition_on_an_overlay_is_pointed_back_at_the_image_below() -> None
         "<backingStore type='file'><format type='raw'/><source file='/srv/d.raw'/>"
         "<backingStore type='file'><format type='qcow2'/><source file='/srv/base.qcow2'/></backingStore>"
         "</backingStore><target dev='vda' bus='virtio'/></disk>")
-    assert views._pop_top_layer(disk, "/srv/d.raw.hb-overlay-0123456789ab")
+    assert overlays.pop_top_layer(disk, "/srv/d.raw.hb-overlay-0123456789ab")
     assert disk.find("source").get("file") == "/srv/d.raw"  # type: ignore[union-attr]
     assert disk.find("driver").get("type") == "raw"  # type: ignore[union-attr]
     assert disk.find("backingStore/source").get("file") == "/srv/base.qcow2"  # type: ignore[union-attr]
     assert disk.find("backingStore/backingStore") is None
-    assert not views._pop_top_layer(disk, "/srv/d.raw.hb-overlay-0123456789ab")  # not on it any more
+    assert not overlays.pop_top_layer(disk, "/srv/d.raw.hb-overlay-0123456789ab")  # not on it any more
 
 
 # ---------- real VMs ----------
@@ -253,18 +252,19 @@ def test_views_of_a_qcow2_disk_under_writes(lab: Lab, tmp_path: Path, repo: Repo
         with pit() as v1:
             view = v1["hb-views-1"]
             assert hooks == ["freeze", "thaw"] and v1.frozen_seconds < 5
-            assert view.change_detection == views.COMPARISON and view.changes is None
+            assert view.change_detection == ChangeDetection.COMPARISON and view.changes is None
             assert "no earlier checkpoint" in view.reason
             assert v1.checkpoint is not None and view.checkpoint == v1.checkpoint
             assert view.image == str(image) and view.size == 64 * MIB and view.layout is not None
-            assert views.checkpoint_of(view.layout.label) == v1.checkpoint
+            assert view.layout.label == str(image)  # the checkpoint travels in a field of its own
             (overlay,) = overlays_of(image)
             overlay_size = os.stat(overlay).st_size
             first = sha256_file(image)
             time.sleep(2)
             assert sha256_file(image) == first  # stable: the guest writes into the overlay
             assert os.stat(overlay).st_size > overlay_size, "the guest did not write during the view"
-            snap1 = repo.backup(view.source, ref.snapshot_name).snapshot
+            snap1 = repo.backup(view.source, ref.snapshot_name, checkpoint=view.checkpoint).snapshot
+            assert snap1.checkpoint == v1.checkpoint and snap1.source == str(image)
             assert hashlib.sha256(restored(repo, snap1.id, tmp_path)).hexdigest() == \
                 converted_digest(image, tmp_path)
         assert_back_on(dom, image, "qcow2")
@@ -278,7 +278,7 @@ def test_views_of_a_qcow2_disk_under_writes(lab: Lab, tmp_path: Path, repo: Repo
 
         with pit(since=v1.checkpoint) as v2:
             view = v2["hb-views-1"]
-            assert view.change_detection == views.DIRTY_BITMAP and view.reason == ""
+            assert view.change_detection == ChangeDetection.DIRTY_BITMAP and view.reason == ""
             assert high(view.changes) == [(40 * MIB, 64 * KIB), (44 * MIB + 64 * KIB, 128 * KIB),
                                           (47 * MIB, 64 * KIB)]
             assert view.changes is not None and view.changes[0][0] < 16 * MIB  # and the noise
@@ -300,13 +300,13 @@ def test_views_of_a_qcow2_disk_under_writes(lab: Lab, tmp_path: Path, repo: Repo
             assert v4.checkpoint is None and v4["hb-views-1"].checkpoint is None
             assert high(v4["hb-views-1"].changes) == [(40 * MIB, 64 * KIB), (44 * MIB + 64 * KIB, 128 * KIB),
                                                       (47 * MIB, 64 * KIB), (52 * MIB, 64 * KIB)]
-        assert views.list_checkpoints(dom) == [v1.checkpoint, v2.checkpoint, v3.checkpoint]
-        assert views.prune_checkpoints(dom, {v3.checkpoint}) == [v1.checkpoint, v2.checkpoint]
-        assert views.list_checkpoints(dom) == [v3.checkpoint]
+        assert checkpoints.list_checkpoints(dom) == [v1.checkpoint, v2.checkpoint, v3.checkpoint]
+        assert checkpoints.prune_checkpoints(dom, {v3.checkpoint}) == [v1.checkpoint, v2.checkpoint]
+        assert checkpoints.list_checkpoints(dom) == [v3.checkpoint]
 
         # A checkpoint that is gone: comparison, saying why.
         with pit(since=v1.checkpoint, checkpoint=False) as v5:
-            assert v5["hb-views-1"].change_detection == views.COMPARISON
+            assert v5["hb-views-1"].change_detection == ChangeDetection.COMPARISON
             assert f"no checkpoint {v1.checkpoint}" in v5["hb-views-1"].reason
 
         # A guest that cannot freeze: nothing taken, thawed anyway, its new checkpoint deleted.
@@ -318,17 +318,17 @@ def test_views_of_a_qcow2_disk_under_writes(lab: Lab, tmp_path: Path, repo: Repo
 
         refused = views.point_in_time(dom.connect(), dom, [ref], chunk_size=cs, freeze=refuse,
                                       thaw=lambda: hooks.append("thaw"), since=v3.checkpoint)
-        with pytest.raises(views.FreezeFailed, match="device busy"), refused:
+        with pytest.raises(errors.FreezeFailed, match="device busy"), refused:
             pytest.fail("the view must not be entered")
         assert hooks == ["freeze", "thaw"]
         assert_back_on(dom, image, "qcow2")
-        assert views.list_checkpoints(dom) == [v3.checkpoint]
+        assert checkpoints.list_checkpoints(dom) == [v3.checkpoint]
 
         # A backup that fails inside the view: merged back, its checkpoint deleted.
         with pytest.raises(RuntimeError, match="copier died"), pit(since=v3.checkpoint):
             raise RuntimeError("copier died")
         assert_back_on(dom, image, "qcow2")
-        assert views.list_checkpoints(dom) == [v3.checkpoint]
+        assert checkpoints.list_checkpoints(dom) == [v3.checkpoint]
 
         # An agent that died inside a view leaves the domain on an overlay: recover() undoes it.
         crashed = pit(since=v3.checkpoint)
@@ -339,7 +339,7 @@ def test_views_of_a_qcow2_disk_under_writes(lab: Lab, tmp_path: Path, repo: Repo
         assert len(done) == 1 and "merged" in done[0]
         assert_back_on(dom, image, "qcow2")
         assert views.recover(dom) == []
-        views.prune_checkpoints(dom, set())
+        checkpoints.prune_checkpoints(dom, set())
     finally:
         guest.close()
 
@@ -353,13 +353,14 @@ def test_checkpoints_list_in_the_order_they_were_made_even_within_one_second(lab
     guest = Guest(lab, "views-order", [Disk(image, "vda", "qcow2", "hb-views-order")], noise=False)
     try:
         dom = guest.vm.domain
-        made = [f"{views.CHECKPOINT_PREFIX}20990101T000000Z-{suffix}" for suffix in ("ff", "80", "00", "c0")]
+        made = [f"{checkpoints.CHECKPOINT_PREFIX}20990101T000000Z-{suffix}"
+                for suffix in ("ff", "80", "00", "c0")]
         for name in made:
             disks = "<disks><disk name='vda' checkpoint='bitmap'/></disks>"
             dom.checkpointCreateXML(f"<domaincheckpoint><name>{name}</name>{disks}</domaincheckpoint>", 0)
-        assert views.list_checkpoints(dom) == made
-        views.delete_checkpoint(dom, made[1])
-        assert views.list_checkpoints(dom) == [made[0], made[2], made[3]]
+        assert checkpoints.list_checkpoints(dom) == made
+        checkpoints.delete_checkpoint(dom, made[1])
+        assert checkpoints.list_checkpoints(dom) == [made[0], made[2], made[3]]
     finally:
         guest.close()
 
@@ -393,7 +394,7 @@ def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
         with views.point_in_time(dom.connect(), dom, [ref], chunk_size=32 * KIB, since="hyperback-x") as v:
             view = v["hb-views-2"]
             assert v.checkpoint is None and view.checkpoint is None  # nothing can carry a bitmap
-            assert view.change_detection == views.COMPARISON and view.changes is None
+            assert view.change_detection == ChangeDetection.COMPARISON and view.changes is None
             assert "raw image cannot carry a persistent dirty bitmap" in view.reason
             assert view.source == str(image) and view.layout is None and view.size == 32 * MIB
             assert overlays_of(other) == []  # vdb is not in this view
@@ -413,12 +414,12 @@ def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
         guest.write(MIB, os.urandom(64 * KIB))  # to vda only
         with views.point_in_time(dom.connect(), dom, [ref, ref_b], chunk_size=32 * KIB,
                                  since={"hb-views-2": v1.checkpoint, "hb-views-3": v1.checkpoint}) as v2:
-            assert v2["hb-views-2"].change_detection == views.COMPARISON
-            assert v2["hb-views-3"].change_detection == views.DIRTY_BITMAP
+            assert v2["hb-views-2"].change_detection == ChangeDetection.COMPARISON
+            assert v2["hb-views-3"].change_detection == ChangeDetection.DIRTY_BITMAP
             assert v2["hb-views-3"].changes == ()  # nothing written to vdb
         assert source_of(dom)[0] == str(image) and overlays_of(other) == []
         # A persistent domain with checkpoints cannot be undefined: keep none.
-        views.prune_checkpoints(dom, set())
+        checkpoints.prune_checkpoints(dom, set())
 
         # The overlay's storage fills up: QEMU pauses the guest on ENOSPC; the view merges back
         # and resumes it, and the write QEMU held back lands in the original image.
@@ -440,7 +441,7 @@ def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
         # into the raw image offline, and the definition points at the raw image again.
         data = os.urandom(256 * KIB)
         doomed = views.point_in_time(dom.connect(), dom, [ref], chunk_size=32 * KIB)
-        with pytest.raises(views.DomainGone, match="merged the overlays of vda offline"), doomed:
+        with pytest.raises(errors.DomainGone, match="merged the overlays of vda offline"), doomed:
             guest.write(8 * MIB, data)
             dom.destroy()
         assert overlays_of(image) == []

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from guest_shim import protocol as p
+from host_agent.errors import ChannelClosed
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ class State(enum.Enum):
     DISCONNECTED = "disconnected"
     CONNECTED = "connected"
     CLOSED = "closed"
-
-
-class ChannelClosed(ConnectionError):
-    """The guest side went away while the host waited for a reply."""
 
 
 class Handler(Protocol):

@@ -11,26 +11,20 @@ import contextlib
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import libvirt  # type: ignore[import-untyped]
 
-from host_agent import errors
+from host_agent import hypervisor
 from host_agent.colocation.migration import visit_marker
+from host_agent.errors import HypervisorError, NoDomain, UnknownDisk
+from host_agent.hypervisor import Guarded
 from host_agent.model import DiskRef
 
 log = logging.getLogger(__name__)
 
 AGENT_CHANNEL = "org.hyperback.agent.0"
 DEFAULT_URI = "qemu:///system"
-
-
-class DomainError(errors.EnvironmentProblem):
-    """libvirt refused or the domain is gone."""
-
-
-class UnknownDisk(errors.UsageError):
-    """A guest named a disk serial its domain does not have."""
 
 
 @dataclass(frozen=True)
@@ -89,42 +83,34 @@ class Domains:
 
     def __init__(self, uri: str = DEFAULT_URI) -> None:
         self.uri = uri
-        try:
-            self.conn = libvirt.open(uri)
-        except libvirt.libvirtError as e:
-            raise DomainError(f"cannot connect to libvirt at {uri}: {e}; is libvirtd running?") from e
+        self.conn = hypervisor.connect(uri)
 
     def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
+        with contextlib.suppress(HypervisorError):
             self.conn.close()
 
-    def _info(self, dom: libvirt.virDomain) -> DomainInfo:
+    def _info(self, dom: Guarded) -> DomainInfo:
         try:
             running = bool(dom.isActive())
             info = parse_domain_xml(dom.XMLDesc(0), dom.UUIDString(), dom.name(), running)
             if not running:
                 return info
-            sized = []
-            for disk in info.disks:
-                capacity = dom.blockInfo(disk.target)[0]
-                sized.append(DiskRef(disk.domain_uuid, disk.domain_name, disk.serial, disk.target, disk.path,
-                                     disk.format, capacity, disk.backing_chain))
-            return DomainInfo(info.uuid, info.name, running, info.channel_path, info.channel_state,
-                              tuple(sized), info.visiting_from)
-        except libvirt.libvirtError as e:
-            raise DomainError(f"cannot read domain {dom.name()}: {e}") from e
+            sized = tuple(replace(disk, size=dom.blockInfo(disk.target)[0]) for disk in info.disks)
+            return replace(info, disks=sized)
+        except HypervisorError as e:
+            raise type(e)(f"cannot read domain {dom.name()}: {e}", e.code) from e
 
     def served(self) -> list[DomainInfo]:
         """Running domains that carry the hyperback channel."""
         try:
             doms = self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        except libvirt.libvirtError as e:
-            raise DomainError(f"cannot list domains: {e}") from e
+        except HypervisorError as e:
+            raise type(e)(f"cannot list domains: {e}", e.code) from e
         out = []
         for dom in doms:
             try:
                 info = self._info(dom)
-            except DomainError as e:  # it stopped while we looked
+            except HypervisorError as e:  # it stopped while we looked
                 log.info("skipping domain: %s", e)
                 continue
             if info.channel_path:
@@ -132,16 +118,14 @@ class Domains:
         return out
 
     def get(self, uuid: str) -> DomainInfo:
-        try:
-            return self._info(self.conn.lookupByUUIDString(uuid))
-        except libvirt.libvirtError as e:
-            raise DomainError(f"domain {uuid} is gone: {e}") from e
+        return self._info(self.domain(uuid))
 
-    def domain(self, uuid: str) -> libvirt.virDomain:
+    def domain(self, uuid: str) -> Guarded:
         try:
-            return self.conn.lookupByUUIDString(uuid)
-        except libvirt.libvirtError as e:
-            raise DomainError(f"domain {uuid} is gone: {e}") from e
+            dom: Guarded = self.conn.lookupByUUIDString(uuid)
+        except NoDomain as e:
+            raise NoDomain(f"domain {uuid} is gone: {e}", e.code) from e
+        return dom
 
     def disks_by_serial(self, uuid: str, serials: list[str] | None) -> tuple[DiskRef, ...]:
         """The domain's disks with these serials (all disks with a serial if None).
@@ -166,7 +150,7 @@ class Domains:
         used |= {t.get("dev", "") for t in root.findall("./devices/disk/target")}
         target = next((f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used), None)
         if target is None:
-            raise DomainError(f"domain {uuid} has no free virtio disk name left")
+            raise HypervisorError(f"domain {uuid} has no free virtio disk name left")
         disk = ET.Element("disk", type="file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type="raw")
         ET.SubElement(disk, "source", file=path)
@@ -174,26 +158,13 @@ class Domains:
         ET.SubElement(disk, "serial").text = serial
         try:
             dom.attachDeviceFlags(ET.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as e:
-            raise DomainError(f"cannot attach {path} to domain {uuid}: {e}") from e
+        except HypervisorError as e:
+            raise type(e)(f"cannot attach {path} to domain {uuid}: {e}", e.code) from e
         return target
 
     def watch(self, on_event: Callable[[str, str], None]) -> int:
         """Call on_event(uuid, "started"|"stopped"|"migrated") on lifecycle events; returns a callback id.
 
-        Needs libvirt's event loop registered first (libvirtaio.virEventRegisterAsyncIOImpl).
+        Needs libvirt's event loop registered first (hypervisor.register_event_loop).
         """
-        kinds = {libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_RESUMED: "started",
-                 libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped", libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "stopped",
-                 libvirt.VIR_DOMAIN_EVENT_CRASHED: "stopped"}
-
-        def callback(_conn: object, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
-            kind = kinds.get(event)
-            migrated = libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED
-            if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail == migrated:
-                kind = "migrated"
-            if kind:
-                on_event(dom.UUIDString(), kind)
-
-        lifecycle = libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE
-        return int(self.conn.domainEventRegisterAny(None, lifecycle, callback, None))
+        return hypervisor.watch_lifecycle(self.conn, on_event)

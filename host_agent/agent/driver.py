@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from host_agent.errors import OptimizerUnavailable
 from host_agent.model import Instruction, Plan, WorkUnit
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ MAX_BACKOFF = 30.0
 PlanFn = Callable[[Sequence[Instruction]], Coroutine[Any, Any, Plan]]
 ExecuteFn = Callable[[Plan, dict[str, Instruction]], Coroutine[Any, Any, None]]
 FailFn = Callable[[Instruction, str], Coroutine[Any, Any, None]]
-
-
-class Retryable(Exception):
-    """Raised by a PlanFn when the optimizer could not be reached: the batch is retried."""
 
 
 @dataclass
@@ -102,7 +99,7 @@ class BackupDriver:
             try:
                 plan = await self._plan(batch)
                 break
-            except Retryable as e:
+            except OptimizerUnavailable as e:
                 log.warning("optimizer unavailable (%s); retrying %d instruction(s) in %.1fs",
                             e, len(batch), delay)
                 await asyncio.sleep(delay)

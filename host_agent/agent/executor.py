@@ -17,65 +17,50 @@ import asyncio
 import contextlib
 import logging
 import tempfile
-import time
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from host_agent import errors
 from host_agent.agent import views
+from host_agent.agent.checkpoints import prune_checkpoints
+from host_agent.agent.destinations import AnyRepository, Destinations
+from host_agent.agent.domains import Domains
+from host_agent.agent.jobs import Jobs, JobState
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.appliance import Visit as ApplianceVisit
 from host_agent.colocation.visits import Colocator, VisitResult
-from host_agent.media.client import RemoteRepository
-from host_agent.model import Instruction, Placement, Plan, Policy, UnitKind, WorkUnit, base_name
+from host_agent.model import (
+    ChangeDetection,
+    DiskResult,
+    Instruction,
+    Outcome,
+    Placement,
+    Plan,
+    Policy,
+    UnitKind,
+    WorkUnit,
+    base_name,
+)
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent, Layout
-from host_agent.storage.repository import BackupResult, Repository, Snapshot
+from host_agent.storage.repository import BackupResult, Snapshot
 
 log = logging.getLogger(__name__)
 
-# a destination on this host, or on another host's media reached through its media service
-AnyRepository = Repository | RemoteRepository
+
+class GuestDoor(Protocol):
+    """What the executor needs of the guests (``host_agent.agent.guests.Guests``)."""
+
+    async def freeze(self, uuid: str, serials: tuple[str, ...], job: str) -> None: ...
+
+    async def thaw(self, uuid: str, job: str) -> None: ...
+
+    async def announce(self, job_ids: tuple[str, ...], message: str, done: int, total: int) -> None: ...
+
+    async def answer(self, outcome: Outcome) -> None: ...
 
 
-@dataclass(frozen=True)
-class DiskResult:
-    serial: str
-    snapshot: str
-    bytes_read: int
-    bytes_new: int
-    seconds: float
-    change_detection: str
-    note: str = ""
-    new_serial: str | None = None   # restore: the disk the snapshot was restored to
-
-
-@dataclass
-class Outcome:
-    """What one instruction gets back."""
-
-    instruction: Instruction
-    disks: list[DiskResult] = field(default_factory=list)
-    error: str | None = None
-    started: float = field(default_factory=time.monotonic)
-    moved_bytes: int = 0            # migration streams sent to back it up on another host
-
-    def to_json(self) -> dict[str, Any]:
-        base = {"ok": self.error is None, "job": self.instruction.id,
-                "seconds": round(time.monotonic() - self.started, 3)}
-        if self.error is not None:
-            return {**base, "error": {"code": "failed", "message": self.error}}
-        return {**base, "disks": [vars(d) for d in self.disks]}
-
-
-AnswerFn = Callable[[Outcome], Coroutine[Any, Any, None]]
-AttachFn = Callable[[str, str, str], str]   # (domain uuid, image path, serial) -> target name
-FreezeFn = Callable[[str, tuple[str, ...], str], Coroutine[Any, Any, None]]   # (domain uuid, serials, job)
-ThawFn = Callable[[str, str], Coroutine[Any, Any, None]]                      # (domain uuid, job)
-# (instruction ids, what happens, bytes done, bytes total): a step of a co-located backup
-AnnounceFn = Callable[[tuple[str, ...], str, int, int], Coroutine[Any, Any, None]]
 MOVES = (Placement.MIGRATE, Placement.COLD_MOVE)
 
 
@@ -115,25 +100,25 @@ def ordered(units: tuple[WorkUnit, ...]) -> Iterator[WorkUnit]:
 
 
 class Executor:
-    def __init__(self, repository_for: Callable[[str], AnyRepository], conn: Any, answer: AnswerFn,
-                 freeze: FreezeFn, thaw: ThawFn, attach: AttachFn, work_dir: Path,
-                 colocator: Colocator | None = None, announce: AnnounceFn | None = None,
-                 porter: Porter | None = None) -> None:
-        self._repository_for = repository_for
+    """Runs plans, one at a time; every instruction is answered through ``guests``."""
+
+    def __init__(self, destinations: Destinations, domains: Domains, guests: GuestDoor, jobs: Jobs,
+                 work_dir: Path, colocator: Colocator | None = None, porter: Porter | None = None) -> None:
+        self._destinations = destinations
+        self._domains = domains           # views of their disks; restored disks hot-plugged
+        self._guests = guests
+        self._jobs = jobs
+        self._work_dir = work_dir         # restored images and fallback conversions
         self._colocator = colocator
         self._porter = porter
-        self._announce = announce
-        self._conn = conn                 # libvirt connection for point-in-time views
-        self._attach = attach
-        self._work_dir = work_dir         # restored images and fallback conversions
-        self._answer = answer
-        self._freeze, self._thaw = freeze, thaw
         self._lock = asyncio.Lock()
         self.reads: dict[str, int] = {}  # source path -> times read, for operators and tests
         self.visits: list[VisitResult] = []  # co-located backups done, for operators and tests
         self.appliance_visits: list[ApplianceVisit] = []  # appliances brought here, likewise
 
     async def execute(self, plan: Plan, instructions: dict[str, Instruction]) -> None:
+        for job_id in instructions:
+            await self._jobs.move(job_id, JobState.RUNNING, "running")
         async with self._lock:
             outcomes = {i: Outcome(instructions[i])
                         for u in plan.units for i in u.satisfies if i in instructions}
@@ -153,8 +138,7 @@ class Executor:
         job_ids = tuple(dict.fromkeys(i for u in units for i in u.satisfies))
 
         async def report(message: str, done: int, total: int) -> None:
-            if self._announce is not None:
-                await self._announce(job_ids, message, done, total)
+            await self._guests.announce(job_ids, message, done, total)
 
         visit = await stack.enter_async_context(self._porter.here(appliance, job_ids[0], report))
         self.appliance_visits.append(visit)
@@ -200,7 +184,7 @@ class Executor:
                 if i in remaining:
                     remaining[i] -= 1
                     if remaining[i] == 0:
-                        await self._answer(outcomes[i])
+                        await self._guests.answer(outcomes[i])
 
     async def _visit(self, units: list[WorkUnit], outcomes: dict[str, Outcome]) -> None:
         """Back the units' disks up on another host, moving the VM there and back."""
@@ -209,8 +193,7 @@ class Executor:
         job_ids = tuple(dict.fromkeys(i for u in units for i in u.satisfies))
 
         async def report(message: str, done: int, total: int) -> None:
-            if self._announce is not None:
-                await self._announce(job_ids, message, done, total)
+            await self._guests.announce(job_ids, message, done, total)
 
         result: VisitResult = await self._colocator.visit(units, report)
         there, back = result.there, result.back
@@ -218,7 +201,7 @@ class Executor:
                 f"({there.bytes} bytes), back in {back.seconds:.1f} s ({back.bytes} bytes)")
         for disk in result.disks:
             disk_result = DiskResult(disk.serial, disk.snapshot, disk.bytes_read, disk.bytes_new,
-                                     round(result.seconds, 3), "full-read", note)
+                                     round(result.seconds, 3), ChangeDetection.NONE, note)
             for unit in units:
                 if unit.disk is not None and unit.disk.serial == disk.serial:
                     for i in unit.satisfies:
@@ -231,7 +214,7 @@ class Executor:
 
     async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot]) -> None:
         # reaching another host's media service for the first time is a network call
-        repo = await asyncio.to_thread(self._repository_for, unit.destination)
+        repo = await asyncio.to_thread(self._destinations.repository, unit.destination)
         if unit.kind is UnitKind.BACKUP_BASE:
             bases[unit.id] = await asyncio.to_thread(self._backup_base, repo, unit)
             return
@@ -274,8 +257,8 @@ class Executor:
         target = self._work_dir / f"{disk.domain_uuid}-{disk.serial}-{snap.id}.img"
         result = repo.restore(snap.id, target, overwrite=True)
         new_serial = f"{disk.serial[:48]}-r{snap.id[:8]}"
-        self._attach(disk.domain_uuid, str(target), new_serial)
-        return DiskResult(disk.serial, snap.id, result.bytes_written, 0, result.seconds, "restore",
+        self._domains.attach_disk(disk.domain_uuid, str(target), new_serial)
+        return DiskResult(disk.serial, snap.id, result.bytes_written, 0, result.seconds, None,
                           f"restored to a new disk with serial {new_serial}", new_serial)
 
     def _backup_base(self, repo: AnyRepository, unit: WorkUnit) -> Snapshot:
@@ -293,7 +276,8 @@ class Executor:
         return repo.backup(source, unit.snapshot_name, Policy.FULL).snapshot
 
     async def _backup_disk(self, repo: AnyRepository, unit: WorkUnit,
-                           shared: dict[str, Snapshot]) -> tuple[BackupResult, views.DiskView, str]:
+                           shared: dict[str, Snapshot]
+                           ) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
         disk = unit.disk
         assert disk is not None
         loop = asyncio.get_running_loop()
@@ -301,56 +285,57 @@ class Executor:
         job = unit.satisfies[0]
 
         def freeze() -> None:
-            frozen = self._freeze(disk.domain_uuid, (disk.serial,), job)
+            frozen = self._guests.freeze(disk.domain_uuid, (disk.serial,), job)
             asyncio.run_coroutine_threadsafe(frozen, loop).result()
 
         def thaw() -> None:
-            asyncio.run_coroutine_threadsafe(self._thaw(disk.domain_uuid, job), loop).result()
+            asyncio.run_coroutine_threadsafe(self._guests.thaw(disk.domain_uuid, job), loop).result()
 
         return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(disk.serial), freeze, thaw)
 
     def _backup_view(self, repo: AnyRepository, unit: WorkUnit, shared_base: Snapshot | None,
                      freeze: Callable[[], None],
-                     thaw: Callable[[], None]) -> tuple[BackupResult, views.DiskView, str]:
+                     thaw: Callable[[], None]) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
         """Take the disk's point-in-time view and back it up; the view merges back on exit.
 
         The repository's base (latest snapshot, or latest full for a differential) names the
         checkpoint it was taken at: the view reports what changed since then from the dirty
-        bitmap. A disk on a shared, already backed-up base reads only its overlay's own clusters.
+        bitmap, and the new snapshot records the view's own checkpoint for the next backup. A disk
+        on a shared, already backed-up base reads only its overlay's own clusters.
         """
         disk = unit.disk
         assert disk is not None
         base = repo.base_for(disk.snapshot_name, unit.policy)
-        since = views.checkpoint_of(base.source) if base is not None else None
-        with views.point_in_time(self._conn, disk.domain_uuid, (disk,), chunk_size=repo.config.chunk_size,
-                                 freeze=freeze, thaw=thaw, since={disk.serial: since}) as taken:
+        since = base.checkpoint if base is not None else None
+        with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
+                                 chunk_size=repo.config.chunk_size, freeze=freeze, thaw=thaw,
+                                 since={disk.serial: since}) as taken:
             view = taken[disk.serial]
-            label = views.view_label(view.image, view.checkpoint)
+            checkpoint = view.checkpoint
             if shared_base is None and view.changes is None and disk.backing_chain:
                 # no dirty bitmap to go by, but the backing image may be stored already: then
                 # only the overlay's own clusters need reading
                 stored = repo.snapshots(base_name(disk.backing_chain[0]))
                 shared_base = stored[-1] if stored and stored[-1].size == view.size else None
             if shared_base is not None and view.format == "qcow2":
-                top = qcow2.top_layout(view.image, repo.config.chunk_size, label=label)
+                top = qcow2.top_layout(view.image, repo.config.chunk_size)
                 key = top.layout.label
                 self.reads[key] = self.reads.get(key, 0) + 1
                 result = repo.backup(top.layout, disk.snapshot_name, unit.policy, list(top.changes),
-                                     base=shared_base)
-                return result, view, "allocation-map"
+                                     base=shared_base, checkpoint=checkpoint)
+                return result, view, ChangeDetection.ALLOCATION_MAP
             changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
             self.reads[view.image] = self.reads.get(view.image, 0) + 1
             try:
-                source: str | Layout = view.source
-                if isinstance(source, Layout):
-                    source = Layout(source.files, source.mappings, source.size, label)
-                result = repo.backup(source, disk.snapshot_name, unit.policy, changes)
-            except qcow2.NotReadableInPlace as e:
+                result = repo.backup(view.source, disk.snapshot_name, unit.policy, changes,
+                                     checkpoint=checkpoint)
+            except errors.NotReadableInPlace as e:
                 log.info("%s; converting to raw first", e)
                 self._work_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
                     qcow2.convert_to_raw(view.image, tmp.name)
-                    result = repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes)
+                    result = repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
+                                         checkpoint=checkpoint)
         self._prune_checkpoints(repo, disk.domain_uuid)
         return result, view, view.change_detection
 
@@ -362,11 +347,10 @@ class Executor:
         for name in names:
             for policy in (Policy.INCREMENTAL, Policy.DIFFERENTIAL):
                 base = repo.base_for(name, policy)
-                checkpoint = views.checkpoint_of(base.source) if base is not None else None
-                if checkpoint:
-                    keep.add(checkpoint)
+                if base is not None and base.checkpoint:
+                    keep.add(base.checkpoint)
         try:
-            gone = views.prune_checkpoints(self._conn.lookupByUUIDString(domain_uuid), keep)
+            gone = prune_checkpoints(self._domains.domain(domain_uuid), keep)
         except Exception as e:  # pruning is housekeeping: a failure must not fail the backup
             log.warning("could not prune checkpoints of %s: %s", domain_uuid, e)
             return

@@ -77,12 +77,9 @@ Errors::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -91,46 +88,43 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 import libvirt  # type: ignore[import-untyped]
 
-from host_agent import errors
-from host_agent.model import DiskRef
+from host_agent import errors, hypervisor
+from host_agent.agent.checkpoints import (
+    checkpoint_disks,
+    delete_checkpoint,
+    new_checkpoint_name,
+    read_dirty_extents,
+    wait_no_backup_job,
+)
+from host_agent.agent.domainxml import is_active, live_disks, same_file, source_of, xml_attr, xml_text
+from host_agent.agent.overlays import (
+    OVERLAY_MARK,
+    OVERLAY_RE,
+    SCRATCH_MARK,
+    Merger,
+    merge_offline,
+    restore_inactive_definition,
+)
+from host_agent.errors import (
+    CleanupFailed,
+    DomainGone,
+    FreezeFailed,
+    HypervisorError,
+    NoBackupJob,
+    OperationInvalid,
+    ViewError,
+)
+from host_agent.model import ChangeDetection, DiskRef
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent, Layout
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "hyperback-"
-OVERLAY_MARK = ".hb-overlay-"
-SCRATCH_MARK = ".hb-scratch-"
-DIRTY_BITMAP = "dirty-bitmap"
-COMPARISON = "comparison"
-NBDINFO = "nbdinfo"
-TOOL_TIMEOUT = 120.0
-
-_OVERLAY_RE = re.compile(re.escape(OVERLAY_MARK) + r"[0-9a-f]{12}$")
-_LABEL_RE = re.compile(r" \[checkpoint (" + re.escape(CHECKPOINT_PREFIX) + r"[0-9A-Za-z_.-]+)\]$")
 
 Hook = Callable[[], object]
-
-
-class ViewError(errors.EnvironmentProblem):
-    """A point-in-time view could not be taken; the domain is back on its images (but see
-    CleanupFailed)."""
-
-
-class FreezeFailed(ViewError):
-    """The guest's filesystems could not be frozen; no view was taken."""
-
-
-class DomainGone(ViewError):
-    """The domain stopped while its view existed."""
-
-
-class CleanupFailed(ViewError):
-    """A view could not be ended cleanly: the domain may still write into an overlay."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +142,7 @@ class DiskView:
     size: int                           # virtual size in bytes
     layout: Layout | None               # qcow2: the chain's clusters at their file offsets
     changes: tuple[Extent, ...] | None
-    change_detection: str               # DIRTY_BITMAP or COMPARISON
+    change_detection: ChangeDetection   # DIRTY_BITMAP or COMPARISON
     reason: str = ""                    # why comparison
     checkpoint: str | None = None
     not_readable: str = ""              # qcow2 only: why the chain cannot be read in place
@@ -157,14 +151,14 @@ class DiskView:
     def source(self) -> str | Layout:
         """What ``Repository.backup`` reads: the raw image path, or the qcow2 chain's Layout.
 
-        Raises qcow2.NotReadableInPlace for a qcow2 chain the copier cannot read (compressed
+        Raises errors.NotReadableInPlace for a qcow2 chain the copier cannot read (compressed
         clusters, clusters below the chunk size): convert ``image`` (qcow2.convert_to_raw) instead.
         """
         if self.layout is not None:
             return self.layout
         if self.format == "raw":
             return self.image
-        raise qcow2.NotReadableInPlace(self.not_readable or f"{self.image} cannot be read in place",
+        raise errors.NotReadableInPlace(self.not_readable or f"{self.image} cannot be read in place",
                                        self.image)
 
 
@@ -191,331 +185,6 @@ class Views:
             if view.disk.serial == serial:
                 return view
         raise KeyError(serial)
-
-
-# ---------- labels: which checkpoint a snapshot was taken at ----------
-
-def view_label(image: str, checkpoint: str | None) -> str:
-    """The source label of a view's Layout (it becomes the repository snapshot's ``source``)."""
-    return f"{image} [checkpoint {checkpoint}]" if checkpoint else image
-
-
-def checkpoint_of(source: str) -> str | None:
-    """The checkpoint a snapshot was taken at, from its ``source`` (None if none)."""
-    m = _LABEL_RE.search(source)
-    return m.group(1) if m else None
-
-
-def new_checkpoint_name() -> str:
-    return f"{CHECKPOINT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.urandom(3).hex()}"
-
-
-# ---------- small libvirt helpers ----------
-
-def _code(e: libvirt.libvirtError) -> int:
-    return int(e.get_error_code() or 0)
-
-
-def _is_active(dom: Any) -> bool:
-    try:
-        return bool(dom.isActive())
-    except libvirt.libvirtError as e:
-        if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
-            return False
-        raise ViewError(f"cannot ask libvirt whether {dom.name()} runs: {e}") from e
-
-
-def _live_disks(dom: Any, flags: int = 0) -> dict[str, ET.Element]:
-    """The ``<disk>`` elements of the domain XML by target dev."""
-    try:
-        root = ET.fromstring(dom.XMLDesc(flags))
-    except libvirt.libvirtError as e:
-        raise ViewError(f"cannot read the domain XML of {dom.name()}: {e}") from e
-    out = {}
-    for disk in root.findall("./devices/disk"):
-        target = disk.find("target")
-        if target is not None and target.get("dev"):
-            out[target.get("dev", "")] = disk
-    return out
-
-
-def _source(disk: ET.Element) -> str | None:
-    src = disk.find("source")
-    if src is None:
-        return None
-    return src.get("file") or src.get("dev")
-
-
-def _same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _wait_no_backup_job(dom: Any, deadline: float) -> None:
-    """Wait until the domain's backup job has ended (it ends asynchronously after abortJob)."""
-    while time.monotonic() < deadline:
-        try:
-            dom.backupGetXMLDesc(0)
-        except libvirt.libvirtError:
-            try:
-                if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
-                    return
-            except libvirt.libvirtError:
-                return  # the domain is gone: so is its job
-        time.sleep(0.02)
-    raise ViewError(f"the backup job of {dom.name()} did not end within the timeout")
-
-
-# ---------- reading dirty bitmaps over NBD ----------
-
-def read_dirty_extents(socket_path: str, export: str, context: str,
-                       timeout: float = TOOL_TIMEOUT) -> list[Extent]:
-    """The dirty extents of an NBD export's ``qemu:dirty-bitmap:...`` metadata context.
-
-    Uses ``nbdinfo --map`` (Debian: libnbd-bin); without it, ``qemu-img map`` with QEMU's
-    ``x-dirty-bitmap`` option (there, dirty ranges show as ``"data": false``).
-    """
-    if shutil.which(NBDINFO):
-        uri = f"nbd+unix:///{quote(export, safe='')}?socket={quote(socket_path, safe='/')}"
-        cmd = [NBDINFO, "--json", f"--map={context}", uri]
-        doc = _run_json(cmd, timeout, f"read {context} of {export}")
-        return _merge((int(e["offset"]), int(e["length"])) for e in doc if int(e["type"]) & 1)
-    opts = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in (
-        ("driver", "nbd"), ("server.type", "unix"), ("server.path", socket_path), ("export", export),
-        ("x-dirty-bitmap", context)))
-    doc = _run_json([qcow2.QEMU_IMG, "map", "--output=json", "--image-opts", opts], timeout,
-                    f"read {context} of {export}")
-    return _merge((int(e["start"]), int(e["length"])) for e in doc if not e["data"])
-
-
-def _run_json(cmd: Sequence[str], timeout: float, what: str) -> Any:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError as e:
-        raise ViewError(f"cannot {what}: {cmd[0]} is not installed") from e
-    except subprocess.TimeoutExpired as e:
-        raise ViewError(f"cannot {what}: {cmd[0]} took more than {timeout:.0f} s") from e
-    if out.returncode != 0:
-        raise ViewError(f"cannot {what}: {out.stderr.strip() or f'{cmd[0]} exit status {out.returncode}'}")
-    try:
-        return json.loads(out.stdout)
-    except json.JSONDecodeError as e:
-        raise ViewError(f"cannot {what}: {cmd[0]} printed no JSON") from e
-
-
-def _merge(extents: Iterator[Extent] | Sequence[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for off, length in sorted(extents):
-        if out and off <= out[-1][0] + out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], off + length - out[-1][0]))
-        elif length:
-            out.append((off, length))
-    return out
-
-
-# ---------- checkpoints ----------
-
-def list_checkpoints(domain: Any) -> list[str]:
-    """The hyperback checkpoints of a domain, oldest first.
-
-    Ordered by the checkpoint chain (each checkpoint's parent is the one current when it was
-    made), not by creationTime: that has one-second resolution, and two views in one second
-    would otherwise come back in the order of their random name suffixes.
-    """
-    try:
-        cps = domain.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
-    except libvirt.libvirtError as e:
-        raise ViewError(f"cannot list the checkpoints of {domain.name()}: {e}") from e
-    return [name for name in (c.getName() for c in cps) if name.startswith(CHECKPOINT_PREFIX)]
-
-
-def _checkpoint_disks(domain: Any, name: str) -> set[str] | None:
-    """The disks a checkpoint tracks with a bitmap; None if there is no such checkpoint."""
-    try:
-        xml = domain.checkpointLookupByName(name).getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
-    except libvirt.libvirtError as e:
-        if _code(e) == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-            return None
-        raise
-    return {d.get("name", "") for d in ET.fromstring(xml).findall("./disks/disk")
-            if d.get("checkpoint") == "bitmap"}
-
-
-def delete_checkpoint(domain: Any, name: str) -> None:
-    """Delete one checkpoint and its bitmaps (metadata only while the domain is shut off)."""
-    try:
-        cp = domain.checkpointLookupByName(name)
-        flags = 0 if _is_active(domain) else libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
-        cp.delete(flags)
-    except libvirt.libvirtError as e:
-        if _code(e) == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-            return
-        raise ViewError(f"cannot delete checkpoint {name} of {domain.name()}: {e}") from e
-    log.info("deleted checkpoint %s of %s", name, domain.name())
-
-
-def prune_checkpoints(domain: Any, keep: Sequence[str] | set[str]) -> list[str]:
-    """Delete the hyperback checkpoints not in ``keep`` (each one costs a bitmap QEMU updates on
-    every write). Keep the checkpoints of the latest snapshot and of the latest full snapshot of
-    every disk of the domain. Returns the names deleted."""
-    gone = []
-    for name in list_checkpoints(domain):
-        if name not in keep:
-            delete_checkpoint(domain, name)
-            gone.append(name)
-    return gone
-
-
-# ---------- merging an overlay back ----------
-
-def _run_tool(cmd: Sequence[str], what: str, timeout: float = TOOL_TIMEOUT) -> None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise CleanupFailed(f"cannot {what}: {e}") from e
-    if out.returncode != 0:
-        raise CleanupFailed(f"cannot {what}: {out.stderr.strip()}")
-
-
-def _pop_top_layer(disk: ET.Element, overlay: str) -> bool:
-    """Rewrite a ``<disk>`` whose source is ``overlay`` to the image below it; True if changed."""
-    src = disk.find("source")
-    if src is None or not _same_file(src.get("file") or "", overlay):
-        return False
-    below = disk.find("backingStore")
-    below_src = below.find("source") if below is not None else None
-    if below is None or below_src is None:
-        return False
-    src.attrib.clear()
-    src.attrib.update(below_src.attrib)
-    for child in list(src):
-        src.remove(child)
-    for child in below_src:
-        src.append(child)
-    fmt = below.find("format")
-    driver = disk.find("driver")
-    if fmt is not None and driver is not None and fmt.get("type"):
-        driver.set("type", fmt.get("type", ""))
-    deeper = below.find("backingStore")
-    disk.remove(below)
-    if deeper is not None:
-        disk.insert(list(disk).index(src) + 1, deeper)
-    return True
-
-
-def _restore_inactive_definition(dom: Any, overlays: Mapping[str, str]) -> bool:
-    """Point a persistent domain's inactive definition back at the images below ``overlays``."""
-    try:
-        if not dom.isPersistent():
-            return False
-        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
-    except libvirt.libvirtError as e:
-        if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
-            return False
-        raise CleanupFailed(f"cannot read the definition of {dom.name()}: {e}") from e
-    changed = False
-    for disk in root.findall("./devices/disk"):
-        target = disk.find("target")
-        dev = target.get("dev", "") if target is not None else ""
-        if dev in overlays and _pop_top_layer(disk, overlays[dev]):
-            changed = True
-    if changed:
-        try:
-            dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
-        except libvirt.libvirtError as e:
-            raise CleanupFailed(f"cannot point the definition of {dom.name()} back at its images: {e}") from e
-        log.warning("%s: the inactive definition pointed at the view's overlays; rewritten", dom.name())
-    return changed
-
-
-def merge_offline(overlay: str) -> None:
-    """Merge an overlay of a stopped domain into the image below it, then delete it.
-
-    ``qemu-img commit`` takes the write lock (so it fails while any QEMU still uses the image),
-    and the image's enabled persistent bitmaps record what it writes: checkpoints stay valid.
-    """
-    if not os.path.exists(overlay):
-        return
-    _run_tool([qcow2.QEMU_IMG, "commit", "-q", "-f", "qcow2", overlay],
-              f"merge {overlay} into its backing image")
-    os.unlink(overlay)
-    log.warning("merged the overlay %s offline and deleted it", overlay)
-
-
-class _Merger:
-    """Commits one overlay back into the image below it while the domain runs."""
-
-    def __init__(self, dom: Any, target: str, overlay: str, image: str, deadline: float) -> None:
-        self.dom, self.target, self.overlay, self.image, self.deadline = dom, target, overlay, image, deadline
-        self.pivot_attempted = False  # once True, a domain that stops leaves it unclear where it ended
-
-    def _on_overlay(self) -> bool:
-        disk = _live_disks(self.dom).get(self.target)
-        return disk is not None and _same_file(_source(disk) or "", self.overlay)
-
-    def _job(self) -> dict[str, int]:
-        info = self.dom.blockJobInfo(self.target, 0)
-        return dict(info) if info else {}
-
-    def _fail(self, why: str) -> CleanupFailed:
-        return CleanupFailed(
-            f"{self.dom.name()} {self.target} still writes into the overlay {self.overlay} ({why}); "
-            f"merge it with 'virsh blockcommit {self.dom.name()} {self.target} --active --shallow --pivot' "
-            f"and delete the file")
-
-    def start(self) -> None:
-        """Start the active commit, waiting out a job that still holds the disk."""
-        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
-        while True:
-            try:
-                self.dom.blockCommit(self.target, None, None, 0, flags)
-                return
-            except libvirt.libvirtError as e:
-                if not _is_active(self.dom):
-                    raise DomainGone(f"{self.dom.name()} stopped while its view ended") from e
-                job = self._job()
-                if job.get("type") == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT:
-                    return  # already committing (a retry, or recovery after a crash)
-                if time.monotonic() > self.deadline:
-                    raise self._fail(f"blockCommit refused: {e}") from e
-                log.debug("%s: blockCommit refused (%s), retrying", self.target, e)
-                time.sleep(0.05)
-
-    def finish(self) -> None:
-        """Pivot once the commit is ready; verify; delete the overlay."""
-        restarted = False
-        while True:
-            try:
-                job = self._job()
-                if job and job.get("cur") == job.get("end"):
-                    self.pivot_attempted = True
-                    self.dom.blockJobAbort(self.target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-                    break
-                if not job:
-                    if not self._on_overlay():
-                        break  # pivoted already
-                    if restarted:
-                        raise self._fail("the commit job vanished twice")
-                    restarted = True
-                    self.start()
-                    continue
-            except libvirt.libvirtError as e:
-                if not _is_active(self.dom):
-                    raise DomainGone(f"{self.dom.name()} stopped while its view ended") from e
-                log.debug("%s: pivot not possible yet (%s)", self.target, e)
-            if time.monotonic() > self.deadline:
-                with contextlib.suppress(libvirt.libvirtError):
-                    self.dom.blockJobAbort(self.target, 0)
-                raise self._fail("the commit did not become ready in time")
-            time.sleep(0.02)
-        if self._on_overlay():
-            raise self._fail("the pivot did not take")
-        try:
-            os.unlink(self.overlay)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise CleanupFailed(f"{self.dom.name()} {self.target} is back on {self.image}, but the overlay "
-                                f"{self.overlay} could not be deleted: {e.strerror}") from e
 
 
 # ---------- the view ----------
@@ -552,7 +221,8 @@ class PointInTime:
                  overlay_dir: str | None = None, socket_dir: str | None = None) -> None:
         if not disks:
             raise errors.UsageError("a view needs at least one disk")
-        self.dom = conn.lookupByUUIDString(domain) if isinstance(domain, str) else domain
+        self.dom = (hypervisor.guard(conn).lookupByUUIDString(domain) if isinstance(domain, str)
+                    else hypervisor.guard(domain))
         self.name = str(self.dom.name())
         self.uuid = str(self.dom.UUIDString())
         self.refs = tuple(disks)
@@ -584,8 +254,8 @@ class PointInTime:
                 self._end(failed=True)
             except ViewError as cleanup:
                 raise cleanup from e
-            if isinstance(e, libvirt.libvirtError):
-                if not _is_active(self.dom):
+            if isinstance(e, HypervisorError):
+                if not is_active(self.dom):
                     raise DomainGone(f"{self.name} stopped while its view was taken") from e
                 raise ViewError(f"cannot take a view of {self.name}: {e}") from e
             raise
@@ -596,11 +266,11 @@ class PointInTime:
         return self.since.get(ref.serial)
 
     def _take(self, started: float) -> Views:
-        if not _is_active(self.dom):
+        if not is_active(self.dom):
             raise DomainGone(f"{self.name} is not running")
         state = self.dom.state()
         self._was_running = state[0] == libvirt.VIR_DOMAIN_RUNNING
-        live = _live_disks(self.dom)
+        live = live_disks(self.dom)
         for ref in self.refs:
             self.disks.append(self._inspect(ref, live.get(ref.target)))
         self._create_checkpoint(live)
@@ -614,16 +284,16 @@ class PointInTime:
     def _inspect(self, ref: DiskRef, elem: ET.Element | None) -> _Disk:
         if elem is None:
             raise ViewError(f"{self.name} has no disk {ref.target} (serial {ref.serial})")
-        path = _source(elem)
+        path = source_of(elem)
         if path is None or elem.get("type") not in ("file", "block"):
             raise ViewError(f"{self.name} {ref.target} is not a file or block device disk")
-        if not _same_file(path, ref.path):
-            hint = " (an overlay of an earlier view: run views.recover)" if _OVERLAY_RE.search(path) else ""
+        if not same_file(path, ref.path):
+            hint = " (an overlay of an earlier view: run views.recover)" if OVERLAY_RE.search(path) else ""
             raise ViewError(f"{self.name} {ref.target} now reads {path}, not {ref.path}{hint}")
         try:
             if self.dom.blockJobInfo(ref.target, 0):
                 raise ViewError(f"{self.name} {ref.target} has a block job running; try again later")
-        except libvirt.libvirtError as e:
+        except HypervisorError as e:
             raise ViewError(f"cannot ask libvirt about block jobs of {self.name} {ref.target}: {e}") from e
         driver = elem.find("driver")
         fmt = driver.get("type", "raw") if driver is not None else "raw"
@@ -652,8 +322,8 @@ class PointInTime:
         t0 = time.monotonic()
         try:
             self.dom.checkpointCreateXML(xml, 0)
-        except libvirt.libvirtError as e:
-            if not _is_active(self.dom):
+        except HypervisorError as e:
+            if not is_active(self.dom):
                 raise DomainGone(f"{self.name} stopped while its view was taken") from e
             self.log.warning("no checkpoint: %s", e)
             self.notes.append(f"no checkpoint was created ({e}): the next backup compares everything")
@@ -672,7 +342,7 @@ class PointInTime:
                 continue
             d.overlay = self._beside(d.image, OVERLAY_MARK, token)
             parts.append(f"<disk name='{target}' snapshot='external' type='file'><driver type='qcow2'/>"
-                         f"<source file='{_xml_attr(d.overlay)}'/></disk>")
+                         f"<source file='{xml_attr(d.overlay)}'/></disk>")
         xml = f"<domainsnapshot><disks>{''.join(parts)}</disks></domainsnapshot>"
         flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
@@ -685,8 +355,8 @@ class PointInTime:
                 raise FreezeFailed(f"cannot freeze the filesystems of {self.name}: {e}") from e
         try:
             self.dom.snapshotCreateXML(xml, flags)
-        except libvirt.libvirtError as e:
-            if not _is_active(self.dom):
+        except HypervisorError as e:
+            if not is_active(self.dom):
                 raise DomainGone(f"{self.name} stopped while its view was taken") from e
             self._adopt_overlays()  # an error that is not what happened (a lost reply) must not strand them
             raise ViewError(f"libvirt refused the point-in-time snapshot of {self.name}: {e}") from e
@@ -695,10 +365,10 @@ class PointInTime:
             frozen = time.monotonic() - t0
         for d in self.disks:
             d.state = "overlay"
-        live_now = _live_disks(self.dom)
+        live_now = live_disks(self.dom)
         for d in self.disks:
-            now = _source(live_now[d.target]) if d.target in live_now else None
-            if now is None or not _same_file(now, d.overlay):
+            now = source_of(live_now[d.target]) if d.target in live_now else None
+            if now is None or not same_file(now, d.overlay):
                 raise ViewError(f"after the snapshot {self.name} {d.target} reads {now}, not the overlay")
         self.log.info("snapshot in %.3f s (freeze to thaw)", frozen)
         return frozen
@@ -706,10 +376,10 @@ class PointInTime:
     def _adopt_overlays(self) -> None:
         """Mark the disks that run on their overlay after all, so that the cleanup merges them."""
         with contextlib.suppress(ViewError):
-            live = _live_disks(self.dom)
+            live = live_disks(self.dom)
             for d in self.disks:
                 elem = live.get(d.target)
-                if elem is not None and d.overlay and _same_file(_source(elem) or "", d.overlay):
+                if elem is not None and d.overlay and same_file(source_of(elem) or "", d.overlay):
                     d.state = "overlay"
 
     def _beside(self, image: str, mark: str, token: str) -> str:
@@ -738,9 +408,9 @@ class PointInTime:
                 groups.setdefault(since, []).append(d)
         for since, disks in groups.items():
             try:
-                tracked = _checkpoint_disks(self.dom, since)
-            except libvirt.libvirtError as e:
-                if not _is_active(self.dom):
+                tracked = checkpoint_disks(self.dom, since)
+            except HypervisorError as e:
+                if not is_active(self.dom):
                     raise DomainGone(f"{self.name} stopped while its view was taken") from e
                 raise ViewError(f"cannot look up checkpoint {since} of {self.name}: {e}") from e
             usable = []
@@ -765,11 +435,11 @@ class PointInTime:
         for d in disks:
             scratch = self._beside(d.image, SCRATCH_MARK, token)
             parts.append(f"<disk name='{d.target}' backup='yes' type='file' backupmode='incremental' "
-                         f"incremental='{_xml_attr(since)}'><scratch file='{_xml_attr(scratch)}'/></disk>")
+                         f"incremental='{xml_attr(since)}'><scratch file='{xml_attr(scratch)}'/></disk>")
         ours = {d.target for d in disks}
-        parts += [f"<disk name='{t}' backup='no'/>" for t in _live_disks(self.dom) if t not in ours]
-        xml = (f"<domainbackup mode='pull'><incremental>{_xml_text(since)}</incremental>"
-               f"<server transport='unix' socket='{_xml_attr(sock)}'/><disks>{''.join(parts)}</disks>"
+        parts += [f"<disk name='{t}' backup='no'/>" for t in live_disks(self.dom) if t not in ours]
+        xml = (f"<domainbackup mode='pull'><incremental>{xml_text(since)}</incremental>"
+               f"<server transport='unix' socket='{xml_attr(sock)}'/><disks>{''.join(parts)}</disks>"
                "</domainbackup>")
         started = False
         try:
@@ -777,8 +447,8 @@ class PointInTime:
                 self.dom.backupBegin(xml, None, 0)
                 started = True
                 exports = ET.fromstring(self.dom.backupGetXMLDesc(0))
-            except libvirt.libvirtError as e:
-                if not _is_active(self.dom):
+            except HypervisorError as e:
+                if not is_active(self.dom):
                     raise DomainGone(f"{self.name} stopped while its view was taken") from e
                 for d in disks:
                     d.change_reason = f"libvirt could not export the dirty bitmap of checkpoint {since}: {e}"
@@ -798,10 +468,10 @@ class PointInTime:
             if started:
                 try:
                     self.dom.abortJob()
-                except libvirt.libvirtError as e:
-                    if _is_active(self.dom):
+                except HypervisorError as e:
+                    if is_active(self.dom):
                         self.log.warning("abortJob: %s", e)
-                _wait_no_backup_job(self.dom, time.monotonic() + self.timeout)
+                wait_no_backup_job(self.dom, time.monotonic() + self.timeout)
             shutil.rmtree(workdir, ignore_errors=True)
         self.log.info("dirty bitmaps since %s read in %.3f s", since, time.monotonic() - t0)
 
@@ -810,15 +480,14 @@ class PointInTime:
         checkpoint = self.checkpoint if d.trackable else None
         if d.format == "qcow2":
             try:
-                label = view_label(d.image, checkpoint)
-                layout = qcow2.chain_layout(d.image, self.chunk_size, "qcow2", label)
+                layout = qcow2.chain_layout(d.image, self.chunk_size, "qcow2")
                 size = layout.size
-            except qcow2.NotReadableInPlace as e:
+            except errors.NotReadableInPlace as e:
                 not_readable = str(e)
                 size = qcow2.image_info(d.image, "qcow2").virtual_size
         else:
             size = qcow2.image_info(d.image, "raw").virtual_size
-        detection = DIRTY_BITMAP if d.changes is not None else COMPARISON
+        detection = ChangeDetection.DIRTY_BITMAP if d.changes is not None else ChangeDetection.COMPARISON
         return DiskView(d.ref, d.image, d.format, size, layout, d.changes, detection,
                         "" if d.changes is not None else d.change_reason, checkpoint, not_readable)
 
@@ -848,10 +517,10 @@ class PointInTime:
             return
         deadline = time.monotonic() + self.timeout
         problem: ViewError | None = None
-        if _is_active(self.dom):
+        if is_active(self.dom):
             mergers = []
             for d in pending:
-                m = _Merger(self.dom, d.target, d.overlay, d.image, deadline)
+                m = Merger(self.dom, d.target, d.overlay, d.image, deadline)
                 try:
                     m.start()
                     mergers.append((d, m))
@@ -870,7 +539,7 @@ class PointInTime:
             if problem is None:
                 self.log.info("overlays merged back in %.3f s", time.monotonic() - t0)
                 return
-            if _is_active(self.dom):
+            if is_active(self.dom):
                 raise problem
         self._merge_after_stop()
 
@@ -890,7 +559,7 @@ class PointInTime:
             except CleanupFailed as e:
                 failures.append(str(e))
         try:
-            _restore_inactive_definition(self.dom, left)
+            restore_inactive_definition(self.dom, left)
         except CleanupFailed as e:
             failures.append(str(e))
         what = f"merged the overlays of {', '.join(done)} offline" if done else "nothing to merge"
@@ -899,7 +568,7 @@ class PointInTime:
         raise DomainGone(f"{self.name} stopped during its view ({what}); back it up again when it runs")
 
     def _drop_checkpoint(self) -> None:
-        if self.checkpoint is None or not _is_active(self.dom):
+        if self.checkpoint is None or not is_active(self.dom):
             return
         try:
             delete_checkpoint(self.dom, self.checkpoint)
@@ -914,7 +583,7 @@ class PointInTime:
                     and reason in (libvirt.VIR_DOMAIN_PAUSED_IOERROR, libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT)):
                 self.log.warning("paused during the view (reason %d): resuming", reason)
                 self.dom.resume()
-        except (libvirt.libvirtError, ViewError) as e:
+        except (HypervisorError, ViewError) as e:
             self.log.error("could not check or resume a paused domain: %s", e)
 
 
@@ -942,50 +611,46 @@ def recover(domain: Any, timeout: float = 120.0) -> list[str]:
     """Undo what a view left behind when its process died: a running backup job, disks still on a
     hyperback overlay (merged back and deleted), a definition pointing at an overlay. Returns what
     was done, for the log. Run it for every domain when the agent starts, before any view."""
+    domain = hypervisor.guard(domain)
     done: list[str] = []
     name = domain.name()
-    if _is_active(domain):
+    if is_active(domain):
+
+
         try:
             backup = ET.fromstring(domain.backupGetXMLDesc(0)).find("server")
             if backup is not None and "/hb-view-" in backup.get("socket", ""):  # ours, not someone else's
                 domain.abortJob()
-                _wait_no_backup_job(domain, time.monotonic() + timeout)
+                wait_no_backup_job(domain, time.monotonic() + timeout)
                 done.append("aborted a backup job")
-        except libvirt.libvirtError as e:
-            if _code(e) not in (libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID):
+        except HypervisorError as e:
+            if not isinstance(e, (NoBackupJob, OperationInvalid)):
                 raise ViewError(f"cannot inspect the jobs of {name}: {e}") from e
-        for target, disk in _live_disks(domain).items():
-            overlay = _source(disk) or ""
-            if not _OVERLAY_RE.search(overlay):
+        for target, disk in live_disks(domain).items():
+            overlay = source_of(disk) or ""
+            if not OVERLAY_RE.search(overlay):
                 continue
-            image = _OVERLAY_RE.sub("", overlay)
-            m = _Merger(domain, target, overlay, image, time.monotonic() + timeout)
+            image = OVERLAY_RE.sub("", overlay)
+            m = Merger(domain, target, overlay, image, time.monotonic() + timeout)
             m.start()
             m.finish()
             done.append(f"merged {overlay} back into {image}")
     else:
         overlays = {}
         try:
-            disks = _live_disks(domain, libvirt.VIR_DOMAIN_XML_INACTIVE)
+            disks = live_disks(domain, libvirt.VIR_DOMAIN_XML_INACTIVE)
         except ViewError:
             disks = {}
         for target, disk in disks.items():
-            overlay = _source(disk) or ""
-            if _OVERLAY_RE.search(overlay):
+            overlay = source_of(disk) or ""
+            if OVERLAY_RE.search(overlay):
                 merge_offline(overlay)
                 overlays[target] = overlay
                 done.append(f"merged {overlay} offline")
-        if overlays and _restore_inactive_definition(domain, overlays):
+        if overlays and restore_inactive_definition(domain, overlays):
             done.append("pointed the definition back at the images")
     for what in done:
         log.warning("%s: recovered: %s", name, what)
     return done
 
 
-def _xml_attr(value: str) -> str:
-    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("'", "&apos;").replace('"', "&quot;"))
-
-
-def _xml_text(value: str) -> str:
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -36,11 +36,12 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 
+from host_agent import errors, hypervisor
 from host_agent.colocation import migration
 from host_agent.colocation.footprint import footprint
-from host_agent.colocation.serviceip import ApplianceRoute, ServiceAddressError
+from host_agent.colocation.serviceip import ApplianceRoute
 from host_agent.config import AgentConfig
-from host_agent.errors import EnvironmentProblem
+from host_agent.errors import ApplianceError, EnvironmentProblem, HypervisorError, ServiceAddressError
 from host_agent.inventory import Appliance, Inventory
 from host_agent.model import VmFootprint
 
@@ -53,11 +54,7 @@ ARRIVAL_POLL = 1.0
 Report = Callable[[str, int, int], Awaitable[None]]   # (message, bytes done, bytes total)
 # what bringing or sending an appliance may fail with (a move, libvirt, netlink for its route): the
 # plan's backups still run, and an agent starting up still starts
-MOVE_FAILURES = (EnvironmentProblem, libvirt.libvirtError, OSError)
-
-
-class ApplianceError(EnvironmentProblem):
-    """An appliance could not be found, held or moved; the message says where it runs."""
+MOVE_FAILURES = (EnvironmentProblem, OSError)
 
 
 @dataclass(frozen=True)
@@ -92,6 +89,7 @@ def read_hold(domain_xml: str) -> Hold | None:
 
 
 def write_hold(dom: Any, hold: Hold | None) -> None:
+    dom = hypervisor.guard(dom)
     xml = None
     if hold is not None:
         xml = ET.tostring(ET.Element("hold", holder=hold.holder, job=hold.job, queue=" ".join(hold.queue)),
@@ -112,14 +110,14 @@ def locate(inventory: Inventory, local_uri: str, appliance: Appliance) -> str | 
     hosts = [inventory.host_name, *sorted(h for h in inventory.hosts if h != inventory.host_name)]
     for host in hosts:
         try:
-            conn = libvirt.open(uri_of(inventory, host, local_uri))
-        except libvirt.libvirtError as e:
+            conn = hypervisor.connect(uri_of(inventory, host, local_uri))
+        except HypervisorError as e:
             log.info("cannot ask %s for appliance %s: %s", host, appliance.name, e)
             continue
         try:
             if conn.lookupByName(appliance.domain).isActive():
                 return host
-        except libvirt.libvirtError:
+        except HypervisorError:
             pass
         finally:
             conn.close()
@@ -130,12 +128,12 @@ def measure_at(inventory: Inventory, host: str, appliance: Appliance) -> VmFootp
     """The appliance's footprint on ``host``, through that host's libvirt (its guest RAM cannot be
     sampled from here); one that says it cannot move if it cannot be measured."""
     try:
-        conn = libvirt.open(inventory.host(host).libvirt_uri)
+        conn = hypervisor.connect(inventory.host(host).libvirt_uri)
         try:
             return footprint(conn.lookupByName(appliance.domain), inventory, sample=False)
         finally:
             conn.close()
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         log.warning("cannot measure appliance %s on %s: %s", appliance.name, host, e)
         return VmFootprint("", 0, 0, 0.0, False, False, f"not measured on {host}: {e}")
 
@@ -159,10 +157,11 @@ def route_for(inventory: Inventory, appliance: Appliance) -> ApplianceRoute:
 
 def reconcile(conn: Any, inventory: Inventory) -> None:
     """Serve each appliance's address from this host exactly while this host runs it."""
+    conn = hypervisor.guard(conn)
     for appliance in inventory.appliances.values():
         try:
             running = bool(conn.lookupByName(appliance.domain).isActive())
-        except libvirt.libvirtError:
+        except HypervisorError:
             running = False
         try:
             route = route_for(inventory, appliance)
@@ -211,7 +210,7 @@ class Porter:
         for appliance in self.inventory.appliances.values():
             try:
                 conn, dom = self._domain(self.inventory.host_name, appliance)
-            except libvirt.libvirtError:
+            except HypervisorError:
                 continue
             try:
                 hold = read_hold(dom.XMLDesc(0)) if dom.isActive() else None
@@ -230,7 +229,7 @@ class Porter:
         return uri_of(self.inventory, host, self.config.libvirt_uri)
 
     def _domain(self, host: str, appliance: Appliance) -> tuple[Any, Any]:
-        conn = libvirt.open(self._uri(host))
+        conn = hypervisor.connect(self._uri(host))
         return conn, conn.lookupByName(appliance.domain)
 
     def _migrate(self, appliance: Appliance, src: str, dst: str) -> migration.MoveStats:
@@ -264,7 +263,7 @@ class Porter:
             visit.came_from = where
             try:
                 visit.moves.append(self._migrate(appliance, where, me))
-            except migration.MoveError:
+            except errors.MoveError:
                 self._clear_hold(where, appliance)
                 raise
         visit.here = True  # before the claim: if that fails, it must still be sent on afterwards
@@ -286,7 +285,7 @@ class Porter:
         return True
 
     def _clear_hold(self, host: str, appliance: Appliance) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
+        with contextlib.suppress(HypervisorError):
             conn, dom = self._domain(host, appliance)
             try:
                 write_hold(dom, None)
@@ -310,7 +309,7 @@ class Porter:
             log.info("sending appliance %s from %s to %s", appliance.name, at, nxt)
             try:
                 visit.moves.append(self._migrate(appliance, at, nxt))
-            except migration.MoveError:
+            except errors.MoveError:
                 self._clear_hold(at, appliance)
                 raise
             if hold is not None and hold.holder == nxt:

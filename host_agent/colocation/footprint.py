@@ -20,7 +20,9 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 
+from host_agent import hypervisor
 from host_agent.colocation import migration
+from host_agent.errors import HypervisorError
 from host_agent.inventory import Inventory
 from host_agent.model import VmFootprint
 
@@ -89,6 +91,7 @@ def domain_sources(domain_xml: str) -> list[str]:
 
 def dirty_rate(dom: Any, seconds: int = 1) -> float:
     """Bytes per second the guest dirties, as QEMU measures it (0.0 if it cannot)."""
+    dom = hypervisor.guard(dom)
     try:
         dom.startDirtyRateCalc(seconds, 0)
         deadline = time.monotonic() + seconds + 5
@@ -98,7 +101,7 @@ def dirty_rate(dom: Any, seconds: int = 1) -> float:
             values = stats[0][1] if stats else {}
             if values.get("dirtyrate.calc_status") == 2:  # measured
                 return float(values.get("dirtyrate.megabytes_per_second", 0)) * 1024 * 1024
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         log.info("no dirty rate for %s: %s", dom.name(), e)
     return 0.0
 
@@ -111,6 +114,7 @@ def footprint(dom: Any, inventory: Inventory, *, sample: bool = True) -> VmFootp
     towards leaving the domain where it is (for the lab's appliance it was 77-90 % over what its
     migrations sent, docs/colocation.md).
     """
+    dom = hypervisor.guard(dom)
     uuid = dom.UUIDString()
     xml = dom.XMLDesc(0)
     memory = int(dom.info()[1]) * 1024  # the maximum: QEMU maps that much guest RAM, balloon or not

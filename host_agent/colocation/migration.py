@@ -40,7 +40,8 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 
-from host_agent.errors import EnvironmentProblem
+from host_agent import hypervisor
+from host_agent.errors import HypervisorError, MigrationFailed, MigrationTimeout, MoveError, MoveInProgress
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +49,6 @@ METADATA_NS = "https://hyperback.dev/xmlns/placement/1"   # the operator's setti
 METADATA_PREFIX = "hb"
 VISIT_NS = "https://hyperback.dev/xmlns/visit/1"          # hyperback's own, while a move is under way
 VISIT_PREFIX = "hbv"
-
-
-class MoveError(EnvironmentProblem):
-    """A domain could not be moved; the message says where it runs now."""
-
-
-class MigrationFailed(MoveError):
-    """A live migration failed; the domain was left running on the source (if it ran before).
-    ``__cause__`` is the libvirtError when libvirt reported one."""
-
-
-class MigrationTimeout(MigrationFailed):
-    """The migration did not finish within the timeout and was aborted."""
-
-
-class MoveInProgress(MoveError):
-    """The domain carries a visit marker: another move is under way."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +135,7 @@ def _affect(dom: Any) -> int:
 
 def mark_visit(dom: Any, origin: str, job: str) -> None:
     """Put the visit marker on ``dom``; MoveInProgress if it already carries one."""
+    dom = hypervisor.guard(dom)
     existing = visit_marker(dom.XMLDesc(0))
     if existing is not None:
         raise MoveInProgress(f"{dom.name()} is already being moved (job {existing.job} of host "
@@ -159,50 +144,50 @@ def mark_visit(dom: Any, origin: str, job: str) -> None:
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(root, encoding="unicode"),
                         VISIT_PREFIX, VISIT_NS, _affect(dom))
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         raise MoveError(f"cannot mark {dom.name()} for a move: {e}") from e
 
 
 def clear_visit(dom: Any) -> None:
+    dom = hypervisor.guard(dom)
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, VISIT_PREFIX, VISIT_NS, _affect(dom))
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         log.warning("could not clear the visit marker of %s: %s", dom.name(), e)
 
 
 def _open(uri: str, what: str) -> Any:
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        return libvirt.open(uri)
-    except libvirt.libvirtError as e:
-        raise MoveError(f"cannot reach the {what} host's libvirt at {uri}: {e}") from e
+        return hypervisor.connect(uri)
+    except HypervisorError as e:
+        raise MoveError(f"the {what} host: {e}") from e
 
 
 def _lookup(conn: Any, name: str, where: str) -> Any:
     try:
         return conn.lookupByName(name)
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         raise MoveError(f"domain {name} is not on {where}: {e}") from e
 
 
 def _running(dom: Any) -> bool:
     try:
         return bool(dom.isActive())
-    except libvirt.libvirtError:
+    except HypervisorError:
         return False
 
 
 def _completed_stats(dst_uri: str, name: str) -> tuple[int, int]:
     """(bytes, downtime ms) of the last migration, as the destination recorded them."""
     try:
-        conn = libvirt.open(dst_uri)
+        conn = hypervisor.connect(dst_uri)
         try:
             # keep them: operators (virsh domjobinfo --completed) may want to read them as well
             stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
                                                      | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
         finally:
             conn.close()
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         log.info("no migration statistics for %s: %s", name, e)
         return 0, 0
     return int(stats.get("data_processed", 0)), int(stats.get("downtime", 0))
@@ -225,7 +210,7 @@ def live_migrate(domain_name: str, src_uri: str, dst_uri: str, dst_lan_ip: str, 
                 raise MigrationFailed(f"migrate {domain_name}: not running on {src_uri}")
             xml = dom.XMLDesc(0)
             persistent = bool(dom.isPersistent())
-        except libvirt.libvirtError as e:
+        except HypervisorError as e:
             raise MigrationFailed(f"migrate {domain_name}: {e}") from e
         flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
         if persistent:
@@ -267,7 +252,7 @@ def _run_migration(dom: Any, dst_uri: str, params: dict[str, Any], flags: int, t
         log.warning("migration %s exceeded %g s, aborting", what, timeout)
         try:
             dom.abortJob()
-        except libvirt.libvirtError as e:
+        except HypervisorError as e:
             log.warning("abortJob: %s", e)
         worker.join(60)
     seconds = time.monotonic() - t0
@@ -295,7 +280,7 @@ def _resume_if_paused(dom: Any) -> bool:
             log.warning("%s was left paused by the failed migration; resuming it", dom.name())
             dom.resume()
         return bool(dom.isActive()) and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-    except libvirt.libvirtError:
+    except HypervisorError:
         return False
 
 
@@ -322,7 +307,7 @@ def cold_move(domain_name: str, src_uri: str, dst_uri: str, *, shutdown_timeout:
             flags = (libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE
                      | libvirt.VIR_DOMAIN_XML_MIGRATABLE)
             xml = dom.XMLDesc(flags)
-        except libvirt.libvirtError as e:
+        except HypervisorError as e:
             raise MoveError(f"cold move of {domain_name}: {e}") from e
         dst = _open(dst_uri, "target")
         try:
@@ -332,7 +317,7 @@ def cold_move(domain_name: str, src_uri: str, dst_uri: str, *, shutdown_timeout:
                 if persistent:
                     dom.undefineFlags(_UNDEFINE_FLAGS)
                 _boot(dst, xml, persistent)
-            except libvirt.libvirtError as e:
+            except HypervisorError as e:
                 log.error("moving %s to %s failed (%s); booting it on %s again", domain_name, dst_uri, e,
                           src_uri)
                 _boot_back(src, xml, persistent, domain_name, rescue_dir, e)
@@ -351,7 +336,7 @@ def _stop(dom: Any, timeout: float) -> None:
     """Shut the domain down, or destroy it after ``timeout`` seconds."""
     try:
         dom.shutdown()
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         log.info("shutdown of %s refused (%s); destroying it", dom.name(), e)
     deadline = time.monotonic() + timeout
     while _running(dom) and time.monotonic() < deadline:
@@ -360,7 +345,7 @@ def _stop(dom: Any, timeout: float) -> None:
         log.info("%s did not shut down within %g s; destroying it", dom.name(), timeout)
         try:
             dom.destroy()
-        except libvirt.libvirtError as e:
+        except HypervisorError as e:
             if _running(dom):
                 raise MoveError(f"cannot stop {dom.name()}: {e}") from e
 
@@ -371,7 +356,7 @@ def _boot_back(conn: Any, xml: str, persistent: bool, name: str, rescue_dir: str
             conn.lookupByName(name).create()
         else:
             _boot(conn, xml, persistent)
-    except libvirt.libvirtError as e:
+    except HypervisorError as e:
         os.makedirs(rescue_dir, exist_ok=True)
         path = os.path.join(rescue_dir, f"{name}.rescue.xml")
         with open(path, "w") as f:
@@ -384,7 +369,7 @@ def _defined(conn: Any, name: str) -> bool:
     try:
         conn.lookupByName(name)
         return True
-    except libvirt.libvirtError:
+    except HypervisorError:
         return False
 
 
@@ -395,6 +380,6 @@ def _boot(conn: Any, xml: str, persistent: bool) -> None:
     dom = conn.defineXML(xml)
     try:
         dom.create()
-    except libvirt.libvirtError:
+    except HypervisorError:
         dom.undefine()
         raise

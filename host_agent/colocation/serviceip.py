@@ -40,20 +40,16 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from host_agent.errors import EnvironmentProblem
+from host_agent.errors import ServiceAddressError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["APPLIANCE_GATEWAY", "ApplianceRoute", "ServiceAddress", "ServiceAddressError"]
+__all__ = ["APPLIANCE_GATEWAY", "ApplianceRoute", "ServiceAddress"]
 
 _ETH_P_ARP = 0x0806
 _GRATUITOUS_ARPS = 3
 _NTF_PROXY = 0x08  # linux/neighbour.h: a proxy entry ("ip neigh add proxy IP dev IF")
 APPLIANCE_GATEWAY = "169.254.1.1"  # on the appliance VM's tap, on every host
-
-
-class ServiceAddressError(EnvironmentProblem):
-    """The service address could not be claimed or released (no such interface, no permission)."""
 
 
 def _pyroute2() -> Any:

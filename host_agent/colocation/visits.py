@@ -19,23 +19,18 @@ from typing import Any
 import grpc
 import libvirt  # type: ignore[import-untyped]
 
+from host_agent import errors, hypervisor
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as opb_grpc
-from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation import migration
 from host_agent.config import AgentConfig
-from host_agent.errors import EnvironmentProblem
-from host_agent.model import STRENGTH, Placement, Policy, WorkUnit
+from host_agent.errors import ColocationError, HypervisorError
+from host_agent.model import STRENGTH, Placement, WorkUnit
+from host_agent.protobuf import placement_to_pb, policy_to_pb
 
 log = logging.getLogger(__name__)
 
 _FINAL = {opb.JOB_STATE_SUCCEEDED, opb.JOB_STATE_FAILED, opb.JOB_STATE_REJECTED, opb.JOB_STATE_CANCELLED}
-_POLICY_PB = {Policy.FULL: pb.POLICY_FULL, Policy.INCREMENTAL: pb.POLICY_INCREMENTAL,
-              Policy.DIFFERENTIAL: pb.POLICY_DIFFERENTIAL}
-
-
-class ColocationError(EnvironmentProblem):
-    """A co-located backup failed; the message says which step and where the VM runs."""
 
 
 
@@ -97,7 +92,7 @@ class Colocator:
             await asyncio.sleep(0.5)
             try:
                 out = await asyncio.to_thread(self._move, first.placement, name, here, there)
-            except migration.MoveError as e:
+            except errors.MoveError as e:
                 raise ColocationError(f"could not move {name} to {there.name}: {e}; it runs on "
                                       f"{here.name} as before") from e
             try:
@@ -144,8 +139,8 @@ class Colocator:
     def _stranded_on(self, uri: str) -> list[tuple[str, bool]]:
         """(name, live-migratable) of the running domains on ``uri`` that carry this host's marker."""
         try:
-            conn = libvirt.open(uri)
-        except libvirt.libvirtError as e:
+            conn = hypervisor.connect(uri)
+        except HypervisorError as e:
             log.warning("cannot look for VMs left on %s: %s", uri, e)
             return []
         try:
@@ -180,7 +175,7 @@ class Colocator:
     # -- libvirt steps (worker threads) --
 
     def _with_domain(self, uri: str, name: str, fn: Callable[[Any], None]) -> None:
-        conn = libvirt.open(uri)
+        conn = hypervisor.connect(uri)
         try:
             fn(conn.lookupByName(name))
         finally:
@@ -190,7 +185,7 @@ class Colocator:
         try:
             self._with_domain(self.config.libvirt_uri, name,
                               lambda dom: migration.mark_visit(dom, self.config.inventory.host_name, job))
-        except libvirt.libvirtError as e:
+        except HypervisorError as e:
             raise ColocationError(f"cannot prepare {name} for a move: {e}") from e
 
     def _unmark(self, name: str, uris: Sequence[str]) -> None:
@@ -199,7 +194,7 @@ class Colocator:
             try:
                 self._with_domain(uri, name, migration.clear_visit)
                 return
-            except libvirt.libvirtError as e:
+            except HypervisorError as e:
                 log.info("%s: no %s to unmark (%s)", uri, name, e)
         log.warning("could not clear the visit marker of %s on %s", name, ", ".join(uris))
 
@@ -219,7 +214,7 @@ class Colocator:
         for attempt in range(1, attempts + 1):
             try:
                 return await asyncio.to_thread(self._move, placement, name, there, here)
-            except migration.MoveError as e:
+            except errors.MoveError as e:
                 if attempt == attempts:
                     raise ColocationError(f"could not move {name} back to {here.name} ({e}); it stays on "
                                           f"{there.name}: move it with 'virsh migrate'") from e
@@ -252,11 +247,11 @@ class Colocator:
         serials = [u.disk.serial for u in units if u.disk is not None]
         policy = max((u.policy for u in units), key=STRENGTH.__getitem__)
         request = opb.TriggerBackupRequest(domain=first.disk.domain_uuid, serials=serials,
-                                           destination=first.destination, policy=_POLICY_PB[policy],
+                                           destination=first.destination, policy=policy_to_pb(policy),
                                            # a new key per visit: a requeued job must not get the
                                            # media host's answer to an earlier attempt
                                            request_id=f"visit-{first.satisfies[0]}-{time.time_ns()}",
-                                           placement=pb.PLACEMENT_LOCAL)
+                                           placement=placement_to_pb(Placement.LOCAL))
         try:
             async with grpc.aio.insecure_channel(agent) as channel:
                 stub = opb_grpc.OperatorStub(channel)

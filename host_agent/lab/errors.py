@@ -1,6 +1,7 @@
 """Errors raised by the vmlab test harness.
 
-One root, converted once at the boundary (libvirt, subprocess, OSError)::
+One root, converted once at the boundary (libvirt, subprocess, OSError); ``VmLabError`` is the
+lab's branch of the host side's tree (host_agent.errors)::
 
     VmLabError
      +-- HostNotReady        libvirtd unreachable, kernel/busybox/modules missing
@@ -14,9 +15,10 @@ One root, converted once at the boundary (libvirt, subprocess, OSError)::
 
 from __future__ import annotations
 
+from host_agent.errors import VmLabError
 
-class VmLabError(Exception):
-    """Root of every error the harness raises."""
+__all__ = ["BootTimeout", "ChannelError", "GuestBuildError", "GuestFailure", "GuestStopped", "HostNotReady",
+           "LibvirtFailure", "VmLabError"]
 
 
 class HostNotReady(VmLabError):

@@ -45,7 +45,6 @@ from host_agent.media.codec import (
     CHANNEL_OPTIONS,
     MAX_IDS,
     PIECE,
-    POLICY_TO_PB,
     config_from_pb,
     index_bytes,
     parse_snapshot,
@@ -54,6 +53,7 @@ from host_agent.media.codec import (
     snapshot_document,
 )
 from host_agent.model import Policy
+from host_agent.protobuf import policy_to_pb
 from host_agent.storage import copier
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, open_source, validate_changes
@@ -173,7 +173,7 @@ class RemoteRepository:
     def base_for(self, name: str, policy: Policy) -> Snapshot | None:
         """The snapshot a backup of ``name`` with ``policy`` starts from, as the server chooses it."""
         found = self.unary(self.stub.BaseFor, pb.BaseForRequest(
-            destination=self.destination, name=name, policy=POLICY_TO_PB[Policy(policy)]))
+            destination=self.destination, name=name, policy=policy_to_pb(Policy(policy))))
         self.count(received=len(found.document))
         return parse_snapshot(found.document) if found.document else None
 
@@ -181,7 +181,8 @@ class RemoteRepository:
 
     def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
-               threads: int | None = None, base: Snapshot | None = None) -> BackupResult:
+               threads: int | None = None, base: Snapshot | None = None,
+               checkpoint: str | None = None) -> BackupResult:
         """Back up as :meth:`Repository.backup` does, sending the destination only what it lacks.
 
         The snapshot's ``bytes_new`` and ``bytes_stored`` count what the destination stored (the
@@ -199,7 +200,8 @@ class RemoteRepository:
                 spool.seed(session.base_pages(wanted))
             with _Uploader(session, spool) as uploader:
                 spool.throttle = uploader.wait_for_room
-                local = spool.backup(source, name, policy, changes, progress, threads, base=session.base)
+                local = spool.backup(source, name, policy, changes, progress, threads, base=session.base,
+                                     checkpoint=checkpoint)
                 uploader.finish()
             stats = replace(local.snapshot.stats, bytes_new=uploader.bytes_new,
                             bytes_stored=uploader.bytes_stored, seconds=round(time.monotonic() - started, 3))
@@ -281,7 +283,7 @@ class _BackupSession:
     def __init__(self, remote: RemoteRepository, name: str, policy: Policy, base: Snapshot | None) -> None:
         self.remote = remote
         opened = remote.unary(remote.stub.OpenBackup, pb.OpenBackupRequest(
-            destination=remote.destination, name=name, policy=POLICY_TO_PB[policy],
+            destination=remote.destination, name=name, policy=policy_to_pb(policy),
             base_id=base.id if base else ""))
         remote.count(received=len(opened.base))
         self.id = opened.session_id

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Final
 
 import grpc
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
-from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
-from host_agent.model import Policy
 from host_agent.storage.copier import ID_LEN
 from host_agent.storage.packfile import INDEX_ENTRY, INDEX_HEADER, INDEX_MAGIC
 from host_agent.storage.packfile import VERSION as PACK_VERSION
@@ -37,10 +35,6 @@ CHANNEL_OPTIONS: Final = (
     ("grpc.max_send_message_length", 4 * PIECE),
 )
 
-POLICY_TO_PB: Final[Mapping[Policy, opb.Policy.ValueType]] = {
-    Policy.FULL: opb.POLICY_FULL, Policy.INCREMENTAL: opb.POLICY_INCREMENTAL,
-    Policy.DIFFERENTIAL: opb.POLICY_DIFFERENTIAL}
-POLICY_FROM_PB: Final[Mapping[int, Policy]] = {int(v): k for k, v in POLICY_TO_PB.items()}
 
 
 def config_to_pb(config: RepoConfig) -> pb.RepositoryConfig:

@@ -46,7 +46,6 @@ from host_agent.media.codec import (
     ERROR_KEY,
     MAX_IDS,
     PIECE,
-    POLICY_FROM_PB,
     config_to_pb,
     index_bytes,
     parse_snapshot,
@@ -54,6 +53,7 @@ from host_agent.media.codec import (
     status_for,
 )
 from host_agent.model import ChangeDetection, Policy
+from host_agent.protobuf import policy_from_pb
 from host_agent.storage import copier
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.maptree import TreeReader
@@ -486,7 +486,8 @@ class MediaServicer(pb_grpc.MediaServicer):
 
     def BaseFor(self, request: pb.BaseForRequest, context: grpc.ServicerContext) -> pb.SnapshotDocument:
         with _Answering(context, "BaseFor"):
-            base = self._repo(request.destination).base_for(request.name, _policy(request.policy))
+            policy = policy_from_pb(request.policy, "BaseForRequest")
+            base = self._repo(request.destination).base_for(request.name, policy)
             return pb.SnapshotDocument(document=snapshot_document(base) if base else "")
 
     # ---------- backup sessions ----------
@@ -497,7 +498,8 @@ class MediaServicer(pb_grpc.MediaServicer):
             repo = self._repo(request.destination)
             if not NAME.fullmatch(request.name):
                 raise errors.UsageError(f"snapshot name {request.name!r} is malformed (e.g. vm1/vda)")
-            session = self.sessions.open(repo, request.name, _policy(request.policy), request.base_id)
+            policy = policy_from_pb(request.policy, "OpenBackupRequest")
+            session = self.sessions.open(repo, request.name, policy, request.base_id)
             log.info("backup session %s of %s (%s) to %s opened by %s", session.id, session.name,
                      session.policy.value, request.destination, context.peer())
             return pb.OpenBackupResponse(
@@ -591,13 +593,6 @@ class MediaServicer(pb_grpc.MediaServicer):
             yield pb.RestoreData(document=snapshot_document(snap))
             with repo.session("media-restore", writer=False) as native:
                 yield from _restore_stream(native, snap)
-
-
-def _policy(value: int) -> Policy:
-    policy = POLICY_FROM_PB.get(value)
-    if policy is None:
-        raise errors.UsageError(f"policy {value} is not full, incremental or differential")
-    return policy
 
 
 class _LeafFilter:

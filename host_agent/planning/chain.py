@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar, Self
 
-from host_agent import errors
+from host_agent.errors import MalformedBatch, OptimizerConfigError, PolicyError, UnknownPolicy
 from host_agent.model import (
     STRENGTH,
     ApplianceFootprint,
@@ -77,28 +77,6 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "hyperback.policies"
 DEFAULT_CHAIN = ("merge", "colocate", "timing")
 DEFAULT_MAX_BATCH = 10_000
-
-
-# --------------------------------------------------------------------------- errors
-
-class OptimizerError(errors.HyperbackError):
-    """Root of the errors of host_agent.planning.chain and host_agent.planning.service."""
-
-
-class OptimizerConfigError(OptimizerError):
-    exit_code = 2
-
-
-class UnknownPolicy(OptimizerConfigError):
-    pass
-
-
-class MalformedBatch(OptimizerError):
-    pass
-
-
-class PolicyError(OptimizerError):
-    pass
 
 
 # --------------------------------------------------------------------------- types

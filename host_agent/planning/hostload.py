@@ -24,15 +24,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from host_agent import errors
+from host_agent.errors import HostLoadError
 
 log = logging.getLogger(__name__)
 
 _DEGRADE_ERRNOS = {errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
-
-
-class HostLoadError(errors.EnvironmentProblem):
-    """A /proc file this module needs is unreadable or not in the format the kernel documents."""
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ Serving
     gracefully: health turns NOT_SERVING, calls in flight get ``--grace`` seconds to finish.
 
 Status codes
-    INVALID_ARGUMENT  the request breaks the contract (``MalformedBatch``: the message says which
-                      instruction and field); INTERNAL  a policy produced an inconsistent plan
-                      (``PolicyError``, a bug).
+    INVALID_ARGUMENT  the request breaks the contract (``MalformedBatch``, ``MalformedMessage``: the
+                      message says which instruction and field); INTERNAL  a policy produced an
+                      inconsistent plan (``PolicyError``, a bug).
 
 Client
     :class:`OptimizerClient` ``await client.plan(instructions, context) -> PlanResult`` with a
@@ -37,11 +37,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Final
 
 import grpc
 import grpc.aio
@@ -51,35 +51,43 @@ from grpc_reflection.v1alpha import reflection
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
+from host_agent.errors import (
+    HostLoadError,
+    MalformedBatch,
+    MalformedMessage,
+    OptimizerConfigError,
+    OptimizerRejected,
+    OptimizerUnavailable,
+    PolicyError,
+)
 from host_agent.model import (
-    ApplianceFootprint,
-    DiskRef,
     Instruction,
-    InstructionKind,
-    Placement,
     Plan,
-    Policy,
-    UnitKind,
-    VmFootprint,
-    WorkUnit,
 )
 from host_agent.planning.chain import (
     DEFAULT_CHAIN,
     DEFAULT_MAX_BATCH,
     HostContext,
-    MalformedBatch,
-    OptimizerConfigError,
-    OptimizerError,
     Planner,
     PlanResult,
-    PolicyError,
     Rejection,
     available_policies,
     build_chain,
     parse_chain,
     parse_policy_options,
 )
-from host_agent.planning.hostload import HostLoad, HostLoadError, HostLoadReader
+from host_agent.planning.hostload import HostLoad, HostLoadReader
+from host_agent.protobuf import (
+    appliance_from_pb,
+    appliance_to_pb,
+    footprint_from_pb,
+    footprint_to_pb,
+    instruction_from_pb,
+    instruction_to_pb,
+    time_from_pb,
+    unit_from_pb,
+    unit_to_pb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,115 +103,7 @@ _CHANNEL_OPTIONS: Final = [("grpc.max_receive_message_length", MAX_MESSAGE),
                            ("grpc.max_send_message_length", MAX_MESSAGE)]
 
 
-class OptimizerUnavailable(OptimizerError):
-    """The optimizer could not be reached or did not answer in time: retry the batch later."""
-
-    retryable = True
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class OptimizerRejected(OptimizerError):
-    """The optimizer refused the batch, or its answer was unreadable: retrying will not help."""
-
-    retryable = False
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-# --------------------------------------------------------------------------- model <-> protobuf
-
-_E = TypeVar("_E")
-
-_POLICY: Final[Mapping[Policy, pb.Policy.ValueType]] = {
-    Policy.FULL: pb.POLICY_FULL, Policy.INCREMENTAL: pb.POLICY_INCREMENTAL,
-    Policy.DIFFERENTIAL: pb.POLICY_DIFFERENTIAL}
-_KIND: Final[Mapping[InstructionKind, pb.InstructionKind.ValueType]] = {
-    InstructionKind.BACKUP: pb.INSTRUCTION_KIND_BACKUP, InstructionKind.RESTORE: pb.INSTRUCTION_KIND_RESTORE}
-_UNIT_KIND: Final[Mapping[UnitKind, pb.UnitKind.ValueType]] = {
-    UnitKind.BACKUP_DISK: pb.UNIT_KIND_BACKUP_DISK, UnitKind.BACKUP_BASE: pb.UNIT_KIND_BACKUP_BASE,
-    UnitKind.RESTORE_DISK: pb.UNIT_KIND_RESTORE_DISK}
-
-
-_PLACEMENT: Final[Mapping[Placement, pb.Placement.ValueType]] = {
-    Placement.AUTO: pb.PLACEMENT_UNSPECIFIED, Placement.LOCAL: pb.PLACEMENT_LOCAL,
-    Placement.STREAM: pb.PLACEMENT_STREAM, Placement.MIGRATE: pb.PLACEMENT_MIGRATE,
-    Placement.COLD_MOVE: pb.PLACEMENT_COLD_MOVE, Placement.APPLIANCE: pb.PLACEMENT_APPLIANCE}
-_PLACEMENT_BACK: Final = {int(number): member for member, number in _PLACEMENT.items()}
-_POLICY_BACK: Final = {int(number): member for member, number in _POLICY.items()}
-_KIND_BACK: Final = {int(number): member for member, number in _KIND.items()}
-_UNIT_KIND_BACK: Final = {int(number): member for member, number in _UNIT_KIND.items()}
-
-
-def _from_enum(members: Mapping[int, _E], value: int, where: str, field: str) -> _E:
-    member = members.get(value)
-    if member is None:
-        what = "unspecified" if value == 0 else f"an unknown value ({value})"
-        raise MalformedBatch(f"{where}: {field} is {what}")
-    return member
-
-
-def _time(value: float, where: str, field: str) -> float:
-    if not (math.isfinite(value) and value >= 0):
-        raise MalformedBatch(f"{where}: {field} {value!r} is not a time")
-    return value
-
-
-def disk_to_pb(disk: DiskRef) -> pb.DiskRef:
-    return pb.DiskRef(domain_uuid=disk.domain_uuid, domain_name=disk.domain_name, serial=disk.serial,
-                      target=disk.target, path=disk.path, format=disk.format, size=disk.size,
-                      backing_chain=disk.backing_chain, allocated=disk.allocated)
-
-
-def disk_from_pb(m: pb.DiskRef) -> DiskRef:
-    return DiskRef(domain_uuid=m.domain_uuid, domain_name=m.domain_name, serial=m.serial, target=m.target,
-                   path=m.path, format=m.format, size=m.size, backing_chain=tuple(m.backing_chain),
-                   allocated=m.allocated)
-
-
-def instruction_to_pb(i: Instruction) -> pb.Instruction:
-    return pb.Instruction(id=i.id, domain_uuid=i.domain_uuid, request_id=i.request_id, kind=_KIND[i.kind],
-                          disks=[disk_to_pb(d) for d in i.disks], destination=i.destination,
-                          policy=_POLICY[i.policy], snapshot=i.snapshot, received_at=i.received_at,
-                          placement=_PLACEMENT[i.placement])
-
-
-def instruction_from_pb(m: pb.Instruction, where: str) -> Instruction:
-    return Instruction(id=m.id, domain_uuid=m.domain_uuid, request_id=m.request_id,
-                       kind=_from_enum(_KIND_BACK, m.kind, where, "kind"),
-                       disks=tuple(disk_from_pb(d) for d in m.disks), destination=m.destination,
-                       policy=_from_enum(_POLICY_BACK, m.policy, where, "policy"), snapshot=m.snapshot,
-                       received_at=_time(m.received_at, where, "received_at"),
-                       placement=_placement(m.placement, where, Placement.AUTO))
-
-
-def _placement(value: int, where: str, unspecified: Placement) -> Placement:
-    return unspecified if value == 0 else _from_enum(_PLACEMENT_BACK, value, where, "placement")
-
-
-def unit_to_pb(u: WorkUnit) -> pb.WorkUnit:
-    return pb.WorkUnit(id=u.id, kind=_UNIT_KIND[u.kind], source=u.source, snapshot_name=u.snapshot_name,
-                       destination=u.destination, policy=_POLICY[u.policy], satisfies=u.satisfies,
-                       disk=disk_to_pb(u.disk) if u.disk else None, depends_on=u.depends_on,
-                       not_before=u.not_before, reason=u.reason, placement=_PLACEMENT[u.placement],
-                       target_host=u.target_host, predicted_stream_bytes=u.predicted_stream_bytes,
-                       predicted_move_bytes=u.predicted_move_bytes)
-
-
-def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
-    return WorkUnit(id=m.id, kind=_from_enum(_UNIT_KIND_BACK, m.kind, where, "kind"), source=m.source,
-                    snapshot_name=m.snapshot_name, destination=m.destination,
-                    policy=_from_enum(_POLICY_BACK, m.policy, where, "policy"), satisfies=tuple(m.satisfies),
-                    disk=disk_from_pb(m.disk) if m.HasField("disk") else None,
-                    depends_on=tuple(m.depends_on), not_before=_time(m.not_before, where, "not_before"),
-                    reason=m.reason, placement=_placement(m.placement, where, Placement.LOCAL),
-                    target_host=m.target_host, predicted_stream_bytes=m.predicted_stream_bytes,
-                    predicted_move_bytes=m.predicted_move_bytes)
-
+# --------------------------------------------------------------------------- planning <-> protobuf
 
 def load_to_pb(load: HostLoad) -> pb.HostLoad:
     return pb.HostLoad(cpu_some_avg10=load.cpu_some_avg10, io_some_avg10=load.io_some_avg10,
@@ -218,7 +118,7 @@ def load_from_pb(m: pb.HostLoad) -> HostLoad:
     if m.HasField("io_some_avg10"):
         values.append(m.io_some_avg10)
     if not all(math.isfinite(v) and v >= 0 for v in values) or m.cpu_count < 1:
-        raise MalformedBatch(f"host load: needs finite non-negative readings and a CPU count, got {values} "
+        raise MalformedMessage(f"host load: needs finite non-negative readings and a CPU count, got {values} "
                              f"on {m.cpu_count} CPUs")
     return HostLoad(load1=m.load1, load5=m.load5, load15=m.load15, cpu_count=m.cpu_count,
                     cpu_some_avg10=m.cpu_some_avg10 if m.HasField("cpu_some_avg10") else None,
@@ -236,35 +136,18 @@ def context_to_pb(c: HostContext) -> pb.HostContext:
                                                for d, h in sorted(c.remote_destinations.items())],
                           held=[pb.HeldDisk(destination=d, snapshot_name=n, last_stored_bytes=b)
                                 for (d, n), b in sorted(c.held.items())],
-                          appliances=[pb.ApplianceFootprint(destination=a.destination, appliance=a.appliance,
-                                                            footprint=footprint_to_pb(a.footprint))
-                                      for _, a in sorted(c.appliances.items())])
-
-
-def footprint_to_pb(f: VmFootprint) -> pb.VmFootprint:
-    return pb.VmFootprint(domain_uuid=f.domain_uuid, memory_bytes=f.memory_bytes,
-                          touched_bytes=f.touched_bytes, dirty_bytes_per_second=f.dirty_bytes_per_second,
-                          live_migratable=f.live_migratable, movable=f.movable, why_not=f.why_not)
-
-
-def footprint_from_pb(m: pb.VmFootprint) -> VmFootprint:
-    if not (math.isfinite(m.dirty_bytes_per_second) and m.dirty_bytes_per_second >= 0):
-        raise MalformedBatch(f"footprint of {m.domain_uuid}: dirty rate {m.dirty_bytes_per_second!r}")
-    return VmFootprint(m.domain_uuid, m.memory_bytes, m.touched_bytes, m.dirty_bytes_per_second,
-                       m.live_migratable, m.movable, m.why_not)
+                          appliances=[appliance_to_pb(a) for _, a in sorted(c.appliances.items())])
 
 
 def context_from_pb(m: pb.HostContext, default_now: float) -> HostContext:
-    return HostContext(host_name=m.host_name, now=_time(m.now, "host", "now") or default_now,
+    return HostContext(host_name=m.host_name, now=time_from_pb(m.now, "host", "now") or default_now,
                        load=load_from_pb(m.load) if m.HasField("load") else None,
                        known_bases=frozenset((b.destination, b.snapshot_name) for b in m.known_bases),
                        utc_offset=m.utc_offset_seconds if m.HasField("utc_offset_seconds") else None,
                        footprints={f.domain_uuid: footprint_from_pb(f) for f in m.footprints},
                        remote_destinations={r.destination: r.host for r in m.remote_destinations},
                        held={(h.destination, h.snapshot_name): h.last_stored_bytes for h in m.held},
-                       appliances={a.destination: ApplianceFootprint(a.destination, a.appliance,
-                                                                     footprint_from_pb(a.footprint))
-                                   for a in m.appliances})
+                       appliances={a.destination: appliance_from_pb(a) for a in m.appliances})
 
 
 def request_to_pb(batch: Sequence[Instruction], context: HostContext) -> pb.PlanRequest:
@@ -307,7 +190,7 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
         try:
             batch, host = request_from_pb(request, default_now=time.time())
             result = self.planner.plan(batch, host)
-        except MalformedBatch as e:
+        except (MalformedBatch, MalformedMessage) as e:
             peer.warning("refused a batch of %d instruction(s) from %s: %s",
                          len(request.instructions), context.peer(), e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -477,7 +360,7 @@ class OptimizerClient:
             raise OptimizerRejected(message, code) from e
         try:
             result = result_from_pb(response)
-        except MalformedBatch as e:
+        except MalformedMessage as e:
             raise OptimizerRejected(f"optimizer at {self.target} answered with a plan this agent "
                                     f"cannot read: {e}") from e
         return result
@@ -558,8 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "DEFAULT_LISTEN", "SERVICE_NAME", "ClientTls", "OptimizerClient", "OptimizerRejected", "OptimizerServer",
-    "OptimizerServicer", "OptimizerUnavailable", "ServerConfig", "TlsFiles", "host_context", "main",
+    "DEFAULT_LISTEN", "SERVICE_NAME", "ClientTls", "OptimizerClient", "OptimizerServer",
+    "OptimizerServicer", "ServerConfig", "TlsFiles", "host_context", "main",
     "request_from_pb", "request_to_pb", "result_from_pb", "result_to_pb", "serve", "start_server",
 ]
 

@@ -21,14 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Self
 
+from host_agent.errors import OptimizerConfigError
 from host_agent.model import Instruction, Plan, UnitKind, WorkUnit
-from host_agent.planning.chain import (
-    HostContext,
-    OptimizerConfigError,
-    PlanningPolicy,
-    add_reason,
-    parse_options,
-)
+from host_agent.planning.chain import HostContext, PlanningPolicy, add_reason, parse_options
 from host_agent.planning.hostload import HostLoad
 
 

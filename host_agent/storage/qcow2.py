@@ -55,24 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors
+from host_agent.errors import ImageError, NotReadableInPlace
 from host_agent.storage.extents import Extent, Layout, Mapping
 
 log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
 TIMEOUT = 120.0  # seconds for one qemu-img run; a map of a large, fragmented image takes a while
-
-
-class ImageError(errors.SourceError):
-    """qemu-img could not describe the image (missing, unreadable, locked, not an image)."""
-
-
-class NotReadableInPlace(errors.SourceError):
-    """The image cannot be read from its files chunk by chunk; read it through QEMU instead."""
-
-    def __init__(self, message: str, path: str = "") -> None:
-        super().__init__(message)
-        self.path = path
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ SEGMENT_LEAVES = 1024
 REPACK_THRESHOLD = 0.25  # garbage collection rewrites a pack once this fraction of it is garbage
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{16}")
 PACK_NAME = re.compile(r"[0-9a-f]{32}")
+_LEGACY_CHECKPOINT = re.compile(r" \[checkpoint (hyperback-[0-9A-Za-z_.-]+)\]$")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}")
 
 ProgressFn = Callable[[int, int], None]
@@ -88,6 +89,7 @@ class Snapshot:
     tree: TreeRef
     change_detection: ChangeDetection
     stats: SnapshotStats
+    checkpoint: str | None = None   # the hypervisor checkpoint taken with it: where the next one starts
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +99,7 @@ class Snapshot:
             "tree": {"root": self.tree.root.hex() if self.tree.root else None,
                      "height": self.tree.height, "entries": self.tree.entries},
             "change_detection": self.change_detection.value, "stats": asdict(self.stats),
+            "checkpoint": self.checkpoint,
         }
 
     @classmethod
@@ -109,7 +112,15 @@ class Snapshot:
             tree=TreeRef(bytes.fromhex(tree["root"]) if tree["root"] else None, int(tree["height"]),
                          int(tree["entries"])),
             change_detection=ChangeDetection(doc["change_detection"]),
-            stats=SnapshotStats(**doc["stats"]))
+            stats=SnapshotStats(**doc["stats"]),
+            checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]))
+
+
+def _legacy_checkpoint(source: str) -> str | None:
+    """The checkpoint a snapshot written before the ``checkpoint`` field named at the end of its
+    ``source`` (docs/repository-format.md, 5.1); None if it names none."""
+    m = _LEGACY_CHECKPOINT.search(source)
+    return m.group(1) if m else None
 
 
 @dataclass(frozen=True)
@@ -413,7 +424,8 @@ class Repository:
 
     def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
-               threads: int | None = None, base: Snapshot | None = None) -> BackupResult:
+               threads: int | None = None, base: Snapshot | None = None,
+               checkpoint: str | None = None) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -421,7 +433,8 @@ class Repository:
         Without such a base snapshot a full backup is taken, and a note says so.
         An explicit ``base`` (any snapshot of the same size, e.g. of a shared backing
         image) replaces that choice: with ``changes`` only they are read, the rest is
-        taken from ``base``.
+        taken from ``base``. ``checkpoint`` names the hypervisor checkpoint taken at the
+        instant the source shows, which the snapshot records for the next backup to start from.
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
@@ -456,7 +469,7 @@ class Repository:
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats)
+                                detection, stats, checkpoint)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:

@@ -1,0 +1,82 @@
+"""Destinations: the names guests and operators back up to, and the repository behind each name.
+
+A destination is a repository on this host's backup media (opened, or created on first use), or
+media on another host reached through its media service (``host_agent.media.client``). Guests and
+operators only ever name destinations; they never see a path.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from host_agent import errors
+from host_agent.config import AgentConfig
+from host_agent.media.client import RemoteRepository
+from host_agent.model import DiskRef
+from host_agent.storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+AnyRepository = Repository | RemoteRepository
+"""A destination on this host, or on another host's media reached through its media service."""
+
+
+class Destinations:
+    """The configured destinations, each opened once, on first use."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._open: dict[str, AnyRepository] = {}
+
+    @property
+    def names(self) -> frozenset[str]:
+        return self.config.destinations
+
+    @property
+    def default(self) -> str:
+        return self.config.default_destination
+
+    def repository(self, destination: str) -> AnyRepository:
+        """The destination's repository: opened here, or reached through its media service when the
+        media sit on another host. Blocking (it may reach another host): call it from a thread."""
+        if destination not in self._open:
+            media = self.config.media(destination)
+            if media is not None and media.host != self.config.inventory.host_name:
+                self._open[destination] = self._remote(destination, media.service, media.appliance)
+            else:
+                self._open[destination] = self._local(destination)
+        return self._open[destination]
+
+    def _local(self, destination: str) -> Repository:
+        path = self.config.repository(destination)
+        try:
+            return Repository.open(path)
+        except errors.NotARepository:
+            log.info("creating repository %s for destination %s", path, destination)
+            return Repository.init(path)
+
+    def _remote(self, destination: str, service: str, appliance: str) -> RemoteRepository:
+        remote = RemoteRepository(service, destination)
+        if remote.host_name not in (*self.config.inventory.hosts, appliance):
+            remote.close()
+            # the service may move between the cluster's hosts, never outside it: a stranger
+            # answering at its address is a misconfiguration that must not get backups (this
+            # is a sanity check, not authentication: that needs TLS, not done yet)
+            raise errors.EnvironmentProblem(
+                f"the media service at {service} says it runs on {remote.host_name!r}, which "
+                f"is not a host of the inventory; refusing to send backups there")
+        return remote
+
+    def held(self, destination: str, disks: Sequence[DiskRef]) -> dict[tuple[str, str], int]:
+        """The stored size of the destination's latest snapshot of each disk (none if unreachable:
+        the colocate policy then prices a full copy)."""
+        held = {}
+        try:
+            repo = self.repository(destination)
+            for disk in disks:
+                latest = repo.snapshots(disk.snapshot_name)
+                if latest:
+                    held[(destination, disk.snapshot_name)] = latest[-1].stats.bytes_stored
+        except (errors.HyperbackError, OSError) as e:
+            log.warning("cannot ask %s what it holds: %s", destination, e)
+        return held

@@ -1,0 +1,130 @@
+"""Intake: where requests enter the agent, a guest's from its channel or an operator's over gRPC.
+
+A guest's message has been decoded and validated against the wire schema by its channel; here it
+is checked against this host (the destination exists, the disks are the guest's own, by serial,
+in its own live domain XML; its quotas), converted once into an
+:class:`~host_agent.model.Instruction`, journaled before the guest hears "accepted", registered as
+a job and queued in the driver. ``status`` and ``list`` are answered at once, from the jobs, the
+journal and the repositories, through the guests' door (``host_agent.agent.guests``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from guest_shim import protocol as p
+from host_agent.agent import guests as answers
+from host_agent.agent.channel import GuestChannel
+from host_agent.agent.destinations import Destinations
+from host_agent.agent.domains import Domains
+from host_agent.agent.driver import BackupDriver
+from host_agent.agent.guests import Guests
+from host_agent.agent.jobs import Jobs, JobState, Origin
+from host_agent.agent.journal import Journal, new_job_id
+from host_agent.config import Limits
+from host_agent.errors import UnknownDisk
+from host_agent.model import Instruction, InstructionKind, Policy
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    """Turns requests into queued instructions; implements the channels' ``Handler``."""
+
+    def __init__(self, limits: Limits, domains: Domains, destinations: Destinations, jobs: Jobs,
+                 journal: Journal, guests: Guests, driver: BackupDriver) -> None:
+        self.limits = limits
+        self.domains, self.destinations = domains, destinations
+        self.jobs, self.journal, self.guests, self.driver = jobs, journal, guests, driver
+
+    def submit(self, instruction: Instruction, origin: Origin, domain_name: str) -> None:
+        """Journal, register and queue an instruction (a guest's or an operator's)."""
+        self.journal.add(instruction, origin, domain_name)
+        self.jobs.add(instruction, origin, domain_name)
+        self.driver.submit(instruction)
+
+    # ---------- channel.Handler ----------
+
+    async def on_request(self, channel: GuestChannel, msg: p.Message) -> p.Message:
+        uuid = channel.domain_uuid
+        if isinstance(msg, p.Status):
+            return self._status(uuid, msg)
+        if isinstance(msg, p.ListSnapshots):
+            return await asyncio.to_thread(self._list, uuid, msg)
+        if isinstance(msg, (p.Backup, p.Restore)):
+            return await self._accept(channel, msg)
+        return p.ErrorMessage(getattr(msg, "id", None), p.ErrorCode.UNSUPPORTED, "not a request")
+
+    def on_thawed(self, channel: GuestChannel, msg: p.Thawed) -> None:
+        self.guests.on_thawed(channel, msg)
+
+    # ---------- requests ----------
+
+    def _unknown_destination(self, msg: p.Backup | p.Restore | p.ListSnapshots) -> p.ErrorMessage | None:
+        destination = msg.destination or self.destinations.default
+        if destination in self.destinations.names:
+            return None
+        return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DESTINATION,
+                              f"this host has no destination named {destination!r}")
+
+    async def _accept(self, channel: GuestChannel, msg: p.Backup | p.Restore) -> p.Message:
+        uuid = channel.domain_uuid
+        refused = self._unknown_destination(msg)
+        if refused is not None:
+            return refused
+        if isinstance(msg, p.Restore) and msg.mode is p.RestoreMode.IN_PLACE:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNSUPPORTED,
+                                  "a running VM cannot restore over its own disk: restore with mode "
+                                  "new-disk, or shut the VM down and run 'hyperback restore' on the host")
+        serials = ([msg.target] if isinstance(msg, p.Restore) else
+                   None if msg.targets == p.ALL else list(msg.targets))
+        try:
+            disks = await asyncio.to_thread(self.domains.disks_by_serial, uuid, serials)
+        except UnknownDisk as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
+        if not disks:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, "this VM has no disk with a serial")
+        if len(disks) > self.limits.max_disks_per_request:
+            return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA,
+                                  f"at most {self.limits.max_disks_per_request} disks per request")
+        if self.jobs.pending_for(uuid) >= self.limits.pending_per_vm:
+            return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA,
+                                  f"this VM already has {self.limits.pending_per_vm} jobs waiting; "
+                                  "ask again when one has finished", retry_after=30.0)
+        destination = msg.destination or self.destinations.default
+        if isinstance(msg, p.Backup):
+            instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,
+                                      destination, Policy(msg.policy.value), "", time.time())
+            if msg.quiesce:
+                self.guests.expect_quiesce(instruction.id)
+        else:
+            instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.RESTORE, disks,
+                                      destination, Policy.FULL, msg.snapshot, time.time())
+        self.submit(instruction, Origin.GUEST, channel.domain_name)
+        return p.Accepted(msg.id, instruction.id)
+
+    def _status(self, uuid: str, msg: p.Status) -> p.Message:
+        job = self.jobs.get(msg.job)
+        if job is not None and job.instruction.domain_uuid == uuid and not job.state.final:
+            return answers.progress_message(msg.id, msg.job, job.state is JobState.RUNNING)
+        stored = self.journal.result(uuid, msg.job)
+        if stored is not None and "wire" in stored:
+            return answers.stored_result(stored, msg.id)
+        if self.journal.is_pending(uuid, msg.job):
+            return answers.progress_message(msg.id, msg.job, running=False)
+        return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_JOB,
+                              f"this VM has no job {p.clean_text(msg.job, 64)}")
+
+    def _list(self, uuid: str, msg: p.ListSnapshots) -> p.Message:
+        refused = self._unknown_destination(msg)
+        if refused is not None:
+            return refused
+        destination = msg.destination or self.destinations.default
+        try:
+            disks = self.domains.disks_by_serial(uuid, [msg.target] if msg.target else None)
+        except UnknownDisk as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
+        repo = self.destinations.repository(destination)
+        return answers.snapshots_message(msg.id, ((disk.serial, destination, snap) for disk in disks
+                                                  for snap in repo.snapshots(disk.snapshot_name)))
