@@ -5,7 +5,10 @@ releases the GIL (cffi does so for every call), checks the returned status and
 turns a failure into an exception of :mod:`host_agent.errors`.
 
 The native side knows chunks, packs and index files; it knows nothing of
-snapshots, names or policies.
+snapshots, names or policies. It is the one writer of index files and of the
+order in which packs and indexes are published (``encode_index``,
+``publish_pack``, ``publish_index``): Python code that has a pack or index to
+publish hands it the packed entries.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from typing import Any
 from host_agent import errors
 from host_agent.storage._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
 
-ID_LEN = 32
+ID_LEN: int = lib.HB_ID_LEN
 ZERO_ID = bytes(ID_LEN)
+PACK_ID_LEN: int = lib.HB_PACK_ID_LEN
+INDEX_ENTRY_LEN: int = lib.HB_INDEX_ENTRY_LEN
 
 BLOB_DATA = lib.HB_BLOB_DATA
 BLOB_TREE = lib.HB_BLOB_TREE
@@ -152,6 +157,44 @@ def _interruptible(call: Callable[[], int], progress: Progress, units: int) -> i
                 continue
         raise
     return result[0]
+
+
+def _entry_count(entries: bytes) -> int:
+    if len(entries) % INDEX_ENTRY_LEN:
+        raise ValueError(f"index entries are {INDEX_ENTRY_LEN} bytes each, not {len(entries)} bytes in all")
+    return len(entries) // INDEX_ENTRY_LEN
+
+
+def encode_index(pack_id: bytes, entries: bytes) -> bytes:
+    """The index file (repository-format section 4) of pack ``pack_id``, listing ``entries``:
+    index entries packed as ``packfile.INDEX_ENTRY``, in order."""
+    if len(pack_id) != PACK_ID_LEN:
+        raise ValueError(f"a pack id is {PACK_ID_LEN} bytes")
+    count = _entry_count(entries)
+    cap = lib.HB_INDEX_HEADER_LEN + len(entries) + ID_LEN
+    out = ffi.new("uint8_t[]", cap)
+    n = ffi.new("uint64_t *")
+    err = ffi.new("hb_error *")
+    _check(lib.hb_index_encode(pack_id, entries, count, out, cap, n, err), err,
+           f"the index of pack {pack_id.hex()}")
+    return bytes(ffi.buffer(out, n[0]))
+
+
+def publish_index(root: str | os.PathLike[str], name: str, entries: bytes) -> None:
+    """Make ``index/NAME`` of the repository at ``root`` list ``entries``, whole and durable
+    (repository-format section 6, step 3)."""
+    err = ffi.new("hb_error *")
+    _check(lib.hb_publish_index(os.fsencode(root), name.encode(), entries, _entry_count(entries), err), err,
+           f"index/{name}")
+
+
+def publish_pack(root: str | os.PathLike[str], name: str, staged: str | os.PathLike[str],
+                 entries: bytes) -> None:
+    """Publish the pack file ``staged`` (in ``root``'s tmp/) as pack NAME, then its index listing
+    ``entries``, each durable before the next step (repository-format section 6, steps 2 and 3)."""
+    err = ffi.new("hb_error *")
+    _check(lib.hb_publish_pack(os.fsencode(root), name.encode(), os.fsencode(staged), entries,
+                               _entry_count(entries), err), err, f"pack {name}")
 
 
 def sha256(data: bytes) -> bytes:
