@@ -69,7 +69,6 @@ from host_agent.storage.repository import (
     Snapshot,
     _BaseLeaves,
     _RestoreTarget,
-    write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -413,9 +412,7 @@ class _SeedIndex:
             self._write()
 
     def _write(self) -> None:
-        pack_id = os.urandom(16)
-        write_atomic(self._root / "index" / pack_id.hex(), index_bytes(pack_id, bytes(self._entries)),
-                     self._root / "tmp")
+        copier.publish_index(self._root, os.urandom(copier.PACK_ID_LEN).hex(), bytes(self._entries))
         self._entries.clear()
 
 
