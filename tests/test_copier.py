@@ -5,7 +5,10 @@ import hashlib
 import os
 import shutil
 import struct
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +20,7 @@ from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Pr
 from host_agent.storage.packfile import INDEX_ENTRY, RECORD_HEADER, read_index
 
 CHUNK = 4096
+REAL_LIB = copier.lib
 
 
 def repo_dirs(root: Path) -> Path:
@@ -30,8 +34,59 @@ def native(root: Path) -> NativeRepository:
     return NativeRepository(str(repo_dirs(root)), os.urandom(16), CHUNK, 1 << 20, 1)
 
 
-def test_selftest_passes() -> None:
+def test_selftest_passes_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     copier.selftest()
+    assert os.listdir(tmp_path) == []
+
+
+class LibWith:
+    """The native library as the copier module sees it, with some functions replaced."""
+
+    def __init__(self, real: Any, **fakes: Callable[..., int]) -> None:
+        self._real, self._fakes = real, fakes
+
+    def __getattr__(self, name: str) -> Any:
+        return self._fakes[name] if name in self._fakes else getattr(self._real, name)
+
+
+def wrong_hash(data: Any, length: int, out: Any) -> int:
+    out[0:32] = bytes(32)
+    return 0
+
+
+def backup_with_a_wrong_id(*args: Any) -> int:
+    rc = int(REAL_LIB.hb_backup_segment(*args))
+    args[9][5] ^= 1  # out_ids: a bit of the first chunk's id
+    return rc
+
+
+def restore_writing_a_wrong_byte(*args: Any) -> int:
+    rc = int(REAL_LIB.hb_restore_segment(*args))
+    os.pwrite(args[1], b"?", 7)  # the target, past every check of the real kernel
+    return rc
+
+
+def index_load_refusing(*args: Any) -> int:
+    args[-1].code = REAL_LIB.HB_EFORMAT
+    return int(REAL_LIB.HB_EFORMAT)
+
+
+# A kernel that computes wrong results cannot be made real in a test: these fakes stand in for one.
+@pytest.mark.parametrize(("function", "fake", "named"), [
+    ("hb_hash", wrong_hash, "SHA-256 disagrees with hashlib"),
+    ("hb_backup_segment", backup_with_a_wrong_id, "chunk ids hb_backup_segment gave disagree with hashlib"),
+    ("hb_restore_segment", restore_writing_a_wrong_byte, "restored bytes differ"),
+    ("hb_index_load", index_load_refusing, "restoring raised RepositoryError"),
+])
+def test_selftest_names_what_a_fake_broken_kernel_got_wrong_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function: str, fake: Callable[..., int],
+        named: str) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(copier, "lib", LibWith(REAL_LIB, **{function: fake}))
+    with pytest.raises(errors.HyperbackError, match=f"native self-test failed: .*{named}"):
+        copier.selftest()
+    assert os.listdir(tmp_path) == []
 
 
 @given(st.binary(max_size=70_000))
