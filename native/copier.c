@@ -31,8 +31,6 @@
 #define FORMAT_VERSION 1u
 #define PACK_HEADER_LEN 40u   /* magic 4, version 4, pack id 16, writer id 16 */
 #define RECORD_HEADER_LEN 44u /* id 32, type 1, comp 1, reserved 2, raw len 4, stored len 4 */
-#define INDEX_HEADER_LEN 32u  /* magic 4, version 4, pack id 16, count 4, reserved 4 */
-#define INDEX_ENTRY_LEN 52u   /* id 32, type 1, comp 1, reserved 2, offset 8, stored 4, raw 4 */
 #define BATCH_CHUNKS 16u
 #define VERIFY_BATCH_SLOTS 4096u
 #define FD_CACHE 8
@@ -77,8 +75,8 @@ typedef struct {
     uint8_t *buf;
     size_t buf_len, buf_cap;
     uint64_t buf_at;    /* file offset of buf[0] */
-    record_t *recs;
-    uint32_t nrecs, recs_cap;
+    uint8_t *entries;   /* the pack's index entries, laid out as in its index file */
+    uint32_t nentries, entries_cap;
 } writer_t;
 
 /* per-thread working state */
@@ -126,6 +124,12 @@ static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (
 static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static uint32_t get32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = (v << 8) | p[i]; return v; }
 static uint64_t get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
+
+/* Bytes in the index file of a pack of `count` records: header, entries, checksum. */
+static uint64_t index_len(uint32_t count)
+{
+    return HB_INDEX_HEADER_LEN + (uint64_t)count * HB_INDEX_ENTRY_LEN + HB_ID_LEN;
+}
 
 static void add(uint64_t *counter, uint64_t v) { __atomic_add_fetch(counter, v, __ATOMIC_RELAXED); }
 static int cancelled(hb_progress *p) { return p && __atomic_load_n(&p->cancel, __ATOMIC_RELAXED); }
@@ -380,9 +384,9 @@ int hb_index_load(hb_repo *r, const char *pack_name, hb_error *err)
     uint8_t digest[HB_ID_LEN];
     if (rdfail) {
         rc = fail(err, HB_ESYS, rd_errno, HB_AT_REPO_READ, NULL);
-    } else if (got != len || len < INDEX_HEADER_LEN + HB_ID_LEN || memcmp(buf, INDEX_MAGIC, 4) ||
+    } else if (got != len || len < HB_INDEX_HEADER_LEN + HB_ID_LEN || memcmp(buf, INDEX_MAGIC, 4) ||
                get32(buf + 4) != FORMAT_VERSION || memcmp(buf + 8, pack_id, 16) ||
-               len != INDEX_HEADER_LEN + (uint64_t)get32(buf + 24) * INDEX_ENTRY_LEN + HB_ID_LEN ||
+               len != index_len(get32(buf + 24)) ||
                hb_hash(buf, len - HB_ID_LEN, digest) || memcmp(digest, buf + len - HB_ID_LEN, HB_ID_LEN)) {
         rc = fail(err, HB_EFORMAT, 0, HB_AT_REPO_READ, NULL);
     }
@@ -393,7 +397,7 @@ int hb_index_load(hb_repo *r, const char *pack_name, hb_error *err)
             rc = fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
         } else {
             for (uint32_t i = 0; i < n; i++) {
-                const uint8_t *e = buf + INDEX_HEADER_LEN + (size_t)i * INDEX_ENTRY_LEN;
+                const uint8_t *e = buf + HB_INDEX_HEADER_LEN + (size_t)i * HB_INDEX_ENTRY_LEN;
                 slot_t *s = find_slot(r, e);
                 if (s->state != SLOT_EMPTY) continue; /* the same chunk in two packs: either will do */
                 memcpy(s->id, e, HB_ID_LEN);
@@ -489,6 +493,91 @@ static int read_verified(hb_repo *r, worker_t *w, const slot_t *s, uint8_t *out,
     return HB_OK;
 }
 
+/* ---------- index files and publication (repository-format sections 4 and 6) ---------- */
+
+int hb_index_encode(const uint8_t pack_id[HB_PACK_ID_LEN], const uint8_t *entries, uint32_t count,
+                    uint8_t *out, uint64_t cap, uint64_t *len_out, hb_error *err)
+{
+    uint64_t len = index_len(count);
+    if (cap < len) return fail(err, HB_EARG, EINVAL, 0, NULL);
+    memcpy(out, INDEX_MAGIC, 4);
+    put32(out + 4, FORMAT_VERSION);
+    memcpy(out + 8, pack_id, HB_PACK_ID_LEN);
+    put32(out + 24, count);
+    put32(out + 28, 0);
+    if (count) memcpy(out + HB_INDEX_HEADER_LEN, entries, (size_t)count * HB_INDEX_ENTRY_LEN);
+    int rc = hb_hash(out, len - HB_ID_LEN, out + len - HB_ID_LEN);
+    if (rc != HB_OK) return fail(err, rc, 0, 0, NULL);
+    *len_out = len;
+    return HB_OK;
+}
+
+/* A pack name, and a root short enough for every path built from the two; fills pack_id. */
+static int check_names(const char *root, const char *name, uint8_t pack_id[HB_PACK_ID_LEN], hb_error *err)
+{
+    if (unhex(name, pack_id, HB_PACK_ID_LEN)) return fail(err, HB_EARG, EINVAL, 0, NULL);
+    if (strlen(root) + 64 >= PATH_MAX) return fail(err, HB_ESYS, ENAMETOOLONG, HB_AT_REPO_WRITE, NULL);
+    return HB_OK;
+}
+
+int hb_publish_index(const char *root, const char *name, const uint8_t *entries, uint32_t count,
+                     hb_error *err)
+{
+    uint8_t pack_id[HB_PACK_ID_LEN];
+    int rc = check_names(root, name, pack_id, err);
+    if (rc != HB_OK) return rc;
+    uint64_t len = index_len(count);
+    uint8_t *buf = malloc(len);
+    if (!buf) return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+    rc = hb_index_encode(pack_id, entries, count, buf, len, &len, err);
+    char tmp[PATH_MAX], final[PATH_MAX], dir[PATH_MAX];
+    snprintf(tmp, sizeof tmp, "%s/tmp/%s.idx", root, name);
+    snprintf(final, sizeof final, "%s/index/%s", root, name);
+    snprintf(dir, sizeof dir, "%s/index", root);
+    int fd = -1;
+    if (rc == HB_OK && (fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) < 0)
+        rc = sys_fail(err, HB_AT_REPO_WRITE);
+    if (fd >= 0) {
+        if (pwrite_full(fd, buf, len, 0) || fsync(fd)) rc = sys_fail(err, HB_AT_REPO_WRITE);
+        if (close(fd) && rc == HB_OK) rc = sys_fail(err, HB_AT_REPO_WRITE);
+        /* the index appears under its name only whole and durable */
+        if (rc == HB_OK && (rename(tmp, final) || fsync_dir(dir))) rc = sys_fail(err, HB_AT_REPO_WRITE);
+        if (rc != HB_OK) unlink(tmp);
+    }
+    free(buf);
+    return rc;
+}
+
+/* Make the pack open on `fd` (closed here in every case) durable, then visible as
+ * packs/XX/<name>: an index must never name a pack that a crash could take back. */
+static int publish_pack_file(const char *root, const char *name, const char *staged, int fd, hb_error *err)
+{
+    char packs[PATH_MAX], dir[PATH_MAX], final[PATH_MAX];
+    snprintf(packs, sizeof packs, "%s/packs", root);
+    snprintf(dir, sizeof dir, "%s/packs/%.2s", root, name);
+    snprintf(final, sizeof final, "%s/packs/%.2s/%s", root, name, name);
+    int rc = fsync(fd) ? sys_fail(err, HB_AT_REPO_WRITE) : HB_OK;
+    if (close(fd) && rc == HB_OK) rc = sys_fail(err, HB_AT_REPO_WRITE);
+    if (rc == HB_OK && mkdir(dir, 0755) && errno != EEXIST) rc = sys_fail(err, HB_AT_REPO_WRITE);
+    /* packs/ first, so that a new packs/XX is durable before the pack that goes into it */
+    if (rc == HB_OK && (fsync_dir(packs) || rename(staged, final) || fsync_dir(dir)))
+        rc = sys_fail(err, HB_AT_REPO_WRITE);
+    return rc;
+}
+
+int hb_publish_pack(const char *root, const char *name, const char *staged, const uint8_t *entries,
+                    uint32_t count, hb_error *err)
+{
+    uint8_t pack_id[HB_PACK_ID_LEN];
+    int rc = check_names(root, name, pack_id, err);
+    if (rc != HB_OK) return rc;
+    /* read-only is enough: on Linux fsync flushes the file's data whoever wrote it */
+    int fd = open(staged, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return sys_fail(err, HB_AT_REPO_WRITE);
+    rc = publish_pack_file(root, name, staged, fd, err);
+    return rc == HB_OK ? hb_publish_index(root, name, entries, count, err) : rc;
+}
+
 /* ---------- the pack writers (caller holds the writer's lock) ---------- */
 
 static int poisoned(hb_repo *r) { return __atomic_load_n(&r->poisoned, __ATOMIC_RELAXED); }
@@ -545,45 +634,11 @@ static int open_pack(hb_repo *r, writer_t *wr, uint32_t slot, hb_error *err)
     wr->buf_at = PACK_HEADER_LEN;
     wr->buf_len = 0;
     wr->off = PACK_HEADER_LEN;
-    wr->nrecs = 0;
+    wr->nentries = 0;
     return HB_OK;
 }
 
-static int write_index_file(hb_repo *r, const writer_t *wr, const char *name, hb_error *err)
-{
-    size_t len = INDEX_HEADER_LEN + (size_t)wr->nrecs * INDEX_ENTRY_LEN + HB_ID_LEN;
-    uint8_t *buf = calloc(1, len);
-    if (!buf) return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
-    memcpy(buf, INDEX_MAGIC, 4);
-    put32(buf + 4, FORMAT_VERSION);
-    unhex(name, buf + 8, 16);
-    put32(buf + 24, wr->nrecs);
-    for (uint32_t i = 0; i < wr->nrecs; i++) {
-        uint8_t *e = buf + INDEX_HEADER_LEN + (size_t)i * INDEX_ENTRY_LEN;
-        const record_t *rec = &wr->recs[i];
-        memcpy(e, rec->id, HB_ID_LEN);
-        e[32] = rec->type;
-        e[33] = rec->comp;
-        put64(e + 36, rec->offset);
-        put32(e + 44, rec->stored_len);
-        put32(e + 48, rec->raw_len);
-    }
-    hb_hash(buf, len - HB_ID_LEN, buf + len - HB_ID_LEN);
-    char tmp[PATH_MAX], final[PATH_MAX], dir[PATH_MAX];
-    snprintf(tmp, sizeof tmp, "%s/tmp/%s.idx", r->root, name);
-    snprintf(final, sizeof final, "%s/index/%s", r->root, name);
-    snprintf(dir, sizeof dir, "%s/index", r->root);
-    int rc = HB_OK;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0 || pwrite_full(fd, buf, len, 0) || fsync(fd)) rc = sys_fail(err, HB_AT_REPO_WRITE);
-    if (fd >= 0 && close(fd) && rc == HB_OK) rc = sys_fail(err, HB_AT_REPO_WRITE);
-    if (rc == HB_OK && (rename(tmp, final) || fsync_dir(dir))) rc = sys_fail(err, HB_AT_REPO_WRITE);
-    if (rc != HB_OK) unlink(tmp);
-    free(buf);
-    return rc;
-}
-
-/* Make a writer's pack durable and visible: pack first, then its index. */
+/* Make a writer's pack durable and visible: the pack first, then its index (as hb_publish_pack). */
 static int close_pack(hb_repo *r, writer_t *wr, hb_error *err)
 {
     if (wr->fd < 0) return HB_OK;
@@ -591,35 +646,41 @@ static int close_pack(hb_repo *r, writer_t *wr, hb_error *err)
     pthread_mutex_lock(&r->ix_lock);
     pack_t p = r->packs[wr->pack];
     pthread_mutex_unlock(&r->ix_lock);
-    char tmp[PATH_MAX], dir[PATH_MAX], final[PATH_MAX], packs_dir[PATH_MAX];
-    pack_path(r, &p, tmp, sizeof tmp);
-    snprintf(dir, sizeof dir, "%s/packs/%.2s", r->root, p.name);
-    snprintf(final, sizeof final, "%s/%s", dir, p.name);
-    snprintf(packs_dir, sizeof packs_dir, "%s/packs", r->root);
+    char staged[PATH_MAX];
+    pack_path(r, &p, staged, sizeof staged);
     int fd = wr->fd;
     wr->fd = -1;
-    if (rc == HB_OK && fsync(fd)) rc = sys_fail(err, HB_AT_REPO_WRITE);
-    if (close(fd) && rc == HB_OK) rc = sys_fail(err, HB_AT_REPO_WRITE);
-    if (rc == HB_OK && mkdir(dir, 0755) && errno != EEXIST) rc = sys_fail(err, HB_AT_REPO_WRITE);
-    if (rc == HB_OK && (fsync_dir(packs_dir) || rename(tmp, final) || fsync_dir(dir)))
-        rc = sys_fail(err, HB_AT_REPO_WRITE);
+    if (rc != HB_OK) {
+        close(fd); /* the write's error is the one to report; the pack stays in tmp/, unpublished */
+        return rc;
+    }
+    rc = publish_pack_file(r->root, p.name, staged, fd, err);
     if (rc != HB_OK) return rc;
+    /* readers of this pack open it by its new path from now on */
     pthread_mutex_lock(&r->ix_lock);
     r->packs[wr->pack].published = 1;
     pthread_mutex_unlock(&r->ix_lock);
-    return write_index_file(r, wr, p.name, err);
+    return hb_publish_index(r->root, p.name, wr->entries, wr->nentries, err);
 }
 
-static int push_record(writer_t *wr, const record_t *rec)
+/* Note a record appended to the writer's pack, as its index file will list it. */
+static int push_entry(writer_t *wr, const record_t *rec)
 {
-    if (wr->nrecs == wr->recs_cap) {
-        uint32_t cap = wr->recs_cap ? wr->recs_cap * 2 : 4096;
-        record_t *p = realloc(wr->recs, cap * sizeof *p);
+    if (wr->nentries == wr->entries_cap) {
+        uint32_t cap = wr->entries_cap ? wr->entries_cap * 2 : 4096;
+        uint8_t *p = realloc(wr->entries, (size_t)cap * HB_INDEX_ENTRY_LEN);
         if (!p) return -1;
-        wr->recs = p;
-        wr->recs_cap = cap;
+        wr->entries = p;
+        wr->entries_cap = cap;
     }
-    wr->recs[wr->nrecs++] = *rec;
+    uint8_t *e = wr->entries + (size_t)wr->nentries++ * HB_INDEX_ENTRY_LEN;
+    memcpy(e, rec->id, HB_ID_LEN);
+    e[32] = rec->type;
+    e[33] = rec->comp;
+    e[34] = e[35] = 0;
+    put64(e + 36, rec->offset);
+    put32(e + 44, rec->stored_len);
+    put32(e + 48, rec->raw_len);
     return 0;
 }
 
@@ -682,7 +743,7 @@ static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8
         rec.offset = wr->off;
         memcpy(wr->buf + wr->buf_len, w->cbuf, total);
         wr->buf_len += total;
-        if (push_record(wr, &rec)) rc = fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+        if (push_entry(wr, &rec)) rc = fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
         else wr->off += total;
     }
     uint32_t pack = wr->pack;
@@ -1103,7 +1164,7 @@ void hb_repo_close(hb_repo *r)
             unlink(path);
         }
         free(wr->buf);
-        free(wr->recs);
+        free(wr->entries);
         pthread_mutex_destroy(&wr->lock);
     }
     if (r->solo) {

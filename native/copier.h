@@ -17,6 +17,9 @@
 #include <stdint.h>
 
 #define HB_ID_LEN 32
+#define HB_PACK_ID_LEN 16      /* a pack's NAME is its id in lowercase hex */
+#define HB_INDEX_HEADER_LEN 32 /* magic 4, version 4, pack id 16, count 4, reserved 4 */
+#define HB_INDEX_ENTRY_LEN 52  /* id 32, type 1, comp 1, reserved 2, offset 8, stored len 4, raw len 4 */
 
 /* status codes */
 #define HB_OK 0
@@ -108,8 +111,30 @@ int hb_store_blob(hb_repo *r, const uint8_t *data, uint32_t len, int type,
 int hb_read_blob(hb_repo *r, const uint8_t id[HB_ID_LEN], uint8_t *out, uint32_t cap,
                  uint32_t *len_out, hb_error *err);
 
-/* Close the current pack: fsync, publish the pack, then its index. */
+/* Close the current pack: fsync, publish the pack, then its index (hb_publish_pack's order). */
 int hb_flush(hb_repo *r, hb_error *err);
+
+/*
+ * Index files and the publication order (docs/repository-format.md sections 4 and 6), for
+ * packs written elsewhere (the media service receives them); the pack writer above goes
+ * through the same code. `entries` holds `count` index entries of HB_INDEX_ENTRY_LEN bytes in
+ * the format's layout; `name` is a pack's NAME (2 * HB_PACK_ID_LEN lowercase hex characters).
+ */
+
+/* Encode the index file of pack `pack_id` into out, whose capacity `cap` must be at least
+ * HB_INDEX_HEADER_LEN + count * HB_INDEX_ENTRY_LEN + HB_ID_LEN; *len_out gets the length. */
+int hb_index_encode(const uint8_t pack_id[HB_PACK_ID_LEN], const uint8_t *entries, uint32_t count,
+                    uint8_t *out, uint64_t cap, uint64_t *len_out, hb_error *err);
+
+/* Publish index/<name> in the repository at `root`: write tmp/<name>.idx, fsync it, rename it
+ * to index/<name>, fsync index/. */
+int hb_publish_index(const char *root, const char *name, const uint8_t *entries, uint32_t count,
+                     hb_error *err);
+
+/* Publish the pack file `staged` (in root's tmp/) as packs/XX/<name>, then its index: fsync it,
+ * create packs/XX and fsync packs/, rename, fsync packs/XX; then as hb_publish_index. */
+int hb_publish_pack(const char *root, const char *name, const char *staged, const uint8_t *entries,
+                    uint32_t count, hb_error *err);
 
 /*
  * Restore `nchunks` chunks (ids: nchunks * 32 bytes, all-zero id = zero chunk)

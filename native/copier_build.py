@@ -2,68 +2,30 @@
 
 Named in ``setup.py``'s ``cffi_modules``; ``pip install .`` compiles it and
 links Debian's libcrypto (libssl-dev) and libzstd (libzstd-dev).
+
+The C API is declared once, in ``copier.h``: the cdef is that header without the lines
+only the C compiler needs, so a function added there is all it takes to call it from Python.
 """
+import re
+from pathlib import Path
+
 from cffi import FFI
 
-CDEF = """
-#define HB_ID_LEN 32
-#define HB_OK 0
-#define HB_ESYS 1
-#define HB_ECORRUPT 2
-#define HB_EMISSING 3
-#define HB_EFORMAT 4
-#define HB_ESHORT 5
-#define HB_EARG 6
-#define HB_ENOMEM 7
-#define HB_AT_SOURCE 1
-#define HB_AT_REPO_WRITE 2
-#define HB_AT_REPO_READ 3
-#define HB_AT_TARGET 4
-#define HB_BLOB_DATA 0
-#define HB_BLOB_TREE 1
-#define HB_TODO_READ 0
-#define HB_TODO_ZERO 1
-#define HB_TODO_KEEP 2
-#define HB_CHUNK_NEW 0
-#define HB_CHUNK_DUP 1
-#define HB_CHUNK_ZERO 2
-#define HB_CHUNK_KEPT 3
+HEADER = Path(__file__).resolve().with_name("copier.h")
 
-typedef struct hb_error { int code; int err_no; int where; uint8_t id[32]; } hb_error;
-typedef struct hb_progress {
-    uint64_t bytes_done; uint64_t bytes_read; uint64_t bytes_new; uint64_t bytes_stored;
-    uint64_t bytes_changed; uint64_t chunks_new; uint64_t chunks_dup; uint64_t chunks_zero;
-    uint64_t cancel;
-} hb_progress;
-typedef struct hb_repo hb_repo;
+# cffi's cdef takes declarations, comments and "#define NAME <integer>" as they stand, but no other
+# preprocessor line: the include guard and the #includes go.
+_COMPILER_ONLY = re.compile(r"^[ \t]*#[ \t]*(?:ifndef|endif|include)\b.*$"
+                            r"|^[ \t]*#[ \t]*define[ \t]+HYPERBACK_COPIER_H[ \t]*$", re.MULTILINE)
 
-int hb_repo_open(const char *root, const uint8_t writer_id[16], uint32_t chunk_size,
-                 uint64_t pack_target, int zstd_level, hb_repo **out, hb_error *err);
-void hb_repo_close(hb_repo *r);
-int hb_index_reserve(hb_repo *r, uint64_t more, hb_error *err);
-int hb_index_load(hb_repo *r, const char *pack_name, hb_error *err);
-uint64_t hb_index_count(hb_repo *r);
-int hb_index_contains(hb_repo *r, const uint8_t id[32]);
-int hb_backup_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t src_size,
-                      uint32_t nchunks, const uint8_t *todo, const uint8_t *base_ids,
-                      const int32_t *chunk_fds, const uint64_t *chunk_offsets,
-                      uint8_t *out_ids, uint8_t *out_state, int threads,
-                      hb_progress *progress, hb_error *err);
-int hb_store_blob(hb_repo *r, const uint8_t *data, uint32_t len, int type,
-                  uint8_t id_out[32], int *was_new, hb_error *err);
-int hb_read_blob(hb_repo *r, const uint8_t id[32], uint8_t *out, uint32_t cap,
-                 uint32_t *len_out, hb_error *err);
-int hb_flush(hb_repo *r, hb_error *err);
-int hb_restore_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t size,
-                       uint32_t nchunks, const uint8_t *ids, int write_zeros,
-                       int threads, hb_progress *progress, hb_error *err);
-int hb_verify_index(hb_repo *r, uint32_t per_10000, int threads, uint8_t *bad_ids,
-                    uint32_t bad_cap, uint32_t *nbad, hb_progress *progress, hb_error *err);
-int hb_hash(const uint8_t *data, uint64_t len, uint8_t out[32]);
-"""
+
+def cdef_from_header(text: str) -> str:
+    """The cdef of a header: its compiler-only lines blanked, so cffi's line numbers are the header's."""
+    return _COMPILER_ONLY.sub("", text)
+
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(cdef_from_header(HEADER.read_text()))
 ffibuilder.set_source(
     "host_agent.storage._copier",
     '#include "copier.h"',

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,19 +17,76 @@ from hypothesis import strategies as st
 from host_agent import errors
 from host_agent.storage import copier
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
-from host_agent.storage.packfile import RECORD_HEADER, read_index
+from host_agent.storage.packfile import INDEX_ENTRY, RECORD_HEADER, read_index
 
 CHUNK = 4096
+REAL_LIB = copier.lib
+
+
+def repo_dirs(root: Path) -> Path:
+    """The directories the native side writes in."""
+    for sub in ("packs", "index", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def native(root: Path) -> NativeRepository:
-    for sub in ("packs", "index", "tmp"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    return NativeRepository(str(root), os.urandom(16), CHUNK, 1 << 20, 1)
+    return NativeRepository(str(repo_dirs(root)), os.urandom(16), CHUNK, 1 << 20, 1)
 
 
-def test_selftest_passes() -> None:
+def test_selftest_passes_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     copier.selftest()
+    assert os.listdir(tmp_path) == []
+
+
+class LibWith:
+    """The native library as the copier module sees it, with some functions replaced."""
+
+    def __init__(self, real: Any, **fakes: Callable[..., int]) -> None:
+        self._real, self._fakes = real, fakes
+
+    def __getattr__(self, name: str) -> Any:
+        return self._fakes[name] if name in self._fakes else getattr(self._real, name)
+
+
+def wrong_hash(data: Any, length: int, out: Any) -> int:
+    out[0:32] = bytes(32)
+    return 0
+
+
+def backup_with_a_wrong_id(*args: Any) -> int:
+    rc = int(REAL_LIB.hb_backup_segment(*args))
+    args[9][5] ^= 1  # out_ids: a bit of the first chunk's id
+    return rc
+
+
+def restore_writing_a_wrong_byte(*args: Any) -> int:
+    rc = int(REAL_LIB.hb_restore_segment(*args))
+    os.pwrite(args[1], b"?", 7)  # the target, past every check of the real kernel
+    return rc
+
+
+def index_load_refusing(*args: Any) -> int:
+    args[-1].code = REAL_LIB.HB_EFORMAT
+    return int(REAL_LIB.HB_EFORMAT)
+
+
+# A kernel that computes wrong results cannot be made real in a test: these fakes stand in for one.
+@pytest.mark.parametrize(("function", "fake", "named"), [
+    ("hb_hash", wrong_hash, "SHA-256 disagrees with hashlib"),
+    ("hb_backup_segment", backup_with_a_wrong_id, "chunk ids hb_backup_segment gave disagree with hashlib"),
+    ("hb_restore_segment", restore_writing_a_wrong_byte, "restored bytes differ"),
+    ("hb_index_load", index_load_refusing, "restoring raised RepositoryError"),
+])
+def test_selftest_names_what_a_fake_broken_kernel_got_wrong_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function: str, fake: Callable[..., int],
+        named: str) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(copier, "lib", LibWith(REAL_LIB, **{function: fake}))
+    with pytest.raises(errors.HyperbackError, match=f"native self-test failed: .*{named}"):
+        copier.selftest()
+    assert os.listdir(tmp_path) == []
 
 
 @given(st.binary(max_size=70_000))
@@ -166,3 +228,86 @@ def test_unflushed_pack_is_deleted_on_close(tmp_path: Path) -> None:
         assert list((tmp_path / "tmp").iterdir())
     assert not list((tmp_path / "tmp").iterdir())
     assert not list((tmp_path / "index").iterdir())
+
+
+# ---------- index files and publication, for packs written elsewhere ----------
+
+def reference_index(pack_id: bytes, entries: list[tuple[bytes, int, int, int, int, int]]) -> bytes:
+    """An index file as repository-format section 4 spells it, in plain Python."""
+    body = struct.pack("<4sI16sII", b"HBIX", 1, pack_id, len(entries), 0)
+    body += b"".join(struct.pack("<32sBBHQII", cid, btype, comp, 0, offset, stored, raw)
+                     for cid, btype, comp, offset, stored, raw in entries)
+    return body + hashlib.sha256(body).digest()
+
+
+index_entries = st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.integers(0, 1), st.integers(0, 1),
+                                   st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                                   st.integers(0, 2**32 - 1)), max_size=40)
+
+
+@given(st.binary(min_size=16, max_size=16), index_entries)
+def test_native_index_encoding_equals_the_format_in_plain_python(
+        pack_id: bytes, entries: list[tuple[bytes, int, int, int, int, int]]) -> None:
+    packed = b"".join(INDEX_ENTRY.pack(cid, t, c, 0, o, s, r) for cid, t, c, o, s, r in entries)
+    assert copier.encode_index(pack_id, packed) == reference_index(pack_id, entries)
+
+
+def test_python_reader_and_native_writer_agree_on_the_entry_layout() -> None:
+    assert INDEX_ENTRY.size == copier.INDEX_ENTRY_LEN
+
+
+def test_a_pack_published_from_outside_reads_as_one_the_writer_published(tmp_path: Path) -> None:
+    """A pack staged in tmp/ (as the media service receives one) and published through the native
+    publication is in place, indexed byte for byte as the pack writer indexes it, and readable."""
+    blobs = [os.urandom(1500), b"text " * 600, os.urandom(CHUNK)]
+    source, target = tmp_path / "source", tmp_path / "target"
+    with native(source) as nat:
+        ids = [nat.store_blob(b, BLOB_DATA)[0] for b in blobs]
+        nat.flush()
+    name = os.listdir(source / "index")[0]
+    entries = b"".join(INDEX_ENTRY.pack(e.id, e.type, int(e.compressed), 0, e.offset, e.stored_len, e.raw_len)
+                       for e in read_index(source / "index" / name))
+    repo_dirs(target)
+    staged = target / "tmp" / f"{name}.pack"
+    shutil.copyfile(source / "packs" / name[:2] / name, staged)
+
+    copier.publish_pack(target, name, staged, entries)
+
+    assert os.listdir(target / "tmp") == []
+    pack = Path("packs") / name[:2] / name
+    assert (target / pack).read_bytes() == (source / pack).read_bytes()
+    assert (target / "index" / name).read_bytes() == (source / "index" / name).read_bytes()
+    with native(target) as nat:
+        nat.load_index(name)
+        assert [nat.read_blob(i) for i in ids] == blobs
+
+
+def test_an_index_published_alone_is_listed_and_loads(tmp_path: Path) -> None:
+    cid = os.urandom(32)
+    name = os.urandom(16).hex()
+    with native(tmp_path) as nat:
+        copier.publish_index(tmp_path, name, INDEX_ENTRY.pack(cid, BLOB_DATA, 0, 0, 40, 100, 100))
+        assert [e.id for e in read_index(tmp_path / "index" / name)] == [cid]
+        nat.load_index(name)
+        assert cid in nat
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_publication_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    repo_dirs(tmp_path)
+    name = os.urandom(16).hex()
+    with pytest.raises(errors.RepositoryIOError, match="No such file"):
+        copier.publish_pack(tmp_path, name, tmp_path / "tmp" / "absent.pack", b"")
+    (tmp_path / "index").rmdir()  # the rename into index/ fails
+    with pytest.raises(errors.RepositoryIOError, match=f"index/{name}"):
+        copier.publish_index(tmp_path, name, b"")
+    assert os.listdir(tmp_path / "tmp") == [] and not (tmp_path / "index").exists()
+
+
+def test_publication_refuses_a_malformed_pack_name_or_entries(tmp_path: Path) -> None:
+    repo_dirs(tmp_path)
+    with pytest.raises(errors.HyperbackError, match="refused"):
+        copier.publish_index(tmp_path, "NOT-A-PACK-NAME", b"")
+    with pytest.raises(ValueError, match="52 bytes each"):
+        copier.publish_index(tmp_path, os.urandom(16).hex(), bytes(51))
+    assert os.listdir(tmp_path / "index") == [] and os.listdir(tmp_path / "tmp") == []

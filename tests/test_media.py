@@ -39,6 +39,7 @@ from host_agent.media import codec
 from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
 from host_agent.model import Policy
+from host_agent.storage import copier
 from host_agent.storage.copier import BLOB_DATA
 from host_agent.storage.gc import collect_garbage
 from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, PACK_MAGIC, RECORD_HEADER
@@ -102,7 +103,7 @@ def make_pack(writer_id: bytes, blobs: list[bytes], *, bad_id: bool = False) -> 
         cid = hashlib.sha256(blob + (b"x" if bad_id and i == len(blobs) - 1 else b"")).digest()
         entries += INDEX_ENTRY.pack(cid, BLOB_DATA, 0, 0, len(pack), len(blob), len(blob))
         pack += RECORD_HEADER.pack(cid, BLOB_DATA, 0, 0, len(blob), len(blob)) + blob
-    return pack_id.hex(), bytes(pack), codec.index_bytes(pack_id, bytes(entries))
+    return pack_id.hex(), bytes(pack), copier.encode_index(pack_id, bytes(entries))
 
 
 def upload_requests(session_id: str, name: str, pack: bytes, index: bytes,

@@ -46,7 +46,6 @@ from host_agent.media.codec import (
     MAX_IDS,
     PIECE,
     config_from_pb,
-    index_bytes,
     parse_snapshot,
     pieces,
     remote_error,
@@ -69,7 +68,6 @@ from host_agent.storage.repository import (
     Snapshot,
     _BaseLeaves,
     _RestoreTarget,
-    write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -415,9 +413,7 @@ class _SeedIndex:
             self._write()
 
     def _write(self) -> None:
-        pack_id = os.urandom(16)
-        write_atomic(self._root / "index" / pack_id.hex(), index_bytes(pack_id, bytes(self._entries)),
-                     self._root / "tmp")
+        copier.publish_index(self._root, os.urandom(copier.PACK_ID_LEN).hex(), bytes(self._entries))
         self._entries.clear()
 
 
@@ -548,7 +544,7 @@ class _Uploader:
         for e in chosen:
             entries += INDEX_ENTRY.pack(e.id, e.type, int(e.compressed), 0, size, e.stored_len, e.raw_len)
             size += e.record_len
-        index = index_bytes(bytes.fromhex(name), bytes(entries))
+        index = copier.encode_index(bytes.fromhex(name), bytes(entries))
         yield pb.UploadPackRequest(start=pb.UploadStart(session_id=self._session.id, pack_name=name,
                                                         pack_size=size, index_size=len(index)))
         with open(self._pack(name), "rb") as f:

@@ -8,7 +8,6 @@ repository would have raised.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from typing import Final
@@ -18,8 +17,6 @@ import grpc
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent.storage.copier import ID_LEN
-from host_agent.storage.packfile import INDEX_ENTRY, INDEX_HEADER, INDEX_MAGIC
-from host_agent.storage.packfile import VERSION as PACK_VERSION
 from host_agent.storage.repository import RepoConfig, Snapshot
 
 PIECE: Final = 1 << 20  # bulk bytes per message, both ways
@@ -57,13 +54,6 @@ def parse_snapshot(document: str) -> Snapshot:
         return Snapshot.from_json(json.loads(document))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise errors.UsageError(f"malformed snapshot document: {e!r}") from e
-
-
-def index_bytes(pack_id: bytes, entries: bytes) -> bytes:
-    """An index file (repository-format section 4) of packed ``INDEX_ENTRY`` records."""
-    count = len(entries) // INDEX_ENTRY.size
-    body = INDEX_HEADER.pack(INDEX_MAGIC, PACK_VERSION, pack_id, count, 0) + entries
-    return body + hashlib.sha256(body).digest()
 
 
 def pieces(data: bytes) -> Iterator[bytes]:

@@ -47,7 +47,6 @@ from host_agent.media.codec import (
     MAX_IDS,
     PIECE,
     config_to_pb,
-    index_bytes,
     parse_snapshot,
     snapshot_document,
     status_for,
@@ -72,7 +71,6 @@ from host_agent.storage.repository import (
     SNAPSHOT_ID,
     Repository,
     Snapshot,
-    fsync_dir,
     write_atomic,
 )
 
@@ -125,7 +123,7 @@ class PackScanner:
             raise errors.CorruptChunk(f"pack {self.name} is truncated at byte {self._offset}")
         if not self.entries:
             raise errors.CorruptChunk(f"pack {self.name} holds no record")
-        return index_bytes(bytes.fromhex(self.name), bytes(self.entries))
+        return copier.encode_index(bytes.fromhex(self.name), bytes(self.entries))
 
     def _header(self, head: bytes, offset: int) -> None:
         if not self._started:
@@ -333,7 +331,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 class _Upload:
     """One pack arriving: written to ``tmp/NAME.pack`` while its structure is checked, then its
-    records verified, then published as a local writer would (pack, then index)."""
+    records verified, then published by the native copier as a local writer's packs are (pack, then
+    index)."""
 
     def __init__(self, session: _Session, start: pb.UploadStart) -> None:
         self.session, self.name = session, start.pack_name
@@ -383,7 +382,7 @@ class _Upload:
         os.close(self._fd)
         self._fd = -1
         self._verify(index)
-        self._publish(index)
+        self._publish()
         return len(self.scanner.entries) // INDEX_ENTRY.size
 
     def _verify(self, index: bytes) -> None:
@@ -409,36 +408,20 @@ class _Upload:
                 f"pack {self.name}: {total} record(s) fail their check (decompression or SHA-256 against "
                 f"the id), e.g. {bad[0].hex()}: damaged in transit or by the client", bad[0].hex())
 
-    def _publish(self, index: bytes) -> None:
-        """Pack first, then index, each durable before the next step (repository-format section 6)."""
-        repo = self.session.repo
-        pack_dir = repo.path / "packs" / self.name[:2]
-        idx_tmp = repo.path / "tmp" / f"{self.name}.idx"
+    def _publish(self) -> None:
+        """Pack first, then index, each durable before the next step (repository-format section 6),
+        by the native copier; then the session's index counts the pack's blobs."""
         with self.session.use() as native:  # a session ended meanwhile publishes nothing
-            with _writing(f"packs/{self.name[:2]}/{self.name}"):
-                if not pack_dir.exists():
-                    pack_dir.mkdir(exist_ok=True)
-                    fsync_dir(repo.path / "packs")
-                os.rename(self.tmp, pack_dir / self.name)
-                fsync_dir(pack_dir)
-            with _writing(f"index/{self.name}"):
-                fd = os.open(idx_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                try:
-                    _write_all(fd, index)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(idx_tmp, repo.path / "index" / self.name)
-                fsync_dir(repo.path / "index")
+            copier.publish_pack(self.session.repo.path, self.name, self.tmp, bytes(self.scanner.entries))
             native.load_index(self.name)
 
     def discard(self) -> None:
-        """Remove what an unfinished upload wrote (a published pack stays: it is the session's)."""
+        """Remove what an unfinished upload wrote (a published pack stays: it is the session's; a
+        publication that failed removed its own tmp/NAME.idx)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         self.tmp.unlink(missing_ok=True)
-        (self.session.repo.path / "tmp" / f"{self.name}.idx").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- the service

@@ -5,23 +5,32 @@ releases the GIL (cffi does so for every call), checks the returned status and
 turns a failure into an exception of :mod:`host_agent.errors`.
 
 The native side knows chunks, packs and index files; it knows nothing of
-snapshots, names or policies.
+snapshots, names or policies. It is the one writer of index files and of the
+order in which packs and indexes are published (``encode_index``,
+``publish_pack``, ``publish_index``): Python code that has a pack or index to
+publish hands it the packed entries.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import random
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from host_agent import errors
+from host_agent.storage import packfile
 from host_agent.storage._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
 
-ID_LEN = 32
+ID_LEN: int = lib.HB_ID_LEN
 ZERO_ID = bytes(ID_LEN)
+PACK_ID_LEN: int = lib.HB_PACK_ID_LEN
+INDEX_ENTRY_LEN: int = lib.HB_INDEX_ENTRY_LEN
 
 BLOB_DATA = lib.HB_BLOB_DATA
 BLOB_TREE = lib.HB_BLOB_TREE
@@ -34,6 +43,8 @@ CHUNK_NEW = lib.HB_CHUNK_NEW
 CHUNK_DUP = lib.HB_CHUNK_DUP
 CHUNK_ZERO = lib.HB_CHUNK_ZERO
 CHUNK_KEPT = lib.HB_CHUNK_KEPT
+
+_T = TypeVar("_T")
 
 _WHERE = {
     lib.HB_AT_SOURCE: "reading the source",
@@ -154,19 +165,50 @@ def _interruptible(call: Callable[[], int], progress: Progress, units: int) -> i
     return result[0]
 
 
+def _entry_count(entries: bytes) -> int:
+    if len(entries) % INDEX_ENTRY_LEN:
+        raise ValueError(f"index entries are {INDEX_ENTRY_LEN} bytes each, not {len(entries)} bytes in all")
+    return len(entries) // INDEX_ENTRY_LEN
+
+
+def encode_index(pack_id: bytes, entries: bytes) -> bytes:
+    """The index file (repository-format section 4) of pack ``pack_id``, listing ``entries``:
+    index entries packed as ``packfile.INDEX_ENTRY``, in order."""
+    if len(pack_id) != PACK_ID_LEN:
+        raise ValueError(f"a pack id is {PACK_ID_LEN} bytes")
+    count = _entry_count(entries)
+    cap = lib.HB_INDEX_HEADER_LEN + len(entries) + ID_LEN
+    out = ffi.new("uint8_t[]", cap)
+    n = ffi.new("uint64_t *")
+    err = ffi.new("hb_error *")
+    _check(lib.hb_index_encode(pack_id, entries, count, out, cap, n, err), err,
+           f"the index of pack {pack_id.hex()}")
+    return bytes(ffi.buffer(out, n[0]))
+
+
+def publish_index(root: str | os.PathLike[str], name: str, entries: bytes) -> None:
+    """Make ``index/NAME`` of the repository at ``root`` list ``entries``, whole and durable
+    (repository-format section 6, step 3)."""
+    err = ffi.new("hb_error *")
+    _check(lib.hb_publish_index(os.fsencode(root), name.encode(), entries, _entry_count(entries), err), err,
+           f"index/{name}")
+
+
+def publish_pack(root: str | os.PathLike[str], name: str, staged: str | os.PathLike[str],
+                 entries: bytes) -> None:
+    """Publish the pack file ``staged`` (in ``root``'s tmp/) as pack NAME, then its index listing
+    ``entries``, each durable before the next step (repository-format section 6, steps 2 and 3)."""
+    err = ffi.new("hb_error *")
+    _check(lib.hb_publish_pack(os.fsencode(root), name.encode(), os.fsencode(staged), entries,
+                               _entry_count(entries), err), err, f"pack {name}")
+
+
 def sha256(data: bytes) -> bytes:
     """The chunk identity function, as the native side computes it."""
     out = ffi.new("uint8_t[32]")
     if lib.hb_hash(data, len(data), out) != lib.HB_OK:
         raise errors.HyperbackError("native SHA-256 failed")
     return bytes(out)
-
-
-def selftest() -> None:
-    """Check the native hash against hashlib; raise if they disagree (a broken build)."""
-    sample = bytes(range(256)) * 257
-    if sha256(sample) != hashlib.sha256(sample).digest():
-        raise errors.HyperbackError("native self-test failed: SHA-256 disagrees with hashlib")
 
 
 class NativeRepository:
@@ -286,3 +328,110 @@ class NativeRepository:
         total = int(nbad[0])
         raw = bytes(ffi.buffer(bad, min(total, max_report) * ID_LEN))
         return [raw[i:i + ID_LEN] for i in range(0, len(raw), ID_LEN)], total
+
+
+# ---------- the start-up self-test ----------
+
+SELFTEST_CHUNK = 4096  # the smallest chunk size: the round trip stays a few pages
+
+
+def selftest() -> None:
+    """Check the native module against plain Python; raise HyperbackError naming what disagreed.
+
+    It runs before the native module is trusted with backups (the agent's start, .ci/setup, the
+    appliance's build): a broken build or library must stop them, not corrupt them. SHA-256 is
+    compared with hashlib; then a few chunks (random, zero, compressible text twice, a short last
+    one) go through a throw-away repository: backed up with hb_backup_segment, flushed (a pack and
+    its index, published as every pack is), reloaded in a new handle and restored. The ids must be
+    hashlib's, the index must pass packfile.read_index and list the new chunks, the restored bytes
+    must be the source's. It takes milliseconds; the scratch directory goes in every case.
+    """
+    sample = bytes(range(256)) * 257
+    if sha256(sample) != hashlib.sha256(sample).digest():
+        raise errors.HyperbackError("native self-test failed: SHA-256 disagrees with hashlib")
+    try:
+        with tempfile.TemporaryDirectory(prefix="hyperback-selftest-") as scratch:
+            _round_trip(Path(scratch))
+    except OSError as e:
+        raise errors.EnvironmentProblem(f"the native self-test cannot use a scratch directory: {e}") from e
+
+
+def _disagree(what: str) -> errors.HyperbackError:
+    return errors.HyperbackError(f"native self-test failed: {what}")
+
+
+def _native_step(what: str, step: Callable[[], _T]) -> _T:
+    """Run a step of the round trip; an error the native side reports is the self-test's failure."""
+    try:
+        return step()
+    except errors.HyperbackError as e:
+        raise _disagree(f"{what} raised {type(e).__name__}: {e}") from e
+
+
+def _round_trip(scratch: Path) -> None:
+    cs = SELFTEST_CHUNK
+    rng = random.Random(1)  # the same bytes every run: a failure reproduces
+    text = (b"hyperback native self-test: a line that compresses well\n" * (cs // 32))[:cs]
+    chunks = [rng.randbytes(cs), bytes(cs), text, text, rng.randbytes(cs // 3)]
+    data = b"".join(chunks)
+    want_ids = b"".join(hashlib.sha256(c).digest() if any(c) else ZERO_ID for c in chunks)
+    want_states = bytes([CHUNK_NEW, CHUNK_ZERO, CHUNK_NEW, CHUNK_DUP, CHUNK_NEW])
+    root, source, target = scratch / "repo", scratch / "source", scratch / "target"
+    for sub in ("packs", "index", "tmp"):
+        (root / sub).mkdir(parents=True)
+    source.write_bytes(data)
+    with open(target, "wb") as f:
+        f.truncate(len(data))  # holes where the zero chunk goes, as a restore to a file leaves it
+
+    def open_repo() -> NativeRepository:
+        return NativeRepository(str(root), os.urandom(16), cs, 1 << 20, 1)
+
+    def back_up() -> tuple[bytes, bytes]:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with open_repo() as native:
+                out = native.backup_segment(fd, 0, len(data), bytes([TODO_READ]) * len(chunks), None, 1,
+                                            Progress(), "the self-test's source")
+                native.flush()
+                return out
+        finally:
+            os.close(fd)
+
+    ids, states = _native_step("backing up", back_up)
+    if ids != want_ids:
+        raise _disagree("the chunk ids hb_backup_segment gave disagree with hashlib.sha256")
+    if states != want_states:
+        raise _disagree(f"hb_backup_segment classed the chunks {list(states)}, not {list(want_states)} "
+                        "(new, zero, new, duplicate, new)")
+    names, left = sorted(os.listdir(root / "index")), sorted(os.listdir(root / "tmp"))
+    if len(names) != 1 or left or not (root / "packs" / names[0][:2] / names[0]).is_file():
+        raise _disagree(f"the flush left index/ {names} and tmp/ {left}, not one index of a published pack "
+                        "and nothing in tmp/")
+    index = root / "index" / names[0]
+    try:
+        entries = packfile.read_index(index)
+    except errors.RepositoryError as e:
+        raise _disagree(f"the Python reader refuses the index file: {e}") from e
+    new_ids = [want_ids[i:i + ID_LEN] for i in (0, 2 * ID_LEN, 4 * ID_LEN)]
+    if sorted(e.id for e in entries) != sorted(new_ids):
+        raise _disagree("the index file does not list the new chunks, each once")
+    if [e.compressed for e in sorted(entries, key=lambda e: new_ids.index(e.id))] != [False, True, False]:
+        raise _disagree("zstd: random chunks must be stored raw and the text compressed")
+    packed = b"".join(packfile.INDEX_ENTRY.pack(e.id, e.type, int(e.compressed), 0, e.offset, e.stored_len,
+                                                e.raw_len) for e in entries)
+    encoded = _native_step("encoding the index", lambda: encode_index(bytes.fromhex(index.name), packed))
+    if encoded != index.read_bytes():
+        raise _disagree("hb_index_encode disagrees with the index file the flush wrote")
+
+    def restore() -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            with open_repo() as native:
+                native.load_index(index.name)
+                native.restore_segment(fd, 0, len(data), ids, False, 1, Progress(), "the self-test's target")
+        finally:
+            os.close(fd)
+
+    _native_step("restoring", restore)
+    if target.read_bytes() != data:
+        raise _disagree("the restored bytes differ from the source's")
