@@ -20,6 +20,11 @@ Contract, in short:
 * Resynchronisation: the guest sends :func:`sync_frame` (``0xFF`` + ``sync``) and discards
   everything until the ``sync-ack`` with its id (:class:`Resync`); the host answers every
   ``sync`` with :func:`sync_ack_frame` (``0xFF`` + ``sync-ack``).
+
+Why one module, at twice the length of any other: it is the protocol's one definition, read side
+by side with docs/wire-protocol.md, and both sides import it; split, the framing, the message
+classes and their validation would each be half a contract (QEMU's ``qmp`` keeps its message
+model in one module for the same reason).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from system_helpers import (
 
 from host_agent.storage.gc import collect_garbage
 from host_agent.storage.packfile import read_index
-from host_agent.storage.repository import BackupResult, Repository
+from host_agent.storage.repository import Repository
+from host_agent.storage.snapshot import BackupResult
 
 
 def assert_restores(repo: Repository, expected: dict[str, str], target_dir: Path) -> None:

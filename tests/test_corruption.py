@@ -21,7 +21,8 @@ from system_helpers import (
 from host_agent import errors
 from host_agent.storage.copier import BLOB_DATA
 from host_agent.storage.packfile import RECORD_HEADER, IndexEntry, read_index
-from host_agent.storage.repository import DEFAULT_CHUNK_SIZE, Repository, Snapshot
+from host_agent.storage.repository import DEFAULT_CHUNK_SIZE, Repository
+from host_agent.storage.snapshot import Snapshot
 
 
 def pack_path(repo: Repository, name: str) -> Path:

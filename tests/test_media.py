@@ -35,7 +35,7 @@ from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
-from host_agent.media import codec
+from host_agent.media import codec, uploads
 from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
 from host_agent.model import Policy
@@ -515,7 +515,7 @@ def test_the_pack_scanner_reads_what_the_native_writer_writes(repo: Repository, 
     for name in index_files(repo.path):
         data = (repo.path / "packs" / name[:2] / name).read_bytes()
         writer = struct.unpack_from("<16s", data, 24)[0]
-        scanner = media.PackScanner(name, writer, repo.config.chunk_size)
+        scanner = uploads.PackScanner(name, writer, repo.config.chunk_size)
         for at in range(0, len(data), 7777):
             scanner.feed(data[at:at + 7777])
         assert scanner.finish() == (repo.path / "index" / name).read_bytes()

@@ -16,7 +16,8 @@ from host_agent import errors
 from host_agent.model import ChangeDetection, Policy
 from host_agent.storage.extents import Layout, Mapping
 from host_agent.storage.gc import collect_garbage
-from host_agent.storage.repository import Repository, Snapshot
+from host_agent.storage.repository import Repository
+from host_agent.storage.snapshot import Snapshot
 
 
 def restored_digest(repo: Repository, spec: str, tmp: Path) -> str:

@@ -335,10 +335,10 @@ def test_views_of_a_qcow2_disk_under_writes(lab: Lab, tmp_path: Path, repo: Repo
         crashed.__enter__()
         crashed._lock.release()  # what the dead process would have released
         assert len(overlays_of(image)) == 1 and source_of(dom)[0] != str(image)
-        done = views.recover(dom)
+        done = overlays.recover(dom)
         assert len(done) == 1 and "merged" in done[0]
         assert_back_on(dom, image, "qcow2")
-        assert views.recover(dom) == []
+        assert overlays.recover(dom) == []
         checkpoints.prune_checkpoints(dom, set())
     finally:
         guest.close()
@@ -450,7 +450,7 @@ def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
             assert f.read(len(data)) == data
         assert not dom.isActive()
         assert source_of(dom, libvirt.VIR_DOMAIN_XML_INACTIVE) == (str(image), "raw")
-        assert views.recover(dom) == []
+        assert overlays.recover(dom) == []
     finally:
         guest.close()
         lab.close()  # before the unmount: the domain's QEMU must let go of the small storage

@@ -44,7 +44,7 @@ from host_agent.model import (
 )
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent, Layout
-from host_agent.storage.repository import BackupResult, Snapshot
+from host_agent.storage.snapshot import BackupResult, Snapshot
 
 log = logging.getLogger(__name__)
 

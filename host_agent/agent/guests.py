@@ -27,7 +27,7 @@ from host_agent.agent.jobs import Jobs, JobState, Origin
 from host_agent.agent.journal import Journal
 from host_agent.errors import ChannelClosed
 from host_agent.model import ChangeDetection, Instruction, InstructionKind, Outcome, RequestId
-from host_agent.storage.repository import Snapshot
+from host_agent.storage.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 A view puts an external qcow2 overlay on each disk (``<image>.hb-overlay-<token>``) and, when the
 backup is done, commits it back into the image below (:class:`Merger`: ``blockCommit(ACTIVE |
 SHALLOW)``, then a pivot). A domain that stopped meanwhile has its overlays merged offline
-(:func:`merge_offline`) and its definition pointed back at its images.
+(:func:`merge_offline`) and its definition pointed back at its images. What a view left behind
+when its process died is undone by :func:`recover`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import hypervisor
+from host_agent.agent.checkpoints import wait_no_backup_job
 from host_agent.agent.domainxml import is_active, live_disks, same_file, source_of
-from host_agent.errors import CleanupFailed, DomainGone, HypervisorError, NoDomain
+from host_agent.errors import (
+    CleanupFailed,
+    DomainGone,
+    HypervisorError,
+    NoBackupJob,
+    NoDomain,
+    OperationInvalid,
+    ViewError,
+)
 from host_agent.storage import qcow2
 
 log = logging.getLogger(__name__)
@@ -185,3 +195,48 @@ class Merger:
         except OSError as e:
             raise CleanupFailed(f"{self.dom.name()} {self.target} is back on {self.image}, but the overlay "
                                 f"{self.overlay} could not be deleted: {e.strerror}") from e
+
+
+def recover(domain: Any, timeout: float = 120.0) -> list[str]:
+    """Undo what a view left behind when its process died: a running backup job, disks still on a
+    hyperback overlay (merged back and deleted), a definition pointing at an overlay. Returns what
+    was done, for the log. Run it for every domain when the agent starts, before any view."""
+    domain = hypervisor.guard(domain)
+    done: list[str] = []
+    name = domain.name()
+    if is_active(domain):
+        try:
+            backup = ET.fromstring(domain.backupGetXMLDesc(0)).find("server")
+            if backup is not None and "/hb-view-" in backup.get("socket", ""):  # ours, not someone else's
+                domain.abortJob()
+                wait_no_backup_job(domain, time.monotonic() + timeout)
+                done.append("aborted a backup job")
+        except HypervisorError as e:
+            if not isinstance(e, (NoBackupJob, OperationInvalid)):
+                raise ViewError(f"cannot inspect the jobs of {name}: {e}") from e
+        for target, disk in live_disks(domain).items():
+            overlay = source_of(disk) or ""
+            if not OVERLAY_RE.search(overlay):
+                continue
+            image = OVERLAY_RE.sub("", overlay)
+            m = Merger(domain, target, overlay, image, time.monotonic() + timeout)
+            m.start()
+            m.finish()
+            done.append(f"merged {overlay} back into {image}")
+    else:
+        overlays = {}
+        try:
+            disks = live_disks(domain, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        except ViewError:
+            disks = {}
+        for target, disk in disks.items():
+            overlay = source_of(disk) or ""
+            if OVERLAY_RE.search(overlay):
+                merge_offline(overlay)
+                overlays[target] = overlay
+                done.append(f"merged {overlay} offline")
+        if overlays and restore_inactive_definition(domain, overlays):
+            done.append("pointed the definition back at the images")
+    for what in done:
+        log.warning("%s: recovered: %s", name, what)
+    return done

@@ -113,8 +113,6 @@ from host_agent.errors import (
     DomainGone,
     FreezeFailed,
     HypervisorError,
-    NoBackupJob,
-    OperationInvalid,
     ViewError,
 )
 from host_agent.model import ChangeDetection, DiskRef
@@ -288,7 +286,7 @@ class PointInTime:
         if path is None or elem.get("type") not in ("file", "block"):
             raise ViewError(f"{self.name} {ref.target} is not a file or block device disk")
         if not same_file(path, ref.path):
-            hint = " (an overlay of an earlier view: run views.recover)" if OVERLAY_RE.search(path) else ""
+            hint = " (an overlay of an earlier view: run overlays.recover)" if OVERLAY_RE.search(path) else ""
             raise ViewError(f"{self.name} {ref.target} now reads {path}, not {ref.path}{hint}")
         try:
             if self.dom.blockJobInfo(ref.target, 0):
@@ -605,52 +603,3 @@ def point_in_time(conn: Any, domain: Any, disks: Sequence[DiskRef], *, chunk_siz
     return PointInTime(conn, domain, disks, chunk_size=chunk_size, freeze=freeze, thaw=thaw,
                        checkpoint=checkpoint, since=since, timeout=timeout, overlay_dir=overlay_dir,
                        socket_dir=socket_dir)
-
-
-def recover(domain: Any, timeout: float = 120.0) -> list[str]:
-    """Undo what a view left behind when its process died: a running backup job, disks still on a
-    hyperback overlay (merged back and deleted), a definition pointing at an overlay. Returns what
-    was done, for the log. Run it for every domain when the agent starts, before any view."""
-    domain = hypervisor.guard(domain)
-    done: list[str] = []
-    name = domain.name()
-    if is_active(domain):
-
-
-        try:
-            backup = ET.fromstring(domain.backupGetXMLDesc(0)).find("server")
-            if backup is not None and "/hb-view-" in backup.get("socket", ""):  # ours, not someone else's
-                domain.abortJob()
-                wait_no_backup_job(domain, time.monotonic() + timeout)
-                done.append("aborted a backup job")
-        except HypervisorError as e:
-            if not isinstance(e, (NoBackupJob, OperationInvalid)):
-                raise ViewError(f"cannot inspect the jobs of {name}: {e}") from e
-        for target, disk in live_disks(domain).items():
-            overlay = source_of(disk) or ""
-            if not OVERLAY_RE.search(overlay):
-                continue
-            image = OVERLAY_RE.sub("", overlay)
-            m = Merger(domain, target, overlay, image, time.monotonic() + timeout)
-            m.start()
-            m.finish()
-            done.append(f"merged {overlay} back into {image}")
-    else:
-        overlays = {}
-        try:
-            disks = live_disks(domain, libvirt.VIR_DOMAIN_XML_INACTIVE)
-        except ViewError:
-            disks = {}
-        for target, disk in disks.items():
-            overlay = source_of(disk) or ""
-            if OVERLAY_RE.search(overlay):
-                merge_offline(overlay)
-                overlays[target] = overlay
-                done.append(f"merged {overlay} offline")
-        if overlays and restore_inactive_definition(domain, overlays):
-            done.append("pointed the definition back at the images")
-    for what in done:
-        log.warning("%s: recovered: %s", name, what)
-    return done
-
-

@@ -56,19 +56,11 @@ from host_agent.protobuf import policy_to_pb
 from host_agent.storage import copier
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, open_source, validate_changes
+from host_agent.storage.files import RestoreTarget
 from host_agent.storage.maptree import FANOUT, TreeBuilder, leaves_for
 from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, IndexEntry, read_index
-from host_agent.storage.repository import (
-    PACK_TARGET,
-    BackupResult,
-    ProgressFn,
-    RepoConfig,
-    Repository,
-    RestoreResult,
-    Snapshot,
-    _BaseLeaves,
-    _RestoreTarget,
-)
+from host_agent.storage.repository import PACK_TARGET, BaseLeaves, ProgressFn, RepoConfig, Repository
+from host_agent.storage.snapshot import BackupResult, RestoreResult, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +209,7 @@ class RemoteRepository:
         started = time.monotonic()
         snap = self.resolve(spec)
         path = Path(target)
-        with _RestoreTarget(path, snap.size, overwrite) as out:  # a bad target fails before data flows
+        with RestoreTarget(path, snap.size, overwrite) as out:  # a bad target fails before data flows
             call = self.stub.Restore(pb.RestoreRequest(destination=self.destination, spec=snap.id))
             try:
                 messages = self.stream(call)
@@ -382,7 +374,7 @@ class _Spool(Repository):
         ids.close()
 
     def _copy_run(self, native: NativeRepository, src: OpenSource, first: int, plan: bytearray, lo: int,
-                  hi: int, base_leaves: _BaseLeaves, builder: TreeBuilder, threads: int,
+                  hi: int, base_leaves: BaseLeaves, builder: TreeBuilder, threads: int,
                   progress: copier.Progress) -> None:
         """Copy as a local backup does, in pieces of ``RUN_BYTES``, each once uploads caught up."""
         step = max(FANOUT, RUN_BYTES // self.config.chunk_size // FANOUT * FANOUT)

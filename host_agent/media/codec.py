@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent.storage.copier import ID_LEN
-from host_agent.storage.repository import RepoConfig, Snapshot
+from host_agent.storage.repository import RepoConfig
+from host_agent.storage.snapshot import Snapshot
+
+_E = TypeVar("_E", bound=errors.HyperbackError)
 
 PIECE: Final = 1 << 20  # bulk bytes per message, both ways
 MAX_IDS: Final = PIECE // ID_LEN  # ids per FilterMissing request
@@ -74,7 +77,20 @@ _STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] 
 )
 
 
+_STATUS_OVERRIDE = "hyperback_grpc_status"
+
+
+def refused(code: grpc.StatusCode, error: _E) -> _E:
+    """``error``, to be answered with ``code`` rather than the status its class maps to (a session
+    that never existed is NOT_FOUND, though an expired one is ABORTED)."""
+    setattr(error, _STATUS_OVERRIDE, code)
+    return error
+
+
 def status_for(error: errors.HyperbackError) -> grpc.StatusCode:
+    override: grpc.StatusCode | None = getattr(error, _STATUS_OVERRIDE, None)
+    if override is not None:
+        return override
     return next((code for cls, code in _STATUS if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
 
 

@@ -17,20 +17,15 @@ collection. Nothing is committed before the snapshot document is written.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
-import os
 import re
 import signal
 import socket
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Final, NoReturn
@@ -48,118 +43,30 @@ from host_agent.media.codec import (
     PIECE,
     config_to_pb,
     parse_snapshot,
+    refused,
     snapshot_document,
     status_for,
 )
+from host_agent.media.sessions import Session, Sessions
+from host_agent.media.uploads import Upload
 from host_agent.model import ChangeDetection, Policy
 from host_agent.protobuf import policy_from_pb
-from host_agent.storage import copier
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
+from host_agent.storage.files import write_atomic
 from host_agent.storage.maptree import TreeReader
-from host_agent.storage.packfile import (
-    INDEX_ENTRY,
-    INDEX_HEADER,
-    PACK_HEADER,
-    PACK_MAGIC,
-    RECORD_HEADER,
-)
-from host_agent.storage.packfile import VERSION as PACK_VERSION
-from host_agent.storage.repository import (
-    NAME,
-    PACK_NAME,
-    PACK_TARGET,
-    SNAPSHOT_ID,
-    Repository,
-    Snapshot,
-    write_atomic,
-)
+from host_agent.storage.repository import Repository
+from host_agent.storage.snapshot import NAME, SNAPSHOT_ID, Snapshot
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 7420
 DEFAULT_LEASE: Final = 60.0
 GRACE: Final = 5.0  # seconds calls in flight get to finish on stop
-MAX_PACK: Final = 2 * PACK_TARGET  # an upload above this is refused: it bounds tmp/ and the check's memory
 SNAPSHOTS_PER_PAGE: Final = 256
 DESTINATION_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-class PackScanner:
-    """Checks the structure of a pack file as its bytes stream in, and indexes its records.
-
-    It checks the header (magic, version, the pack's name, the expected writer id) and every record
-    header (type, compression flag, reserved field, lengths, no id twice); the records' contents
-    (decompression, SHA-256) are for the native reader to check. Memory: about 100 bytes per record.
-    """
-
-    def __init__(self, name: str, writer_id: bytes, chunk_size: int) -> None:
-        self.name, self._writer_id, self._chunk_size = name, writer_id, chunk_size
-        self.entries = bytearray()  # packed INDEX_ENTRY records
-        self._ids: set[bytes] = set()
-        self._pending = bytearray()  # the start of a header not yet complete
-        self._payload_left = 0
-        self._offset = 0  # of the next byte fed
-        self._started = False  # pack header seen
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self._payload_left:
-                n = min(self._payload_left, len(view))
-                self._payload_left -= n
-            else:
-                want = (RECORD_HEADER.size if self._started else PACK_HEADER.size) - len(self._pending)
-                n = min(want, len(view))
-                self._pending += view[:n]
-                if n == want:
-                    self._header(bytes(self._pending), self._offset + n - len(self._pending))
-                    self._pending.clear()
-            self._offset += n
-            view = view[n:]
-
-    def finish(self) -> bytes:
-        """The index file the records give; raises if the pack ended inside a header or record."""
-        if not self._started or self._pending or self._payload_left:
-            raise errors.CorruptChunk(f"pack {self.name} is truncated at byte {self._offset}")
-        if not self.entries:
-            raise errors.CorruptChunk(f"pack {self.name} holds no record")
-        return copier.encode_index(bytes.fromhex(self.name), bytes(self.entries))
-
-    def _header(self, head: bytes, offset: int) -> None:
-        if not self._started:
-            magic, version, pack_id, writer = PACK_HEADER.unpack(head)
-            if magic != PACK_MAGIC or version != PACK_VERSION or pack_id.hex() != self.name:
-                raise errors.CorruptChunk(f"pack {self.name} has a bad header")
-            if writer != self._writer_id:
-                raise errors.CorruptChunk(f"pack {self.name} names writer {writer.hex()}, not the session's "
-                                          f"{self._writer_id.hex()}")
-            self._started = True
-            return
-        cid, btype, comp, reserved, raw_len, stored_len = RECORD_HEADER.unpack(head)
-        where = f"pack {self.name}, record at {offset}"
-        if btype not in (copier.BLOB_DATA, copier.BLOB_TREE) or comp not in (0, 1) or reserved:
-            raise errors.CorruptChunk(f"{where}: bad type, compression or reserved field", cid.hex())
-        if raw_len > self._chunk_size:
-            raise errors.RepositoryError(f"{where}: {raw_len} bytes, more than the chunk size "
-                                         f"{self._chunk_size} of this repository: another chunk size?")
-        if not raw_len or not stored_len or (not comp and stored_len != raw_len):
-            raise errors.CorruptChunk(f"{where}: bad lengths", cid.hex())
-        if cid in self._ids:
-            raise errors.CorruptChunk(f"{where}: id {cid.hex()} twice in one pack", cid.hex())
-        self._ids.add(cid)
-        self.entries += INDEX_ENTRY.pack(cid, btype, comp, 0, offset, stored_len, raw_len)
-        self._payload_left = stored_len
-
-
 # --------------------------------------------------------------------------- errors on the wire
-
-class _Refused(Exception):
-    """A failure whose status code is not the one its class maps to (see ``status_for``)."""
-
-    def __init__(self, code: grpc.StatusCode, error: errors.HyperbackError) -> None:
-        super().__init__(str(error))
-        self.code, self.error = code, error
-
 
 class _Answering:
     """Turns what a call raises into its status code and error class, once, here.
@@ -175,8 +82,6 @@ class _Answering:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if isinstance(error, _Refused):
-            self._abort(error.code, error.error)
         if isinstance(error, errors.HyperbackError):
             self._abort(status_for(error), error)
         if isinstance(error, MemoryError):
@@ -188,242 +93,6 @@ class _Answering:
         self._context.abort(code, str(error))
 
 
-# --------------------------------------------------------------------------- backup sessions
-
-class _Session:
-    """One client's backup: a writer lock and native handle on a repository, held across calls.
-
-    ``use()`` serializes the calls that touch the native handle with the session's end, so an
-    expiry never closes the handle under a running call.
-    """
-
-    def __init__(self, session_id: str, repo: Repository, name: str, policy: Policy, base_id: str) -> None:
-        self.id, self.repo, self.name, self.policy = session_id, repo, name, policy
-        self.writer_id = os.urandom(16)
-        self.last_seen = time.monotonic()
-        self.ended: str | None = None  # why, once ended
-        self._busy = threading.Lock()
-        self._stack = ExitStack()
-        try:
-            # The lock first, then the base: a base seen under the lock is one the sweep protects.
-            self.native = self._stack.enter_context(
-                repo.session("media-backup", writer=True, writer_id=self.writer_id))
-            self.base = _explicit_base(repo, base_id) if base_id else repo.base_for(name, policy)
-            # The base's pages are in the repository (it is committed): the commit check trusts them.
-            self.base_pages = set(TreeReader(self.native, self.base.tree).pages()) if self.base else set()
-        except BaseException:
-            self._stack.close()
-            raise
-
-    def touch(self) -> None:
-        """Note a sign of life; SessionExpired if the session ended."""
-        if self.ended is not None:
-            raise errors.SessionExpired(f"backup session {self.id} {self.ended}")
-        self.last_seen = time.monotonic()
-
-    @contextmanager
-    def use(self) -> Iterator[NativeRepository]:
-        """The native handle, which the session's end waits for."""
-        with self._busy:
-            self.touch()
-            yield self.native
-
-    def end(self, why: str) -> bool:
-        """Release the lock and the handle; False if it had ended already."""
-        with self._busy:
-            if self.ended is not None:
-                return False
-            self.ended = why
-            self._stack.close()
-            return True
-
-
-def _explicit_base(repo: Repository, base_id: str) -> Snapshot:
-    """The snapshot ``base_id`` names exactly, of this repository's chunk size."""
-    found = repo.resolve(base_id) if SNAPSHOT_ID.fullmatch(base_id) else None
-    if found is None or found.id != base_id:
-        raise errors.SnapshotNotFound(f"no snapshot {base_id!r} to take as the base")
-    if found.chunk_size != repo.config.chunk_size:
-        raise errors.RepositoryError(f"base snapshot {found.id} has another chunk size")
-    return found
-
-
-class _Sessions:
-    """The live sessions, and a reaper that ends those silent for longer than the lease."""
-
-    ENDED_KEPT = 3600.0  # seconds an ended session's id is remembered, to answer ABORTED and not NOT_FOUND
-
-    def __init__(self, lease: float) -> None:
-        self.lease = lease
-        self._lock = threading.Lock()
-        self._live: dict[str, _Session] = {}
-        self._ended: dict[str, tuple[float, str]] = {}
-        self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_loop, name="media-reaper", daemon=True)
-        self._reaper.start()
-
-    def open(self, repo: Repository, name: str, policy: Policy, base_id: str) -> _Session:
-        session = _Session(os.urandom(16).hex(), repo, name, policy, base_id)
-        with self._lock:
-            self._live[session.id] = session
-        return session
-
-    def get(self, session_id: str) -> _Session:
-        with self._lock:
-            session = self._live.get(session_id)
-            ended = self._ended.get(session_id)
-        if session is not None:
-            session.touch()  # may have ended since the lookup
-            return session
-        if ended is not None:
-            raise errors.SessionExpired(f"backup session {session_id} {ended[1]}")
-        raise _Refused(grpc.StatusCode.NOT_FOUND, errors.SessionExpired(
-            f"no backup session {session_id}: it never existed, or the media service restarted since"))
-
-    def end(self, session: _Session, why: str) -> None:
-        with self._lock:
-            self._live.pop(session.id, None)
-            self._ended[session.id] = (time.monotonic(), why)
-        if session.end(why):
-            log.info("backup session %s of %s %s", session.id, session.name, why)
-
-    def _reap_loop(self) -> None:
-        while not self._stop.wait(min(self.lease / 4, 5.0)):
-            self.reap()
-
-    def reap(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            idle = [s for s in self._live.values() if now - s.last_seen > self.lease]
-            for sid in [sid for sid, (at, _) in self._ended.items() if now - at > self.ENDED_KEPT]:
-                del self._ended[sid]
-        for session in idle:
-            self.end(session, f"expired: no call for more than {self.lease:g} s")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._reaper.join()
-        with self._lock:
-            live = list(self._live.values())
-        for session in live:
-            self.end(session, "ended: the media service stopped")
-
-
-# --------------------------------------------------------------------------- uploads
-
-@contextmanager
-def _writing(what: str) -> Iterator[None]:
-    """ENOSPC/EDQUOT become RepositoryFull, other OSErrors RepositoryIOError, naming ``what``."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise errors.RepositoryFull(f"the backup media are full writing {what}: free space or prune, "
-                                        "then run again; earlier snapshots are intact") from e
-        raise errors.RepositoryIOError(f"cannot write {what}: {e.strerror}") from e
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-class _Upload:
-    """One pack arriving: written to ``tmp/NAME.pack`` while its structure is checked, then its
-    records verified, then published by the native copier as a local writer's packs are (pack, then
-    index)."""
-
-    def __init__(self, session: _Session, start: pb.UploadStart) -> None:
-        self.session, self.name = session, start.pack_name
-        self.pack_size, self.index_size = start.pack_size, start.index_size
-        repo = session.repo
-        if not PACK_NAME.fullmatch(self.name):
-            raise errors.UsageError(f"pack name {self.name!r} is not 32 lowercase hex characters")
-        if not PACK_HEADER.size < self.pack_size <= MAX_PACK:
-            raise errors.UsageError(f"pack size {self.pack_size} is outside {PACK_HEADER.size}..{MAX_PACK}")
-        records = (self.pack_size - PACK_HEADER.size) // (RECORD_HEADER.size + 1)  # at most: of one byte each
-        if not 0 < self.index_size - INDEX_HEADER.size - ID_LEN <= records * INDEX_ENTRY.size:
-            raise errors.UsageError(f"an index of {self.index_size} bytes cannot list a pack of "
-                                    f"{self.pack_size} bytes")
-        if (repo.path / "index" / self.name).exists() or \
-                (repo.path / "packs" / self.name[:2] / self.name).exists():
-            raise errors.UsageError(f"pack {self.name} exists in the repository already")
-        self.scanner = PackScanner(self.name, session.writer_id, repo.config.chunk_size)
-        self.tmp = repo.path / "tmp" / f"{self.name}.pack"
-        self._received = 0
-        self._index = bytearray()
-        with _writing(f"tmp/{self.name}.pack"):
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-
-    def pack_data(self, data: bytes) -> None:
-        if self._received + len(data) > self.pack_size:
-            raise errors.CorruptChunk(f"pack {self.name} runs past its announced {self.pack_size} bytes")
-        self.scanner.feed(data)
-        with _writing(f"tmp/{self.name}.pack"):
-            _write_all(self._fd, data)
-        self._received += len(data)
-
-    def index_data(self, data: bytes) -> None:
-        if self._received != self.pack_size or len(self._index) + len(data) > self.index_size:
-            raise errors.CorruptChunk(f"pack {self.name}: index data out of place or too long")
-        self._index += data
-
-    def finish(self) -> int:
-        """Check, verify and publish the pack; return its number of records."""
-        if self._received != self.pack_size:
-            raise errors.CorruptChunk(f"pack {self.name} ended after {self._received} of its "
-                                      f"{self.pack_size} bytes")
-        index = self.scanner.finish()
-        if bytes(self._index) != index:
-            raise errors.CorruptChunk(f"the index sent for pack {self.name} does not list its records")
-        with _writing(f"tmp/{self.name}.pack"):
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        self._verify(index)
-        self._publish()
-        return len(self.scanner.entries) // INDEX_ENTRY.size
-
-    def _verify(self, index: bytes) -> None:
-        """Decompress and hash every record with the native reader, through a scratch root that
-        shows the pack in tmp/ as if published (the repository shows nothing before it passes)."""
-        repo = self.session.repo
-        with tempfile.TemporaryDirectory(prefix="hyperback-media-check-") as scratch:
-            root = Path(scratch)
-            try:
-                (root / "index").mkdir()
-                (root / "packs" / self.name[:2]).mkdir(parents=True)
-                (root / "packs" / self.name[:2] / self.name).symlink_to(self.tmp)
-                (root / "index" / self.name).write_bytes(index)
-            except OSError as e:
-                raise errors.EnvironmentProblem(f"cannot check pack {self.name} in {root}: "
-                                                f"{e.strerror}") from e
-            with NativeRepository(str(root), self.session.writer_id, repo.config.chunk_size, PACK_TARGET,
-                                  repo.config.compression_level) as native:
-                native.load_index(self.name)
-                bad, total = native.verify(10_000, os.cpu_count() or 1, copier.Progress(), max_report=1)
-        if total:
-            raise errors.CorruptChunk(
-                f"pack {self.name}: {total} record(s) fail their check (decompression or SHA-256 against "
-                f"the id), e.g. {bad[0].hex()}: damaged in transit or by the client", bad[0].hex())
-
-    def _publish(self) -> None:
-        """Pack first, then index, each durable before the next step (repository-format section 6),
-        by the native copier; then the session's index counts the pack's blobs."""
-        with self.session.use() as native:  # a session ended meanwhile publishes nothing
-            copier.publish_pack(self.session.repo.path, self.name, self.tmp, bytes(self.scanner.entries))
-            native.load_index(self.name)
-
-    def discard(self) -> None:
-        """Remove what an unfinished upload wrote (a published pack stays: it is the session's; a
-        publication that failed removed its own tmp/NAME.idx)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.tmp.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- the service
 
 class MediaServicer(pb_grpc.MediaServicer):
@@ -432,7 +101,7 @@ class MediaServicer(pb_grpc.MediaServicer):
 
     def __init__(self, repos: Mapping[str, Repository], host_name: str, lease: float = DEFAULT_LEASE) -> None:
         self.repos, self.host_name = dict(repos), host_name
-        self.sessions = _Sessions(lease)
+        self.sessions = Sessions(lease)
 
     def close(self) -> None:
         """End every session (their locks go); what they uploaded is garbage."""
@@ -530,7 +199,7 @@ class MediaServicer(pb_grpc.MediaServicer):
             if first is None or first.WhichOneof("part") != "start":
                 raise errors.UsageError("an upload starts with UploadStart")
             session = self.sessions.get(first.start.session_id)
-            upload = _Upload(session, first.start)
+            upload = Upload(session, first.start)
             try:
                 for msg in request_iterator:
                     session.touch()
@@ -542,7 +211,7 @@ class MediaServicer(pb_grpc.MediaServicer):
                         raise errors.UsageError("UploadStart again in the middle of an upload")
                 records = upload.finish()
             except errors.CorruptChunk as e:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, e) from e
+                raise refused(grpc.StatusCode.INVALID_ARGUMENT, e) from e
             finally:
                 upload.discard()
             log.info("backup session %s: pack %s published (%d records, %d bytes)", session.id, upload.name,
@@ -594,7 +263,7 @@ class _LeafFilter:
         return self._at < len(self._ranges) and self._ranges[self._at][0] <= leaf
 
 
-def _base_pages(session: _Session, base: Snapshot,
+def _base_pages(session: Session, base: Snapshot,
                 wanted: Callable[[int], bool]) -> Iterator[tuple[bytes, int]]:
     """(page, level) of the base's tree, depth first, parents first; leaves only if wanted."""
     reader = TreeReader(session.native, base.tree)
@@ -614,7 +283,7 @@ def _base_pages(session: _Session, base: Snapshot,
             stack.extend((page[i:i + ID_LEN], level - 1) for i in range(len(page) - ID_LEN, -1, -ID_LEN))
 
 
-def _check_document(session: _Session, snap: Snapshot) -> None:
+def _check_document(session: Session, snap: Snapshot) -> None:
     """The document is one this session may commit: its name, base, chunk size and shape."""
     repo, base = session.repo, session.base
     if not SNAPSHOT_ID.fullmatch(snap.id) or (repo.path / "snapshots" / snap.id).exists():
@@ -635,7 +304,7 @@ def _check_document(session: _Session, snap: Snapshot) -> None:
         raise errors.UsageError(f"the snapshot's tree does not fit its size {snap.size}")
 
 
-def _check_references(native: NativeRepository, session: _Session, snap: Snapshot) -> None:
+def _check_references(native: NativeRepository, session: Session, snap: Snapshot) -> None:
     """Every tree page and chunk the snapshot names is in the repository (the session's view: packs
     no tombstone names, and its own). Subtrees shared with the base are trusted whole."""
     reader = TreeReader(native, snap.tree)
@@ -655,7 +324,7 @@ def _check_references(native: NativeRepository, session: _Session, snap: Snapsho
         else:
             missing.extend(cid for cid in ids if cid != ZERO_ID and cid not in native)
     if missing:
-        raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, errors.MissingChunk(
+        raise refused(grpc.StatusCode.FAILED_PRECONDITION, errors.MissingChunk(
             f"snapshot {snap.id} names {len(missing)} blob(s) the repository lacks, e.g. {missing[0].hex()}: "
             "upload them, then commit again", missing[0].hex()))
 
@@ -823,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
 
 
-__all__ = ["DEFAULT_LEASE", "DEFAULT_PORT", "MediaServer", "MediaServicer", "PackScanner", "main",
+__all__ = ["DEFAULT_LEASE", "DEFAULT_PORT", "MediaServer", "MediaServicer", "main",
            "open_destinations", "serve", "start"]
 
 if __name__ == "__main__":

@@ -28,17 +28,11 @@ from pathlib import Path
 
 from host_agent import errors
 from host_agent.storage.copier import NativeRepository
+from host_agent.storage.files import fsync_dir, write_atomic
 from host_agent.storage.locks import GC_LOCK, Lock, read_locks
 from host_agent.storage.packfile import IndexEntry, pack_writer_id, read_index
-from host_agent.storage.repository import (
-    PACK_NAME,
-    PACK_TARGET,
-    REPACK_THRESHOLD,
-    Repository,
-    Snapshot,
-    fsync_dir,
-    write_atomic,
-)
+from host_agent.storage.repository import PACK_NAME, PACK_TARGET, REPACK_THRESHOLD, Repository
+from host_agent.storage.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

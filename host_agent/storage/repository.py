@@ -20,12 +20,11 @@ import json
 import logging
 import os
 import re
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,25 @@ from host_agent.model import ChangeDetection, Policy
 from host_agent.storage import copier
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
+from host_agent.storage.files import RestoreTarget, fsync_dir, write_atomic
 from host_agent.storage.locks import Lock, read_locks
-from host_agent.storage.maptree import FANOUT, TreeBuilder, TreeReader, TreeRef, leaves_for
+from host_agent.storage.maptree import FANOUT, TreeBuilder, TreeReader, leaves_for
+from host_agent.storage.snapshot import (
+    FORMAT_VERSION,
+    NAME,
+    SNAPSHOT_ID,
+    BackupResult,
+    BadChunk,
+    CheckReport,
+    RestoreResult,
+    Snapshot,
+    SnapshotStats,
+    VerifyReport,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "hyperback-repository"
-FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 32 * 1024
 # zstd's first "fast" level: measured on the benchmark's images, 6% faster full backups than
 # level 1 for a 2.6% larger repository (docs/repository-format.md, section 2)
@@ -49,10 +60,7 @@ DEFAULT_COMPRESSION_LEVEL = -1
 PACK_TARGET = 64 * 1024 * 1024
 SEGMENT_LEAVES = 1024
 REPACK_THRESHOLD = 0.25  # garbage collection rewrites a pack once this fraction of it is garbage
-SNAPSHOT_ID = re.compile(r"[0-9a-f]{16}")
 PACK_NAME = re.compile(r"[0-9a-f]{32}")
-_LEGACY_CHECKPOINT = re.compile(r" \[checkpoint (hyperback-[0-9A-Za-z_.-]+)\]$")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}")
 
 ProgressFn = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) a few times a second during long work."""
@@ -67,154 +75,8 @@ class RepoConfig:
     version: int = FORMAT_VERSION
 
 
-@dataclass(frozen=True)
-class SnapshotStats:
-    bytes_read: int
-    bytes_new: int
-    bytes_stored: int
-    bytes_changed: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    id: str
-    name: str
-    policy: Policy
-    parent: str | None
-    time: datetime
-    source: str
-    size: int
-    chunk_size: int
-    tree: TreeRef
-    change_detection: ChangeDetection
-    stats: SnapshotStats
-    checkpoint: str | None = None   # the hypervisor checkpoint taken with it: where the next one starts
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": FORMAT_VERSION, "id": self.id, "name": self.name, "policy": self.policy.value,
-            "parent": self.parent, "time": self.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "source": self.source, "size": self.size, "chunk_size": self.chunk_size,
-            "tree": {"root": self.tree.root.hex() if self.tree.root else None,
-                     "height": self.tree.height, "entries": self.tree.entries},
-            "change_detection": self.change_detection.value, "stats": asdict(self.stats),
-            "checkpoint": self.checkpoint,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Snapshot:
-        tree = doc["tree"]
-        return cls(
-            id=doc["id"], name=doc["name"], policy=Policy(doc["policy"]), parent=doc["parent"],
-            time=datetime.strptime(doc["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
-            source=doc["source"], size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
-            tree=TreeRef(bytes.fromhex(tree["root"]) if tree["root"] else None, int(tree["height"]),
-                         int(tree["entries"])),
-            change_detection=ChangeDetection(doc["change_detection"]),
-            stats=SnapshotStats(**doc["stats"]),
-            checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]))
-
-
-def _legacy_checkpoint(source: str) -> str | None:
-    """The checkpoint a snapshot written before the ``checkpoint`` field named at the end of its
-    ``source`` (docs/repository-format.md, 5.1); None if it names none."""
-    m = _LEGACY_CHECKPOINT.search(source)
-    return m.group(1) if m else None
-
-
-@dataclass(frozen=True)
-class BackupResult:
-    snapshot: Snapshot
-    notes: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        s = self.snapshot
-        return {"snapshot": s.id, "name": s.name, "policy": s.policy.value,
-                "change_detection": s.change_detection.value, "size": s.size,
-                **asdict(s.stats), "notes": list(self.notes)}
-
-
-@dataclass(frozen=True)
-class RestoreResult:
-    snapshot: Snapshot
-    target: str
-    bytes_written: int
-    bytes_read: int
-    seconds: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {"snapshot": self.snapshot.id, "target": self.target, "size": self.snapshot.size,
-                "bytes_written": self.bytes_written, "bytes_read": self.bytes_read,
-                "seconds": self.seconds}
-
-
-@dataclass(frozen=True)
-class BadChunk:
-    id: str
-    snapshots: tuple[str, ...]
-    # True when the users are not known for sure: snapshots whose damaged map may reach the chunk
-    possibly: bool = False
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    sample_percent: float
-    bytes_checked: int
-    bad: tuple[BadChunk, ...]
-    bad_total: int
-    seconds: float
-    # snapshots whose tree could not be read whole: they may use bad chunks not attributed above
-    unreadable_snapshots: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.bad_total == 0
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    snapshots: int
-    chunks_referenced: int
-    missing: tuple[BadChunk, ...]
-    unreadable_snapshots: tuple[str, ...]
-    packs_without_file: tuple[str, ...]
-    problems: tuple[str, ...] = field(default=())
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unreadable_snapshots or self.packs_without_file or self.problems)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in a directory durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write a file so that it appears whole or not at all, durably."""
-    tmp = tmp_dir / f"{path.name}.{os.urandom(4).hex()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (28, 122):  # ENOSPC, EDQUOT
-            raise errors.RepositoryFull(f"the backup media is full writing {path.name}: "
-                                        "free space or prune, then run again") from e
-        raise errors.RepositoryIOError(f"cannot write {path}: {e.strerror}") from e
 
 
 class _Ticker:
@@ -483,7 +345,7 @@ class Repository:
         cs = self.config.chunk_size
         entries = -(-src.size // cs)
         data = src.data()
-        base_leaves = _BaseLeaves(native, base)
+        base_leaves = BaseLeaves(native, base)
         builder = TreeBuilder(native)
         # Only chunks whose byte range is the same in the base may be kept unread: not a
         # short last chunk of a source that has since grown or shrunk.
@@ -499,7 +361,7 @@ class Repository:
         return builder, progress.read()
 
     def _copy_segment(self, native: NativeRepository, src: OpenSource, first: int, plan: bytearray,
-                      base_leaves: _BaseLeaves, builder: TreeBuilder, threads: int,
+                      base_leaves: BaseLeaves, builder: TreeBuilder, threads: int,
                       progress: copier.Progress) -> None:
         """Back up one segment, reusing whole base leaves where nothing in them changed."""
         run_start = 0
@@ -521,7 +383,7 @@ class Repository:
                        progress)
 
     def _copy_run(self, native: NativeRepository, src: OpenSource, first: int, plan: bytearray, lo: int,
-                  hi: int, base_leaves: _BaseLeaves, builder: TreeBuilder, threads: int,
+                  hi: int, base_leaves: BaseLeaves, builder: TreeBuilder, threads: int,
                   progress: copier.Progress) -> None:
         if lo >= hi:
             return
@@ -547,7 +409,7 @@ class Repository:
         threads = threads or os.cpu_count() or 1
         started = time.monotonic()
         path = Path(target)
-        with _RestoreTarget(path, snap.size, overwrite) as out:
+        with RestoreTarget(path, snap.size, overwrite) as out:
             with self.session("restore", writer=False) as native:
                 counters = self._copy_out(native, snap, out.fd, out.is_block_device, threads, progress)
             out.commit(sync)
@@ -640,7 +502,7 @@ class Repository:
         return read_locks(self._dir("locks"))
 
 
-class _BaseLeaves:
+class BaseLeaves:
     """The base snapshot's leaves, read lazily in order (a backup walks the image once)."""
 
     def __init__(self, native: NativeRepository, base: Snapshot | None) -> None:
@@ -678,75 +540,3 @@ class _BaseLeaves:
             out += leaf[a * ID_LEN:b * ID_LEN]
         out += bytes((hi - lo) * ID_LEN - len(out))
         return bytes(out)
-
-
-class _RestoreTarget:
-    """Opens a restore target; a file is written under a temporary name and renamed on commit."""
-
-    def __init__(self, path: Path, size: int, overwrite: bool) -> None:
-        self.path, self.size, self.overwrite = path, size, overwrite
-        self.fd = -1
-        self.is_block_device = False
-        self._tmp: Path | None = None
-
-    def __enter__(self) -> _RestoreTarget:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            st = None
-        except OSError as e:
-            raise errors.TargetError(f"cannot use target {self.path}: {e.strerror}") from e
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            self._open_device()
-        elif st is not None and not stat.S_ISREG(st.st_mode):
-            raise errors.TargetError(f"target {self.path} is neither a file nor a block device")
-        else:
-            if st is not None and not self.overwrite:
-                raise errors.TargetError(f"target {self.path} exists; pass --overwrite to replace it")
-            self._open_file()
-        return self
-
-    def _open_device(self) -> None:
-        if not self.overwrite:
-            raise errors.TargetError(f"target {self.path} is a block device; pass --overwrite to "
-                                     "write the snapshot over its contents")
-        try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_EXCL)
-            dev_size = os.lseek(self.fd, 0, os.SEEK_END)
-        except OSError as e:
-            raise errors.TargetError(f"cannot open device {self.path}: {e.strerror}") from e
-        if dev_size < self.size:
-            os.close(self.fd)
-            raise errors.TargetError(f"device {self.path} holds {dev_size} bytes, the snapshot {self.size}")
-        self.is_block_device = True
-
-    def _open_file(self) -> None:
-        self._tmp = self.path.parent / f".{self.path.name}.hyperback-partial"
-        try:
-            self.fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.ftruncate(self.fd, self.size)
-        except OSError as e:
-            self._discard()
-            raise errors.TargetError(f"cannot create {self._tmp}: {e.strerror}") from e
-
-    def commit(self, sync: bool) -> None:
-        try:
-            if sync:
-                os.fsync(self.fd)
-            if self._tmp is not None:
-                os.rename(self._tmp, self.path)
-                self._tmp = None
-                if sync:
-                    fsync_dir(self.path.parent)
-        except OSError as e:
-            raise errors.TargetError(f"cannot finish writing {self.path}: {e.strerror}") from e
-
-    def _discard(self) -> None:
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-        self._discard()

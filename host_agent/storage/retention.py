@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from host_agent import errors
-from host_agent.storage.repository import Snapshot
+from host_agent.storage.snapshot import Snapshot
 
 
 @dataclass(frozen=True)

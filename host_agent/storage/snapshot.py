@@ -1,0 +1,140 @@
+"""A snapshot document (docs/repository-format.md, section 5.1), and what backup, restore, verify
+and check report about snapshots.
+
+The document is the commit record of a backup: a snapshot exists once its document is in
+``snapshots/``. Documents written before the ``checkpoint`` field existed named the checkpoint at
+the end of their ``source`` (`` [checkpoint NAME]``); they are read as if they had the field.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from host_agent.model import ChangeDetection, Policy
+from host_agent.storage.maptree import TreeRef
+
+FORMAT_VERSION = 1  # of the repository format; snapshot documents and the config carry it
+SNAPSHOT_ID = re.compile(r"[0-9a-f]{16}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}")
+_LEGACY_CHECKPOINT = re.compile(r" \[checkpoint (hyperback-[0-9A-Za-z_.-]+)\]$")
+
+
+@dataclass(frozen=True)
+class SnapshotStats:
+    bytes_read: int
+    bytes_new: int
+    bytes_stored: int
+    bytes_changed: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+    policy: Policy
+    parent: str | None
+    time: datetime
+    source: str
+    size: int
+    chunk_size: int
+    tree: TreeRef
+    change_detection: ChangeDetection
+    stats: SnapshotStats
+    checkpoint: str | None = None   # the hypervisor checkpoint taken with it: where the next one starts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION, "id": self.id, "name": self.name, "policy": self.policy.value,
+            "parent": self.parent, "time": self.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "source": self.source, "size": self.size, "chunk_size": self.chunk_size,
+            "tree": {"root": self.tree.root.hex() if self.tree.root else None,
+                     "height": self.tree.height, "entries": self.tree.entries},
+            "change_detection": self.change_detection.value, "stats": asdict(self.stats),
+            "checkpoint": self.checkpoint,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Snapshot:
+        tree = doc["tree"]
+        return cls(
+            id=doc["id"], name=doc["name"], policy=Policy(doc["policy"]), parent=doc["parent"],
+            time=datetime.strptime(doc["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
+            source=doc["source"], size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
+            tree=TreeRef(bytes.fromhex(tree["root"]) if tree["root"] else None, int(tree["height"]),
+                         int(tree["entries"])),
+            change_detection=ChangeDetection(doc["change_detection"]),
+            stats=SnapshotStats(**doc["stats"]),
+            checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]))
+
+
+def _legacy_checkpoint(source: str) -> str | None:
+    """The checkpoint a snapshot written before the ``checkpoint`` field named at the end of its
+    ``source`` (docs/repository-format.md, 5.1); None if it names none."""
+    m = _LEGACY_CHECKPOINT.search(source)
+    return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    snapshot: Snapshot
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.snapshot
+        return {"snapshot": s.id, "name": s.name, "policy": s.policy.value,
+                "change_detection": s.change_detection.value, "size": s.size,
+                **asdict(s.stats), "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    snapshot: Snapshot
+    target: str
+    bytes_written: int
+    bytes_read: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot.id, "target": self.target, "size": self.snapshot.size,
+                "bytes_written": self.bytes_written, "bytes_read": self.bytes_read,
+                "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class BadChunk:
+    id: str
+    snapshots: tuple[str, ...]
+    # True when the users are not known for sure: snapshots whose damaged map may reach the chunk
+    possibly: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    sample_percent: float
+    bytes_checked: int
+    bad: tuple[BadChunk, ...]
+    bad_total: int
+    seconds: float
+    # snapshots whose tree could not be read whole: they may use bad chunks not attributed above
+    unreadable_snapshots: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.bad_total == 0
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    snapshots: int
+    chunks_referenced: int
+    missing: tuple[BadChunk, ...]
+    unreadable_snapshots: tuple[str, ...]
+    packs_without_file: tuple[str, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unreadable_snapshots or self.packs_without_file or self.problems)
