@@ -7,9 +7,8 @@ import pytest
 
 from host_agent import errors
 from host_agent.model import ChangeDetection, Policy
-from host_agent.storage.maptree import TreeRef
 from host_agent.storage.retention import KeepPolicy, select
-from host_agent.storage.snapshot import Snapshot, SnapshotStats
+from host_agent.storage.snapshot import Snapshot, SnapshotStats, TreeRef
 
 T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
 

@@ -13,21 +13,12 @@ adds only the pages on the paths to changed chunks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from host_agent import errors
 from host_agent.storage.copier import BLOB_TREE, ID_LEN, NativeRepository
+from host_agent.storage.snapshot import TreeRef
 
 FANOUT = 64
-
-
-@dataclass(frozen=True)
-class TreeRef:
-    """Where a snapshot's map lives: root page id (None for an empty image), height, chunk count."""
-
-    root: bytes | None
-    height: int
-    entries: int
 
 
 def leaves_for(entries: int) -> int:

@@ -13,12 +13,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 from host_agent.model import ChangeDetection, Policy
-from host_agent.storage.maptree import TreeRef
 
 FORMAT_VERSION = 1  # of the repository format; snapshot documents and the config carry it
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{16}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}")
 _LEGACY_CHECKPOINT = re.compile(r" \[checkpoint (hyperback-[0-9A-Za-z_.-]+)\]$")
+
+
+@dataclass(frozen=True)
+class TreeRef:
+    """Where a snapshot's map lives (``host_agent.storage.maptree``): root page id (None for an
+    empty image), height, chunk count."""
+
+    root: bytes | None
+    height: int
+    entries: int
 
 
 @dataclass(frozen=True)
