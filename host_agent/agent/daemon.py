@@ -169,7 +169,10 @@ class Agent:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperback-agent",
-        description="Serve backup requests from every VM's hyperback channel on this host.")
+        description="Serve backup requests from every VM's hyperback channel on this host.",
+        epilog="Exit codes: 0 stopped by SIGTERM/SIGINT, 1 unexpected error, 2 bad arguments or "
+               "configuration, 3 the system refused (libvirtd not running, a socket in use); "
+               "docs/exit-codes.md")
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML config file (default /etc/hyperback/agent.toml; absent is fine)")
     parser.add_argument("--with-optimizer", action="store_true",

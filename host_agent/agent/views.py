@@ -7,8 +7,8 @@
         for view in views:                       # one DiskView per DiskRef, in order
             base = ...                           # the snapshot taken at checkpoint ``since``
             repo.backup(view.source, view.disk.snapshot_name, policy,
-                        changes=view.changes, base=base)
-            record(view.checkpoint)              # pass it as ``since`` next time
+                        changes=view.changes, base=base, checkpoint=view.checkpoint)
+                                                 # the snapshot keeps it: ``since`` next time
     # the domain runs on its original images again; the overlays are gone
 
 Taking a view (measured on libvirt 9.0 / QEMU 7.2, TCG, a 64 MiB qcow2 disk under write load):
@@ -58,15 +58,15 @@ What does NOT work, or needs care, on libvirt 9.0 / QEMU 7.2 (see docs/changed-b
   finds no ``since`` checkpoint and falls back to comparison, saying so.
 
 "Since the last checkpoint": each view creates one checkpoint (``Views.checkpoint``). The
-executor records it with the snapshot it backs up (:func:`view_label` puts it into the snapshot's
-source, :func:`checkpoint_of` reads it back), and passes as ``since`` the checkpoint of the
+executor records it with the snapshot it backs up (``Snapshot.checkpoint``, a field of the
+snapshot document), and passes as ``since`` the checkpoint of the
 snapshot the repository will build on: the latest snapshot for an incremental, the latest full
 one for a differential. libvirt keeps every checkpoint's bitmap active (each records everything
-since its creation), so either works without merging. :func:`prune_checkpoints` then deletes the
+since its creation), so either works without merging. ``checkpoints.prune_checkpoints`` deletes the
 hyperback checkpoints no snapshot still needs (keep those two). A view that fails deletes the
 checkpoint it created.
 
-Errors::
+Errors (drawn with the rest in ``host_agent.errors``)::
 
     host_agent.errors.EnvironmentProblem
     └── ViewError               libvirt or QEMU refused (the domain is back on its images)
