@@ -28,6 +28,7 @@ Exit codes (``EXIT_CODES``; each ShimError class carries its own ``exit_code``):
 ====  =========================================================================
 
 Errors are one line on stderr, never a traceback (except with --debug for internal errors).
+The host's commands use other codes for 1, 3 and 4: docs/exit-codes.md says why.
 No argparse Namespace leaves this module: options become frozen dataclasses here.
 """
 
