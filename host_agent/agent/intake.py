@@ -14,12 +14,11 @@ import logging
 import time
 
 from guest_shim import protocol as p
-from host_agent.agent import guests as answers
 from host_agent.agent.channel import GuestChannel
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import Domains
 from host_agent.agent.driver import BackupDriver
-from host_agent.agent.guests import Guests
+from host_agent.agent.guests import Guests, progress_message, snapshots_message, stored_result
 from host_agent.agent.jobs import Jobs, JobState, Origin
 from host_agent.agent.journal import Journal, new_job_id
 from host_agent.config import Limits
@@ -107,12 +106,12 @@ class Intake:
     def _status(self, uuid: str, msg: p.Status) -> p.Message:
         job = self.jobs.get(msg.job)
         if job is not None and job.instruction.domain_uuid == uuid and not job.state.final:
-            return answers.progress_message(msg.id, msg.job, job.state is JobState.RUNNING)
+            return progress_message(msg.id, msg.job, job.state is JobState.RUNNING)
         stored = self.journal.result(uuid, msg.job)
         if stored is not None and "wire" in stored:
-            return answers.stored_result(stored, msg.id)
+            return stored_result(stored, msg.id)
         if self.journal.is_pending(uuid, msg.job):
-            return answers.progress_message(msg.id, msg.job, running=False)
+            return progress_message(msg.id, msg.job, running=False)
         return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_JOB,
                               f"this VM has no job {p.clean_text(msg.job, 64)}")
 
@@ -126,5 +125,5 @@ class Intake:
         except UnknownDisk as e:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
         repo = self.destinations.repository(destination)
-        return answers.snapshots_message(msg.id, ((disk.serial, destination, snap) for disk in disks
+        return snapshots_message(msg.id, ((disk.serial, destination, snap) for disk in disks
                                                   for snap in repo.snapshots(disk.snapshot_name)))
