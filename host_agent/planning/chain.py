@@ -32,19 +32,12 @@ Policies are classes registered as entry points in the group ``hyperback.policie
 entry point is the class's ``name``), subclasses of :class:`PlanningPolicy`; :func:`build_chain` loads
 them by name. Options reach a policy as strings through :meth:`PlanningPolicy.from_options`, which
 parses them once into the policy's frozen configuration (``--policy-option timing.max_defer=1h``).
+hyperback's own, one module each: ``passthrough`` (the baseline, unchanged), ``merge`` (read the
+same data once), ``colocate`` (keep backup data off the LAN), ``timing`` (defer work while the host
+is busy).
 
-Errors
-------
-::
-
-    HyperbackError                        (host_agent.errors)
-    └── OptimizerError                    anything the optimizer or its client raises on purpose
-        ├── OptimizerConfigError  exit 2  an unusable policy chain, option, address or TLS file
-        │   └── UnknownPolicy             no entry point provides a policy of that name
-        ├── MalformedBatch                a batch that breaks the contract (INVALID_ARGUMENT)
-        ├── PolicyError                   a policy returned an inconsistent plan (INTERNAL)
-        ├── OptimizerUnavailable          (host_agent.planning.service) retryable: unreachable, deadline, busy
-        └── OptimizerRejected             (host_agent.planning.service) not retryable: the batch was refused
+Errors are ``OptimizerError`` and its branch of the tree drawn in ``host_agent.errors``:
+``MalformedBatch`` (INVALID_ARGUMENT), ``PolicyError`` (INTERNAL), ``OptimizerConfigError``.
 """
 from __future__ import annotations
 
