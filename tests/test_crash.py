@@ -215,6 +215,18 @@ def test_backup_killed_at_any_moment_leaves_earlier_snapshots_intact_and_is_coll
     assert_restores(repo, expected, tmp_path / "out")
 
 
+@pytest.fixture
+def ctrl_c_reaches_the_cli() -> Iterator[None]:
+    """Start the CLI as a terminal would, with SIGINT at its default. A test run started in the
+    background by a non-interactive shell (``pytest &``, CI) has SIGINT ignored, a child inherits
+    that across exec, and Python then never raises KeyboardInterrupt; a handler is not inherited."""
+    old = signal.getsignal(signal.SIGINT)
+    if old is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def press_ctrl_c(proc: subprocess.Popen[str], checkpoints: Checkpoints) -> None:
     """Ctrl-C to a backup held at a checkpoint; the hold ends only once the process has handled the
     signal, so the interrupt arrives while the copy provably has its work ahead, however fast the
@@ -225,6 +237,7 @@ def press_ctrl_c(proc: subprocess.Popen[str], checkpoints: Checkpoints) -> None:
     checkpoints.release()
 
 
+@pytest.mark.usefixtures("ctrl_c_reaches_the_cli")
 def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
         earlier: tuple[Repository, dict[str, str]], images: dict[str, Path], checkpoints: Checkpoints,
         tmp_path: Path) -> None:
@@ -252,6 +265,7 @@ def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
     assert_restores(repo, expected, tmp_path / "out")
 
 
+@pytest.mark.usefixtures("ctrl_c_reaches_the_cli")
 def test_ctrl_c_stops_the_copy_at_once_instead_of_finishing_it(
         earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
         checkpoints: Checkpoints) -> None:
