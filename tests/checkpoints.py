@@ -120,7 +120,7 @@ class Checkpoints:
         self._decided = threading.Event()
         self._held: list[int] = []
         self._failure: BaseException | None = None
-        self._target = 0
+        self._proc: subprocess.Popen[str] | None = None
         self._moment: Moment = lambda step: False
 
     def _mark(self, path: Path, mask: int) -> None:
@@ -145,11 +145,23 @@ class Checkpoints:
         Waits for one of two things that will happen: the moment, or the process ending (then
         AssertionError). ``timeout`` only keeps a hung process from hanging the test.
         """
+        self.start(proc, moment)
+        return self.wait_held(timeout)
+
+    def start(self, proc: subprocess.Popen[str], moment: Moment) -> None:
+        """Begin answering for ``proc`` (the first half of :meth:`hold_at`). Every group watching a
+        file must answer before a thread may open it, so when several Checkpoints watch the same
+        files, start them all before waiting on any."""
         assert self._thread is None, "one hold per Checkpoints"
-        self._target, self._moment = proc.pid, moment
+        self._proc, self._moment = proc, moment
         pidfd = os.pidfd_open(proc.pid)
         self._thread = threading.Thread(target=self._serve, args=(pidfd,), name="checkpoints", daemon=True)
         self._thread.start()
+
+    def wait_held(self, timeout: float = 120) -> list[Step]:
+        """The second half of :meth:`hold_at`."""
+        proc = self._proc
+        assert proc is not None, "start() first"
         if not self._decided.wait(timeout):
             raise AssertionError(f"process {proc.pid} neither reached the moment nor ended in {timeout} s")
         if self._failure is not None:
@@ -209,10 +221,11 @@ class Checkpoints:
         while off < len(buf):
             length, _, _, _, mask, fd, pid = _EVENT.unpack_from(buf, off)
             off += length
-            if pid != self._target or self._held:
+            target = pid == self._proc.pid if self._proc is not None else False
+            if not target or self._held:
                 # Ours (a test reading the repository meanwhile), a stranger's, or a thread
                 # arriving after the moment: only the last must wait.
-                if pid == self._target:
+                if target:
                     self._held.append(fd)
                     continue
                 self._allow(fd)

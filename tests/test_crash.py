@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from checkpoints import Checkpoints, Moment, Unavailable, opened, reads, signal_handled
+from checkpoints import Checkpoints, Moment, opened, reads, signal_handled
 from system_helpers import (
     MIB,
     assert_one_line_error,
@@ -89,17 +89,6 @@ def assert_restores(repo: Repository, expected: dict[str, str], target_dir: Path
         target.unlink()
 
 
-@pytest.fixture
-def checkpoints(earlier: tuple[Repository, dict[str, str]]) -> Iterator[Checkpoints]:
-    """A listener that holds the test's backup at a step (its paths relative to the repository)."""
-    try:
-        cps = Checkpoints(earlier[0].path)
-    except Unavailable as e:
-        pytest.fail(f"{e}: these tests hold the backup at exact steps (deselect with -m 'not root')")
-    with cps:
-        yield cps
-
-
 State = Callable[[Path, set[str]], bool]
 """Whether a repository shows a moment was reached, given the files published before it."""
 
@@ -151,25 +140,26 @@ MOMENTS: dict[str, tuple[Callable[[], Moment], list[State]]] = {
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_backup_killed_at_any_moment_leaves_earlier_snapshots_intact_and_is_collected_afterwards(
         moment: str, earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
-        checkpoints: Checkpoints, tmp_path: Path) -> None:
+        checkpoints: Callable[[Path], Checkpoints], tmp_path: Path) -> None:
     repo, expected = earlier
     step, reached = MOMENTS[moment]
     before = pack_files(repo.path) | index_files(repo.path)
     args = ("backup", "--repo", str(repo.path), "--name", "vm1/vda", "--policy", "incremental",
             str(images["big"]))
 
-    checkpoints.watch_opens(*(repo.path / d for d in ("tmp", "packs", "index", "snapshots")))
-    checkpoints.watch_reads(images["big"])
+    cps = checkpoints(repo.path)
+    cps.watch_opens(*(repo.path / d for d in ("tmp", "packs", "index", "snapshots")))
+    cps.watch_reads(images["big"])
     proc = start_cli(*args)
     try:
-        checkpoints.hold_at(proc, step())
+        cps.hold_at(proc, step())
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    checkpoints.release()
+    cps.release()
     assert proc.returncode == -signal.SIGKILL
     for state in reached:
         assert state(repo.path, before), (
@@ -239,15 +229,16 @@ def press_ctrl_c(proc: subprocess.Popen[str], checkpoints: Checkpoints) -> None:
 
 @pytest.mark.usefixtures("ctrl_c_reaches_the_cli")
 def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
-        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path], checkpoints: Checkpoints,
-        tmp_path: Path) -> None:
+        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
+        checkpoints: Callable[[Path], Checkpoints], tmp_path: Path) -> None:
     repo, expected = earlier
-    checkpoints.watch_opens(repo.path / "tmp")
-    checkpoints.watch_reads(images["big"])
+    cps = checkpoints(repo.path)
+    cps.watch_opens(repo.path / "tmp")
+    cps.watch_reads(images["big"])
     proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
     try:
-        steps = checkpoints.hold_at(proc, reads(MID_COPY_READS))
-        press_ctrl_c(proc, checkpoints)
+        steps = cps.hold_at(proc, reads(MID_COPY_READS))
+        press_ctrl_c(proc, cps)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -268,17 +259,18 @@ def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
 @pytest.mark.usefixtures("ctrl_c_reaches_the_cli")
 def test_ctrl_c_stops_the_copy_at_once_instead_of_finishing_it(
         earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
-        checkpoints: Checkpoints) -> None:
+        checkpoints: Callable[[Path], Checkpoints]) -> None:
     """Ctrl-C during the copy stops the workers at their next batch: at most the pack being closed
     at that instant gets published, not the rest of the image."""
     repo, _ = earlier
     before = index_files(repo.path)
-    checkpoints.watch_reads(images["big"])
+    cps = checkpoints(repo.path)
+    cps.watch_reads(images["big"])
     proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
     try:
-        checkpoints.hold_at(proc, reads(MID_COPY_READS))
+        cps.hold_at(proc, reads(MID_COPY_READS))
         assert not index_files(repo.path) - before, "too slow to catch the first pack"
-        press_ctrl_c(proc, checkpoints)
+        press_ctrl_c(proc, cps)
         proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
