@@ -117,7 +117,7 @@ MID_COPY_READS = 1024
 MOMENTS: dict[str, tuple[Callable[[], Moment], list[State]]] = {
     # The first pack file has just been created in tmp/ (empty: its header comes next).
     "first-pack-opened": (lambda: opened("tmp/*.pack"), [tmp_has(".pack"), no_new_pack]),
-    # Copying: packs half written in tmp/, none published (was "after-250ms", a duration that
+    # Copying: packs being written in tmp/, none published (was "after-250ms", a duration that
     # under load ran out before the process had even taken its lock).
     "mid-copy": (lambda: reads(MID_COPY_READS), [tmp_has(".pack"), no_new_pack]),
     # A pack renamed into packs/XX (and XX opened to fsync it); its index not yet begun.
