@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from checkpoints import Checkpoints, Unavailable
 
 from host_agent.lab import HostNotReady, Lab
 from host_agent.storage.repository import Repository
@@ -101,6 +102,24 @@ def make_image(tmp_path: Path) -> ImageFactory:
         return write_image(tmp_path / (name or f"image-{next(counter)}.img"), size, seed)
 
     return make
+
+
+@pytest.fixture
+def checkpoints() -> Iterator[Callable[[Path], Checkpoints]]:
+    """Make listeners that hold a process at an exact step (tests/checkpoints.py), paths relative to
+    a root; all are released after the test. Needs root: never a silent skip."""
+    made: list[Checkpoints] = []
+
+    def make(root: Path) -> Checkpoints:
+        try:
+            made.append(Checkpoints(root))
+        except Unavailable as e:
+            pytest.fail(f"{e}: this test holds a process at exact steps (deselect with -m 'not root')")
+        return made[-1]
+
+    yield make
+    for cps in made:
+        cps.release()
 
 
 @contextmanager

@@ -6,9 +6,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from checkpoints import Checkpoints, opened
 from system_helpers import (
     MIB,
     files_in,
@@ -44,7 +46,9 @@ def packs_of(repo: Repository, snapshot_id: str) -> set[str]:
             if any(e.id in users for e in read_index(repo.path / "index" / name))}
 
 
-def test_two_backup_processes_write_to_one_repository_at_the_same_time(tmp_path: Path) -> None:
+@pytest.mark.root
+def test_two_backup_processes_write_to_one_repository_at_the_same_time(
+        tmp_path: Path, checkpoints: Callable[[Path], Checkpoints]) -> None:
     repo = Repository.init(tmp_path / "repo")
     a = write_random_image(tmp_path / "a.img", 96 * MIB, seed=31, hole_every=6)
     b = write_random_image(tmp_path / "b.img", 96 * MIB, seed=32, hole_every=5)
@@ -53,14 +57,24 @@ def test_two_backup_processes_write_to_one_repository_at_the_same_time(tmp_path:
     with open(b, "r+b") as f:
         f.write(shared)
 
+    # Each backup waits at its first pack until the other has reached its own: then both hold
+    # their locks and copy at the same time, however fast one of them could have finished alone.
+    holds = [checkpoints(repo.path), checkpoints(repo.path)]
+    for cps in holds:
+        cps.watch_opens(repo.path / "tmp")
     procs = [start_cli("backup", "--repo", str(repo.path), "--name", name, str(image))
              for name, image in (("vm1/vda", a), ("vm2/vda", b))]
-    most_locks = 0
-    while any(p.poll() is None for p in procs):
-        most_locks = max(most_locks, len(files_in(repo.path / "locks")))
-        time.sleep(0.001)
+    try:
+        for cps, proc in zip(holds, procs, strict=True):
+            cps.start(proc, opened("tmp/*.pack"))
+        for cps in holds:
+            cps.wait_held()
+        most_locks = len(files_in(repo.path / "locks"))
+    finally:
+        for cps in holds:
+            cps.release()
     for p in procs:
-        out, err = p.communicate()
+        out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     assert most_locks == 2, "the two backups did not overlap"
 

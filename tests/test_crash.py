@@ -4,6 +4,10 @@ The repository's write order (packs, then their index, then the snapshot
 document) makes the snapshot file the commit record; these tests kill a real
 ``hyperback backup`` process at several moments of that order and then check
 the promises that rest on it.
+
+The moments are steps, not times: fanotify holds the process's thread at the
+step (checkpoints.py), so the kill lands there on a fast machine and a loaded
+one alike. That needs root.
 """
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ import functools
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from checkpoints import Checkpoints, Moment, opened, reads, signal_handled
 from system_helpers import (
     MIB,
     assert_one_line_error,
@@ -32,6 +37,8 @@ from system_helpers import (
 from host_agent.storage.gc import collect_garbage
 from host_agent.storage.locks import read_locks
 from host_agent.storage.repository import Repository
+
+pytestmark = pytest.mark.root
 
 BIG = 256 * MIB
 image_digest = functools.cache(sha256_file)
@@ -82,31 +89,50 @@ def assert_restores(repo: Repository, expected: dict[str, str], target_dir: Path
         target.unlink()
 
 
-Moment = Callable[[Path, set[str]], bool]
-"""Whether a backup into a repository has reached a moment, given the files published before it."""
+State = Callable[[Path, set[str]], bool]
+"""Whether a repository shows a moment was reached, given the files published before it."""
 
 
-def tmp_has(suffix: str) -> Moment:
+def tmp_has(suffix: str) -> State:
     return lambda repo, before: any(n.endswith(suffix) for n in files_in(repo / "tmp"))
 
 
-def new_packs(count: int) -> Moment:
-    return lambda repo, before: len(pack_files(repo) - before) >= count
-
-
-def new_indexes(count: int) -> Moment:
+def new_indexes(count: int) -> State:
     return lambda repo, before: len(index_files(repo) - before) >= count
 
 
-# Moments in the backup's write order at which to kill it: (condition, give up waiting after seconds).
-MOMENTS: dict[str, tuple[Moment, float]] = {
-    "first-pack-opened": (tmp_has(".pack"), 0.3),
-    "after-250ms": (lambda repo, before: False, 0.25),
-    "first-pack-published": (new_packs(1), 10.0),
-    "first-index-being-written": (tmp_has(".idx"), 10.0),
-    "first-index-published": (new_indexes(1), 10.0),
-    "second-index-published": (new_indexes(2), 10.0),
-    "snapshot-being-committed": (tmp_has(".tmp"), 10.0),
+def no_new_pack(repo: Path, before: set[str]) -> bool:
+    return not pack_files(repo) - before
+
+
+def unindexed_pack(repo: Path, before: set[str]) -> bool:
+    return bool(pack_files(repo) - index_files(repo) - before)
+
+
+MID_COPY_READS = 1024
+"""Chunk reads into the copy for "mid-copy": 32 MiB, less than one pack, so nothing is published yet."""
+
+# Moments in the backup's write order at which to kill it: the step its thread is held at, each
+# step built afresh for a new process, and what the repository shows once it is killed there.
+MOMENTS: dict[str, tuple[Callable[[], Moment], list[State]]] = {
+    # The first pack file has just been created in tmp/ (empty: its header comes next).
+    "first-pack-opened": (lambda: opened("tmp/*.pack"), [tmp_has(".pack"), no_new_pack]),
+    # Copying: packs being written in tmp/, none published (was "after-250ms", a duration that
+    # under load ran out before the process had even taken its lock).
+    "mid-copy": (lambda: reads(MID_COPY_READS), [tmp_has(".pack"), no_new_pack]),
+    # A pack renamed into packs/XX (and XX opened to fsync it); its index not yet begun.
+    "first-pack-published": (lambda: opened("packs/??"), [unindexed_pack]),
+    # The first index file has just been created in tmp/.
+    "first-index-being-written": (lambda: opened("tmp/*.idx"), [tmp_has(".idx"), unindexed_pack]),
+    # An index renamed into index/ (and index/ opened to fsync it).
+    "first-index-published": (lambda: opened("index", after=opened("tmp/*.idx")), [new_indexes(1)]),
+    "second-index-published": (lambda: opened("index", nth=2, after=opened("tmp/*.idx")),
+                               [new_indexes(2)]),
+    # Every pack indexed; the snapshot document has just been created in tmp/.
+    "snapshot-being-committed": (lambda: opened("tmp/*.tmp"), [tmp_has(".tmp")]),
+    # The snapshot renamed into snapshots/ (the commit; and snapshots/ opened to fsync it), the
+    # lock not yet removed.
+    "snapshot-committed": (lambda: opened("snapshots", after=opened("tmp/*.tmp")), []),
 }
 
 
@@ -114,39 +140,45 @@ MOMENTS: dict[str, tuple[Moment, float]] = {
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_backup_killed_at_any_moment_leaves_earlier_snapshots_intact_and_is_collected_afterwards(
         moment: str, earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
-        tmp_path: Path) -> None:
+        checkpoints: Callable[[Path], Checkpoints], tmp_path: Path) -> None:
     repo, expected = earlier
-    cond, wait = MOMENTS[moment]
+    step, reached = MOMENTS[moment]
     before = pack_files(repo.path) | index_files(repo.path)
     args = ("backup", "--repo", str(repo.path), "--name", "vm1/vda", "--policy", "incremental",
             str(images["big"]))
 
+    cps = checkpoints(repo.path)
+    cps.watch_opens(*(repo.path / d for d in ("tmp", "packs", "index", "snapshots")))
+    cps.watch_reads(images["big"])
     proc = start_cli(*args)
     try:
-        wait_for(lambda: cond(repo.path, before), wait, proc)
-        assert proc.poll() is None, f"the backup ended before the moment {moment}: {proc.communicate()}"
+        cps.hold_at(proc, step())
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    cps.release()
     assert proc.returncode == -signal.SIGKILL
+    for state in reached:
+        assert state(repo.path, before), (
+            f"killed elsewhere than at {moment}: tmp/ {files_in(repo.path / 'tmp')}, new packs "
+            f"{pack_files(repo.path) - before}, new indexes {index_files(repo.path) - before}")
 
-    # A snapshot document appears whole or not at all: killed while committing, the backup may
-    # have published its snapshot, and then it restores bit-identical like any other.
+    # A snapshot document appears whole or not at all: killed right after committing, the backup
+    # has published its snapshot, and then it restores bit-identical like any other.
     appeared = snapshot_ids(repo.path) - set(expected)
-    assert len(appeared) <= (1 if moment == "snapshot-being-committed" else 0), appeared
+    assert len(appeared) == (1 if moment == "snapshot-committed" else 0), appeared
     expected.update(dict.fromkeys(appeared, image_digest(images["big"])))
     assert_restores(repo, expected, tmp_path / "out")
     report = repo.check()
     assert report.ok, report
     assert report.snapshots == len(expected)
 
-    # The dead writer's lock is still there (unless it got as far as ending its session), stale by its pid.
+    # The dead writer's lock is still there (every moment is before it ends its session), stale by its pid.
     dead = [lk for lk in read_locks(repo.path / "locks") if lk.pid == proc.pid]
-    if not appeared:
-        assert len(dead) == 1, read_locks(repo.path / "locks")
+    assert len(dead) == 1, read_locks(repo.path / "locks")
     assert all(lk.is_stale() for lk in dead)
 
     # Running the same backup again completes and restores bit-identical.
@@ -173,19 +205,46 @@ def test_backup_killed_at_any_moment_leaves_earlier_snapshots_intact_and_is_coll
     assert_restores(repo, expected, tmp_path / "out")
 
 
+@pytest.fixture
+def ctrl_c_reaches_the_cli() -> Iterator[None]:
+    """Start the CLI as a terminal would, with SIGINT at its default. A test run started in the
+    background by a non-interactive shell (``pytest &``, CI) has SIGINT ignored, a child inherits
+    that across exec, and Python then never raises KeyboardInterrupt; a handler is not inherited."""
+    old = signal.getsignal(signal.SIGINT)
+    if old is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def press_ctrl_c(proc: subprocess.Popen[str], checkpoints: Checkpoints) -> None:
+    """Ctrl-C to a backup held at a checkpoint; the hold ends only once the process has handled the
+    signal, so the interrupt arrives while the copy provably has its work ahead, however fast the
+    machine (and the rest of the copy cannot outrun the handler on a loaded one)."""
+    proc.send_signal(signal.SIGINT)
+    assert wait_for(lambda: signal_handled(proc.pid, signal.SIGINT), 60, proc, interval=0.001), \
+        f"the backup did not handle SIGINT (status {proc.poll()})"
+    checkpoints.release()
+
+
+@pytest.mark.usefixtures("ctrl_c_reaches_the_cli")
 def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
-        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path], tmp_path: Path) -> None:
+        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
+        checkpoints: Callable[[Path], Checkpoints], tmp_path: Path) -> None:
     repo, expected = earlier
+    cps = checkpoints(repo.path)
+    cps.watch_opens(repo.path / "tmp")
+    cps.watch_reads(images["big"])
     proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
     try:
-        assert wait_for(lambda: tmp_has(".pack")(repo.path, set()), 10, proc), "no pack was opened"
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGINT)
+        steps = cps.hold_at(proc, reads(MID_COPY_READS))
+        press_ctrl_c(proc, cps)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert any(s.kind == "open" and s.path.endswith(".pack") for s in steps), "no pack was opened"
 
     line = assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130)
     assert "interrupted" in line
@@ -197,17 +256,21 @@ def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
     assert_restores(repo, expected, tmp_path / "out")
 
 
+@pytest.mark.usefixtures("ctrl_c_reaches_the_cli")
 def test_ctrl_c_stops_the_copy_at_once_instead_of_finishing_it(
-        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path]) -> None:
+        earlier: tuple[Repository, dict[str, str]], images: dict[str, Path],
+        checkpoints: Callable[[Path], Checkpoints]) -> None:
     """Ctrl-C during the copy stops the workers at their next batch: at most the pack being closed
     at that instant gets published, not the rest of the image."""
     repo, _ = earlier
     before = index_files(repo.path)
+    cps = checkpoints(repo.path)
+    cps.watch_reads(images["big"])
     proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
     try:
-        assert wait_for(lambda: tmp_has(".pack")(repo.path, set()), 10, proc), "no pack was opened"
+        cps.hold_at(proc, reads(MID_COPY_READS))
         assert not index_files(repo.path) - before, "too slow to catch the first pack"
-        proc.send_signal(signal.SIGINT)
+        press_ctrl_c(proc, cps)
         proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

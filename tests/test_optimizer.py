@@ -173,8 +173,9 @@ def test_a_policy_bug_is_internal_and_not_retryable(tmp_path: Path) -> None:
 def test_an_unreachable_optimizer_is_unavailable_and_retryable(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(OptimizerUnavailable, match="UNAVAILABLE") as e:
-        asyncio.run(plan_once(unix(tmp_path, "nobody-listens.sock"), timeout=10))
-    assert e.value.retryable and time.monotonic() - started < 5, "fails fast, not at the deadline"
+        # A deadline no loaded machine comes near, so that failing before it means failing fast.
+        asyncio.run(plan_once(unix(tmp_path, "nobody-listens.sock"), timeout=300))
+    assert e.value.retryable and time.monotonic() - started < 150, "fails fast, not at the deadline"
 
 
 def test_an_optimizer_that_does_not_answer_in_time_is_unavailable(tmp_path: Path) -> None:
