@@ -28,6 +28,10 @@ initramfs also carries the host's Python, the stdlib the guest shim needs and th
     vm = start_migratable_vm(lab, "g", command=shim_command("list", "--json"), python=True)
 
 Needs root, iproute2 (``ip netns exec``), util-linux (``unshare``) and pyroute2.
+
+A known emulator fault (``TCG_MIGRATION_BUG``): QEMU before 9.0 can lose guest writes when it
+live-migrates a TCG guest, so the guest may find corrupted memory, and die, on the host it arrives on.
+A test whose guest must survive a move checks ``guest.kernel_failure`` and names this as the cause.
 """
 
 from __future__ import annotations
@@ -81,6 +85,15 @@ class TwoHostsError(VmLabError):
     """Host B could not be set up or torn down."""
 
 
+# Seen in the lab (Debian 12's QEMU 7.2.22, whose changelog lacks the fix): the appliance guest's kernel
+# hit a general protection fault at its first timer interrupt after a live migration, in an hrtimer on a
+# kernel stack written just before the move.
+TCG_MIGRATION_BUG = (
+    "QEMU before 9.0 loses guest writes when it live-migrates a TCG guest: the fast path of "
+    "cpu_physical_memory_sync_dirty_bitmap() clears dirty bits without resetting TCG's TLB, so stores "
+    "through TLB entries already marked dirty are never sent (upstream commit 03bfc2188f, 'physmem: Fix "
+    "migration dirty bitmap coherency with TCG memory access'); the guest arrives with stale memory"
+)
 HOST_A_QEMU_LOGS = Path("/var/log/libvirt/qemu")
 # "2026-12-07 03:14:38.751+0000: starting up libvirt version: 9.0.0, ..." heads each start's record in
 # a domain's libvirt log; the QEMU command line follows, with "-incoming" for a migration's target
