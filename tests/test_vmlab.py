@@ -17,6 +17,8 @@ import pytest
 from conftest import lab_or_fail
 
 from host_agent.lab import AGENT_CHANNEL, Disk, Lab, Vm, make_disk, render_domain_xml
+from host_agent.lab.guest import kernel_failure
+from host_agent.lab.twohosts import qemu_starts
 
 # Runs in the guest (the host's own interpreter, over 9p).  The guest speaks first: its write()
 # blocks until the host has connected, so nothing the host sends can arrive stale.  It then
@@ -112,3 +114,24 @@ def test_long_command_travels_in_the_initramfs(lab: Lab) -> None:
     vm = lab.start_vm("longcmd", command=f": {filler}\necho long-command-ran", channels=())
     assert vm.wait_for_exit(timeout=120) == 0
     assert "long-command-ran" in vm.console()
+
+
+def test_a_guest_kernel_failure_is_found_on_the_console() -> None:
+    console = ("HB-READY uptime=4.79\nhyperback-media: INFO committed snapshot 76a9e1f5f082bce4\n"
+               "[   69.092901] general protection fault: 0000 [#1] PREEMPT SMP NOPTI\n"
+               "[   69.142558] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    assert kernel_failure(console) == "general protection fault: 0000 [#1] PREEMPT SMP NOPTI"
+    assert kernel_failure("HB-READY uptime=4.79\ntick 1\nBUG: not a kernel line\n") is None
+
+
+def test_qemu_starts_are_read_from_a_domains_libvirt_log(tmp_path: Path) -> None:
+    head = "{}: starting up libvirt version: 9.0.0, qemu version: 7.2.22, hostname: vm\nLC_ALL=C \\\n"
+    log = tmp_path / "hbvl-g.log"
+    (tmp_path / "hbvl-g.log.0").write_text(head.format("2026-12-07 03:14:25.361+0000") + "-name guest=g \\\n"
+                                           "2026-12-07 03:14:38.743+0000: shutting down, reason=migrated\n")
+    log.write_text(head.format("2026-12-07 03:14:46.706+0000") + "-incoming defer \\\n-msg timestamp=on\n"
+                   + head.format("2026-12-07 03:15:53.724+0000") + "-sandbox on \\\n")
+    starts = qemu_starts(log)
+    assert [(s.at.strftime("%H:%M:%S"), s.boot) for s in starts] == [
+        ("03:14:25", True), ("03:14:46", False), ("03:15:53", True)]
+    assert [s.boot for s in qemu_starts(log, since=starts[1].at)] == [False, True]

@@ -469,6 +469,10 @@ class Appliance:
     def console(self) -> str:
         return self.vm.console()
 
+    def kernel_failure(self) -> str | None:
+        """The guest kernel's fatal error on the console (see ``guest.kernel_failure``), or None."""
+        return guest.kernel_failure(self.console())
+
     def wait_console(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
         """Wait for ``pattern`` (regex, MULTILINE) on the console log, which both hosts' QEMUs
         append to: unlike ``Vm.wait_for_console`` this does not ask where the VM runs."""

@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 READY_MARKER = "HB-READY"
 EXIT_RE = re.compile(r"^HB-EXIT (\d+)\s*$", re.MULTILINE)
 INIT_FAILED_MARKER = "HB-INIT-FAILED"
+# what a guest kernel prints when it dies or is about to (console lines, after its timestamp)
+KERNEL_FAILURE_RE = re.compile(
+    r"^\[\s*\d+\.\d+\]\s+((?:Kernel panic - not syncing|BUG:|Oops|general protection fault|invalid opcode"
+    r"|double fault).*?)\s*$", re.MULTILINE)
+
+
+def kernel_failure(console: str) -> str | None:
+    """The first line in which the guest kernel reported a fatal error (panic, oops, protection
+    fault) on ``console``, or None."""
+    m = KERNEL_FAILURE_RE.search(console)
+    return m.group(1) if m else None
 
 DEFAULT_CACHE_DIR = Path("/var/tmp/hyperback-vmlab")
 BUSYBOX = Path("/bin/busybox")

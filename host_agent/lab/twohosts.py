@@ -28,10 +28,15 @@ initramfs also carries the host's Python, the stdlib the guest shim needs and th
     vm = start_migratable_vm(lab, "g", command=shim_command("list", "--json"), python=True)
 
 Needs root, iproute2 (``ip netns exec``), util-linux (``unshare``) and pyroute2.
+
+A known emulator fault (``TCG_MIGRATION_BUG``): QEMU before 9.0 can lose guest writes when it
+live-migrates a TCG guest, so the guest may find corrupted memory, and die, on the host it arrives on.
+A test whose guest must survive a move checks ``guest.kernel_failure`` and names this as the cause.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -48,6 +53,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -77,6 +83,49 @@ PRIVATE_DIRS = {
 
 class TwoHostsError(VmLabError):
     """Host B could not be set up or torn down."""
+
+
+# Seen in the lab (Debian 12's QEMU 7.2.22, whose changelog lacks the fix): the appliance guest's kernel
+# hit a general protection fault at its first timer interrupt after a live migration, in an hrtimer on a
+# kernel stack written just before the move.
+TCG_MIGRATION_BUG = (
+    "QEMU before 9.0 loses guest writes when it live-migrates a TCG guest: the fast path of "
+    "cpu_physical_memory_sync_dirty_bitmap() clears dirty bits without resetting TCG's TLB, so stores "
+    "through TLB entries already marked dirty are never sent (upstream commit 03bfc2188f, 'physmem: Fix "
+    "migration dirty bitmap coherency with TCG memory access'); the guest arrives with stale memory"
+)
+HOST_A_QEMU_LOGS = Path("/var/log/libvirt/qemu")
+# "2026-12-07 03:14:38.751+0000: starting up libvirt version: 9.0.0, ..." heads each start's record in
+# a domain's libvirt log; the QEMU command line follows, with "-incoming" for a migration's target
+_START_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+[+-]\d{4}): starting up ", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class QemuStart:
+    """One QEMU process a libvirtd started for a domain: a boot, or the target of a migration."""
+
+    at: datetime
+    incoming: bool  # started to receive a migration, not to boot
+
+    @property
+    def boot(self) -> bool:
+        return not self.incoming
+
+
+def qemu_starts(log_file: Path, since: datetime | None = None) -> list[QemuStart]:
+    """The starts recorded in a domain's libvirt log (and in the one virtlogd rotated before it)."""
+    text = ""
+    for path in (log_file.with_name(log_file.name + ".0"), log_file):
+        with contextlib.suppress(FileNotFoundError):
+            text += path.read_text(errors="replace")
+    heads = list(_START_LINE.finditer(text))
+    starts = []
+    for head, nxt in zip(heads, [*heads[1:], None], strict=True):
+        record = text[head.end():nxt.start() if nxt is not None else len(text)]
+        at = datetime.strptime(head.group(1), "%Y-%m-%d %H:%M:%S.%f%z")
+        if since is None or at >= since:
+            starts.append(QemuStart(at, re.search(r"^-incoming ", record, re.MULTILINE) is not None))
+    return starts
 
 
 def _iproute() -> Any:
@@ -221,6 +270,20 @@ class TwoHosts:
     def lan_rx_bytes(self) -> int:
         """Bytes host A received over the LAN (lan0's rx counter)."""
         return self._lan_stats()["rx_bytes"]
+
+    # --- what each daemon did ----------------------------------------------------------------
+
+    def domain_log(self, host: str, name: str) -> Path:
+        """The log host ``host``'s libvirtd ("a" or "b") keeps of domain ``name``'s QEMU processes."""
+        if host not in ("a", "b"):
+            raise ValueError(f"lab hosts are 'a' and 'b', not {host!r}")
+        return (HOST_A_QEMU_LOGS if host == "a" else self.folder / "log" / "qemu") / f"{name}.log"
+
+    def qemu_starts(self, host: str, name: str, since: datetime | None = None) -> list[QemuStart]:
+        """The QEMU processes host ``host``'s libvirtd started for domain ``name`` (at ``since`` or
+        later), oldest first.  libvirtd logs each start before the call that starts the domain
+        returns, so a finished move needs no waiting for its record."""
+        return qemu_starts(self.domain_log(host, name), since)
 
     # --- setup -------------------------------------------------------------------------------
 

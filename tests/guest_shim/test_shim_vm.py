@@ -167,7 +167,9 @@ def test_guest_serve_survives_a_host_reconnect_on_the_real_port(
             first = host.handshake(p.Role.SERVE, timeout=60)
             req = host.expect(p.Status, timeout=GUEST_PYTHON_START)
             host.send(p.Progress(req.id, "job-1", p.JobState.RUNNING, 1, 2))
-        time.sleep(1)  # the host agent went away; it comes back
+        # the host agent went away; it comes back once serve has seen it go (else serve, which
+        # never saw a hang-up, has no reason to resynchronise)
+        vm.wait_for_console(r"host disconnected", timeout=60)
         host = FakeHost.from_socket(vm.connect_channel(CHANNEL, timeout=10))
         with contextlib.closing(host):
             second = host.expect(p.Sync, timeout=60)
