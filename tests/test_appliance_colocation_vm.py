@@ -27,7 +27,8 @@ from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation.appliance import read_hold
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.appliance import APPLIANCE_IP, DESTINATION, MEDIA_PORT, TAP, Appliance, start_appliance
-from host_agent.lab.twohosts import TCG_MIGRATION_BUG, TwoHosts, start_migratable_vm
+from host_agent.lab.migratable import start_migratable_vm
+from host_agent.lab.twohosts import TCG_MIGRATION_BUG, TwoHosts
 
 pytestmark = pytest.mark.vm
 

@@ -20,7 +20,8 @@ from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation.migration import visit_marker
 from host_agent.lab import Disk, Lab, Vm, make_disk
-from host_agent.lab.twohosts import TwoHosts, start_migratable_vm
+from host_agent.lab.migratable import start_migratable_vm
+from host_agent.lab.twohosts import TwoHosts
 
 pytestmark = pytest.mark.vm
 

@@ -30,7 +30,8 @@ from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation.migration import METADATA_NS
 from host_agent.colocation.serviceip import ServiceAddress
 from host_agent.lab import Disk, Lab, Vm, make_disk
-from host_agent.lab.twohosts import LAN_A_IF, shim_command, start_migratable_vm
+from host_agent.lab.migratable import shim_command, start_migratable_vm
+from host_agent.lab.twohosts import LAN_A_IF
 
 pytestmark = pytest.mark.vm
 

@@ -20,14 +20,14 @@ from conftest import lab_or_fail
 from host_agent.colocation.migration import live_migrate
 from host_agent.errors import MigrationFailed
 from host_agent.lab import Disk, Lab, Vm, make_disk
-from host_agent.lab.twohosts import (
-    TwoHosts,
+from host_agent.lab.migratable import (
     migratable_python_initramfs,
     python_segment,
     segment_sizes,
     shim_command,
     start_migratable_vm,
 )
+from host_agent.lab.twohosts import TwoHosts
 
 pytestmark = pytest.mark.vm
 

@@ -75,17 +75,15 @@ from host_agent.colocation.serviceip import APPLIANCE_GATEWAY, ApplianceRoute
 from . import guest
 from .domain import Disk, Lab, Vm, _libvirt
 from .errors import GuestBuildError, GuestStopped, HostNotReady, LibvirtFailure, VmLabError
-from .twohosts import (
+from .migratable import (
     GUEST_PYTHON,
-    LAN_A_IF,
-    LAN_B_IF,
-    TwoHosts,
     _copy_in,
     guest_interpreter,
     migratable_initramfs,
     shared_libraries,
     start_migratable_vm,
 )
+from .twohosts import LAN_A_IF, LAN_B_IF, TwoHosts
 
 log = logging.getLogger(__name__)
 
