@@ -41,7 +41,13 @@ from host_agent.colocation import migration
 from host_agent.colocation.footprint import footprint
 from host_agent.colocation.serviceip import ApplianceRoute
 from host_agent.config import AgentConfig
-from host_agent.errors import ApplianceError, EnvironmentProblem, HypervisorError, ServiceAddressError
+from host_agent.errors import (
+    ApplianceError,
+    EnvironmentProblem,
+    HypervisorError,
+    NoDomain,
+    ServiceAddressError,
+)
 from host_agent.inventory import Appliance, Inventory
 from host_agent.model import VmFootprint
 
@@ -201,6 +207,9 @@ class Porter:
             if visit.here:
                 try:
                     await asyncio.to_thread(self._send_on, appliance, visit)
+                except NoDomain as e:
+                    log.error("appliance %s was not there to send on (%s): it stopped or crashed; start it "
+                              "again on its home host %s", appliance.name, e, appliance.home)
                 except MOVE_FAILURES as e:
                     log.error("appliance %s stays on %s: %s", appliance.name, self.inventory.host_name, e)
 
