@@ -7,6 +7,9 @@ side does not know, or a time that is not a finite non-negative number, raises
 each service answers it with INVALID_ARGUMENT. Where an API lets a field be left unspecified, the
 caller says what that means (``unspecified=``): an operator who names no policy asks for an
 incremental; a plan's unit that names no placement is local.
+
+Errors cross gRPC the same way in every service: :func:`grpc_status` is the status code an error
+of the tree (``host_agent.errors``) is answered with.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import math
 from collections.abc import Mapping
 from typing import Final, TypeVar
 
+import grpc
+
+from host_agent import errors
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.errors import MalformedMessage
 from host_agent.model import (
@@ -166,3 +172,23 @@ def appliance_to_pb(a: ApplianceFootprint) -> pb.ApplianceFootprint:
 
 def appliance_from_pb(m: pb.ApplianceFootprint) -> ApplianceFootprint:
     return ApplianceFootprint(m.destination, m.appliance, footprint_from_pb(m.footprint))
+
+
+# --------------------------------------------------------------------------- errors
+
+_STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] = (
+    (errors.UnknownDestination, grpc.StatusCode.NOT_FOUND),
+    (errors.SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.SessionExpired, grpc.StatusCode.ABORTED),
+    (errors.UnknownDisk, grpc.StatusCode.NOT_FOUND),
+    (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.RepositoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (errors.RepositoryError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.EnvironmentProblem, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def grpc_status(error: errors.HyperbackError) -> grpc.StatusCode:
+    """The status code ``error`` is answered with (INTERNAL for a bug)."""
+    return next((code for cls, code in _STATUS if isinstance(error, cls)), grpc.StatusCode.INTERNAL)

@@ -166,6 +166,8 @@ def test_the_appliance_comes_to_the_vms_so_their_backups_stay_off_the_lan(
     for vm in vms:
         assert state_on(c.hosts.uri_a, vm.name) == libvirt.VIR_DOMAIN_RUNNING
     wait_until("host A routes the address to the LAN again", lambda: route_device_on_a() != TAP, 60)
+    # and B answers for it there once its agent has seen the appliance arrive
+    assert c.describe(target=f"{APPLIANCE_IP}:{MEDIA_PORT}", timeout=60).host_name == "appliance"
     with c.operator() as stub:
         for vm in vms:
             snaps = stub.ListSnapshots(opb.ListSnapshotsRequest(destination=DESTINATION, domain=vm.name),

@@ -3,8 +3,9 @@
 Operators and tools list domains and their channel state, list snapshots,
 trigger backups and restores of any VM, list jobs and stream a job's events.
 Health checking and reflection are registered on the same server. Failures map
-to gRPC status codes at this boundary: NOT_FOUND for unknown domains and jobs,
-INVALID_ARGUMENT for bad names and values, UNAVAILABLE when libvirt does not answer.
+to gRPC status codes at this boundary: NOT_FOUND for unknown domains, disks and jobs,
+INVALID_ARGUMENT for bad names and values, UNAVAILABLE when libvirt or a destination's media do
+not answer (``host_agent.protobuf.grpc_status``).
 
 The servicer sees the agent through :class:`AgentParts`: the domains, the guests' channels, the
 destinations, the intake (the one way a request enters) and the jobs, never the agent itself.
@@ -12,6 +13,7 @@ destinations, the intake (the one way a request enters) and the jobs, never the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -33,10 +35,10 @@ from host_agent.agent.guests import Guests
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
-from host_agent.errors import HypervisorError, MalformedMessage, UnknownDisk
 from host_agent.model import Instruction, InstructionKind, Placement, Policy, WorkUnit
 from host_agent.protobuf import (
     disk_to_pb,
+    grpc_status,
     kind_to_pb,
     placement_from_pb,
     placement_to_pb,
@@ -95,15 +97,21 @@ def _forced_placement(value: int) -> Placement:
     return Placement.MIGRATE if placement is Placement.COLD_MOVE else placement
 
 
+@contextlib.asynccontextmanager
+async def _answering(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    """What a call raises of the error tree becomes its status code, here (protobuf.grpc_status)."""
+    try:
+        yield
+    except errors.HyperbackError as e:
+        await context.abort(grpc_status(e), str(e))
+
+
 class OperatorServicer(pb_grpc.OperatorServicer):
     def __init__(self, parts: AgentParts) -> None:
         self.parts = parts
 
     async def _domain(self, name_or_uuid: str, context: grpc.aio.ServicerContext[Any, Any]) -> DomainInfo:
-        try:
-            served = await asyncio.to_thread(self.parts.domains.served)
-        except HypervisorError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        served = await asyncio.to_thread(self.parts.domains.served)
         for info in served:
             if name_or_uuid in (info.uuid, info.name):
                 return info
@@ -113,10 +121,8 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     async def ListDomains(self, request: pb.ListDomainsRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListDomainsResponse:
-        try:
+        async with _answering(context):
             served = await asyncio.to_thread(self.parts.domains.served)
-        except HypervisorError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         out = []
         for info in sorted(served, key=lambda i: i.name):
             channel = self.parts.guests.state(info.uuid)
@@ -133,6 +139,11 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSnapshotsResponse:
+        async with _answering(context):
+            return await self._list_snapshots(request, context)
+
+    async def _list_snapshots(self, request: pb.ListSnapshotsRequest,
+                              context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSnapshotsResponse:
         known = self.parts.destinations.names
         destinations = [request.destination] if request.destination else sorted(known)
         if any(d not in known for d in destinations):
@@ -171,18 +182,12 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         destination = request.destination or self.parts.destinations.default
         if destination not in self.parts.destinations.names:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {destination!r}")
-        try:
-            disks = await asyncio.to_thread(self.parts.domains.disks_by_serial, info.uuid,
-                                            list(request.serials) or None)
-        except UnknownDisk as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        try:
-            policy = (policy_from_pb(request.policy, "TriggerBackupRequest", unspecified=Policy.INCREMENTAL)
-                      if kind is InstructionKind.BACKUP else Policy.FULL)
-            placement = (_forced_placement(request.placement)
-                         if isinstance(request, pb.TriggerBackupRequest) else Placement.AUTO)
-        except MalformedMessage as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        disks = await asyncio.to_thread(self.parts.domains.disks_by_serial, info.uuid,
+                                        list(request.serials) or None)
+        policy = (policy_from_pb(request.policy, "TriggerBackupRequest", unspecified=Policy.INCREMENTAL)
+                  if kind is InstructionKind.BACKUP else Policy.FULL)
+        placement = (_forced_placement(request.placement)
+                     if isinstance(request, pb.TriggerBackupRequest) else Placement.AUTO)
         instruction = Instruction(new_job_id(), info.uuid, request.request_id or new_job_id(), kind, disks,
                                   destination, policy, getattr(request, "snapshot", "") or "latest"
                                   if kind is InstructionKind.RESTORE else "", time.time(), placement)
@@ -193,12 +198,14 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     async def TriggerBackup(self, request: pb.TriggerBackupRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.TriggerBackupResponse:
-        job = await self._trigger(InstructionKind.BACKUP, request, context)
+        async with _answering(context):
+            job = await self._trigger(InstructionKind.BACKUP, request, context)
         return pb.TriggerBackupResponse(job=_job_pb(job))
 
     async def TriggerRestore(self, request: pb.TriggerRestoreRequest,
                              context: grpc.aio.ServicerContext[Any, Any]) -> pb.TriggerRestoreResponse:
-        job = await self._trigger(InstructionKind.RESTORE, request, context)
+        async with _answering(context):
+            job = await self._trigger(InstructionKind.RESTORE, request, context)
         return pb.TriggerRestoreResponse(job=_job_pb(job))
 
     async def ListJobs(self, request: pb.ListJobsRequest,

@@ -42,7 +42,7 @@ from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
 from host_agent.media.codec import (
-    CHANNEL_OPTIONS,
+    CLIENT_OPTIONS,
     MAX_IDS,
     PIECE,
     config_from_pb,
@@ -93,7 +93,7 @@ class RemoteRepository:
         self.bytes_received = 0
         self._spool_dir = spool_dir
         self._count_lock = threading.Lock()
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
         self.stub = pb_grpc.MediaStub(self._channel)
         try:
             described = self.unary(self.stub.Describe, pb.DescribeRequest())

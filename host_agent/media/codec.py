@@ -16,6 +16,7 @@ import grpc
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
+from host_agent.protobuf import grpc_status
 from host_agent.storage.copier import ID_LEN
 from host_agent.storage.repository import RepoConfig
 from host_agent.storage.snapshot import Snapshot
@@ -34,6 +35,17 @@ CHANNEL_OPTIONS: Final = (
     ("grpc.max_receive_message_length", 4 * PIECE),
     ("grpc.max_send_message_length", 4 * PIECE),
 )
+# The service's address moves with it (a media service that moves hosts, an appliance VM that
+# migrates): a connection made before a move breaks at the next call. Calls that only read, or can
+# be made twice, are retried by gRPC itself while the address comes back; a session's writes are not.
+_IDEMPOTENT = ("Describe", "ListSnapshots", "ResolveSnapshot", "BaseFor", "BaseTree", "Heartbeat",
+               "FilterMissing", "Restore")
+CLIENT_OPTIONS: Final = (*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "hyperback.v1.Media", "method": m} for m in _IDEMPOTENT],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]})))
 
 
 
@@ -65,16 +77,6 @@ def pieces(data: bytes) -> Iterator[bytes]:
         yield data[at:at + PIECE]
 
 
-_STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] = (
-    (errors.UnknownDestination, grpc.StatusCode.NOT_FOUND),
-    (errors.SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.SessionExpired, grpc.StatusCode.ABORTED),
-    (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.RepositoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (errors.RepositoryError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.EnvironmentProblem, grpc.StatusCode.UNAVAILABLE),
-)
 
 
 _STATUS_OVERRIDE = "hyperback_grpc_status"
@@ -89,9 +91,7 @@ def refused(code: grpc.StatusCode, error: _E) -> _E:
 
 def status_for(error: errors.HyperbackError) -> grpc.StatusCode:
     override: grpc.StatusCode | None = getattr(error, _STATUS_OVERRIDE, None)
-    if override is not None:
-        return override
-    return next((code for cls, code in _STATUS if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
+    return override if override is not None else grpc_status(error)
 
 
 def remote_error(e: grpc.RpcError, address: str) -> errors.HyperbackError:

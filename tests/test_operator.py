@@ -1,0 +1,79 @@
+"""The operator API answers every failure of the error tree with its status code, over real gRPC."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import cast
+
+import grpc
+
+from host_agent._proto.hyperback.v1 import operator_pb2 as pb
+from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
+from host_agent.agent.destinations import Destinations
+from host_agent.agent.domains import Domains
+from host_agent.agent.guests import Guests
+from host_agent.agent.intake import Intake
+from host_agent.agent.jobs import Jobs
+from host_agent.agent.operator import AgentParts, start_operator_server
+from host_agent.config import load
+
+# host B's media service is nowhere to be found: nothing listens on that port
+CLUSTER = """
+host_name = "hosta"
+[repositories]
+default = "{repo}"
+[hosts.hosta]
+libvirt_uri = "qemu:///system"
+agent = "127.0.0.1:7411"
+lan_ip = "127.0.0.1"
+[hosts.hostb]
+libvirt_uri = "qemu+tcp://127.0.0.1/system"
+agent = "127.0.0.1:7412"
+lan_ip = "127.0.0.1"
+[media.offsite]
+host = "hostb"
+service = "127.0.0.1:9"
+path = "/srv/backup/offsite"
+"""
+
+
+def list_snapshots(tmp_path: Path, destination: str) -> grpc.aio.AioRpcError | pb.ListSnapshotsResponse:
+    """ListSnapshots through a real operator server on a unix socket; its answer or its error."""
+    (tmp_path / "agent.toml").write_text(CLUSTER.format(repo=tmp_path / "repo"))
+    config = load(tmp_path / "agent.toml", env={})
+    # listing snapshots of every domain needs neither libvirt, the guests nor the intake
+    parts = AgentParts(cast(Domains, None), cast(Guests, None), Destinations(config), cast(Intake, None),
+                       Jobs())
+
+    async def call() -> grpc.aio.AioRpcError | pb.ListSnapshotsResponse:
+        server = await start_operator_server(parts, f"unix:{tmp_path}/operator.sock")
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{tmp_path}/operator.sock") as channel:
+                stub = pb_grpc.OperatorStub(channel)
+                try:
+                    answer: pb.ListSnapshotsResponse = await stub.ListSnapshots(
+                        pb.ListSnapshotsRequest(destination=destination), timeout=60)
+                    return answer
+                except grpc.aio.AioRpcError as e:
+                    return e
+        finally:
+            await server.stop(1)
+
+    return asyncio.run(call())
+
+
+def test_media_that_cannot_be_reached_are_unavailable_not_an_unknown_error(tmp_path: Path) -> None:
+    answer = list_snapshots(tmp_path, "offsite")
+    assert isinstance(answer, grpc.aio.AioRpcError)
+    assert answer.code() is grpc.StatusCode.UNAVAILABLE
+    assert "cannot reach the media service at 127.0.0.1:9" in (answer.details() or "")
+
+
+def test_an_unknown_destination_is_not_found(tmp_path: Path) -> None:
+    answer = list_snapshots(tmp_path, "nowhere")
+    assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_a_local_destination_lists_its_snapshots(tmp_path: Path) -> None:
+    answer = list_snapshots(tmp_path, "default")
+    assert isinstance(answer, pb.ListSnapshotsResponse) and list(answer.snapshots) == []
