@@ -32,9 +32,9 @@ class Destinations:
     def names(self) -> frozenset[str]:
         return self.config.destinations
 
-    @property
-    def default(self) -> str:
-        return self.config.default_destination
+    def named(self, asked: str | None) -> str:
+        """The destination a request names: the default one when it names none."""
+        return asked or self.config.default_destination
 
     def repository(self, destination: str) -> AnyRepository:
         """The destination's repository: opened here, or reached through its media service when the

@@ -61,7 +61,7 @@ class Intake:
     # ---------- requests ----------
 
     def _unknown_destination(self, msg: p.Backup | p.Restore | p.ListSnapshots) -> p.ErrorMessage | None:
-        destination = msg.destination or self.destinations.default
+        destination = self.destinations.named(msg.destination)
         if destination in self.destinations.names:
             return None
         return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DESTINATION,
@@ -91,7 +91,7 @@ class Intake:
             return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA,
                                   f"this VM already has {self.limits.pending_per_vm} jobs waiting; "
                                   "ask again when one has finished", retry_after=30.0)
-        destination = msg.destination or self.destinations.default
+        destination = self.destinations.named(msg.destination)
         if isinstance(msg, p.Backup):
             instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,
                                       destination, Policy(msg.policy.value), "", time.time())
@@ -119,7 +119,7 @@ class Intake:
         refused = self._unknown_destination(msg)
         if refused is not None:
             return refused
-        destination = msg.destination or self.destinations.default
+        destination = self.destinations.named(msg.destination)
         try:
             disks = self.domains.disks_by_serial(uuid, [msg.target] if msg.target else None)
         except UnknownDisk as e:

@@ -179,7 +179,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             earlier = self.parts.jobs.by_request(info.uuid, request.request_id)
             if earlier is not None:
                 return earlier
-        destination = request.destination or self.parts.destinations.default
+        destination = self.parts.destinations.named(request.destination)
         if destination not in self.parts.destinations.names:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {destination!r}")
         disks = await asyncio.to_thread(self.parts.domains.disks_by_serial, info.uuid,
