@@ -25,7 +25,7 @@ MAY_IMPORT = {
     "media": {"storage", "colocation"},  # the media service claims its moving address (serviceip)
     "colocation": set(),
     "agent": {"storage", "media", "planning", "colocation"},
-    "cli": {"storage", "lab"},
+    "cli": {"storage", "lab", "agent"},  # vm enable/status, jobs and schedules: the agent's parts and its API
     "lab": {"agent", "storage", "colocation", "media"},
 }
 

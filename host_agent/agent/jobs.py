@@ -36,6 +36,7 @@ class JobState(enum.Enum):
 class Origin(enum.Enum):
     GUEST = 1
     OPERATOR = 2
+    SCHEDULE = 3
 
 
 @dataclass

@@ -70,7 +70,7 @@ def _state_pb(state: JobState) -> pb.JobState.ValueType:
 def _job_pb(job: Job) -> pb.Job:
     i = job.instruction
     return pb.Job(id=job.id, kind=kind_to_pb(i.kind),
-                  origin=pb.JOB_ORIGIN_GUEST if job.origin is Origin.GUEST else pb.JOB_ORIGIN_OPERATOR,
+                  origin=pb.JobOrigin.Value(f"JOB_ORIGIN_{job.origin.name}"),
                   domain_uuid=i.domain_uuid, domain_name=job.domain_name, request_id=str(i.request_id),
                   serials=[d.serial for d in i.disks], destination=i.destination,
                   policy=policy_to_pb(i.policy),
@@ -215,6 +215,14 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                 if (not request.domain or request.domain in (j.instruction.domain_uuid, j.domain_name))
                 and (not states or j.state.value in states)]
         return pb.ListJobsResponse(jobs=[_job_pb(j) for j in jobs])
+
+    async def CancelJob(self, request: pb.CancelJobRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> pb.CancelJobResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "job cancel: in progress on issue 9")
+
+    async def ListSchedules(self, request: pb.ListSchedulesRequest,
+                            context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSchedulesResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "schedules: in progress on issue 9")
 
     async def WatchJob(self, request: pb.WatchJobRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JobEvent]:
