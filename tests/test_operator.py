@@ -15,6 +15,7 @@ from host_agent.agent.guests import Guests
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs
 from host_agent.agent.operator import AgentParts, start_operator_server
+from host_agent.agent.schedules import Scheduler
 from host_agent.config import load
 
 # host B's media service is nowhere to be found: nothing listens on that port
@@ -43,7 +44,7 @@ def list_snapshots(tmp_path: Path, destination: str) -> grpc.aio.AioRpcError | p
     config = load(tmp_path / "agent.toml", env={})
     # listing snapshots of every domain needs neither libvirt, the guests nor the intake
     parts = AgentParts(cast(Domains, None), cast(Guests, None), Destinations(config), cast(Intake, None),
-                       Jobs())
+                       Jobs(), cast(Scheduler, None))
 
     async def call() -> grpc.aio.AioRpcError | pb.ListSnapshotsResponse:
         server = await start_operator_server(parts, f"unix:{tmp_path}/operator.sock")

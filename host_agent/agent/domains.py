@@ -24,6 +24,8 @@ from host_agent.model import DiskRef
 log = logging.getLogger(__name__)
 
 AGENT_CHANNEL = "org.hyperback.agent.0"
+# hyperback's element in a domain's <metadata>: <hyperback xmlns=METADATA_NS><group>NAME</group>...
+METADATA_NS = "https://hyperback.dev/xmlns/libvirt/1"
 DEFAULT_URI = "qemu:///system"
 
 
@@ -36,6 +38,8 @@ class DomainInfo:
     channel_state: str | None     # "connected" / "disconnected" as libvirt sees the guest side
     disks: tuple[DiskRef, ...]
     visiting_from: str = ""       # the host it moved here from for a job (its visit marker), if any
+    enabled: bool = False         # its definition has the hyperback channel (`hyperback vm enable`)
+    groups: tuple[str, ...] = ()  # the groups hyperback's metadata tags it with (schedules select by them)
 
 
 def _disk_refs(root: ET.Element, uuid: str, name: str) -> tuple[DiskRef, ...]:
@@ -68,14 +72,19 @@ def parse_domain_xml(xml: str, uuid: str, name: str, running: bool) -> DomainInf
     """What hyperback needs from a live domain XML (sizes are filled in from libvirt separately)."""
     root = ET.fromstring(xml)
     path = state = None
+    enabled = False
     for channel in root.findall("./devices/channel[@type='unix']"):
         target = channel.find("target")
         source = channel.find("source")
-        if target is not None and target.get("name") == AGENT_CHANNEL and source is not None:
-            path, state = source.get("path"), target.get("state")
+        if target is not None and target.get("name") == AGENT_CHANNEL:
+            enabled = True
+            if source is not None:
+                path, state = source.get("path"), target.get("state")
+    groups = tuple(g.text.strip() for g in root.findall(f"./metadata/{{{METADATA_NS}}}hyperback/"
+                                                         f"{{{METADATA_NS}}}group") if g.text)
     marker = visit_marker(xml)
     return DomainInfo(uuid, name, running, path, state, _disk_refs(root, uuid, name),
-                      marker.origin if marker is not None else "")
+                      marker.origin if marker is not None else "", enabled, groups)
 
 
 class Domains:
@@ -114,6 +123,23 @@ class Domains:
                 log.info("skipping domain: %s", e)
                 continue
             if info.channel_path:
+                out.append(info)
+        return out
+
+    def enabled(self) -> list[DomainInfo]:
+        """Every domain, running or shut off, whose definition has the hyperback channel."""
+        try:
+            doms = self.conn.listAllDomains(0)
+        except HypervisorError as e:
+            raise type(e)(f"cannot list domains: {e}", e.code) from e
+        out = []
+        for dom in doms:
+            try:
+                info = self._info(dom)
+            except HypervisorError as e:  # undefined while we looked
+                log.info("skipping domain: %s", e)
+                continue
+            if info.enabled:
                 out.append(info)
         return out
 

@@ -37,10 +37,10 @@ class Intake:
         self.domains, self.destinations = domains, destinations
         self.jobs, self.journal, self.guests, self.driver = jobs, journal, guests, driver
 
-    def submit(self, instruction: Instruction, origin: Origin, domain_name: str) -> None:
-        """Journal, register and queue an instruction (a guest's or an operator's)."""
-        self.journal.add(instruction, origin, domain_name)
-        self.jobs.add(instruction, origin, domain_name)
+    def submit(self, instruction: Instruction, origin: Origin, domain_name: str, schedule: str = "") -> None:
+        """Journal, register and queue an instruction (a guest's, an operator's or a schedule's)."""
+        self.journal.add(instruction, origin, domain_name, schedule)
+        self.jobs.add(instruction, origin, domain_name, schedule)
         self.driver.submit(instruction)
 
     # ---------- channel.Handler ----------

@@ -66,6 +66,7 @@ class Job:
     bytes_total: int = 0
     plan: WorkUnit | None = None     # the first unit serving it: placement and the optimizer's predictions
     moved_bytes: int = 0             # migration streams sent to back it up on another host
+    schedule: str = ""               # Origin.SCHEDULE: the schedule that fired it
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -77,8 +78,8 @@ class Jobs:
     def __init__(self) -> None:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
-    def add(self, instruction: Instruction, origin: Origin, domain_name: str) -> Job:
-        job = Job(instruction, origin, domain_name)
+    def add(self, instruction: Instruction, origin: Origin, domain_name: str, schedule: str = "") -> Job:
+        job = Job(instruction, origin, domain_name, schedule=schedule)
         self._jobs[job.id] = job
         self._record(job, JobState.QUEUED, "accepted")
         self._trim()
