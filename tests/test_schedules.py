@@ -28,8 +28,10 @@ NS = "https://hyperback.dev/xmlns/libvirt/1"
 
 
 def domain_xml(name: str, channel: bool = True, serial: str = "data", group: str = "") -> str:
-    metadata = f"<metadata><hyperback xmlns='{NS}'><group>{group}</group></hyperback></metadata>" if group else ""
-    chan = "<channel type='unix'><target type='virtio' name='org.hyperback.agent.0'/></channel>" if channel else ""
+    metadata = (f"<metadata><hyperback xmlns='{NS}'><group>{group}</group></hyperback></metadata>"
+                if group else "")
+    chan = ("<channel type='unix'><target type='virtio' name='org.hyperback.agent.0'/></channel>"
+            if channel else "")
     return f"""<domain type='test'><name>{name}</name><memory>65536</memory>{metadata}
       <os><type>hvm</type></os><devices>
       <disk type='file' device='disk'><source file='/var/tmp/{name}.img'/><target dev='vda' bus='virtio'/>
@@ -186,7 +188,8 @@ def test_runs_missed_while_the_agent_was_down_are_caught_up_once_at_start(
         "gold": {"armed": long_ago, "last_run": local(2026, 11, 28, 3, 0)}}))
     firings = run_scheduler(a, [])
     # four nights were missed: one run makes up for them; "gold" missed a Saturday but does not catch up
-    assert [(f.schedule, f.due, f.catch_up) for f in firings] == [("nightly", local(2026, 12, 7, 1, 30), True)]
+    caught_up = [(f.schedule, f.due, f.catch_up) for f in firings]
+    assert caught_up == [("nightly", local(2026, 12, 7, 1, 30), True)]
     assert [a.jobs.get(j).domain_name for j in firings[0].jobs] == ["web-1"]  # type: ignore[union-attr]
 
 
