@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from host_agent.agent.daemon import Agent, agent_in_thread
 from host_agent.config import AgentConfig
+from host_agent.storage.repository import Repository
 
 T = TypeVar("T")
 
@@ -34,7 +35,11 @@ class RunningAgent:
 
 
 def agent_config_for(root: Path, **overrides: Any) -> AgentConfig:
+    """A test agent's config under ``root``; its default repository is created (only `hyperback
+    init` creates repositories: an agent never does)."""
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / "repo").exists():
+        Repository.init(root / "repo")
     config = AgentConfig(state_dir=root / "state", run_dir=root / "run", interval=2.0, batch_size=10,
                          optimizer=f"unix:{root}/optimizer.sock", operator_listen=f"unix:{root}/agent.sock",
                          repositories={"default": root / "repo"}, restore_dir=root / "restores",

@@ -34,7 +34,7 @@ from host_agent.model import ChangeDetection, Policy
 from host_agent.storage import copier
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
-from host_agent.storage.files import RestoreTarget, fsync_dir, write_atomic
+from host_agent.storage.files import RestoreTarget, fsync_dir, missing_repository, write_atomic
 from host_agent.storage.locks import Lock, read_locks
 from host_agent.storage.maptree import FANOUT, TreeBuilder, TreeReader, leaves_for
 from host_agent.storage.snapshot import (
@@ -147,10 +147,8 @@ class Repository:
         root = Path(path)
         try:
             doc = json.loads((root / "config").read_text())
-        except FileNotFoundError:
-            raise errors.NotARepository(
-                f"{root} is not a hyperback repository (no config file); create one with "
-                f"'hyperback init {root}'") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise errors.NotARepository(missing_repository(root)) from None
         except (OSError, ValueError) as e:
             raise errors.NotARepository(f"{root}/config is unreadable: {e}") from e
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
