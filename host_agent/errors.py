@@ -7,6 +7,8 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     HyperbackError                  exit 1   unexpected: a bug if you see it
     ├── UsageError                  exit 2   bad arguments, names or configuration
     │   ├── UnknownDisk                      a request names a disk serial its domain does not have
+    │   ├── UnknownJob                       no job of that id (NOT_FOUND)
+    │   ├── JobFinished                      the job has finished: too late to cancel (FAILED_PRECONDITION)
     │   └── MalformedMessage                 a protobuf message breaks its contract (INVALID_ARGUMENT)
     ├── RepositoryError             exit 2   the repository is missing, foreign or unusable
     │   ├── NotARepository
@@ -76,6 +78,14 @@ class UsageError(HyperbackError):
 
 class UnknownDisk(UsageError):
     """A request named a disk serial its domain does not have."""
+
+
+class UnknownJob(UsageError):
+    """No job of that id (the agent keeps the last ones in memory, their results in its journal)."""
+
+
+class JobFinished(UsageError):
+    """The job has finished already: there is nothing left to cancel."""
 
 
 class MalformedMessage(UsageError):

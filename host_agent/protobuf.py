@@ -181,6 +181,8 @@ _STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] 
     (errors.SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.SessionExpired, grpc.StatusCode.ABORTED),
     (errors.UnknownDisk, grpc.StatusCode.NOT_FOUND),
+    (errors.UnknownJob, grpc.StatusCode.NOT_FOUND),
+    (errors.JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.RepositoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),

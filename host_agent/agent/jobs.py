@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from host_agent.model import Instruction, WorkUnit
+from host_agent.storage.repository import CancelToken
 
 KEEP = 1000
 
@@ -67,6 +68,7 @@ class Job:
     plan: WorkUnit | None = None     # the first unit serving it: placement and the optimizer's predictions
     moved_bytes: int = 0             # migration streams sent to back it up on another host
     schedule: str = ""               # Origin.SCHEDULE: the schedule that fired it
+    cancel: CancelToken = field(default_factory=CancelToken)  # an operator asked to stop it
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property

@@ -241,7 +241,9 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     async def CancelJob(self, request: pb.CancelJobRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.CancelJobResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "job cancel: in progress on issue 9")
+        async with _answering(context):
+            job = await self.parts.intake.cancel(request.job_id)
+        return pb.CancelJobResponse(job=_job_pb(job))
 
     async def ListSchedules(self, request: pb.ListSchedulesRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSchedulesResponse:
