@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from host_agent.agent.daemon import Agent, agent_in_thread
+from host_agent.agent.schedules import Clock
 from host_agent.config import AgentConfig
 from host_agent.storage.repository import Repository
 
@@ -51,6 +52,6 @@ def agent_config_for(root: Path, **overrides: Any) -> AgentConfig:
 
 
 @contextmanager
-def running_agent(config: AgentConfig) -> Iterator[RunningAgent]:
-    with agent_in_thread(config) as (agent, loop):
+def running_agent(config: AgentConfig, clock: Clock | None = None) -> Iterator[RunningAgent]:
+    with agent_in_thread(config, clock) as (agent, loop):
         yield RunningAgent(agent, loop)

@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from agent_harness import agent_config_for
+from clocks import ManualClock
 
 from host_agent import errors
 from host_agent.agent.daemon import Agent
@@ -22,7 +24,6 @@ from host_agent.agent.jobs import Origin
 from host_agent.agent.schedules import Firing, missed_run, next_run
 from host_agent.config import load
 from host_agent.planning.service import OptimizerClient
-from tests.agent_harness import agent_config_for
 
 NS = "https://hyperback.dev/xmlns/libvirt/1"
 
@@ -36,31 +37,6 @@ def domain_xml(name: str, channel: bool = True, serial: str = "data", group: str
       <os><type>hvm</type></os><devices>
       <disk type='file' device='disk'><source file='/var/tmp/{name}.img'/><target dev='vda' bus='virtio'/>
       <serial>{serial}</serial></disk>{chan}</devices></domain>"""
-
-
-class ManualClock:
-    """Time moves only when the test says so; ``asleep`` is set while the scheduler waits for a
-    time still ahead, i.e. once it has fired everything due."""
-
-    def __init__(self, now: float) -> None:
-        self.t = now
-        self.moved = asyncio.Event()
-        self.asleep = asyncio.Event()
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep_until(self, when: float) -> None:
-        while self.t < when:
-            self.moved.clear()
-            self.asleep.set()
-            await self.moved.wait()
-        self.asleep.clear()
-
-    def set(self, t: float) -> None:
-        self.t = t
-        self.asleep.clear()
-        self.moved.set()
 
 
 def local(*args: int) -> float:

@@ -32,7 +32,6 @@ from typing import Protocol
 from croniter import croniter
 
 from host_agent import errors
-from host_agent.agent.channel import State
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.guests import Guests
@@ -206,7 +205,7 @@ class Scheduler:
             instruction = Instruction(new_job_id(), info.uuid, f"{schedule.name}@{_local(due).isoformat()}",
                                       InstructionKind.BACKUP, info.disks, destination, schedule.policy, "",
                                       time.time())
-            if info.running and self.guests.state(info.uuid) is State.CONNECTED:
+            if info.running and info.channel_state == "connected":  # a shim holds the guest's end
                 self.guests.expect_quiesce(instruction.id)
             self.intake.submit(instruction, Origin.SCHEDULE, info.name, schedule=schedule.name)
             firing.jobs.append(instruction.id)
