@@ -9,6 +9,7 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── UnknownDisk                      a request names a disk serial its domain does not have
     │   ├── UnknownJob                       no job of that id (NOT_FOUND)
     │   ├── JobFinished                      the job has finished: too late to cancel (FAILED_PRECONDITION)
+    │   ├── UnknownSchedule                  no schedule of that name (NOT_FOUND)
     │   └── MalformedMessage                 a protobuf message breaks its contract (INVALID_ARGUMENT)
     ├── RepositoryError             exit 2   the repository is missing, foreign or unusable
     │   ├── NotARepository
@@ -86,6 +87,10 @@ class UnknownJob(UsageError):
 
 class JobFinished(UsageError):
     """The job has finished already: there is nothing left to cancel."""
+
+
+class UnknownSchedule(UsageError):
+    """No schedule of that name in the agent's config."""
 
 
 class MalformedMessage(UsageError):

@@ -182,6 +182,7 @@ _STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] 
     (errors.SessionExpired, grpc.StatusCode.ABORTED),
     (errors.UnknownDisk, grpc.StatusCode.NOT_FOUND),
     (errors.UnknownJob, grpc.StatusCode.NOT_FOUND),
+    (errors.UnknownSchedule, grpc.StatusCode.NOT_FOUND),
     (errors.JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.RepositoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -260,6 +260,13 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                 retention=s.retention))
         return pb.ListSchedulesResponse(schedules=out)
 
+    async def RunSchedule(self, request: pb.RunScheduleRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.RunScheduleResponse:
+        async with _answering(context):
+            firing = await self.parts.scheduler.run_now(request.name)
+        jobs = [job for job in map(self.parts.jobs.get, firing.jobs) if job is not None]
+        return pb.RunScheduleResponse(jobs=[_job_pb(job) for job in jobs], skipped=firing.skipped)
+
     async def WatchJob(self, request: pb.WatchJobRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JobEvent]:
         job = self.parts.jobs.get(request.job_id)
