@@ -25,9 +25,11 @@ from host_agent.cli import (
     prune_cmd,
     restore_cmd,
     verify_cmd,
+    vm_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, demo_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, demo_cmd,
+            vm_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
