@@ -78,6 +78,11 @@ def parse_domain_xml(xml: str, uuid: str, name: str, running: bool) -> DomainInf
                       marker.origin if marker is not None else "")
 
 
+def has_channel(xml: str) -> bool:
+    """The domain XML carries the hyperback channel (with or without its socket path yet)."""
+    return any(t.get("name") == AGENT_CHANNEL for t in ET.fromstring(xml).findall("./devices/channel/target"))
+
+
 class Domains:
     """A libvirt connection seen as the set of domains hyperback serves."""
 
@@ -115,6 +120,27 @@ class Domains:
                 continue
             if info.channel_path:
                 out.append(info)
+        return out
+
+    def shut_off(self) -> list[DomainInfo]:
+        """Persistent domains that are shut off and carry the hyperback channel in their definition
+        (wired in: ``hyperback vm enable``): a backup reads them offline (``agent.offline``)."""
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
+        try:
+            doms = self.conn.listAllDomains(flags)
+        except HypervisorError as e:
+            raise type(e)(f"cannot list domains: {e}", e.code) from e
+        out = []
+        for dom in doms:
+            try:
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                if dom.isActive() or not has_channel(xml):
+                    continue
+                info = parse_domain_xml(xml, dom.UUIDString(), dom.name(), False)
+            except HypervisorError as e:  # undefined, or started, while we looked
+                log.info("skipping domain: %s", e)
+                continue
+            out.append(info)
         return out
 
     def get(self, uuid: str) -> DomainInfo:
