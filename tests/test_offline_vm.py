@@ -140,6 +140,12 @@ def test_a_shut_off_domain_is_backed_up_offline_through_the_operator_api_and_res
         assert sha256_file(Path(restored)) == sha256_file(expected), image
         total_read += snap.stats.bytes_read
         total_new += snap.stats.bytes_new
+    # vm status asks the agent: it knows the shut-off domain and its last backup
+    config = workdir / "agent.toml"
+    config.write_text(f'operator_listen = "unix:{workdir}/agent/agent.sock"\n')
+    assert main(["vm", "--config", str(config), "status", dom.name()]) == 0
+    status = capsys.readouterr().out
+    assert "shut off" in status and "agent: backs it up offline while shut off; last backup 20" in status, status
     # the start was guarded only while the images were read: now it starts
     dom.create()
     assert dom.isActive()

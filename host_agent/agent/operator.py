@@ -129,9 +129,18 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListDomainsResponse:
         async with _answering(context):
             served = await asyncio.to_thread(self.parts.domains.served)
+            if request.include_without_channel:  # and the shut-off domains wired in: backed up offline
+                served += await asyncio.to_thread(self.parts.domains.shut_off)
         out = []
+        last = self._last_backups()
         for info in sorted(served, key=lambda i: i.name):
             channel = self.parts.guests.state(info.uuid)
+            if not info.running:
+                out.append(pb.Domain(uuid=info.uuid, name=info.name, state=pb.DOMAIN_STATE_SHUT_OFF,
+                                     channel_state=pb.CHANNEL_STATE_DISCONNECTED,
+                                     disks=[disk_to_pb(d) for d in info.disks],
+                                     last_backup_at=last.get(info.uuid, 0.0)))
+                continue
             if channel is None:
                 state = pb.CHANNEL_STATE_DISCONNECTED
             elif channel is State.CONNECTED:
@@ -140,8 +149,18 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                 state = pb.CHANNEL_STATE_CONNECTING
             out.append(pb.Domain(uuid=info.uuid, name=info.name, state=pb.DOMAIN_STATE_RUNNING,
                                  channel_state=state, channel_detail=info.channel_state or "",
-                                 disks=[disk_to_pb(d) for d in info.disks]))
+                                 disks=[disk_to_pb(d) for d in info.disks],
+                                 last_backup_at=last.get(info.uuid, 0.0)))
         return pb.ListDomainsResponse(domains=out)
+
+    def _last_backups(self) -> dict[str, float]:
+        """When each domain's latest backup job succeeded, of the jobs this agent remembers."""
+        out: dict[str, float] = {}
+        for job in self.parts.jobs.all():
+            i = job.instruction
+            if i.kind is InstructionKind.BACKUP and job.state is JobState.SUCCEEDED:
+                out[i.domain_uuid] = max(out.get(i.domain_uuid, 0.0), job.updated_at)
+        return out
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSnapshotsResponse:

@@ -166,7 +166,8 @@ def _status_lines(doc: dict[str, Any]) -> list[str]:
     if agent != "serving":
         lines.append(f"  agent: {agent}")
     else:
-        lines.append(f"  agent: guest {doc['agent_guest']}; last backup {_when(doc['last_backup_at'] or 0)}")
+        guest = f"guest {doc['agent_guest']}" if doc["running"] else "backs it up offline while shut off"
+        lines.append(f"  agent: {guest}; last backup {_when(doc['last_backup_at'] or 0)}")
         schedules = ", ".join(doc["schedules"]) or "none"
         lines.append(f"  schedules: {schedules}; next backup {_when(doc['next_backup_at'] or 0)}")
     return lines
