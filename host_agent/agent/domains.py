@@ -97,7 +97,9 @@ class Domains:
     def _info(self, dom: Guarded) -> DomainInfo:
         try:
             running = bool(dom.isActive())
-            info = parse_domain_xml(dom.XMLDesc(0), dom.UUIDString(), dom.name(), running)
+            # a shut-off domain has its persistent definition only: its disks are read from there
+            xml = dom.XMLDesc(0 if running else libvirt.VIR_DOMAIN_XML_INACTIVE)
+            info = parse_domain_xml(xml, dom.UUIDString(), dom.name(), running)
             if not running:
                 return info
             sized = tuple(replace(disk, size=dom.blockInfo(disk.target)[0]) for disk in info.disks)
@@ -156,7 +158,8 @@ class Domains:
     def disks_by_serial(self, uuid: str, serials: list[str] | None) -> tuple[DiskRef, ...]:
         """The domain's disks with these serials (all disks with a serial if None).
 
-        The lookup uses only this domain's live XML: a serial of another domain is unknown here.
+        The lookup uses only this domain's live XML (its persistent one while it is shut off): a
+        serial of another domain is unknown here.
         """
         disks = self.get(uuid).disks
         if serials is None:
