@@ -17,7 +17,7 @@ import grpc
 import libvirt  # type: ignore[import-untyped]
 import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
-from conftest import sha256_file, write_image
+from conftest import mutate, sha256_file, write_image
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
@@ -145,10 +145,43 @@ def test_a_shut_off_domain_is_backed_up_offline_through_the_operator_api_and_res
     config.write_text(f'operator_listen = "unix:{workdir}/agent/agent.sock"\n')
     assert main(["vm", "--config", str(config), "status", dom.name()]) == 0
     status = capsys.readouterr().out
-    assert "shut off" in status and "agent: backs it up offline while shut off; last backup 20" in status, status
+    assert "shut off" in status, status
+    assert "agent: backs it up offline while shut off; last backup 20" in status, status
     # the start was guarded only while the images were read: now it starts
     dom.create()
     assert dom.isActive()
     dom.destroy()
     print(f"offline backup of {qcow.name} (24 MiB qcow2) + {raw.name} (16 MiB raw): {seconds:.2f} s "
           f"trigger-to-final, {total_read} bytes read, {total_new} bytes new")
+
+
+def test_a_second_offline_backup_builds_on_the_first_and_stores_only_what_changed(
+        agent: RunningAgent, shut_off: tuple[libvirt.virDomain, Path, Path], workdir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    dom, _qcow, raw = shut_off
+    assert main(["vm", "enable", dom.name()]) == 0
+    capsys.readouterr()
+    serial = stable_serial(dom.UUIDString(), "vdb")
+    channel = grpc.insecure_channel(f"unix:{workdir}/agent/agent.sock")
+    stub = operator_pb2_grpc.OperatorStub(channel)
+
+    def backup(policy: int) -> operator_pb2.Job:
+        job = stub.TriggerBackup(operator_pb2.TriggerBackupRequest(domain=dom.name(), serials=[serial],
+                                                                   policy=policy), timeout=30).job
+        events = list(stub.WatchJob(operator_pb2.WatchJobRequest(job_id=job.id), timeout=300))
+        assert events[-1].state == operator_pb2.JOB_STATE_SUCCEEDED, events
+        return next(j for j in stub.ListJobs(operator_pb2.ListJobsRequest(domain=dom.name()), timeout=30).jobs
+                    if j.id == job.id)
+
+    try:
+        first = backup(optimizer_pb2.POLICY_FULL)
+        mutate(raw, 7, extents=4)  # 256 KiB of 16 MiB changed while it was shut off
+        second = backup(optimizer_pb2.POLICY_INCREMENTAL)
+    finally:
+        channel.close()
+    assert first.offline and second.offline
+    repo = Repository.open(workdir / "agent" / "repo")
+    snap = repo.resolve(second.snapshot_ids[0])
+    assert snap.parent == first.snapshot_ids[0] and snap.stats.bytes_new <= 4 * 64 * 1024 + 4 * 32768
+    restored = repo.restore(snap.id, workdir / "second.restored").target
+    assert sha256_file(Path(restored)) == sha256_file(raw)

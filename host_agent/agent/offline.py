@@ -165,13 +165,14 @@ def offline_view(dom: Any, disks: Sequence[DiskRef], *, chunk_size: int) -> Iter
         elem = defined.get(ref.target)
         path = source_of(elem) if elem is not None else None
         paths.append(path or ref.path)
+    guard = ImageGuard(paths)
     try:
-        guard = ImageGuard(paths).__enter__()
+        guard.__enter__()
     except errors.ViewError:
         if is_active(dom):
             raise errors.DomainStarted(f"{name} started before its images could be guarded") from None
         raise
-    with guard:
+    with contextlib.closing(guard):
         if is_active(dom):
             raise errors.DomainStarted(f"{name} started before its images were guarded")
         log.info("%s: %d image(s) guarded against a start; reading offline", name, len(paths))
