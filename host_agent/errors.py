@@ -37,6 +37,7 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── ViewError                        a point-in-time view could not be taken
     │   │   ├── FreezeFailed                 the guest could not freeze; nothing was taken
     │   │   ├── DomainGone                   the domain stopped during the view
+    │   │   ├── DomainStarted                a shut-off domain started: take an online view
     │   │   └── CleanupFailed                the domain may still write into an overlay
     │   ├── ChannelClosed                    a guest's channel closed while the host waited
     │   ├── MoveError                        a domain could not be moved between hosts
@@ -209,6 +210,11 @@ class FreezeFailed(ViewError):
 
 class DomainGone(ViewError):
     """The domain stopped while its view existed."""
+
+
+class DomainStarted(ViewError):
+    """A shut-off domain runs after all (it started before its images were guarded): its disks are
+    read through an online view instead."""
 
 
 class CleanupFailed(ViewError):

@@ -25,7 +25,7 @@ from host_agent.agent.schedules import Firing, missed_run, next_run
 from host_agent.config import load
 from host_agent.planning.service import OptimizerClient
 
-NS = "https://hyperback.dev/xmlns/libvirt/1"
+NS = "https://hyperback.dev/xmlns/wiring/1"
 
 
 def domain_xml(name: str, channel: bool = True, serial: str = "data", group: str = "") -> str:

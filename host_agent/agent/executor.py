@@ -26,7 +26,9 @@ from host_agent.agent import views
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
+from host_agent.agent.domainxml import is_active
 from host_agent.agent.jobs import Jobs, JobState
+from host_agent.agent.offline import offline_view
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.appliance import Visit as ApplianceVisit
 from host_agent.colocation.visits import Colocator, VisitResult
@@ -247,7 +249,8 @@ class Executor:
             snap = result.snapshot
             disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
                                      snap.stats.seconds, detection,
-                                     "; ".join(filter(None, [view.reason, *result.notes])))
+                                     "; ".join(filter(None, [view.reason, *result.notes])),
+                                     offline=view.offline)
             for i in unit.satisfies:
                 if i in outcomes:
                     outcomes[i].disks.append(disk_result)
@@ -326,6 +329,11 @@ class Executor:
         """
         disk = unit.disk
         assert disk is not None
+        if not is_active(self._domains.domain(disk.domain_uuid)):
+            try:
+                return self._backup_offline(repo, unit, cancel)
+            except errors.DomainStarted as e:
+                log.info("%s: taking an online view instead", e)
         base = repo.base_for(disk.snapshot_name, unit.policy)
         since = base.checkpoint if base is not None else None
         with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
@@ -345,20 +353,40 @@ class Executor:
                 result = repo.backup(top.layout, disk.snapshot_name, unit.policy, list(top.changes),
                                      base=shared_base, checkpoint=checkpoint, cancel=cancel)
                 return result, view, ChangeDetection.ALLOCATION_MAP
-            changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
-            self.reads[view.image] = self.reads.get(view.image, 0) + 1
-            try:
-                result = repo.backup(view.source, disk.snapshot_name, unit.policy, changes,
-                                     checkpoint=checkpoint, cancel=cancel)
-            except errors.NotReadableInPlace as e:
-                log.info("%s; converting to raw first", e)
-                self._work_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
-                    qcow2.convert_to_raw(view.image, tmp.name)
-                    result = repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
-                                         checkpoint=checkpoint, cancel=cancel)
+            result = self._read(repo, unit, view, cancel)
         self._prune_checkpoints(repo, disk.domain_uuid)
         return result, view, view.change_detection
+
+    def _backup_offline(self, repo: AnyRepository, unit: WorkUnit,
+                        cancel: CancelToken | None) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
+        """A shut-off domain's disk, read from its image while the domain cannot start (no guest,
+        no freeze, no checkpoint: every chunk is compared with the base)."""
+        disk = unit.disk
+        assert disk is not None
+        dom = self._domains.domain(disk.domain_uuid)
+        with offline_view(dom, (disk,), chunk_size=repo.config.chunk_size) as taken:
+            view = taken[disk.serial]
+            result = self._read(repo, unit, view, cancel)
+        return result, view, view.change_detection
+
+    def _read(self, repo: AnyRepository, unit: WorkUnit, view: views.DiskView,
+              cancel: CancelToken | None) -> BackupResult:
+        """Back up what ``view`` shows: its changed extents, or all of it (converted to raw first if the
+        copier cannot read the qcow2 chain in place)."""
+        disk = unit.disk
+        assert disk is not None
+        changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
+        self.reads[view.image] = self.reads.get(view.image, 0) + 1
+        try:
+            return repo.backup(view.source, disk.snapshot_name, unit.policy, changes,
+                               checkpoint=view.checkpoint, cancel=cancel)
+        except errors.NotReadableInPlace as e:
+            log.info("%s; converting to raw first", e)
+            self._work_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
+                qcow2.convert_to_raw(view.image, tmp.name)
+                return repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
+                                   checkpoint=view.checkpoint, cancel=cancel)
 
     def _prune_checkpoints(self, repo: AnyRepository, domain_uuid: str) -> None:
         """Each checkpoint costs a bitmap QEMU updates on every write: keep only those a future

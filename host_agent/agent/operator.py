@@ -80,7 +80,7 @@ def _job_pb(job: Job) -> pb.Job:
                   created_at=job.created_at,
                   updated_at=job.updated_at, not_before=job.not_before, snapshot_ids=job.snapshot_ids,
                   progress=pb.Progress(bytes_done=job.bytes_done, bytes_total=job.bytes_total),
-                  moved_bytes=job.moved_bytes, schedule=job.schedule,
+                  moved_bytes=job.moved_bytes, schedule=job.schedule, offline=job.offline,
                   **_placement_fields(job.plan))
 
 
@@ -112,13 +112,19 @@ class OperatorServicer(pb_grpc.OperatorServicer):
     def __init__(self, parts: AgentParts) -> None:
         self.parts = parts
 
-    async def _domain(self, name_or_uuid: str, context: grpc.aio.ServicerContext[Any, Any]) -> DomainInfo:
+    async def _domain(self, name_or_uuid: str, context: grpc.aio.ServicerContext[Any, Any],
+                      shut_off: bool = False) -> DomainInfo:
+        """A running domain with the channel; with ``shut_off``, also a shut-off one wired in (its
+        backup is read offline)."""
         served = await asyncio.to_thread(self.parts.domains.served)
+        if shut_off:
+            served += await asyncio.to_thread(self.parts.domains.shut_off)
         for info in served:
             if name_or_uuid in (info.uuid, info.name):
                 return info
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"no running domain {name_or_uuid!r} with a hyperback "
-                                                        "channel")
+        where = "running or shut-off" if shut_off else "running"
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"no {where} domain {name_or_uuid!r} with a hyperback "
+                                                        "channel ('hyperback vm enable' wires one in)")
         raise AssertionError("abort returns by raising")
 
     async def ListDomains(self, request: pb.ListDomainsRequest,
@@ -197,7 +203,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     async def _trigger(self, kind: InstructionKind, request: Any,
                        context: grpc.aio.ServicerContext[Any, Any]) -> Job:
-        info = await self._domain(request.domain, context)
+        info = await self._domain(request.domain, context, shut_off=kind is InstructionKind.BACKUP)
         if request.request_id:
             earlier = self.parts.jobs.by_request(info.uuid, request.request_id)
             if earlier is not None:
