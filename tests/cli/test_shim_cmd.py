@@ -10,6 +10,7 @@ import base64
 import csv
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -152,3 +153,44 @@ def test_an_unwritable_output_folder_is_one_line_and_exit_3(tmp_path: Path) -> N
     (tmp_path / "file").write_text("")
     assert_one_line_error(run("shim", "build", "--out", tmp_path / "file" / "dist", check=False),
                           3, "cannot create")
+
+
+def exec_start(root: Path) -> str:
+    unit = (root / "etc/systemd/system/hyperback-shim.service").read_text()
+    return next(line for line in unit.splitlines() if line.startswith("ExecStart=")).split("=", 1)[1]
+
+
+def verify(root: Path) -> None:
+    """``systemd-analyze verify`` (no systemd needed as PID 1) passes and says nothing: it exits 0
+    even for keys it ignores, and checks that ExecStart's program exists."""
+    unit = root / "etc/systemd/system/hyperback-shim.service"
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True,
+                          text=True, timeout=60, cwd=root)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_the_installed_wheel_and_the_zipapp_write_units_that_name_themselves(
+        built: dict[str, Path], tmp_path: Path) -> None:
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    target = tmp_path / "opt"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                    "--disable-pip-version-check", "--target", str(target), str(built["wheel"])],
+                   check=True, capture_output=True, timeout=120)
+    script = target / "bin" / "hyperback-shim"
+    wheel_root = tmp_path / "wheel-root"
+    proc = isolated(target, "file", script, "install-service", "--root", str(wheel_root), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert exec_start(wheel_root) == f"{script} serve"
+    verify(wheel_root)
+
+    pyz_root = tmp_path / "pyz-root"
+    python3 = shutil.which("python3")
+    assert python3
+    proc = subprocess.run([python3, "-I", str(built["pyz"]), "install-service", "--root", str(pyz_root)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ran_with = subprocess.run([python3, "-I", "-c", "import sys; print(sys.executable)"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert exec_start(pyz_root) == f"{ran_with} {built['pyz']} serve"
+    verify(pyz_root)
