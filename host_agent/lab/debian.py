@@ -6,10 +6,13 @@ system (``debootstrap --variant=minbase`` from the mirror in apt's sources, abou
 
 * the modules of the guest kernel (``guest.find_guest_kernel``) that a virtio guest needs
   (virtio_console is a module: without it there is no /dev/vport*), and ``depmod``;
-* ``python3`` and ``python3-venv`` (ensurepip's bundled pip: a guest installs a wheel into a venv
-  with no network; minbase has no pip, and Debian's python3 refuses ``pip install`` into the
-  system, PEP 668);
-* the lab's runner: a unit that waits for the boot to finish, mounts the read-only disk with serial
+* ``python3`` and ``python3-venv``, which brings Debian's pip as a wheel (python3-pip-whl, what
+  ensurepip installs): a guest installs a wheel into a venv with no network.  Not python3-pip:
+  Debian's python3 refuses ``pip install`` into the system anyway (PEP 668), a venv is the way;
+  and not ensurepip in the test (``python3 -m venv`` takes a minute under TCG): pip runs from
+  its wheel into a ``--without-pip`` venv, the same pip;
+* no login prompts (agetty would hang up the console the runner writes to), and the lab's
+  runner: a unit that waits for the boot to finish, mounts the read-only disk with serial
   ``hb-lab-cmd``, runs ``run.sh`` from it with the console (ttyS0) as its output, prints the lab's
   markers (``HB-READY uptime=…`` before, ``HB-EXIT <status>`` after) and powers off.
 
@@ -46,7 +49,7 @@ IMAGE_SIZE = "2G"
 # kernel module folders a virtio guest needs (the rest of the 400 MB tree is left out)
 MODULE_DIRS = ("arch", "block", "crypto", "lib", "mm", "virt", "fs", "drivers/virtio", "drivers/char",
                "drivers/block", "drivers/md")
-_FORMAT_VERSION = "1"  # bump to invalidate cached images
+_FORMAT_VERSION = "2"  # bump to invalidate cached images
 
 RUNNER = """\
 #!/bin/sh
@@ -204,6 +207,9 @@ def _customize(root: Path, kernel: guest.GuestKernel) -> None:
     wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     (wants / "hb-lab-run.service").symlink_to("/etc/systemd/system/hb-lab-run.service")
+    # no login prompts: agetty's vhangup() on ttyS0 would cut the runner's output off the console
+    for getty in ("serial-getty@ttyS0.service", "getty@tty1.service"):
+        (root / "etc" / "systemd" / "system" / getty).symlink_to("/dev/null")
     shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
 
 

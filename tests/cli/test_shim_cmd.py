@@ -6,6 +6,7 @@ and the modules it loaded include nothing of host_agent, grpc or libvirt.
 """
 from __future__ import annotations
 
+import ast
 import base64
 import csv
 import hashlib
@@ -194,3 +195,12 @@ def test_the_installed_wheel_and_the_zipapp_write_units_that_name_themselves(
                               capture_output=True, text=True, check=True).stdout.strip()
     assert exec_start(pyz_root) == f"{ran_with} {built['pyz']} serve"
     verify(pyz_root)
+
+
+def test_every_module_of_the_wheel_is_python_3_9_syntax(built: dict[str, Path]) -> None:
+    """Requires-Python says 3.9: nothing newer than its grammar (match, except*, ...) may be in it."""
+    with zipfile.ZipFile(built["wheel"]) as whl:
+        modules = [n for n in whl.namelist() if n.endswith(".py")]
+        for name in modules:
+            ast.parse(whl.read(name), name, feature_version=(3, 9))
+    assert "guest_shim/hooks.py" in modules and "guest_shim/service.py" in modules
