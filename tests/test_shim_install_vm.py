@@ -1,8 +1,9 @@
 """The guest shim's packages in a real Debian 12 guest with no network: the zipapp runs with
 Debian's python3 alone, the wheel installs into a venv (Debian's pip wheel, nothing fetched),
 ``install-service`` writes the unit that udev starts when the port is there, backups requested
-in the guest succeed against the real agent, and a freeze hook that hangs is cut off at the
-freeze watchdog's bound with the guest thawed.
+in the guest succeed against the real agent, a freeze hook that hangs is cut off at the
+freeze watchdog's bound with the guest thawed, and the unit follows the port when the host
+unplugs the channel and plugs it back.
 
 The Debian image (host_agent/lab/debian.py) is built once, by debootstrap from apt's mirror, and
 cached under /var/tmp/hyperback-vmlab; the packages reach the guest on a small read-only disk.
@@ -15,15 +16,17 @@ import re
 import shutil
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt  # type: ignore[import-untyped]
 import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
 from conftest import lab_or_fail
 
 from host_agent.cli import shim_cmd
-from host_agent.lab import Disk, Lab, debian, make_disk
+from host_agent.lab import AGENT_CHANNEL, Disk, Lab, Vm, debian, make_disk
 from host_agent.storage.repository import Repository
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -46,9 +49,10 @@ echo "PYZ-BACKUP $(python3 -I /usr/local/lib/hyperback-shim.pyz backup --json --
 # 2. The wheel, into a venv, by Debian's own pip wheel (python3-venv's python3-pip-whl, what
 #    ensurepip would copy: run from the wheel it skips ensurepip's minute under TCG), --no-index.
 start=$(cut -d' ' -f1 /proc/uptime)
+pip_wheel=$(echo /usr/share/python-wheels/pip-*.whl)
 python3 -m venv --without-pip /opt/hyperback-shim \
-  && /opt/hyperback-shim/bin/python /usr/share/python-wheels/pip-*.whl/pip install --no-index \
-     --disable-pip-version-check -q ./hyperback_shim-*.whl
+  && /opt/hyperback-shim/bin/python "$pip_wheel/pip" install --no-index --disable-pip-version-check -q \
+     ./hyperback_shim-*.whl
 echo "INSTALLED $? $(awk -v s=$start '{print $1 - s}' /proc/uptime)"
 /opt/hyperback-shim/bin/hyperback-shim install-service || exit 11
 # install-service never starts the unit: udev does, for the port's replayed add event
@@ -65,8 +69,19 @@ chmod 0755 /etc/hyperback/fsfreeze-hook.d/10-hang
 echo "HOOK-BACKUP $(/opt/hyperback-shim/bin/hyperback-shim backup --json hb-data)"
 timeout 20 sh -c 'echo after > /data/after && sync /data/after'
 echo "WRITE-AFTER $?"
-echo "HOOK-PROCESSES $(pgrep -c -f 'sleep 100000')"
+# (minbase has no procps: count the hook's processes in /proc)
+echo "HOOK-PROCESSES $(cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\0' ' ' | grep -o 'sleep 10000[0]' | wc -l)"
 journalctl -u hyperback-shim -o cat --no-pager | grep -i 'hook' | sed 's/^/JOURNAL /'
+
+# 4. The host unplugs the channel and plugs it again: BindsTo stops the unit, udev starts it.
+state() { systemctl show $u -p ActiveState --value; }
+echo "READY-FOR-UNPLUG"
+i=0
+while [ "$(state)" = active ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+echo "UNPLUGGED $(state)"
+i=0
+while [ "$(state)" != active ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+echo "REPLUGGED $(state)"
 exit 0
 """
 
@@ -92,9 +107,32 @@ def agent(workdir: Path, lab: Lab) -> Iterator[RunningAgent]:
         yield running
 
 
+def replug(vm: Vm) -> None:
+    """When the guest says so, unplug its hyperback channel and plug the same channel back."""
+    vm.wait_for_console(r"^READY-FOR-UNPLUG", timeout=600)
+    channel = next(ch for ch in vm.xml().iterfind("./devices/channel")
+                   if ch.find("target") is not None and ch.find("target").get("name") == AGENT_CHANNEL)
+    detach = ET.tostring(channel, encoding="unicode")
+    target = channel.find("target")
+    assert target is not None
+    target.attrib.pop("state", None)
+    for alias in channel.findall("alias"):
+        channel.remove(alias)
+    attach = ET.tostring(channel, encoding="unicode")
+    vm.domain.detachDeviceFlags(detach, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    vm.wait_for_console(r"^UNPLUGGED ", timeout=120)
+    vm.domain.attachDeviceFlags(attach, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def runner_output(console: str) -> str:
+    """What run.sh printed (the console without the kernel's and systemd's lines)."""
+    after = console[console.find("HB-READY"):]
+    return "\n".join(x for x in after.splitlines() if not x.startswith(("[", " ")) and "\x1b" not in x)
+
+
 def line(console: str, marker: str) -> str:
     m = re.search(rf"^{marker} (.*)$", console, re.MULTILINE)
-    assert m, f"no {marker} line on the console:\n{console[-4000:]}"
+    assert m, f"no {marker} line on the console:\n{runner_output(console)}"
     return m.group(1).strip()
 
 
@@ -121,15 +159,19 @@ def test_the_wheel_and_the_zipapp_install_in_a_debian_guest_without_network_and_
     vm = debian.start_debian_vm(lab, "shim-install", root=root,
                                 commands=debian.command_disk(commands, workdir / "commands.img"),
                                 disks=[Disk(data, "vdb", "qcow2", "hb-data")], timeout=300)
-    assert vm.wait_for_exit(timeout=600) == 0, vm.console_tail(80)
+    replug(vm)
+    status = vm.wait_for_exit(timeout=600)
     console = vm.console()
+    assert status == 0, runner_output(console)
 
     pyz = result(console, "PYZ-BACKUP")
     assert pyz["ok"] is True and pyz["quiesced"] is True, pyz
 
     installed = line(console, "INSTALLED").split()
     assert installed[0] == "0", console[-4000:]
-    assert line(console, "UNIT") == "active dev-virtio\\x2dports-org.hyperback.agent.0.device"
+    # systemctl show quotes a unit name that has a backslash
+    device = "dev-virtio\\x2dports-org.hyperback.agent.0.device"
+    assert line(console, "UNIT").replace('"', "") == f"active {device}"
     assert line(console, "EXEC") == "ExecStart=/opt/hyperback-shim/bin/hyperback-shim serve"
     wheel = result(console, "WHEEL-BACKUP")
     assert wheel["ok"] is True and wheel["quiesced"] is True, wheel
@@ -141,6 +183,10 @@ def test_the_wheel_and_the_zipapp_install_in_a_debian_guest_without_network_and_
     assert line(console, "HOOK-PROCESSES") == "0"
     journal = "\n".join(re.findall(r"^JOURNAL (.*)$", console, re.MULTILINE))
     assert "10-hang freeze cut off" in journal, journal
+
+    # the port went away and came back: the unit followed it both ways
+    assert line(console, "UNPLUGGED") in ("inactive", "failed"), runner_output(console)
+    assert line(console, "REPLUGGED") == "active", runner_output(console)
 
     repo = Repository.open(workdir / "agent" / "repo")
     assert len(repo.snapshots()) == 3
