@@ -23,6 +23,8 @@ guarded object is the object itself.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
@@ -124,12 +126,26 @@ def connect(uri: str) -> Guarded:
                                            int(e.get_error_code() or 0)) from e
 
 
-def register_event_loop() -> None:
-    """Let libvirt deliver events on the running asyncio loop (once per process, before connecting)."""
-    import libvirtaio  # type: ignore[import-untyped]
+_events: threading.Thread | None = None
 
+
+def register_event_loop() -> None:
+    """Run libvirt's own event loop in a thread of its own, before connecting (once per process;
+    later calls do nothing). It delivers domain events and answers the daemon's keepalives whatever
+    asyncio loop runs, or none: libvirt takes one event implementation per process, for good, and an
+    asyncio one would die with its loop (a second agent in the process could not register)."""
+    global _events
+    if _events is not None:
+        return
     _silence_libvirt()
-    libvirtaio.virEventRegisterAsyncIOImpl()
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    _events = threading.Thread(target=run, name="libvirt-events", daemon=True)
+    _events.start()
 
 
 LIFECYCLE_KINDS = {libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_RESUMED: "started",
@@ -138,14 +154,17 @@ LIFECYCLE_KINDS = {libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMA
 
 
 def watch_lifecycle(conn: Guarded, on_event: Callable[[str, str], None]) -> int:
-    """Call ``on_event(uuid, "started"|"stopped"|"migrated")`` on each lifecycle event of ``conn``'s
-    domains; returns libvirt's callback id. Needs :func:`register_event_loop` first."""
+    """Call ``on_event(uuid, "started"|"stopped"|"migrated")``, on the calling asyncio loop, on each
+    lifecycle event of ``conn``'s domains; returns libvirt's callback id. Needs
+    :func:`register_event_loop` first."""
+    loop = asyncio.get_running_loop()
 
     def callback(_conn: object, dom: Any, event: int, detail: int, _opaque: object) -> None:
         kind = LIFECYCLE_KINDS.get(event)
         if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED:
             kind = "migrated"
         if kind:
-            on_event(dom.UUIDString(), kind)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: its agent is gone
+                loop.call_soon_threadsafe(on_event, dom.UUIDString(), kind)
 
     return int(conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None))

@@ -467,10 +467,8 @@ class Lab:
 
     @property
     def conn(self) -> Any:
-        """The lab's libvirt connection, opened again if the daemon dropped it.  It does when a
-        libvirt event loop was registered in this process (an agent run in a thread, in tests) but
-        no longer runs: the connection then promises keepalive answers nobody sends, and the
-        daemon closes it after 30 s of silence."""
+        """The lab's libvirt connection, opened again if the daemon dropped it (it closes a
+        connection whose keepalives go unanswered for 30 s)."""
         if self._conn is not None and not _alive(self._conn):
             log.info("libvirt connection to %s was closed; opening it again", self.uri)
             with contextlib.suppress(Exception):
