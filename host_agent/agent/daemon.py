@@ -43,6 +43,7 @@ from host_agent.colocation.migration import clear_visit
 from host_agent.colocation.visits import Colocator
 from host_agent.config import AgentConfig, load
 from host_agent.errors import HypervisorError
+from host_agent.notify import Notifier
 from host_agent.planning.chain import Planner, build_chain
 from host_agent.planning.service import OptimizerClient, ServerConfig, start_server
 from host_agent.storage import copier
@@ -73,6 +74,7 @@ class Agent:
         self.intake = Intake(config.limits, domains, self.destinations, self.jobs, self.journal, self.guests,
                              self.driver)
         self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
+        self.serving = asyncio.Event()  # set once the first rescan served the running domains' channels
 
     @property
     def parts(self) -> AgentParts:
@@ -134,6 +136,7 @@ class Agent:
             await asyncio.to_thread(self.porter.recover)
         self.reconcile_appliances()
         await self.rescan()
+        self.serving.set()
         rescans = asyncio.create_task(self._rescan_every(RESCAN_SECONDS), name="rescan")
         try:
             await self.driver.run()
@@ -182,8 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
-                started: Callable[[Agent], None] | None = None) -> None:
-    """Run the agent (and, if asked, the optimizer) until ``stop`` is set."""
+                started: Callable[[Agent], None] | None = None, notifier: Notifier | None = None) -> None:
+    """Run the agent (and, if asked, the optimizer) until ``stop`` is set.  ``notifier`` tells
+    systemd: READY once the operator API listens and the first rescan served the running domains,
+    watchdog pings from this loop meanwhile, STOPPING when ``stop`` is set."""
+    notifier = notifier or Notifier()
+    pings = asyncio.create_task(notifier.keep_alive(), name="watchdog")
+    try:
+        await _serve(config, with_optimizer, stop, started, notifier)
+    finally:
+        pings.cancel()
+        notifier.close()
+
+
+async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
+                 started: Callable[[Agent], None] | None, notifier: Notifier) -> None:
+    notifier.status("starting: native self-test, libvirt, sockets")
     copier.selftest()  # a broken native build must stop the service, not corrupt backups
     hypervisor.register_event_loop()
     config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,8 +215,10 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     runner = asyncio.create_task(agent.run())
     if started is not None:
         started(agent)
+    await _ready(agent, runner, stop, notifier)
     await stop.wait()
     log.info("stopping")
+    notifier.stopping()
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
@@ -208,6 +227,21 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
         await opt_server.stop(2.0)
     await client.close()
     domains.close()
+
+
+async def _ready(agent: Agent, runner: asyncio.Task[None], stop: asyncio.Event, notifier: Notifier) -> None:
+    """Tell systemd the agent serves once its first rescan is done (not if it stopped before)."""
+    serving = asyncio.create_task(agent.serving.wait())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((serving, stopped, runner), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        serving.cancel()
+        stopped.cancel()
+    if agent.serving.is_set() and not stop.is_set():
+        served = len(agent.guests.served())
+        log.info("serving %d domain(s) on %s", served, agent.config.operator_listen)
+        notifier.ready(f"serving {served} domain(s); operator API on {agent.config.operator_listen}")
 
 
 @contextmanager
@@ -248,7 +282,7 @@ async def amain(config: AgentConfig, with_optimizer: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(config, with_optimizer, stop)
+    await serve(config, with_optimizer, stop, notifier=Notifier.from_env())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
