@@ -41,7 +41,7 @@ from host_agent.colocation import appliance
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.migration import clear_visit
 from host_agent.colocation.visits import Colocator
-from host_agent.config import AgentConfig, load
+from host_agent.config import AgentConfig, load, source, summary
 from host_agent.errors import HypervisorError
 from host_agent.notify import Notifier
 from host_agent.planning.chain import Planner, build_chain
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                "docs/exit-codes.md")
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML config file (default /etc/hyperback/agent.toml; absent is fine)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration (every key and its type), print one line saying "
+                             "what it sets up and exit: 0 if it is valid, 2 naming the file and the bad key")
     parser.add_argument("--with-optimizer", action="store_true",
                         help="also serve the optimizer, on the configured socket, in this process")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -290,7 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(amain(load(args.config), args.with_optimizer))
+        config = load(args.config)
+        if args.check_config:
+            path = source(args.config)
+            try:
+                build_chain(config.policies, config.policy_options)  # the policies named are installed
+            except errors.OptimizerConfigError as e:
+                raise errors.UsageError(f"config {path}: policies: {e}") from e
+            print(f"hyperback-agent: config {path if path.exists() else f'{path} (absent: defaults)'} "
+                  f"is valid: {summary(config)}")
+            return 0
+        asyncio.run(amain(config, args.with_optimizer))
     except errors.HyperbackError as e:
         print(f"hyperback-agent: error: {e}", file=sys.stderr)
         return e.exit_code
