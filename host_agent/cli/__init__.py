@@ -24,10 +24,12 @@ from host_agent.cli import (
     list_cmd,
     prune_cmd,
     restore_cmd,
+    units_cmd,
     verify_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, demo_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, demo_cmd,
+            units_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
