@@ -55,6 +55,9 @@ class AgentConfig:
     send_load: bool = True
     # where the operator gRPC API listens
     operator_listen: str = "unix:/run/hyperback/agent.sock"
+    # Prometheus metrics over HTTP (GET /metrics; docs/monitoring.md), "HOST:PORT" ("[::1]:PORT"
+    # for IPv6, port 0: any free one); "" serves none
+    metrics_listen: str = "127.0.0.1:9721"
     # destination names guests may ask for -> repository directories on backup media
     repositories: dict[str, Path] = field(
         default_factory=lambda: {"default": Path("/var/lib/hyperback/repo")})
@@ -224,10 +227,21 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
         clash = set(config.repositories) & set(config.inventory.media)
         if clash:
             raise errors.UsageError(f"{', '.join(sorted(clash))} named both in repositories and media")
+        if config.metrics_listen:
+            host_port(config.metrics_listen)
         if config.default_destination not in config.destinations:
             raise errors.UsageError(f"default_destination {config.default_destination!r} is not in "
                                     f"repositories or media")
     return config
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``) as a host and a port number; UsageError naming the setting."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise errors.UsageError(f"metrics_listen: {address!r} is not HOST:PORT (\"\" serves no metrics)")
+    return host, int(port)
 
 
 @contextmanager

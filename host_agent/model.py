@@ -176,6 +176,7 @@ class DiskResult:
     change_detection: ChangeDetection | None  # None for a restore
     note: str = ""
     new_serial: str | None = None   # restore: the disk the snapshot was restored to
+    bytes_stored: int = 0           # backup: what its new chunks take in the repository (compressed)
 
 
 @dataclass

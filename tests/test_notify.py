@@ -125,6 +125,7 @@ restore_dir = "{tmp_path}/restores"
 optimizer = "unix:{tmp_path}/optimizer.sock"
 operator_listen = "unix:{tmp_path}/agent.sock"
 send_load = false
+metrics_listen = "127.0.0.1:0"
 [repositories]
 default = "{tmp_path}/repo"
 """)

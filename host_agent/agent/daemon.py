@@ -35,6 +35,7 @@ from host_agent.agent.guests import Guests
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs
 from host_agent.agent.journal import Journal, Pending
+from host_agent.agent.metrics import AgentMetrics
 from host_agent.agent.operator import AgentParts, start_operator_server
 from host_agent.agent.planner import BatchPlanner
 from host_agent.colocation import appliance
@@ -73,6 +74,7 @@ class Agent:
                                    config.interval, config.batch_size)
         self.intake = Intake(config.limits, domains, self.destinations, self.jobs, self.journal, self.guests,
                              self.driver)
+        self.metrics = AgentMetrics(self.jobs, self.guests, self.driver, self.executor)
         self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
         self.serving = asyncio.Event()  # set once the first rescan served the running domains' channels
 
@@ -214,6 +216,8 @@ async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     domains = Domains(config.libvirt_uri)
     client = OptimizerClient(config.optimizer, timeout=config.optimizer_timeout)
     agent = Agent(config, domains, client)
+    if config.metrics_listen:
+        agent.metrics.serve(config.metrics_listen)
     op_server = await start_operator_server(agent.parts, config.operator_listen)
     runner = asyncio.create_task(agent.run())
     if started is not None:
@@ -226,6 +230,7 @@ async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     await op_server.stop(2.0)
+    agent.metrics.close()
     if opt_server is not None:
         await opt_server.stop(2.0)
     await client.close()
