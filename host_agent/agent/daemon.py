@@ -249,7 +249,8 @@ async def _ready(agent: Agent, runner: asyncio.Task[None], stop: asyncio.Event, 
     if agent.serving.is_set() and not stop.is_set():
         served = len(agent.guests.served())
         log.info("serving %d domain(s) on %s", served, agent.config.operator_listen)
-        notifier.ready(f"serving {served} domain(s); operator API on {agent.config.operator_listen}")
+        metrics = f"; metrics on http://{agent.metrics.address}/metrics" if agent.metrics.address else ""
+        notifier.ready(f"serving {served} domain(s); operator API on {agent.config.operator_listen}{metrics}")
 
 
 @contextmanager
