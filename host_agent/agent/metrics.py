@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -25,7 +26,6 @@ from prometheus_client.registry import Collector
 
 from host_agent import errors
 from host_agent.agent.driver import BackupDriver
-from host_agent.agent.executor import Executor
 from host_agent.agent.guests import Guests
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.config import host_port
@@ -54,10 +54,20 @@ class _State:
     appliance_visits: int
 
 
+class Visits(Protocol):
+    """What the metrics read of the executor: the co-located backups it did."""
+
+    @property
+    def visits(self) -> Sized: ...
+
+    @property
+    def appliance_visits(self) -> Sized: ...
+
+
 class AgentMetrics:
     """The agent's metrics: observers on its jobs and its guests' door, and a collector of its state."""
 
-    def __init__(self, jobs: Jobs, guests: Guests, driver: BackupDriver, executor: Executor) -> None:
+    def __init__(self, jobs: Jobs, guests: Guests, driver: BackupDriver, executor: Visits) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._jobs, self._guests, self._driver, self._executor = jobs, guests, driver, executor
         self._loop: asyncio.AbstractEventLoop | None = None
