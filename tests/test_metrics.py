@@ -125,3 +125,19 @@ def test_each_agent_has_a_registry_of_its_own(tmp_path: Path) -> None:
     first, second = asyncio.run(scenario())
     assert value(first, "hyperback_jobs_accepted_total", origin="guest") == 1
     assert value(second, "hyperback_jobs_accepted_total", origin="guest") == 0
+
+
+def test_an_observer_that_raises_stops_neither_the_job_nor_the_answer(tmp_path: Path) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug in an observer")
+
+    async def scenario() -> JobState:
+        jobs, guests, _, _ = parts(tmp_path)
+        jobs.observers.insert(0, broken)
+        guests.observers.insert(0, broken)
+        instruction = backup("4123456789abcdef", Policy.FULL)
+        job = jobs.add(instruction, Origin.GUEST, "web")
+        await guests.answer(Outcome(instruction, []))
+        return job.state
+
+    assert asyncio.run(scenario()) is JobState.SUCCEEDED

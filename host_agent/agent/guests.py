@@ -191,7 +191,10 @@ class Guests:
                              snapshot_ids=[d.snapshot for d in outcome.disks],
                              moved_bytes=outcome.moved_bytes)
         for observe in self.observers:
-            observe(outcome)
+            try:
+                observe(outcome)
+            except Exception:  # an observer's bug (metrics) must never keep an answer from the guest
+                log.exception("observer %r failed on the answer to %s", observe, instruction.id)
         channel = self._guest_channel(instruction.id)
         if channel is None:
             return

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from host_agent.model import Instruction, WorkUnit
+
+log = logging.getLogger(__name__)
 
 KEEP = 1000
 
@@ -131,7 +134,10 @@ class Jobs:
                                 job.bytes_done, job.bytes_total))
         if state is not previous:
             for observe in self.observers:
-                observe(job, previous)
+                try:
+                    observe(job, previous)
+                except Exception:  # an observer's bug (metrics) must never stop a job
+                    log.exception("observer %r failed on job %s", observe, job.id)
 
     def pending_for(self, domain_uuid: str) -> int:
         return sum(1 for j in self._jobs.values()
