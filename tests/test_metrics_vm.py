@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
-from agent_harness import RunningAgent, agent_config_for, running_agent
 from conftest import lab_or_fail
 from prometheus_client.parser import text_string_to_metric_families
+from test_notify import NotifySocket, start
 
-from host_agent.agent.jobs import JobState, Origin
+from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent.lab import Disk, Lab, make_disk
 from host_agent.storage.repository import Repository
 
@@ -26,6 +29,7 @@ pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[1]  # the guest sees this checkout over 9p
 SHIM = f"PYTHONPATH={REPO} {sys.executable} -m guest_shim"
 MIB = 1024 * 1024
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +46,55 @@ def lab(workdir: Path) -> Iterator[Lab]:
         yield the_lab
 
 
+@dataclass
+class Agent:
+    """The installed agent, as systemd runs it: it tells its metrics address when READY."""
+
+    metrics: str
+    operator: str
+
+
 @pytest.fixture(scope="module")
-def agent(workdir: Path, lab: Lab) -> Iterator[RunningAgent]:
-    with running_agent(agent_config_for(workdir / "agent", interval=1.0)) as running:
-        yield running
+def agent(workdir: Path, lab: Lab) -> Iterator[Agent]:
+    """A process of its own (libvirt's event loop can be registered once per process, and the
+    in-process agent belongs to tests/test_agent_vm.py)."""
+    root = workdir / "agent"
+    root.mkdir()
+    config = root / "agent.toml"
+    config.write_text(f"""
+state_dir = "{root}/state"
+run_dir = "{root}/run"
+interval = 1
+optimizer = "unix:{root}/run/optimizer.sock"
+operator_listen = "unix:{root}/run/agent.sock"
+restore_dir = "{root}/restores"
+send_load = false
+metrics_listen = "127.0.0.1:0"
+[repositories]
+default = "{root}/repo"
+""")
+    subprocess.run([str(BIN / "hyperback"), "init", str(root / "repo")], check=True, capture_output=True)
+    notify = NotifySocket(str(root / "notify.sock"))
+    proc = start([str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer"], notify,
+                 root / "agent.log")
+    try:
+        ready = " ".join(notify.until(lambda lines: "READY=1" in lines))
+        match = re.search(r"metrics on (http://\S+/metrics)", ready)
+        assert match, ready
+        yield Agent(match.group(1), f"unix:{root}/run/agent.sock")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        notify.close()
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(agent: RunningAgent) -> tuple[Samples, int, float]:
+def scrape(agent: Agent) -> tuple[Samples, int, float]:
     """Every sample of a GET /metrics, the body's size and the seconds the request took."""
-    address = agent.call(lambda: agent.agent.metrics.address)
     started = time.perf_counter()
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(agent.metrics, timeout=10) as response:
         assert response.status == 200
         body = response.read().decode()
     seconds = time.perf_counter() - started
@@ -69,7 +108,7 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_a_scrape_shows_the_guests_backup_its_bytes_and_its_domains_last_success(
-        agent: RunningAgent, lab: Lab, workdir: Path) -> None:
+        agent: Agent, lab: Lab, workdir: Path) -> None:
     before, _, _ = scrape(agent)
     assert sample(before, "hyperback_jobs_finished_total", state="succeeded", origin="guest") == 0
     disk = make_disk(workdir / "metrics.qcow2", 64 * MIB, "qcow2")
@@ -84,8 +123,11 @@ def test_a_scrape_shows_the_guests_backup_its_bytes_and_its_domains_last_success
     assert match, vm.console_tail()
     result = json.loads(match.group(1))
     assert result["ok"] is True, result
-    job = agent.call(lambda: agent.agent.jobs.get(result["job"]))
-    assert job is not None and job.state is JobState.SUCCEEDED and job.origin is Origin.GUEST
+    with grpc.insecure_channel(agent.operator) as channel:
+        listed = operator_pb2_grpc.OperatorStub(channel).ListJobs(operator_pb2.ListJobsRequest(), timeout=30)
+    jobs = listed.jobs
+    job = next(j for j in jobs if j.id == result["job"])
+    assert (job.state, job.origin) == (operator_pb2.JOB_STATE_SUCCEEDED, operator_pb2.JOB_ORIGIN_GUEST)
     snap = Repository.open(workdir / "agent" / "repo").resolve(result["disks"][0]["snapshot"])
 
     samples, size, seconds = scrape(agent)
