@@ -13,8 +13,9 @@ socket in ``$NOTIFY_SOCKET`` (a path, or a name in the abstract namespace when i
   names the process meant: any other process (a child that inherited the environment) stays quiet.
 
 Without ``$NOTIFY_SOCKET`` (not started by systemd, or by a unit of another type) every call is a
-no-op. No library is needed for a protocol this small; a datagram that cannot be sent is logged,
-never raised: the service goes on serving, and systemd's own timeouts say what went wrong.
+no-op. No library is needed for a protocol this small; a datagram that cannot be sent (no
+listener, or a receiver whose queue is full) is dropped and logged once, never waited for nor
+raised: the service goes on serving, and systemd's own timeouts say what went wrong.
 """
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.sendto(data, target)
+                # never blocks: a receiver that does not read (a full queue) must not stall the event
+                # loop the watchdog pings come from; the datagram is dropped instead
+                self._sock.sendto(data, socket.MSG_DONTWAIT, target)
             except OSError as e:
                 if not self._warned:
                     log.warning("cannot notify systemd at %s: %s", self.address, e)

@@ -52,6 +52,14 @@ class Agent:
 
     metrics: str
     operator: str
+    log: Path
+
+    def log_tail(self) -> str:
+        return agent_log(self.log)
+
+
+def agent_log(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +83,22 @@ default = "{root}/repo"
 """)
     subprocess.run([str(BIN / "hyperback"), "init", str(root / "repo")], check=True, capture_output=True)
     notify = NotifySocket(str(root / "notify.sock"))
-    proc = start([str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer"], notify,
+    proc = start([str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer", "-v"], notify,
                  root / "agent.log")
     try:
         ready = " ".join(notify.until(lambda lines: "READY=1" in lines))
         match = re.search(r"metrics on (http://\S+/metrics)", ready)
         assert match, ready
-        yield Agent(match.group(1), f"unix:{root}/run/agent.sock")
+        yield Agent(match.group(1), f"unix:{root}/run/agent.sock", root / "agent.log")
     finally:
         proc.terminate()
-        proc.wait(60)
-        notify.close()
+        try:
+            assert proc.wait(60) == 0, agent_log(root / "agent.log")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -122,7 +135,7 @@ def test_a_scrape_shows_the_guests_backup_its_bytes_and_its_domains_last_success
     match = re.search(r"BACKUP (\{.*\})", vm.console())
     assert match, vm.console_tail()
     result = json.loads(match.group(1))
-    assert result["ok"] is True, result
+    assert result["ok"] is True, f"{result}\n{agent.log_tail()}"
     with grpc.insecure_channel(agent.operator) as channel:
         listed = operator_pb2_grpc.OperatorStub(channel).ListJobs(operator_pb2.ListJobsRequest(), timeout=30)
     jobs = listed.jobs

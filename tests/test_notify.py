@@ -191,3 +191,16 @@ def test_a_socket_nobody_listens_on_is_logged_not_raised(tmp_path: Path,
     assert notifier.ready() is False and notifier.watchdog() is False
     notifier.close()
     assert len([r for r in caplog.records if "cannot notify systemd" in r.message]) == 1
+
+
+def test_a_receiver_that_never_reads_never_blocks_the_sender(tmp_path: Path) -> None:
+    """A unix datagram socket blocks its sender once the receiver's queue is full; the watchdog
+    pings come from the event loop, which must not stall behind a receiver that stopped reading."""
+    receiver = NotifySocket(str(tmp_path / "deaf.sock"))
+    notifier = Notifier(receiver.address)
+    try:
+        sent = [notifier.watchdog() for _ in range(5000)]  # far more than a receive queue holds
+        assert sent[0] and not sent[-1]
+    finally:
+        notifier.close()
+        receiver.close()
