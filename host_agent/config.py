@@ -17,9 +17,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from croniter import croniter
+
 from host_agent import errors
 from host_agent.inventory import Inventory, Media
 from host_agent.inventory import parse as parse_inventory
+from host_agent.model import Policy
 
 DEFAULT_PATH = Path("/etc/hyperback/agent.toml")
 DESTINATION = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -30,6 +33,45 @@ class Limits:
     requests_per_minute: int = 30      # per VM; more are answered "rate-limited"
     pending_per_vm: int = 20           # accepted but unanswered requests per VM; more: "quota"
     max_disks_per_request: int = 16
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One ``[[schedules]]`` table: when, which domains, how, where, and what to keep."""
+
+    name: str
+    # cron, in the host's local time: "minute hour day-of-month month day-of-week" (e.g. "30 1 * * *"
+    # nightly at 01:30, "0 3 * * 6" Saturdays at 03:00), an optional sixth field for seconds, or a
+    # nickname (@daily, @weekly, @hourly); evaluated by croniter
+    calendar: str
+    # the domains it covers: any of these three (a domain matching any is covered):
+    domains: tuple[str, ...] = ()    # names or UUIDs
+    match: str = ""                  # a shell-style pattern on domain names ("web-*")
+    group: str = ""                  # domains tagged with this group (`hyperback vm enable --group`)
+    policy: Policy = Policy.INCREMENTAL
+    destination: str = ""            # "" = default_destination
+    # retention applied to each covered disk's snapshots in the destination after every run, with
+    # the rules of `hyperback prune`; all 0 = keep everything
+    keep_last: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    # a run missed while the agent was down is made up once when it starts (systemd's Persistent=)
+    catch_up: bool = True
+
+    @property
+    def selector(self) -> str:
+        """The domains it covers, for people."""
+        parts = [f"domains={','.join(self.domains)}" if self.domains else "",
+                 f"match={self.match}" if self.match else "", f"group={self.group}" if self.group else ""]
+        return " ".join(p for p in parts if p)
+
+    @property
+    def retention(self) -> str:
+        """The keep rules, for people ("" = keep everything)."""
+        rules = (("last", self.keep_last), ("daily", self.keep_daily), ("weekly", self.keep_weekly),
+                 ("monthly", self.keep_monthly))
+        return " ".join(f"keep-{rule}={n}" for rule, n in rules if n)
 
 
 @dataclass(frozen=True)
@@ -79,6 +121,8 @@ class AgentConfig:
     visit_timeout: float = 6 * 3600.0
     # a cold move asks the guest to shut down and forces it off after this many seconds
     shutdown_timeout: float = 120.0
+    # periodic backups without a guest's call: [[schedules]] tables, see Schedule above
+    schedules: tuple[Schedule, ...] = ()
 
     @property
     def destinations(self) -> frozenset[str]:
@@ -107,6 +151,63 @@ class AgentConfig:
 
 
 _ENV_PREFIX = "HYPERBACK_"
+_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules")
+
+
+def _schedule(index: int, doc: Any) -> Schedule:
+    where = f"config schedules[{index}]"
+    if not isinstance(doc, dict):
+        raise errors.UsageError(f"{where} must be a table")
+    known = {f.name: f for f in fields(Schedule)}
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise errors.UsageError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
+    name, calendar = doc.get("name"), doc.get("calendar")
+    if not isinstance(name, str) or not DESTINATION.fullmatch(name):
+        raise errors.UsageError(f"{where}: name must match {DESTINATION.pattern}")
+    where = f"config schedule {name!r}"
+    if not isinstance(calendar, str) or not croniter.is_valid(calendar):
+        raise errors.UsageError(f"{where}: calendar {calendar!r} is not a cron expression "
+                                "(e.g. '30 1 * * *' for 01:30 every night)")
+    values: dict[str, Any] = {"name": name, "calendar": calendar}
+    for key in ("match", "group", "destination"):
+        if key in doc:
+            if not isinstance(doc[key], str):
+                raise errors.UsageError(f"{where}: {key} must be a string")
+            values[key] = doc[key]
+    if "domains" in doc:
+        if not isinstance(doc["domains"], list) or not all(isinstance(d, str) for d in doc["domains"]):
+            raise errors.UsageError(f"{where}: domains must be a list of names")
+        values["domains"] = tuple(doc["domains"])
+    if not (values.get("domains") or values.get("match") or values.get("group")):
+        raise errors.UsageError(f"{where}: say which domains it covers (domains, match or group)")
+    if "policy" in doc:
+        try:
+            values["policy"] = Policy(doc["policy"])
+        except ValueError:
+            raise errors.UsageError(f"{where}: policy must be one of "
+                                    f"{', '.join(p.value for p in Policy)}") from None
+    for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
+        if key in doc:
+            if not isinstance(doc[key], int) or isinstance(doc[key], bool) or doc[key] < 0:
+                raise errors.UsageError(f"{where}: {key} must be a count (0 or more)")
+            values[key] = doc[key]
+    if "catch_up" in doc:
+        if not isinstance(doc["catch_up"], bool):
+            raise errors.UsageError(f"{where}: catch_up must be true or false")
+        values["catch_up"] = doc["catch_up"]
+    return Schedule(**values)
+
+
+def _schedules(value: Any) -> tuple[Schedule, ...]:
+    if not isinstance(value, list):
+        raise errors.UsageError("config schedules must be an array of tables ([[schedules]])")
+    out = tuple(_schedule(i, doc) for i, doc in enumerate(value))
+    names = [s.name for s in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise errors.UsageError(f"config: schedule {twice[0]!r} is defined twice")
+    return out
 _INVENTORY_KEYS = ("hosts", "media", "appliances", "shared_storage")
 
 
@@ -178,6 +279,8 @@ def _parse_file(doc: dict[str, Any], config: AgentConfig) -> dict[str, Any]:
                                                 f"got {setting!r}")
                     options[policy][option] = str(setting)
             changes[key] = options
+        elif key == "schedules":
+            changes[key] = _schedules(value)
         elif key == "limits":
             limits = {f.name: f for f in fields(Limits)}
             table = _table_of(key, value)
@@ -215,7 +318,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
     with _naming(path):
         changes = _parse_file(doc, config)
     for key in (f.name for f in fields(AgentConfig)):
-        if key in ("repositories", "limits", "policy_options", "inventory"):
+        if key in _TABLES:
             continue
         value = env.get(_ENV_PREFIX + key.upper())
         if value is not None:
@@ -232,7 +335,21 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
         if config.default_destination not in config.destinations:
             raise errors.UsageError(f"default_destination {config.default_destination!r} is not in "
                                     f"repositories or media")
+        _check_schedule_destinations(config)
     return config
+
+
+def _check_schedule_destinations(config: AgentConfig) -> None:
+    for schedule in config.schedules:
+        destination = schedule.destination or config.default_destination
+        if destination not in config.destinations:
+            raise errors.UsageError(f"config schedule {schedule.name!r}: no destination named "
+                                    f"{destination!r}; known: {', '.join(sorted(config.destinations))}")
+        media = config.media(destination)
+        if schedule.retention and media is not None and media.host != config.inventory.host_name:
+            raise errors.UsageError(
+                f"config schedule {schedule.name!r}: retention on {destination!r}, media of host "
+                f"{media.host}, runs there (`hyperback prune` on that host): remove the keep_* settings")
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -260,5 +377,5 @@ def summary(config: AgentConfig) -> str:
                f"{len(inventory.appliances)} appliance(s)" if inventory.hosts else "")
     return (f"libvirt {config.libvirt_uri}; destinations {', '.join(sorted(config.destinations))} "
             f"(default {config.default_destination}); operator API {config.operator_listen}; "
-            f"optimizer {config.optimizer}; batches of {config.batch_size} or every {config.interval:g} s"
-            f"{cluster}")
+            f"optimizer {config.optimizer}; batches of {config.batch_size} or every {config.interval:g} s; "
+            f"{len(config.schedules)} schedule(s){cluster}")

@@ -7,6 +7,9 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     HyperbackError                  exit 1   unexpected: a bug if you see it
     ├── UsageError                  exit 2   bad arguments, names or configuration
     │   ├── UnknownDisk                      a request names a disk serial its domain does not have
+    │   ├── UnknownJob                       no job of that id (NOT_FOUND)
+    │   ├── JobFinished                      the job has finished: too late to cancel (FAILED_PRECONDITION)
+    │   ├── UnknownSchedule                  no schedule of that name (NOT_FOUND)
     │   └── MalformedMessage                 a protobuf message breaks its contract (INVALID_ARGUMENT)
     ├── RepositoryError             exit 2   the repository is missing, foreign or unusable
     │   ├── NotARepository
@@ -34,6 +37,7 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── ViewError                        a point-in-time view could not be taken
     │   │   ├── FreezeFailed                 the guest could not freeze; nothing was taken
     │   │   ├── DomainGone                   the domain stopped during the view
+    │   │   ├── DomainStarted                a shut-off domain started: take an online view
     │   │   └── CleanupFailed                the domain may still write into an overlay
     │   ├── ChannelClosed                    a guest's channel closed while the host waited
     │   ├── MoveError                        a domain could not be moved between hosts
@@ -76,6 +80,18 @@ class UsageError(HyperbackError):
 
 class UnknownDisk(UsageError):
     """A request named a disk serial its domain does not have."""
+
+
+class UnknownJob(UsageError):
+    """No job of that id (the agent keeps the last ones in memory, their results in its journal)."""
+
+
+class JobFinished(UsageError):
+    """The job has finished already: there is nothing left to cancel."""
+
+
+class UnknownSchedule(UsageError):
+    """No schedule of that name in the agent's config."""
 
 
 class MalformedMessage(UsageError):
@@ -194,6 +210,11 @@ class FreezeFailed(ViewError):
 
 class DomainGone(ViewError):
     """The domain stopped while its view existed."""
+
+
+class DomainStarted(ViewError):
+    """A shut-off domain runs after all (it started before its images were guarded): its disks are
+    read through an online view instead."""
 
 
 class CleanupFailed(ViewError):

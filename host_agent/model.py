@@ -176,7 +176,11 @@ class DiskResult:
     change_detection: ChangeDetection | None  # None for a restore
     note: str = ""
     new_serial: str | None = None   # restore: the disk the snapshot was restored to
+    offline: bool = False           # backup: read while the domain was shut off, without a guest
     bytes_stored: int = 0           # backup: what its new chunks take in the repository (compressed)
+
+
+OFFLINE_NOTE = "offline: read while the domain was shut off"  # what an offline backup's result says
 
 
 @dataclass
@@ -188,3 +192,8 @@ class Outcome:
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     moved_bytes: int = 0            # migration streams sent to back it up on another host
+
+    @property
+    def offline(self) -> bool:
+        """Every disk was read while the domain was shut off (no guest took part)."""
+        return bool(self.disks) and all(d.offline for d in self.disks)

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from host_agent.agent.daemon import Agent, agent_in_thread
+from host_agent.agent.schedules import Clock
 from host_agent.config import AgentConfig
+from host_agent.storage.repository import Repository
 
 T = TypeVar("T")
 
@@ -34,7 +36,11 @@ class RunningAgent:
 
 
 def agent_config_for(root: Path, **overrides: Any) -> AgentConfig:
+    """A test agent's config under ``root``; its default repository is created (only `hyperback
+    init` creates repositories: an agent never does)."""
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / "repo").exists():
+        Repository.init(root / "repo")
     config = AgentConfig(state_dir=root / "state", run_dir=root / "run", interval=2.0, batch_size=10,
                          optimizer=f"unix:{root}/optimizer.sock", operator_listen=f"unix:{root}/agent.sock",
                          repositories={"default": root / "repo"}, restore_dir=root / "restores",
@@ -46,6 +52,6 @@ def agent_config_for(root: Path, **overrides: Any) -> AgentConfig:
 
 
 @contextmanager
-def running_agent(config: AgentConfig) -> Iterator[RunningAgent]:
-    with agent_in_thread(config) as (agent, loop):
+def running_agent(config: AgentConfig, clock: Clock | None = None) -> Iterator[RunningAgent]:
+    with agent_in_thread(config, clock) as (agent, loop):
         yield RunningAgent(agent, loop)

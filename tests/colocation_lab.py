@@ -30,6 +30,7 @@ from host_agent._proto.hyperback.v1 import media_pb2, media_pb2_grpc
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as opb_grpc
 from host_agent.lab.twohosts import LAN_A_IF, LAN_B_IF, TwoHosts
+from host_agent.storage.repository import Repository
 
 SERVICE_IP = "10.77.0.100"
 MEDIA_PORT = 7420
@@ -152,6 +153,8 @@ class Cluster:
     def start_agent(self, host: str, extra: str = "") -> None:
         root = self.root / host
         root.mkdir(exist_ok=True)
+        if not (root / "repo").exists():
+            Repository.init(root / "repo")
         operator = (f"{self.hosts.lan_ip_b}:{AGENT_PORT}" if host == "hostb" else f"unix:{root}/agent.sock")
         config = root / "agent.toml"
         config.write_text(agent_config(root, host, self.shared, operator, extra)

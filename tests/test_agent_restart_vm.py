@@ -21,6 +21,7 @@ import pytest
 from conftest import lab_or_fail
 
 from host_agent.lab import Disk, make_disk
+from host_agent.storage.repository import Repository
 
 pytestmark = pytest.mark.vm
 
@@ -78,6 +79,8 @@ def workdir() -> Iterator[Path]:
 
 
 def start_agent(workdir: Path, interval: float) -> subprocess.Popen[bytes]:
+    if not (workdir / "repo").exists():
+        Repository.init(workdir / "repo")
     config = workdir / "agent.toml"
     config.write_text(f"""
 state_dir = "{workdir}/state"

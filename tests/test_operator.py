@@ -15,7 +15,10 @@ from host_agent.agent.guests import Guests
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs
 from host_agent.agent.operator import AgentParts, start_operator_server
+from host_agent.agent.schedules import Scheduler
 from host_agent.config import load
+from host_agent.storage.files import missing_repository, unmounted_mount_point
+from host_agent.storage.repository import Repository
 
 # host B's media service is nowhere to be found: nothing listens on that port
 CLUSTER = """
@@ -43,7 +46,7 @@ def list_snapshots(tmp_path: Path, destination: str) -> grpc.aio.AioRpcError | p
     config = load(tmp_path / "agent.toml", env={})
     # listing snapshots of every domain needs neither libvirt, the guests nor the intake
     parts = AgentParts(cast(Domains, None), cast(Guests, None), Destinations(config), cast(Intake, None),
-                       Jobs())
+                       Jobs(), cast(Scheduler, None))
 
     async def call() -> grpc.aio.AioRpcError | pb.ListSnapshotsResponse:
         server = await start_operator_server(parts, f"unix:{tmp_path}/operator.sock")
@@ -75,5 +78,27 @@ def test_an_unknown_destination_is_not_found(tmp_path: Path) -> None:
 
 
 def test_a_local_destination_lists_its_snapshots(tmp_path: Path) -> None:
+    Repository.init(tmp_path / "repo")
     answer = list_snapshots(tmp_path, "default")
     assert isinstance(answer, pb.ListSnapshotsResponse) and list(answer.snapshots) == []
+
+
+def test_a_destination_whose_repository_is_missing_is_named_and_nothing_is_created(tmp_path: Path) -> None:
+    answer = list_snapshots(tmp_path, "default")
+    assert isinstance(answer, grpc.aio.AioRpcError)
+    assert answer.code() is grpc.StatusCode.FAILED_PRECONDITION
+    details = answer.details() or ""
+    assert f"destination 'default': {tmp_path / 'repo'} is not a hyperback repository" in details
+    assert "hyperback init" in details
+    assert not (tmp_path / "repo").exists()
+
+
+def test_media_that_is_not_mounted_is_called_so(tmp_path: Path) -> None:
+    usb = tmp_path / "usb"
+    usb.mkdir()  # a mount point, as an operator made it, with nothing mounted on it
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# media\nUUID=1234 {usb} ext4 noauto,nofail 0 2\n")
+    assert unmounted_mount_point(usb / "hyperback", fstab) == usb
+    assert unmounted_mount_point(tmp_path / "elsewhere", fstab) is None
+    assert unmounted_mount_point(usb / "hyperback") is None  # not a mount point of this host's fstab
+    assert f"its media is not mounted ({usb} is a mount point" in missing_repository(usb / "hyperback", fstab)

@@ -38,6 +38,7 @@ from host_agent.agent.journal import Journal, Pending
 from host_agent.agent.metrics import AgentMetrics
 from host_agent.agent.operator import AgentParts, start_operator_server
 from host_agent.agent.planner import BatchPlanner
+from host_agent.agent.schedules import Clock, Scheduler
 from host_agent.colocation import appliance
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.migration import clear_visit
@@ -57,7 +58,8 @@ RESCAN_SECONDS = 30.0
 class Agent:
     """The agent's parts, wired; follows the domains and runs the driver."""
 
-    def __init__(self, config: AgentConfig, domains: Domains, optimizer: OptimizerClient) -> None:
+    def __init__(self, config: AgentConfig, domains: Domains, optimizer: OptimizerClient,
+                 clock: Clock | None = None) -> None:
         self.config = config
         self.domains = domains
         self.jobs = Jobs()
@@ -74,6 +76,8 @@ class Agent:
                                    config.interval, config.batch_size)
         self.intake = Intake(config.limits, domains, self.destinations, self.jobs, self.journal, self.guests,
                              self.driver)
+        self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,
+                                   self.guests, self.jobs, self.destinations, config.state_dir, clock)
         self.metrics = AgentMetrics(self.jobs, self.guests, self.driver, self.executor)
         self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
         self.serving = asyncio.Event()  # set once the first rescan served the running domains' channels
@@ -81,7 +85,8 @@ class Agent:
     @property
     def parts(self) -> AgentParts:
         """What the operator API sees of the agent."""
-        return AgentParts(self.domains, self.guests, self.destinations, self.intake, self.jobs)
+        return AgentParts(self.domains, self.guests, self.destinations, self.intake, self.jobs,
+                          self.scheduler)
 
     # ---------- following the domains ----------
 
@@ -130,7 +135,8 @@ class Agent:
         pending = self.journal.pending()
         for entry in pending:
             log.info("re-queueing instruction %s from the journal", entry.instruction.id)
-            self.jobs.add(entry.instruction, entry.origin, entry.domain_name or entry.instruction.domain_uuid)
+            self.jobs.add(entry.instruction, entry.origin, entry.domain_name or entry.instruction.domain_uuid,
+                          entry.schedule)
         self.domains.watch(self.on_domain_event)
         self._clear_stale_visits()
         recovery = asyncio.create_task(self._recover_visits(pending), name="recover-visits")
@@ -140,9 +146,11 @@ class Agent:
         await self.rescan()
         self.serving.set()
         rescans = asyncio.create_task(self._rescan_every(RESCAN_SECONDS), name="rescan")
+        schedules = asyncio.create_task(self.scheduler.run(), name="schedules")
         try:
             await self.driver.run()
         finally:
+            schedules.cancel()
             rescans.cancel()
             recovery.cancel()
 
@@ -190,21 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
-                started: Callable[[Agent], None] | None = None, notifier: Notifier | None = None) -> None:
+                started: Callable[[Agent], None] | None = None, clock: Clock | None = None,
+                notifier: Notifier | None = None) -> None:
     """Run the agent (and, if asked, the optimizer) until ``stop`` is set.  ``notifier`` tells
     systemd: READY once the operator API listens and the first rescan served the running domains,
     watchdog pings from this loop meanwhile, STOPPING when ``stop`` is set."""
     notifier = notifier or Notifier()
     pings = asyncio.create_task(notifier.keep_alive(), name="watchdog")
     try:
-        await _serve(config, with_optimizer, stop, started, notifier)
+        await _serve(config, with_optimizer, stop, started, clock, notifier)
     finally:
         pings.cancel()
         notifier.close()
 
 
 async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
-                 started: Callable[[Agent], None] | None, notifier: Notifier) -> None:
+                 started: Callable[[Agent], None] | None, clock: Clock | None, notifier: Notifier) -> None:
     notifier.status("starting: native self-test, libvirt, sockets")
     copier.selftest()  # a broken native build must stop the service, not corrupt backups
     hypervisor.register_event_loop()
@@ -215,7 +224,7 @@ async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
         opt_server = await start_server(ServerConfig(listen=config.optimizer), planner)
     domains = Domains(config.libvirt_uri)
     client = OptimizerClient(config.optimizer, timeout=config.optimizer_timeout)
-    agent = Agent(config, domains, client)
+    agent = Agent(config, domains, client, clock)
     if config.metrics_listen:
         agent.metrics.serve(config.metrics_listen)
     op_server = await start_operator_server(agent.parts, config.operator_listen)
@@ -254,8 +263,10 @@ async def _ready(agent: Agent, runner: asyncio.Task[None], stop: asyncio.Event, 
 
 
 @contextmanager
-def agent_in_thread(config: AgentConfig) -> Iterator[tuple[Agent, asyncio.AbstractEventLoop]]:
-    """The agent, with the optimizer, running on its own event loop in a thread."""
+def agent_in_thread(config: AgentConfig,
+                    clock: Clock | None = None) -> Iterator[tuple[Agent, asyncio.AbstractEventLoop]]:
+    """The agent, with the optimizer, running on its own event loop in a thread (its schedules on
+    ``clock``, the wall clock if None)."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder: dict[str, Any] = {}
@@ -269,7 +280,7 @@ def agent_in_thread(config: AgentConfig) -> Iterator[tuple[Agent, asyncio.Abstra
             started.set()
 
         try:
-            await serve(config, True, stop, ready)
+            await serve(config, True, stop, ready, clock)
         except BaseException as e:
             holder["error"] = e
             started.set()

@@ -1,8 +1,10 @@
 """Destinations: the names guests and operators back up to, and the repository behind each name.
 
-A destination is a repository on this host's backup media (opened, or created on first use), or
-media on another host reached through its media service (``host_agent.media.client``). Guests and
-operators only ever name destinations; they never see a path.
+A destination is a repository on this host's backup media, or media on another host reached
+through its media service (``host_agent.media.client``). Guests and operators only ever name
+destinations; they never see a path. A destination whose repository is not there is an error that
+names it: only ``hyperback init`` creates repositories, so a backup never lands in a fresh, empty
+repository on the root file system because the disk that should hold it is not mounted.
 """
 from __future__ import annotations
 
@@ -51,9 +53,8 @@ class Destinations:
         path = self.config.repository(destination)
         try:
             return Repository.open(path)
-        except errors.NotARepository:
-            log.info("creating repository %s for destination %s", path, destination)
-            return Repository.init(path)
+        except errors.NotARepository as e:
+            raise errors.NotARepository(f"destination {destination!r}: {e}") from e
 
     def _remote(self, destination: str, service: str, appliance: str) -> RemoteRepository:
         remote = RemoteRepository(service, destination)
@@ -80,3 +81,4 @@ class Destinations:
         except (errors.HyperbackError, OSError) as e:
             log.warning("cannot ask %s what it holds: %s", destination, e)
         return held
+

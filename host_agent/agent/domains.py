@@ -24,6 +24,9 @@ from host_agent.model import DiskRef
 log = logging.getLogger(__name__)
 
 AGENT_CHANNEL = "org.hyperback.agent.0"
+# hyperback's element in a domain's <metadata>: what `hyperback vm enable` added, and the domain's
+# groups (schedules select by them); host_agent.agent.wiring writes it
+WIRING_NS = "https://hyperback.dev/xmlns/wiring/1"
 DEFAULT_URI = "qemu:///system"
 
 
@@ -36,6 +39,8 @@ class DomainInfo:
     channel_state: str | None     # "connected" / "disconnected" as libvirt sees the guest side
     disks: tuple[DiskRef, ...]
     visiting_from: str = ""       # the host it moved here from for a job (its visit marker), if any
+    enabled: bool = False         # its definition has the hyperback channel (`hyperback vm enable`)
+    groups: tuple[str, ...] = ()  # the groups hyperback's metadata tags it with (schedules select by them)
 
 
 def _disk_refs(root: ET.Element, uuid: str, name: str) -> tuple[DiskRef, ...]:
@@ -68,14 +73,19 @@ def parse_domain_xml(xml: str, uuid: str, name: str, running: bool) -> DomainInf
     """What hyperback needs from a live domain XML (sizes are filled in from libvirt separately)."""
     root = ET.fromstring(xml)
     path = state = None
+    enabled = False
     for channel in root.findall("./devices/channel[@type='unix']"):
         target = channel.find("target")
         source = channel.find("source")
-        if target is not None and target.get("name") == AGENT_CHANNEL and source is not None:
-            path, state = source.get("path"), target.get("state")
+        if target is not None and target.get("name") == AGENT_CHANNEL:
+            enabled = True
+            if source is not None:
+                path, state = source.get("path"), target.get("state")
+    groups = tuple(g.text.strip() for g in root.findall(f"./metadata/{{{WIRING_NS}}}hyperback/"
+                                                         f"{{{WIRING_NS}}}group") if g.text)
     marker = visit_marker(xml)
     return DomainInfo(uuid, name, running, path, state, _disk_refs(root, uuid, name),
-                      marker.origin if marker is not None else "")
+                      marker.origin if marker is not None else "", enabled, groups)
 
 
 class Domains:
@@ -92,7 +102,9 @@ class Domains:
     def _info(self, dom: Guarded) -> DomainInfo:
         try:
             running = bool(dom.isActive())
-            info = parse_domain_xml(dom.XMLDesc(0), dom.UUIDString(), dom.name(), running)
+            # a shut-off domain has its persistent definition only: its disks are read from there
+            xml = dom.XMLDesc(0 if running else libvirt.VIR_DOMAIN_XML_INACTIVE)
+            info = parse_domain_xml(xml, dom.UUIDString(), dom.name(), running)
             if not running:
                 return info
             sized = tuple(replace(disk, size=dom.blockInfo(disk.target)[0]) for disk in info.disks)
@@ -117,6 +129,28 @@ class Domains:
                 out.append(info)
         return out
 
+    def enabled(self) -> list[DomainInfo]:
+        """Every domain, running or shut off, whose definition has the hyperback channel."""
+        try:
+            doms = self.conn.listAllDomains(0)
+        except HypervisorError as e:
+            raise type(e)(f"cannot list domains: {e}", e.code) from e
+        out = []
+        for dom in doms:
+            try:
+                info = self._info(dom)
+            except HypervisorError as e:  # undefined while we looked
+                log.info("skipping domain: %s", e)
+                continue
+            if info.enabled:
+                out.append(info)
+        return out
+
+    def shut_off(self) -> list[DomainInfo]:
+        """Persistent domains that are shut off and carry the hyperback channel in their definition
+        (wired in: ``hyperback vm enable``): a backup reads them offline (``agent.offline``)."""
+        return [info for info in self.enabled() if not info.running]
+
     def get(self, uuid: str) -> DomainInfo:
         return self._info(self.domain(uuid))
 
@@ -130,7 +164,8 @@ class Domains:
     def disks_by_serial(self, uuid: str, serials: list[str] | None) -> tuple[DiskRef, ...]:
         """The domain's disks with these serials (all disks with a serial if None).
 
-        The lookup uses only this domain's live XML: a serial of another domain is unknown here.
+        The lookup uses only this domain's live XML (its persistent one while it is shut off): a
+        serial of another domain is unknown here.
         """
         disks = self.get(uuid).disks
         if serials is None:

@@ -52,6 +52,7 @@ class BackupDriver:
         self._plan, self._execute, self._fail = plan, execute, fail
         self.interval, self.batch_size, self.first_retry = interval, batch_size, first_retry
         self._queue: list[tuple[float, Instruction]] = []   # (monotonic arrival, instruction)
+        self._dropped: set[str] = set()                      # cancelled while deferred: not requeued
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.flushes: list[Flush] = []
@@ -60,6 +61,11 @@ class BackupDriver:
         """Queue an instruction; a full batch is flushed at once."""
         self._queue.append((time.monotonic(), instruction))
         self._wake.set()
+
+    def drop(self, instruction_id: str) -> None:
+        """Forget a cancelled instruction: out of the queue now, and not requeued if deferred."""
+        self._queue = [(t, i) for t, i in self._queue if i.id != instruction_id]
+        self._dropped.add(instruction_id)
 
     @property
     def queued(self) -> int:
@@ -153,7 +159,10 @@ class BackupDriver:
 
         def requeue() -> None:
             for instruction in instructions:
-                self.submit(instruction)
+                if instruction.id in self._dropped:
+                    self._dropped.discard(instruction.id)
+                else:
+                    self.submit(instruction)
 
         loop.call_later(delay, requeue)
 

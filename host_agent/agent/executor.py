@@ -26,7 +26,9 @@ from host_agent.agent import views
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
+from host_agent.agent.domainxml import is_active
 from host_agent.agent.jobs import Jobs, JobState
+from host_agent.agent.offline import offline_view
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.appliance import Visit as ApplianceVisit
 from host_agent.colocation.visits import Colocator, VisitResult
@@ -44,6 +46,7 @@ from host_agent.model import (
 )
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent, Layout
+from host_agent.storage.repository import CancelToken
 from host_agent.storage.snapshot import BackupResult, Snapshot
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ class GuestDoor(Protocol):
 
     async def announce(self, job_ids: tuple[str, ...], message: str, done: int, total: int) -> None: ...
 
-    async def answer(self, outcome: Outcome) -> None: ...
+    async def answer(self, outcome: Outcome, state: JobState | None = None) -> None: ...
 
 
 MOVES = (Placement.MIGRATE, Placement.COLD_MOVE)
@@ -155,6 +158,8 @@ class Executor:
         done_visits: set[str] = set()
         for unit in ordered(plan.units):
             try:
+                if all(self._cancelled(i) for i in unit.satisfies):
+                    raise errors.Cancelled("cancelled by the operator")
                 broken = [d for d in unit.depends_on if d in failed_units]
                 if broken:
                     raise errors.HyperbackError(f"shared base failed: {failed_units[broken[0]]}")
@@ -184,7 +189,24 @@ class Executor:
                 if i in remaining:
                     remaining[i] -= 1
                     if remaining[i] == 0:
-                        await self._guests.answer(outcomes[i])
+                        await self._answer(outcomes[i])
+
+    def _cancelled(self, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return job is not None and job.cancel.cancelled
+
+    def _cancel_token(self, unit: WorkUnit) -> CancelToken | None:
+        """What stops the unit's copy: its job's cancel, when it serves one job only (a unit merged
+        for several goes on for the others)."""
+        job = self._jobs.get(unit.satisfies[0]) if len(unit.satisfies) == 1 else None
+        return job.cancel if job is not None else None
+
+    async def _answer(self, outcome: Outcome) -> None:
+        job = self._jobs.get(outcome.instruction.id)
+        if job is not None and job.state.final:
+            return  # cancelled while it waited: answered then
+        cancelled = outcome.error is not None and self._cancelled(outcome.instruction.id)
+        await self._guests.answer(outcome, JobState.CANCELLED if cancelled else None)
 
     async def _visit(self, units: list[WorkUnit], outcomes: dict[str, Outcome]) -> None:
         """Back the units' disks up on another host, moving the VM there and back."""
@@ -228,7 +250,7 @@ class Executor:
             disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
                                      snap.stats.seconds, detection,
                                      "; ".join(filter(None, [view.reason, *result.notes])),
-                                     bytes_stored=snap.stats.bytes_stored)
+                                     offline=view.offline, bytes_stored=snap.stats.bytes_stored)
             for i in unit.satisfies:
                 if i in outcomes:
                     outcomes[i].disks.append(disk_result)
@@ -292,11 +314,12 @@ class Executor:
         def thaw() -> None:
             asyncio.run_coroutine_threadsafe(self._guests.thaw(disk.domain_uuid, job), loop).result()
 
-        return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(disk.serial), freeze, thaw)
+        return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(disk.serial), freeze, thaw,
+                                       self._cancel_token(unit))
 
     def _backup_view(self, repo: AnyRepository, unit: WorkUnit, shared_base: Snapshot | None,
-                     freeze: Callable[[], None],
-                     thaw: Callable[[], None]) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
+                     freeze: Callable[[], None], thaw: Callable[[], None],
+                     cancel: CancelToken | None) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
         """Take the disk's point-in-time view and back it up; the view merges back on exit.
 
         The repository's base (latest snapshot, or latest full for a differential) names the
@@ -306,6 +329,11 @@ class Executor:
         """
         disk = unit.disk
         assert disk is not None
+        if not is_active(self._domains.domain(disk.domain_uuid)):
+            try:
+                return self._backup_offline(repo, unit, cancel)
+            except errors.DomainStarted as e:
+                log.info("%s: taking an online view instead", e)
         base = repo.base_for(disk.snapshot_name, unit.policy)
         since = base.checkpoint if base is not None else None
         with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
@@ -323,22 +351,42 @@ class Executor:
                 key = top.layout.label
                 self.reads[key] = self.reads.get(key, 0) + 1
                 result = repo.backup(top.layout, disk.snapshot_name, unit.policy, list(top.changes),
-                                     base=shared_base, checkpoint=checkpoint)
+                                     base=shared_base, checkpoint=checkpoint, cancel=cancel)
                 return result, view, ChangeDetection.ALLOCATION_MAP
-            changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
-            self.reads[view.image] = self.reads.get(view.image, 0) + 1
-            try:
-                result = repo.backup(view.source, disk.snapshot_name, unit.policy, changes,
-                                     checkpoint=checkpoint)
-            except errors.NotReadableInPlace as e:
-                log.info("%s; converting to raw first", e)
-                self._work_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
-                    qcow2.convert_to_raw(view.image, tmp.name)
-                    result = repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
-                                         checkpoint=checkpoint)
+            result = self._read(repo, unit, view, cancel)
         self._prune_checkpoints(repo, disk.domain_uuid)
         return result, view, view.change_detection
+
+    def _backup_offline(self, repo: AnyRepository, unit: WorkUnit,
+                        cancel: CancelToken | None) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
+        """A shut-off domain's disk, read from its image while the domain cannot start (no guest,
+        no freeze, no checkpoint: every chunk is compared with the base)."""
+        disk = unit.disk
+        assert disk is not None
+        dom = self._domains.domain(disk.domain_uuid)
+        with offline_view(dom, (disk,), chunk_size=repo.config.chunk_size) as taken:
+            view = taken[disk.serial]
+            result = self._read(repo, unit, view, cancel)
+        return result, view, view.change_detection
+
+    def _read(self, repo: AnyRepository, unit: WorkUnit, view: views.DiskView,
+              cancel: CancelToken | None) -> BackupResult:
+        """Back up what ``view`` shows: its changed extents, or all of it (converted to raw first if the
+        copier cannot read the qcow2 chain in place)."""
+        disk = unit.disk
+        assert disk is not None
+        changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
+        self.reads[view.image] = self.reads.get(view.image, 0) + 1
+        try:
+            return repo.backup(view.source, disk.snapshot_name, unit.policy, changes,
+                               checkpoint=view.checkpoint, cancel=cancel)
+        except errors.NotReadableInPlace as e:
+            log.info("%s; converting to raw first", e)
+            self._work_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
+                qcow2.convert_to_raw(view.image, tmp.name)
+                return repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
+                                   checkpoint=view.checkpoint, cancel=cancel)
 
     def _prune_checkpoints(self, repo: AnyRepository, domain_uuid: str) -> None:
         """Each checkpoint costs a bitmap QEMU updates on every write: keep only those a future

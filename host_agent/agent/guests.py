@@ -26,7 +26,7 @@ from host_agent.agent.domains import DomainInfo
 from host_agent.agent.jobs import Jobs, JobState, Origin
 from host_agent.agent.journal import Journal
 from host_agent.errors import ChannelClosed
-from host_agent.model import ChangeDetection, Instruction, InstructionKind, Outcome, RequestId
+from host_agent.model import OFFLINE_NOTE, ChangeDetection, Instruction, InstructionKind, Outcome, RequestId
 from host_agent.storage.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -187,9 +187,10 @@ class Guests:
         self.journal.finish(instruction, {"ok": outcome.error is None,
                                           "wire": result_message(outcome, None, quiesced).to_wire()})
         final = state or (JobState.SUCCEEDED if outcome.error is None else JobState.FAILED)
-        await self.jobs.move(instruction.id, final, outcome.error or "done",
+        done = f"done; {OFFLINE_NOTE}" if outcome.offline else "done"
+        await self.jobs.move(instruction.id, final, outcome.error or done,
                              snapshot_ids=[d.snapshot for d in outcome.disks],
-                             moved_bytes=outcome.moved_bytes)
+                             moved_bytes=outcome.moved_bytes, offline=outcome.offline)
         for observe in self.observers:
             try:
                 observe(outcome)

@@ -19,10 +19,10 @@ from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import Domains
 from host_agent.agent.driver import BackupDriver
 from host_agent.agent.guests import Guests, progress_message, snapshots_message, stored_result
-from host_agent.agent.jobs import Jobs, JobState, Origin
+from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import Journal, new_job_id
 from host_agent.config import Limits
-from host_agent.errors import UnknownDisk
+from host_agent.errors import JobFinished, UnknownDisk, UnknownJob
 from host_agent.model import Instruction, InstructionKind, Policy
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,28 @@ class Intake:
         self.domains, self.destinations = domains, destinations
         self.jobs, self.journal, self.guests, self.driver = jobs, journal, guests, driver
 
-    def submit(self, instruction: Instruction, origin: Origin, domain_name: str) -> None:
-        """Journal, register and queue an instruction (a guest's or an operator's)."""
-        self.journal.add(instruction, origin, domain_name)
-        self.jobs.add(instruction, origin, domain_name)
+    def submit(self, instruction: Instruction, origin: Origin, domain_name: str, schedule: str = "") -> None:
+        """Journal, register and queue an instruction (a guest's, an operator's or a schedule's)."""
+        self.journal.add(instruction, origin, domain_name, schedule)
+        self.jobs.add(instruction, origin, domain_name, schedule)
         self.driver.submit(instruction)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Stop a job: one that waits is answered CANCELLED at once; a running one stops at the
+        copier's next chunk and publishes nothing (its view merges back, its guest is thawed), unless
+        its snapshot was committed already: then it succeeds."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(f"no job {job_id!r} on this agent (finished jobs are kept only for a while)")
+        if job.state.final:
+            raise JobFinished(f"job {job_id} has finished ({job.state.name.lower()}): nothing to cancel")
+        job.cancel.cancel()
+        self.driver.drop(job_id)
+        if job.state is JobState.RUNNING:
+            await self.jobs.step(job_id, "cancelling: the copy stops at its next chunk")
+        else:
+            await self.guests.fail(job.instruction, "cancelled by the operator", JobState.CANCELLED)
+        return job
 
     # ---------- channel.Handler ----------
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from host_agent.model import Instruction, WorkUnit
+from host_agent.storage.repository import CancelToken
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class Job:
     bytes_total: int = 0
     plan: WorkUnit | None = None     # the first unit serving it: placement and the optimizer's predictions
     moved_bytes: int = 0             # migration streams sent to back it up on another host
+    schedule: str = ""               # Origin.SCHEDULE: the schedule that fired it
+    cancel: CancelToken = field(default_factory=CancelToken)  # an operator asked to stop it
+    offline: bool = False            # read while the domain was shut off, without a guest
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -86,8 +90,8 @@ class Jobs:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self.observers: list[Observer] = []
 
-    def add(self, instruction: Instruction, origin: Origin, domain_name: str) -> Job:
-        job = Job(instruction, origin, domain_name)
+    def add(self, instruction: Instruction, origin: Origin, domain_name: str, schedule: str = "") -> Job:
+        job = Job(instruction, origin, domain_name, schedule=schedule)
         self._jobs[job.id] = job
         self._record(job, JobState.QUEUED, "accepted")
         self._trim()
@@ -105,12 +109,14 @@ class Jobs:
                      and j.instruction.request_id == request_id and j.origin is Origin.OPERATOR), None)
 
     async def move(self, job_id: str, state: JobState, message: str, not_before: float = 0.0,
-                   snapshot_ids: list[str] | None = None, moved_bytes: int = 0) -> None:
+                   snapshot_ids: list[str] | None = None, moved_bytes: int = 0,
+                   offline: bool = False) -> None:
         job = self._jobs.get(job_id)
         if job is None or job.state.final:
             return
         job.not_before = not_before
         job.moved_bytes += moved_bytes
+        job.offline = job.offline or offline
         if snapshot_ids:
             job.snapshot_ids = snapshot_ids
         self._record(job, state, message)

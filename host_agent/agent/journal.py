@@ -7,8 +7,9 @@ placement, the guest's request id with its JSON type, who asked: a guest or an
 operator), and a guest that lost its connection asks for its job's status and
 gets the stored result. Results are kept for ``KEEP_RESULTS`` seconds.
 
-A pending file is ``{"instruction": {...}, "origin": "guest"|"operator", "domain_name": ...}``;
-files written before origins were kept hold the instruction alone, and replay as a guest's.
+A pending file is ``{"instruction": {...}, "origin": "guest"|"operator"|"schedule", "domain_name": ...,
+"schedule": ...}``; files written before origins were kept hold the instruction alone, and replay as
+a guest's.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Pending:
     instruction: Instruction
     origin: Origin = Origin.GUEST
     domain_name: str = ""
+    schedule: str = ""
 
 
 def instruction_to_json(i: Instruction) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def pending_from_json(doc: dict[str, Any]) -> Pending:
     if "instruction" not in doc:  # written before origins were kept
         return Pending(instruction_from_json(doc))
     return Pending(instruction_from_json(doc["instruction"]), Origin[doc["origin"].upper()],
-                   str(doc["domain_name"]))
+                   str(doc["domain_name"]), str(doc.get("schedule", "")))
 
 
 class Journal:
@@ -77,10 +79,11 @@ class Journal:
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         self.results_dir.mkdir(parents=True, exist_ok=True)
 
-    def add(self, instruction: Instruction, origin: Origin = Origin.GUEST, domain_name: str = "") -> None:
+    def add(self, instruction: Instruction, origin: Origin = Origin.GUEST, domain_name: str = "",
+            schedule: str = "") -> None:
         _write(self.pending_dir / f"{instruction.id}.json", {
             "instruction": instruction_to_json(instruction), "origin": origin.name.lower(),
-            "domain_name": domain_name})
+            "domain_name": domain_name, "schedule": schedule})
 
     def finish(self, instruction: Instruction, result: dict[str, Any]) -> None:
         doc = {"domain_uuid": instruction.domain_uuid, "request_id": instruction.request_id,

@@ -35,6 +35,7 @@ from host_agent.agent.guests import Guests
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
+from host_agent.agent.schedules import Scheduler, covers
 from host_agent.model import Instruction, InstructionKind, Placement, Policy, WorkUnit
 from host_agent.protobuf import (
     disk_to_pb,
@@ -61,6 +62,7 @@ class AgentParts:
     destinations: Destinations
     intake: Intake
     jobs: Jobs
+    scheduler: Scheduler
 
 
 def _state_pb(state: JobState) -> pb.JobState.ValueType:
@@ -78,7 +80,7 @@ def _job_pb(job: Job) -> pb.Job:
                   created_at=job.created_at,
                   updated_at=job.updated_at, not_before=job.not_before, snapshot_ids=job.snapshot_ids,
                   progress=pb.Progress(bytes_done=job.bytes_done, bytes_total=job.bytes_total),
-                  moved_bytes=job.moved_bytes,
+                  moved_bytes=job.moved_bytes, schedule=job.schedule, offline=job.offline,
                   **_placement_fields(job.plan))
 
 
@@ -110,21 +112,29 @@ class OperatorServicer(pb_grpc.OperatorServicer):
     def __init__(self, parts: AgentParts) -> None:
         self.parts = parts
 
-    async def _domain(self, name_or_uuid: str, context: grpc.aio.ServicerContext[Any, Any]) -> DomainInfo:
+    async def _domain(self, name_or_uuid: str, context: grpc.aio.ServicerContext[Any, Any],
+                      shut_off: bool = False) -> DomainInfo:
+        """A running domain with the channel; with ``shut_off``, also a shut-off one wired in (its
+        backup is read offline)."""
         served = await asyncio.to_thread(self.parts.domains.served)
+        if shut_off:
+            served += await asyncio.to_thread(self.parts.domains.shut_off)
         for info in served:
             if name_or_uuid in (info.uuid, info.name):
                 return info
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"no running domain {name_or_uuid!r} with a hyperback "
-                                                        "channel")
+        where = "running or shut-off" if shut_off else "running"
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"no {where} domain {name_or_uuid!r} with a hyperback "
+                                                        "channel ('hyperback vm enable' wires one in)")
         raise AssertionError("abort returns by raising")
 
     async def ListDomains(self, request: pb.ListDomainsRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListDomainsResponse:
         async with _answering(context):
-            served = await asyncio.to_thread(self.parts.domains.served)
+            enabled = await asyncio.to_thread(self.parts.domains.enabled)
+            last = await asyncio.to_thread(self._last_backups)
+        scheduler = self.parts.scheduler
         out = []
-        for info in sorted(served, key=lambda i: i.name):
+        for info in sorted(enabled, key=lambda i: i.name):
             channel = self.parts.guests.state(info.uuid)
             if channel is None:
                 state = pb.CHANNEL_STATE_DISCONNECTED
@@ -132,10 +142,29 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                 state = pb.CHANNEL_STATE_CONNECTED
             else:
                 state = pb.CHANNEL_STATE_CONNECTING
-            out.append(pb.Domain(uuid=info.uuid, name=info.name, state=pb.DOMAIN_STATE_RUNNING,
+            schedules = scheduler.covering(info)
+            out.append(pb.Domain(uuid=info.uuid, name=info.name,
+                                 state=pb.DOMAIN_STATE_RUNNING if info.running else pb.DOMAIN_STATE_SHUT_OFF,
                                  channel_state=state, channel_detail=info.channel_state or "",
-                                 disks=[disk_to_pb(d) for d in info.disks]))
+                                 disks=[disk_to_pb(d) for d in info.disks],
+                                 last_backup_at=last.get(info.uuid, 0.0), schedules=schedules,
+                                 next_backup_at=min((scheduler.next_run(s) for s in schedules), default=0.0)))
         return pb.ListDomainsResponse(domains=out)
+
+    def _last_backups(self) -> dict[str, float]:
+        """The newest snapshot's time per domain uuid, over the destinations this host can read."""
+        last: dict[str, float] = {}
+        for destination in sorted(self.parts.destinations.names):
+            try:
+                snapshots = self.parts.destinations.repository(destination).snapshots()
+            except (errors.HyperbackError, OSError) as e:
+                log.info("cannot list %s for last backups: %s", destination, e)
+                continue
+            for snap in snapshots:
+                uuid = snap.name.partition("/")[0]
+                if _UUID.fullmatch(uuid):
+                    last[uuid] = max(last.get(uuid, 0.0), snap.time.timestamp())
+        return last
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSnapshotsResponse:
@@ -174,7 +203,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     async def _trigger(self, kind: InstructionKind, request: Any,
                        context: grpc.aio.ServicerContext[Any, Any]) -> Job:
-        info = await self._domain(request.domain, context)
+        info = await self._domain(request.domain, context, shut_off=kind is InstructionKind.BACKUP)
         if request.request_id:
             earlier = self.parts.jobs.by_request(info.uuid, request.request_id)
             if earlier is not None:
@@ -218,11 +247,31 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     async def CancelJob(self, request: pb.CancelJobRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.CancelJobResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "job cancel: in progress on issue 9")
+        async with _answering(context):
+            job = await self.parts.intake.cancel(request.job_id)
+        return pb.CancelJobResponse(job=_job_pb(job))
 
     async def ListSchedules(self, request: pb.ListSchedulesRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListSchedulesResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "schedules: in progress on issue 9")
+        scheduler = self.parts.scheduler
+        async with _answering(context):
+            enabled = await asyncio.to_thread(self.parts.domains.enabled) if scheduler.schedules else []
+        out = []
+        for name, s in sorted(scheduler.schedules.items()):
+            out.append(pb.Schedule(
+                name=name, calendar=s.calendar, selector=s.selector,
+                domains=sorted(i.name for i in enabled if covers(s, i)), policy=policy_to_pb(s.policy),
+                destination=s.destination or scheduler.default_destination,
+                last_run_at=scheduler.last_run(name), next_run_at=scheduler.next_run(name),
+                retention=s.retention))
+        return pb.ListSchedulesResponse(schedules=out)
+
+    async def RunSchedule(self, request: pb.RunScheduleRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.RunScheduleResponse:
+        async with _answering(context):
+            firing = await self.parts.scheduler.run_now(request.name)
+        jobs = [job for job in map(self.parts.jobs.get, firing.jobs) if job is not None]
+        return pb.RunScheduleResponse(jobs=[_job_pb(job) for job in jobs], skipped=firing.skipped)
 
     async def WatchJob(self, request: pb.WatchJobRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JobEvent]:

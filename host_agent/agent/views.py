@@ -144,6 +144,7 @@ class DiskView:
     reason: str = ""                    # why comparison
     checkpoint: str | None = None
     not_readable: str = ""              # qcow2 only: why the chain cannot be read in place
+    offline: bool = False               # read from a shut-off domain's images (agent.offline)
 
     @property
     def source(self) -> str | Layout:

@@ -21,15 +21,18 @@ from host_agent.cli import (
     check_cmd,
     demo_cmd,
     init_cmd,
+    job_cmd,
     list_cmd,
     prune_cmd,
     restore_cmd,
+    schedule_cmd,
     units_cmd,
     verify_cmd,
+    vm_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, demo_cmd,
-            units_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, vm_cmd, job_cmd,
+            schedule_cmd, units_cmd, demo_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -69,6 +69,7 @@ def run(work: Path, say: Callable[[str], None]) -> int:
     disk = work / "vm-data.qcow2"
     lab.make_disk(disk, 256 << 20, "qcow2")
     config = demo_config(work)
+    Repository.init(config.repositories["default"])
     say(f"1. starting the host agent and the optimizer (gRPC on {config.optimizer})")
     with agent_in_thread(config) as (agent, loop), lab.Lab(work / "lab") as the_lab:
         say("2. booting a VM (QEMU/TCG under libvirtd, no network device) with a 256 MiB qcow2 disk, "

@@ -421,7 +421,9 @@ class Vm:
                 raise LibvirtFailure(f"destroy({self.name}): {e}") from e
         if self.persistent:
             try:
-                self.domain.undefine()
+                # a backed-up guest carries checkpoints (and maybe snapshots): their metadata goes too
+                self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise LibvirtFailure(f"undefine({self.name}): {e}") from e

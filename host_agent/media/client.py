@@ -59,7 +59,14 @@ from host_agent.storage.extents import Extent, Layout, OpenSource, open_source, 
 from host_agent.storage.files import RestoreTarget
 from host_agent.storage.maptree import FANOUT, TreeBuilder, leaves_for
 from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, IndexEntry, read_index
-from host_agent.storage.repository import PACK_TARGET, BaseLeaves, ProgressFn, RepoConfig, Repository
+from host_agent.storage.repository import (
+    PACK_TARGET,
+    BaseLeaves,
+    CancelToken,
+    ProgressFn,
+    RepoConfig,
+    Repository,
+)
 from host_agent.storage.snapshot import BackupResult, RestoreResult, Snapshot
 
 log = logging.getLogger(__name__)
@@ -172,7 +179,7 @@ class RemoteRepository:
     def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
-               checkpoint: str | None = None) -> BackupResult:
+               checkpoint: str | None = None, cancel: CancelToken | None = None) -> BackupResult:
         """Back up as :meth:`Repository.backup` does, sending the destination only what it lacks.
 
         The snapshot's ``bytes_new`` and ``bytes_stored`` count what the destination stored (the
@@ -191,7 +198,7 @@ class RemoteRepository:
             with _Uploader(session, spool) as uploader:
                 spool.throttle = uploader.wait_for_room
                 local = spool.backup(source, name, policy, changes, progress, threads, base=session.base,
-                                     checkpoint=checkpoint)
+                                     checkpoint=checkpoint, cancel=cancel)
                 uploader.finish()
             stats = replace(local.snapshot.stats, bytes_new=uploader.bytes_new,
                             bytes_stored=uploader.bytes_stored, seconds=round(time.monotonic() - started, 3))

@@ -107,3 +107,29 @@ class RestoreTarget:
         if self.fd >= 0:
             os.close(self.fd)
         self._discard()
+
+
+def unmounted_mount_point(path: Path, fstab: Path = Path("/etc/fstab")) -> Path | None:
+    """The mount point of ``/etc/fstab`` at or above ``path`` with nothing mounted on it, if any."""
+    try:
+        lines = fstab.read_text().splitlines()
+    except OSError:
+        return None
+    points = [Path(fields[1]) for line in lines
+              if (fields := line.split()) and not fields[0].startswith("#") and len(fields) > 1]
+    for point in sorted(points, key=lambda p: len(p.parts), reverse=True):
+        if point != Path("/") and path.is_relative_to(point) and not os.path.ismount(point):
+            return point
+    return None
+
+
+def missing_repository(path: Path, fstab: Path = Path("/etc/fstab")) -> str:
+    """Why there is no repository at ``path`` (no config file there), and what to do."""
+    point = unmounted_mount_point(path, fstab)
+    if point is not None:
+        return (f"{path} is not a hyperback repository: its media is not mounted ({point} is a mount "
+                f"point of /etc/fstab with nothing mounted on it); mount it, then try again")
+    if path.is_dir() and any(path.iterdir()):
+        return f"{path} is not a hyperback repository (no config file, and it is not empty): check the path"
+    return (f"{path} is not a hyperback repository (no config file); create one with "
+            f"'hyperback init {path}', or mount its media")

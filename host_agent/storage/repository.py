@@ -34,7 +34,7 @@ from host_agent.model import ChangeDetection, Policy
 from host_agent.storage import copier
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
-from host_agent.storage.files import RestoreTarget, fsync_dir, write_atomic
+from host_agent.storage.files import RestoreTarget, fsync_dir, missing_repository, write_atomic
 from host_agent.storage.locks import Lock, read_locks
 from host_agent.storage.maptree import FANOUT, TreeBuilder, TreeReader, leaves_for
 from host_agent.storage.snapshot import (
@@ -106,6 +106,37 @@ class _Ticker:
                 self._fn(self._progress.read().bytes_done, self._total)
 
 
+class CancelToken:
+    """Asks a backup to stop (thread-safe). The native workers see it at their next chunk; a backup
+    it reaches before its snapshot is committed publishes nothing and raises Cancelled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._progress: list[copier.Progress] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            for progress in self._progress:
+                progress.cancel()
+
+    def watch(self, progress: copier.Progress) -> None:
+        """Cancel ``progress``'s native work when (or if already) cancelled."""
+        with self._lock:
+            self._progress.append(progress)
+            if self._cancelled:
+                progress.cancel()
+
+    def check(self) -> None:
+        if self._cancelled:
+            raise errors.Cancelled("cancelled; nothing was published")
+
+
 class Repository:
     """An open repository. Cheap to open; every operation loads what it needs."""
 
@@ -147,10 +178,8 @@ class Repository:
         root = Path(path)
         try:
             doc = json.loads((root / "config").read_text())
-        except FileNotFoundError:
-            raise errors.NotARepository(
-                f"{root} is not a hyperback repository (no config file); create one with "
-                f"'hyperback init {root}'") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise errors.NotARepository(missing_repository(root)) from None
         except (OSError, ValueError) as e:
             raise errors.NotARepository(f"{root}/config is unreadable: {e}") from e
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -287,7 +316,7 @@ class Repository:
     def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
-               checkpoint: str | None = None) -> BackupResult:
+               checkpoint: str | None = None, cancel: CancelToken | None = None) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -297,6 +326,7 @@ class Repository:
         image) replaces that choice: with ``changes`` only they are read, the rest is
         taken from ``base``. ``checkpoint`` names the hypervisor checkpoint taken at the
         instant the source shows, which the snapshot records for the next backup to start from.
+        ``cancel`` stops it: nothing is published unless it comes after the commit.
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
@@ -322,9 +352,11 @@ class Repository:
             detection = (ChangeDetection.NONE if base is None else
                          ChangeDetection.CHANGE_LIST if checked is not None else ChangeDetection.COMPARISON)
             with self.session("backup", writer=True) as native:
-                builder, counters = self._copy_in(native, src, base, checked, threads, progress)
+                builder, counters = self._copy_in(native, src, base, checked, threads, progress, cancel)
                 tree = builder.finish()
                 native.flush()
+                if cancel is not None:
+                    cancel.check()
                 stats = SnapshotStats(counters.bytes_read, counters.bytes_new,
                                       counters.bytes_stored + builder.bytes_stored,
                                       counters.bytes_changed, round(time.monotonic() - started, 3))
@@ -340,8 +372,8 @@ class Repository:
         return BackupResult(snap, tuple(notes))
 
     def _copy_in(self, native: NativeRepository, src: OpenSource, base: Snapshot | None,
-                 changes: list[Extent] | None, threads: int,
-                 progress_fn: ProgressFn | None) -> tuple[TreeBuilder, copier.Counters]:
+                 changes: list[Extent] | None, threads: int, progress_fn: ProgressFn | None,
+                 cancel: CancelToken | None) -> tuple[TreeBuilder, copier.Counters]:
         cs = self.config.chunk_size
         entries = -(-src.size // cs)
         data = src.data()
@@ -352,6 +384,8 @@ class Repository:
         keepable = 0 if base is None else (
             entries if base.size == src.size else min(base.size, src.size) // cs)
         progress = copier.Progress()
+        if cancel is not None:
+            cancel.watch(progress)
         with _Ticker(progress_fn, progress, src.size):
             for first_leaf in range(0, leaves_for(entries), SEGMENT_LEAVES):
                 first = first_leaf * FANOUT
