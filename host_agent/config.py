@@ -367,7 +367,8 @@ def _naming(path: Path) -> Iterator[None]:
     try:
         yield
     except errors.UsageError as e:
-        raise errors.UsageError(f"config {path}: {str(e).removeprefix('config ')}") from e
+        what = str(e).removeprefix("config: ").removeprefix("config ")
+        raise errors.UsageError(f"config {path}: {what}") from e
 
 
 def summary(config: AgentConfig) -> str:

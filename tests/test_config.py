@@ -58,9 +58,12 @@ cpu_pressure = 40
      "hosts.a.lan_ip: expected a string, got 10"),
     ("host_name = \"a\"\n[hosts.a]\nlibvirt_uri = \"q\"\nagent = \"x:1\"\nlan_ip = \"1\"\nlanip = \"2\"",
      "hosts.a: unknown setting(s) lanip"),
+    ("[[schedules]]\nname = \"nightly\"\ncalendar = \"at night\"\nmatch = \"*\"",
+     "schedule 'nightly': calendar 'at night' is not a cron expression"),
 ], ids=["unknown-key", "number-as-text", "integer-as-float", "bool-as-text", "list-as-text", "path-as-number",
         "unknown-limit", "limit-as-text", "limits-not-a-table", "repository-as-number", "repository-name",
-        "policy-options-not-tables", "policy-option-list", "inventory-number", "inventory-unknown-key"])
+        "policy-options-not-tables", "policy-option-list", "inventory-number", "inventory-unknown-key",
+        "schedule-calendar"])
 def test_a_mistake_is_one_line_naming_the_file_and_the_key(tmp_path: Path, text: str, names: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(UsageError) as caught:
