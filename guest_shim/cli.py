@@ -7,6 +7,7 @@
     hyperback-shim status JOB
     hyperback-shim list [SERIAL] [-d DEST]
     hyperback-shim serve [--socket PATH] [--port NAME|PATH] [--group GROUP]
+    hyperback-shim install-service [--root DIR] [--port NAME] [--no-start]
 
 Common options (before or after the command): ``--json`` (one JSON object on stdout),
 ``-c/--config FILE``, ``-v`` (progress and steps), ``--debug`` (wire traces, tracebacks).
@@ -47,8 +48,9 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from . import client as client_mod
-from .config import ShimConfig, check_port_spec, load_config, parse_policy
+from .config import DEFAULT_HOOK_DIR, ShimConfig, check_port_spec, load_config, parse_policy
 from .errors import ConfigError, ShimError
+from .port import UNIX_PREFIX
 from .protocol import ALL, LATEST, Policy, RestoreMode, SnapshotInfo, clean_text
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,13 @@ class ServeOptions:
     group: str | None
 
 
+@dataclass(frozen=True)
+class InstallServiceOptions:
+    root: str
+    port: str | None
+    start: bool
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -206,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", help="socket path (default from the config)")
     p.add_argument("--port", metavar="NAME|PATH", help="port name or device (default from the config)")
     p.add_argument("--group", metavar="GROUP", help="group that may use the socket")
+
+    p = sub.add_parser("install-service", parents=[common],
+                       help="run serve under systemd when the port appears",
+                       description="Write the systemd unit of `serve` (ExecStart: this shim, by absolute "
+                       "path) and the udev rule that starts it when the host's virtio-serial port "
+                       "appears; create the freeze hook folder. Without --root, reload systemd and udev "
+                       "so that the service starts now if the port is there.")
+    p.add_argument("--root", default="/", metavar="DIR", help="install into this root (default /)")
+    p.add_argument("--port", metavar="NAME", help="the port's name (default from the config)")
+    p.add_argument("--no-start", dest="start", action="store_false", help="only write the files")
     return parser
 
 
@@ -231,6 +250,8 @@ def _options(args: argparse.Namespace) -> tuple[Common, str, Any]:
         opts = StatusOptions(args.job)
     elif cmd == "list":
         opts = ListOptions(args.target, args.destination)
+    elif cmd == "install-service":
+        opts = InstallServiceOptions(args.root, args.port, args.start)
     else:
         opts = ServeOptions(args.socket, args.port, args.group)
     return common, cmd, opts
@@ -344,8 +365,33 @@ def _run(common: Common, cmd: str, opts: Any, config: ShimConfig) -> int:
     if isinstance(opts, ListOptions):
         snaps = client_mod.list_snapshots(opts.target, destination=opts.destination, config=config)
         return _output(common, snaps.to_dict(), lambda: _print_snapshots(snaps))
+    if isinstance(opts, InstallServiceOptions):
+        return _install_service(common, opts, config)
     assert isinstance(opts, ServeOptions)
     return _serve(opts, config)
+
+
+def _install_service(common: Common, opts: InstallServiceOptions, config: ShimConfig) -> int:
+    from . import service
+
+    port = opts.port or config.port
+    if opts.port:
+        check_port_spec(opts.port, "--port")
+    if "/" in port or port.startswith(UNIX_PREFIX):
+        raise ConfigError(f"install-service needs a port name (as the host names the channel), not {port!r}")
+    if not opts.root.startswith("/"):
+        raise ConfigError(f"--root {opts.root!r} is not an absolute path")
+    hook_dir = config.fsfreeze_hook_dir or DEFAULT_HOOK_DIR
+    done = service.install(root=opts.root, port_name=port, hook_dir=hook_dir, start=opts.start)
+
+    def show() -> None:
+        print(f"wrote {done.unit} (ExecStart: {' '.join(done.exec_start)} serve)")
+        print(f"wrote {done.rule} (port {port})")
+        print(f"freeze hooks: {done.hook_dir}")
+        if done.started:
+            print("systemd and udev reloaded: the service runs while the port is there")
+
+    return _output(common, done.to_dict(), show)
 
 
 def _serve(opts: ServeOptions, config: ShimConfig) -> int:

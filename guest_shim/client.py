@@ -243,7 +243,11 @@ class Client:
     def _connect(self, deadline: float) -> Port:
         port = self._open()
         if self._answer_freeze and self._freezer is None:
-            self._freezer = Freezer(max_seconds=self.config.max_freeze_seconds, sys_root=self.config.sysfs)
+            self._freezer = Freezer(
+                max_seconds=self.config.max_freeze_seconds,
+                sys_root=self.config.sysfs,
+                hook_dir=self.config.fsfreeze_hook_dir,
+            )
         if not self._synced:
             connect_deadline = min(deadline, time.monotonic() + self.config.connect_timeout)
             if not port.wait_connected(connect_deadline):

@@ -14,6 +14,7 @@ sections and keys (typos must not pass silently)::
     reply_timeout = 30                  # seconds to wait for the host to answer a request
     job_timeout = 86400                 # seconds a backup/restore call waits for its result
     status_interval = 30                # seconds of silence before asking the host for status
+    fsfreeze_hook_dir = /etc/hyperback/fsfreeze-hook.d   # hooks run with freeze/thaw; empty: none
 
     [defaults]
     targets = all                       # or serials separated by spaces or commas
@@ -37,6 +38,7 @@ from .protocol import ALL, Policy, check_destination, check_serial
 DEFAULT_CONFIG_PATH = "/etc/hyperback/shim.conf"
 CONFIG_ENV = "HYPERBACK_SHIM_CONFIG"
 DEFAULT_SOCKET = "/run/hyperback-shim.sock"
+DEFAULT_HOOK_DIR = "/etc/hyperback/fsfreeze-hook.d"
 
 _PORT_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _GROUP_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
@@ -64,6 +66,7 @@ class ShimConfig:
     job_timeout: float = 86400.0
     status_interval: float = 30.0
     sysfs: str = "/sys"  # where /sys/block is looked up (tests point it at a fake tree)
+    fsfreeze_hook_dir: str | None = DEFAULT_HOOK_DIR  # None: no hooks (guest_shim.hooks)
     defaults: Defaults = field(default_factory=Defaults)
     source: str | None = None  # the file this came from, for messages
 
@@ -79,6 +82,7 @@ _SHIM_KEYS = {
     "job_timeout",
     "status_interval",
     "sysfs",
+    "fsfreeze_hook_dir",
 }
 _DEFAULTS_KEYS = {"targets", "destination", "policy", "quiesce"}
 
@@ -142,6 +146,10 @@ def parse_config(text: str, source: str = "<string>") -> ShimConfig:
         kwargs["socket_group"] = group
     if "max_clients" in shim:
         kwargs["max_clients"] = int(_number(shim["max_clients"], where("max_clients"), 1, 1024, integer=True))
+    if "fsfreeze_hook_dir" in shim:
+        hook_dir = shim["fsfreeze_hook_dir"].strip()
+        where_hooks = where("fsfreeze_hook_dir")
+        kwargs["fsfreeze_hook_dir"] = _check_abs_path(hook_dir, where_hooks) if hook_dir else None
     if "sysfs" in shim:
         kwargs["sysfs"] = _check_abs_path(shim["sysfs"], where("sysfs"))
     for key, low, high in (

@@ -17,6 +17,9 @@ Guarantees:
   exception (a signal, say) thaws and propagates.
 * ``thaw_all`` thaws on shutdown and on host disconnect; owners call it in ``finally``.
 * Only SIGKILL (or a kernel crash) can leave a file system frozen: ``fsfreeze -u MOUNTPOINT``.
+* The fsfreeze hooks (``guest_shim.hooks``, ``hook_dir``) run with ``freeze`` before the first
+  FIFREEZE and with ``thaw`` after the last FITHAW, within the same watchdog bound; a hook that
+  fails, is refused or hangs is answered ``freeze-failed`` naming it, with nothing frozen.
 
 Never log to a file on a file system that may be frozen: the write would block until thawed.
 """
@@ -34,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from . import hooks as hooks_mod
 from .errors import FreezeError
 from .protocol import (
     MAX_FILESYSTEMS,
@@ -246,6 +250,8 @@ class _Hold:
     job: str
     frozen: list[tuple[str, int]]
     released: threading.Event
+    hooks: list[str]  # the fsfreeze hooks that ran with freeze: they get thaw after the thaw
+    bound: float  # seconds the thaw hooks may take
     watchdog: threading.Thread | None = None
 
 
@@ -265,8 +271,10 @@ class Freezer:
         mountinfo: str = "/proc/self/mountinfo",
         notify: Callable[[], None] | None = None,
         ioctl: Callable[[int, int, int], object] = fcntl.ioctl,
+        hook_dir: str | None = None,
     ) -> None:
         self.max_seconds = max_seconds
+        self.hook_dir = hook_dir
         self.sys_root = sys_root
         self.mountinfo = mountinfo
         self.notify = notify
@@ -289,6 +297,7 @@ class Freezer:
 
     def freeze(self, msg: Freeze) -> Frozen | ErrorMessage:
         received = time.monotonic()
+        limit = min(msg.timeout, self.max_seconds)
         with self._lock:
             if self._hold is not None:
                 return ErrorMessage(
@@ -296,7 +305,11 @@ class Freezer:
                 )
             try:
                 plan = plan_freeze(msg.disks, sys_root=self.sys_root, mountinfo=self.mountinfo)
+                hooks = hooks_mod.run_freeze_hooks(
+                    hooks_mod.find_hooks(self.hook_dir), received + limit, msg.job, limit
+                )
             except FreezeError as e:
+                log.error("freeze for job %s failed: %s", msg.job, e)
                 return ErrorMessage(msg.id, ErrorCode.FREEZE_FAILED, clean_text(str(e)))
             skipped = list(plan.skipped)
             frozen: list[tuple[str, int]] = []
@@ -307,15 +320,16 @@ class Freezer:
                         skipped.append(Skipped(_wire_path(mount.mountpoint), reason))
             except FreezeError as e:
                 self._thaw_fds(frozen)
+                hooks_mod.run_thaw_hooks(hooks, limit, msg.job)
                 log.error("freeze for job %s failed, thawed again: %s", msg.job, e)
                 return ErrorMessage(msg.id, ErrorCode.FREEZE_FAILED, clean_text(str(e)))
             except BaseException:
                 self._thaw_fds(frozen)
+                hooks_mod.run_thaw_hooks(hooks, limit, msg.job)
                 raise
             if frozen:
-                hold = _Hold(msg.job, frozen, threading.Event())
+                hold = _Hold(msg.job, frozen, threading.Event(), hooks, limit)
                 self._hold = hold
-                limit = min(msg.timeout, self.max_seconds)
                 hold.watchdog = threading.Thread(
                     target=self._watch,
                     args=(hold, received + limit),
@@ -332,6 +346,7 @@ class Freezer:
                 )
             else:
                 log.info("freeze for job %s: nothing to freeze", msg.job)
+                hooks_mod.run_thaw_hooks(hooks, limit, msg.job)
             return _fit_frozen(msg.id, msg.job, [p for p, _ in frozen], skipped)
 
     def _freeze_one(self, mount: Mount, frozen: list[tuple[str, int]]) -> SkipReason | None:
@@ -385,11 +400,15 @@ class Freezer:
         return thawed
 
     def _release(self, hold: _Hold) -> tuple[str, ...]:
-        """Thaw ``hold`` (the lock is held); it stops being the current hold."""
+        """Thaw ``hold`` (the lock is held), then run its thaw hooks; it stops being the current
+        hold."""
         hold.released.set()
         if self._hold is hold:
             self._hold = None
-        return tuple(self._thaw_fds(hold.frozen))
+        thawed = tuple(self._thaw_fds(hold.frozen))
+        ran, hold.hooks = hold.hooks, []
+        hooks_mod.run_thaw_hooks(ran, hold.bound, hold.job)
+        return thawed
 
     def _remember(self, job: str, cause: ThawCause) -> None:
         self._auto_thawed[job] = cause

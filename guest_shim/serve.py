@@ -128,7 +128,9 @@ class Server:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.freezer = freezer or Freezer(max_seconds=config.max_freeze_seconds, sys_root=config.sysfs)
+        self.freezer = freezer or Freezer(
+            max_seconds=config.max_freeze_seconds, sys_root=config.sysfs, hook_dir=config.fsfreeze_hook_dir
+        )
         self.freezer.notify = self._wake
         self._sel = selectors.DefaultSelector()
         self._listener: socket.socket | None = None

@@ -45,7 +45,8 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   │   └── MoveInProgress               another move of the domain is under way
     │   ├── ColocationError                  a backup on the media host failed; says where the VM runs
     │   ├── ApplianceError                   an appliance could not be found, held or moved
-    │   └── ServiceAddressError              a service address could not be claimed or released
+    │   ├── ServiceAddressError              a service address could not be claimed or released
+    │   └── PackageBuildError                the guest shim's wheel or zipapp could not be built
     ├── IntegrityError              exit 4   stored data is damaged
     │   ├── CorruptChunk                     a blob failed its checks
     │   └── MissingChunk                     a referenced blob is not in the repository
@@ -252,6 +253,10 @@ class ApplianceError(EnvironmentProblem):
 
 class ServiceAddressError(EnvironmentProblem):
     """The service address could not be claimed or released (no such interface, no permission)."""
+
+
+class PackageBuildError(EnvironmentProblem):
+    """The guest shim's wheel or zipapp could not be built (pip, setuptools, the output folder)."""
 
 
 class IntegrityError(HyperbackError):

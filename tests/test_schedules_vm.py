@@ -4,7 +4,10 @@ the driver, the optimizer and the executor like a guest's request."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -18,8 +21,9 @@ from conftest import lab_or_fail
 
 from host_agent.agent.jobs import JobState, Origin
 from host_agent.agent.schedules import Firing
+from host_agent.cli import main
 from host_agent.config import Schedule
-from host_agent.lab import Disk, Lab, make_disk
+from host_agent.lab import Disk, Lab
 from host_agent.model import ChangeDetection, Policy
 from host_agent.storage.repository import Repository
 
@@ -29,9 +33,11 @@ REPO = Path(__file__).resolve().parents[1]  # the guest sees this checkout over 
 SHIM = f"PYTHONPATH={REPO} {sys.executable} -m guest_shim"
 MIB = 1024 * 1024
 
-# The guest's application keeps writing; the shim's serve mode holds the port and answers the
-# agent's freeze (a scheduled job asks for it when a shim is connected).
-BUSY_GUEST = f"""
+# Before `hyperback vm enable` its disk has no serial and the guest has nothing to do. Wired in,
+# its application keeps writing, and the shim's serve mode holds the port and answers the agent's
+# freeze (a scheduled job asks for it when a shim is connected).
+GUEST = f"""
+[ -n "$(cat /sys/block/vda/serial 2>/dev/null)" ] || exit 0
 {SHIM} serve &
 dd if=/dev/urandom of=/dev/vda bs=1M count=16 seek=16 conv=fsync 2>/dev/null
 echo FILLED
@@ -74,11 +80,35 @@ def next_night(agent: RunningAgent, clock: ManualClock, at: float) -> Firing:
     return firings[-1]
 
 
-def test_a_nightly_schedule_backs_up_a_running_vm_incrementally_and_keeps_what_retention_says(
+def disk_with_data(path: Path) -> Path:
+    """A qcow2 image holding 8 MiB of random data at 4 MiB, as an existing VM's disk would."""
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as f:
+        f.truncate(64 * MIB)
+        f.seek(4 * MIB)
+        f.write(os.urandom(8 * MIB))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
+    raw.unlink()
+    return path
+
+
+def sha256_of_image(image: Path, fmt: str, scratch: Path) -> str:
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(scratch)], check=True)
+    try:
+        return hashlib.sha256(scratch.read_bytes()).hexdigest()
+    finally:
+        scratch.unlink()
+
+
+def test_a_vm_wired_in_by_one_command_is_backed_up_nightly_offline_then_running_with_retention(
         lab: Lab, workdir: Path) -> None:
-    disk = make_disk(workdir / "nightly.qcow2", 64 * MIB, "qcow2")
-    vm = lab.start_vm("nightly", command=BUSY_GUEST, persistent=True, wait_for="^FILLED",
-                      disks=[Disk(disk, "vda", "qcow2", "nightly-data")], timeout=180)
+    disk = disk_with_data(workdir / "nightly.qcow2")
+    # an existing VM: no hyperback XML at all, shut off when its first boot's work is done
+    vm = lab.start_vm("nightly", command=GUEST, persistent=True, channels=(),
+                      disks=[Disk(disk, "vda", "qcow2")], timeout=180)
+    assert vm.wait_for_exit(timeout=120) == 0, vm.console_tail()
+    assert main(["vm", "enable", vm.name]) == 0
+
     nightly = Schedule("nightly", "0 1 * * *", domains=(vm.name,), keep_last=2)
     clock = ManualClock(local(2026, 12, 7, 0, 30))
     config = agent_config_for(workdir / "agent", interval=1.0, schedules=(nightly,))
@@ -88,24 +118,33 @@ def test_a_nightly_schedule_backs_up_a_running_vm_incrementally_and_keeps_what_r
         kept: list[list[str]] = []
         runs = []
         for night in range(3):
+            if night == 1:  # the VM is started after its first, offline, night
+                vm.start_again()
+                vm.wait_for_console("^FILLED", timeout=180)
             firing = next_night(agent, clock, local(2026, 12, 7 + night, 1, 0))
             (job_id,) = firing.jobs
             job = agent.call(lambda job_id=job_id: agent.agent.jobs.get(job_id))
             assert job is not None and job.state is JobState.SUCCEEDED, job and job.detail
             assert (job.origin, job.schedule, job.domain_name) == (Origin.SCHEDULE, "nightly", vm.name)
+            assert job.offline is (night == 0)
             (snap_id,) = job.snapshot_ids
             runs.append(repo.resolve(snap_id))
             kept.append([s.id for s in repo.snapshots()])
-            print(f"night {night + 1}: {runs[-1].policy.value} {runs[-1].stats} "
-                  f"(detection {runs[-1].change_detection.value})")
+            if night == 0:  # shut off: what it read is the image, bit for bit
+                restored = workdir / "night1.raw"
+                repo.restore(snap_id, restored)
+                assert sha256_of_image(restored, "raw", workdir / "a.raw") == \
+                    sha256_of_image(disk, "qcow2", workdir / "b.raw")
+            print(f"night {night + 1}: {'offline' if job.offline else 'running'}, {runs[-1].policy.value}, "
+                  f"{runs[-1].stats}, detection {runs[-1].change_detection.value}")
     first, second, third = runs
     assert first.policy is Policy.FULL  # nothing to be incremental to yet
     assert second.policy is Policy.INCREMENTAL and second.parent == first.id
-    assert second.change_detection is ChangeDetection.CHANGE_LIST  # the dirty bitmap since the first night
-    assert second.stats.bytes_read < first.stats.bytes_read
-    assert third.parent == second.id
+    assert third.policy is Policy.INCREMENTAL and third.parent == second.id
+    assert third.change_detection is ChangeDetection.CHANGE_LIST  # the dirty bitmap since the second night
+    assert third.stats.bytes_read < second.stats.bytes_read
     # keep_last = 2: one snapshot after the first night, two after the second, the newest two after
-    # the third; and the job's retention ran before the firing was reported finished
+    # the third; the firing's retention ran before it was reported finished
     assert kept == [[first.id], [first.id, second.id], [second.id, third.id]]
     assert firing.pruned == [first.id]
     assert vm.is_active()

@@ -124,9 +124,7 @@ def test_a_vm_defined_without_hyperback_xml_is_wired_in_live_and_after_a_restart
     assert "SERIAL <>" in vm.console()
 
     # after the restart the guest sees its serial, and the channel is there from the start
-    vm.console_log.unlink()
-    dom.create()
-    vm = Vm(lab, vm.name, dom, vm.console_log, True, time.monotonic())  # a fresh console reader
+    vm.start_again()
     vm.wait_for_console(rf"SERIAL <{serial}>\s+PORT /dev/vport", 120)
     wait_for("the channel to be connected", lambda: vm.channel_state() == "connected")
 

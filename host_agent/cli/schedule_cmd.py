@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 
+from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2 as pb
+from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
 from host_agent.cli.agentapi import add_agent_argument, call, operator, when
 from host_agent.protobuf import policy_from_pb
 
@@ -24,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                              description="Back up every domain the schedule covers now, as if its time had "
                                          "come; its retention follows. Prints the jobs started.")
     now.add_argument("name", metavar="SCHEDULE")
+    now.add_argument("--wait", action="store_true",
+                     help="wait until its jobs have finished, print how each ended, and exit 3 if one failed")
     add_agent_argument(now)
     now.set_defaults(run=run_now)
 
@@ -47,10 +52,33 @@ def run_list(args: argparse.Namespace) -> int:
 def run_now(args: argparse.Namespace) -> int:
     with operator(args) as (stub, address):
         answer = call(stub.RunSchedule, pb.RunScheduleRequest(name=args.name), address)
-    for job in answer.jobs:
-        print(f"job {job.id}: {job.domain_name}")
-    for line in answer.skipped:
-        print(f"skipped: {line}")
-    if not answer.jobs and not answer.skipped:
-        print(f"schedule {args.name} covers no domain now")
+        for job in answer.jobs:
+            print(f"job {job.id}: {job.domain_name}", flush=True)
+        for line in answer.skipped:
+            print(f"skipped: {line}")
+        if not answer.jobs and not answer.skipped:
+            print(f"schedule {args.name} covers no domain now")
+        if not args.wait:
+            return 0
+        failed = 0
+        for job in answer.jobs:
+            last = final_event(stub, job.id, address)
+            state = pb.JobState.Name(last.state).removeprefix("JOB_STATE_").lower()
+            print(f"job {job.id}: {job.domain_name}: {state}: {last.message}")
+            failed += last.state != pb.JOB_STATE_SUCCEEDED
+    if failed:
+        raise errors.EnvironmentProblem(f"{failed} of {len(answer.jobs)} job(s) of schedule {args.name} "
+                                        "did not succeed ('hyperback job list' says why)")
     return 0
+
+
+def final_event(stub: pb_grpc.OperatorStub, job_id: str, address: str) -> pb.JobEvent:
+    """Follow a job's events until the last one."""
+    try:
+        for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+            if event.final:
+                return event
+    except grpc.RpcError as e:
+        raise errors.EnvironmentProblem(f"lost the agent at {address} while waiting for job {job_id}: "
+                                        f"{e.details()}") from None
+    raise errors.EnvironmentProblem(f"the agent at {address} stopped reporting job {job_id}")

@@ -285,6 +285,14 @@ class Vm:
 
     # --- console -----------------------------------------------------------------------------
 
+    def start_again(self) -> None:
+        """Boot a persistent guest that has stopped (its definition as it is now), with a fresh
+        console: the same command runs again."""
+        self.console_log.unlink(missing_ok=True)
+        self._console, self._console_bytes = "", 0
+        self.started_at = time.monotonic()
+        self.domain.create()
+
     def console(self) -> str:
         """Everything the guest wrote to its serial console so far."""
         try:
