@@ -11,6 +11,8 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,9 @@ class AgentConfig:
     send_load: bool = True
     # where the operator gRPC API listens
     operator_listen: str = "unix:/run/hyperback/agent.sock"
+    # Prometheus metrics over HTTP (GET /metrics; docs/monitoring.md), "HOST:PORT" ("[::1]:PORT"
+    # for IPv6, port 0: any free one); "" serves none
+    metrics_listen: str = "127.0.0.1:9721"
     # destination names guests may ask for -> repository directories on backup media
     repositories: dict[str, Path] = field(
         default_factory=lambda: {"default": Path("/var/lib/hyperback/repo")})
@@ -207,6 +212,7 @@ _INVENTORY_KEYS = ("hosts", "media", "appliances", "shared_storage")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
+    """A HYPERBACK_* variable's text as the type of the knob's default."""
     try:
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
@@ -221,10 +227,87 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentConfig:
-    """Defaults, then the file (if present), then HYPERBACK_* variables."""
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          Path: "a path (string)", tuple: "a list of strings"}
+
+
+def _typed(where: str, value: Any, default: Any) -> Any:
+    """A value from the file, checked (not coerced) against the type of the knob's default: TOML
+    has types, so ``interval = "ten"`` or ``batch_size = 2.5`` is a mistake to name, not to guess at."""
+    kind = bool if isinstance(default, bool) else Path if isinstance(default, Path) else type(default)
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str), Path: isinstance(value, str),
+          tuple: isinstance(value, list) and all(isinstance(v, str) for v in value)}.get(kind, False)
+    if not ok:
+        raise errors.UsageError(f"{where}: expected {_KINDS.get(kind, kind.__name__)}, got {value!r}")
+    if kind is Path:
+        return Path(value)
+    if kind is tuple:
+        return tuple(value)
+    return float(value) if kind is float else value
+
+
+def _table_of(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise errors.UsageError(f"{where}: expected a table ([{where}]), got {value!r}")
+    return value
+
+
+def _parse_file(doc: dict[str, Any], config: AgentConfig) -> dict[str, Any]:
+    """The file's settings, each key known and each value of its knob's type."""
+    known = {f.name for f in fields(AgentConfig)} - {"inventory"}
+    changes: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in _INVENTORY_KEYS:
+            continue
+        if key == "repositories":
+            table = _table_of(key, value)
+            for name, where in table.items():
+                if not DESTINATION.fullmatch(name):
+                    raise errors.UsageError(f"repositories.{name}: names must match {DESTINATION.pattern}")
+                _typed(f"repositories.{name}", where, Path())
+            changes[key] = {k: Path(v) for k, v in table.items()}
+        elif key == "policy_options":
+            options: dict[str, dict[str, str]] = {}
+            for policy, table in _table_of(key, value).items():
+                options[policy] = {}
+                for option, setting in _table_of(f"{key}.{policy}", table).items():
+                    if not isinstance(setting, (str, int, float)) or isinstance(setting, bool):
+                        raise errors.UsageError(f"{key}.{policy}.{option}: expected a string or a number, "
+                                                f"got {setting!r}")
+                    options[policy][option] = str(setting)
+            changes[key] = options
+        elif key == "schedules":
+            changes[key] = _schedules(value)
+        elif key == "limits":
+            limits = {f.name: f for f in fields(Limits)}
+            table = _table_of(key, value)
+            for name, setting in table.items():
+                if name not in limits:
+                    raise errors.UsageError(f"limits: unknown setting {name!r} "
+                                            f"(settings: {', '.join(limits)})")
+                _typed(f"limits.{name}", setting, getattr(config.limits, name))
+            changes[key] = replace(config.limits, **table)
+        elif key in known:
+            changes[key] = _typed(key, value, getattr(config, key))
+        else:
+            raise errors.UsageError(f"unknown setting {key!r}")
+    return changes
+
+
+def source(path: Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The file :func:`load` reads: ``HYPERBACK_CONFIG``, else ``path``, else the default."""
     env = dict(os.environ) if env is None else env
-    path = Path(env.get(f"{_ENV_PREFIX}CONFIG", path or DEFAULT_PATH))
+    return Path(env.get(f"{_ENV_PREFIX}CONFIG", path or DEFAULT_PATH))
+
+
+def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentConfig:
+    """Defaults, then the file (if present), then HYPERBACK_* variables.  A mistake in the file is
+    a UsageError of one line that names the file and the key: ``config FILE: KEY: what is wrong``."""
+    env = dict(os.environ) if env is None else env
+    path = source(path, env)
     doc: dict[str, Any] = {}
     if path.exists():
         try:
@@ -232,30 +315,9 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise errors.UsageError(f"cannot read config {path}: {e}") from e
     config = AgentConfig()
-    known = {f.name: f for f in fields(AgentConfig)}
-    changes: dict[str, Any] = {}
-    for key, value in doc.items():
-        if key in _INVENTORY_KEYS:
-            continue
-        if key == "repositories":
-            if not isinstance(value, dict) or not all(DESTINATION.fullmatch(k) for k in value):
-                raise errors.UsageError(f"config repositories: names must match {DESTINATION.pattern}")
-            changes[key] = {k: Path(v) for k, v in value.items()}
-        elif key == "policy_options":
-            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-                raise errors.UsageError("config policy_options must be a table of tables")
-            changes[key] = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in value.items()}
-        elif key == "schedules":
-            changes[key] = _schedules(value)
-        elif key == "limits":
-            if not isinstance(value, dict):
-                raise errors.UsageError("config limits must be a table")
-            changes[key] = Limits(**{k: int(v) for k, v in value.items()})
-        elif key in known:
-            changes[key] = _coerce(key, value, getattr(config, key))
-        else:
-            raise errors.UsageError(f"config {path}: unknown setting {key!r}")
-    for key in known:
+    with _naming(path):
+        changes = _parse_file(doc, config)
+    for key in (f.name for f in fields(AgentConfig)):
         if key in _TABLES:
             continue
         value = env.get(_ENV_PREFIX + key.upper())
@@ -263,13 +325,17 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
             changes[key] = _coerce(key, value, getattr(config, key))
     config = replace(config, **changes)
     host_name = config.host_name or socket.gethostname()
-    config = replace(config, host_name=host_name, inventory=parse_inventory(doc, host_name))
-    clash = set(config.repositories) & set(config.inventory.media)
-    if clash:
-        raise errors.UsageError(f"config: {', '.join(sorted(clash))} named both in repositories and media")
-    if config.default_destination not in config.destinations:
-        raise errors.UsageError(f"default_destination {config.default_destination!r} is not in repositories")
-    _check_schedule_destinations(config)
+    with _naming(path):
+        config = replace(config, host_name=host_name, inventory=parse_inventory(doc, host_name))
+        clash = set(config.repositories) & set(config.inventory.media)
+        if clash:
+            raise errors.UsageError(f"{', '.join(sorted(clash))} named both in repositories and media")
+        if config.metrics_listen:
+            host_port(config.metrics_listen)
+        if config.default_destination not in config.destinations:
+            raise errors.UsageError(f"default_destination {config.default_destination!r} is not in "
+                                    f"repositories or media")
+        _check_schedule_destinations(config)
     return config
 
 
@@ -284,3 +350,33 @@ def _check_schedule_destinations(config: AgentConfig) -> None:
             raise errors.UsageError(
                 f"config schedule {schedule.name!r}: retention on {destination!r}, media of host "
                 f"{media.host}, runs there (`hyperback prune` on that host): remove the keep_* settings")
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``) as a host and a port number; UsageError naming the setting."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise errors.UsageError(f"metrics_listen: {address!r} is not HOST:PORT (\"\" serves no metrics)")
+    return host, int(port)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A mistake found in the file is told as ``config FILE: KEY: what is wrong``, on one line."""
+    try:
+        yield
+    except errors.UsageError as e:
+        what = str(e).removeprefix("config: ").removeprefix("config ")
+        raise errors.UsageError(f"config {path}: {what}") from e
+
+
+def summary(config: AgentConfig) -> str:
+    """One line saying what a configuration sets up (``hyperback-agent --check-config``)."""
+    inventory = config.inventory
+    cluster = (f"; host {config.host_name} of {len(inventory.hosts)} host(s), {len(inventory.media)} media, "
+               f"{len(inventory.appliances)} appliance(s)" if inventory.hosts else "")
+    return (f"libvirt {config.libvirt_uri}; destinations {', '.join(sorted(config.destinations))} "
+            f"(default {config.default_destination}); operator API {config.operator_listen}; "
+            f"optimizer {config.optimizer}; batches of {config.batch_size} or every {config.interval:g} s; "
+            f"{len(config.schedules)} schedule(s){cluster}")

@@ -120,6 +120,9 @@ def _fields(where: str, table: Mapping[str, Any], required: Iterable[str]) -> di
     if unknown:
         raise errors.UsageError(f"config {where}: unknown setting(s) {', '.join(sorted(unknown))} "
                                 f"(settings: {', '.join(required)})")
+    wrong = [k for k in required if k in table and not isinstance(table[k], str)]
+    if wrong:
+        raise errors.UsageError(f"config {where}.{wrong[0]}: expected a string, got {table[wrong[0]]!r}")
     missing = [k for k in required if not str(table.get(k, "")).strip()]
     if missing:
         raise errors.UsageError(f"config {where}: missing {', '.join(missing)}")

@@ -177,6 +177,7 @@ class DiskResult:
     note: str = ""
     new_serial: str | None = None   # restore: the disk the snapshot was restored to
     offline: bool = False           # backup: read while the domain was shut off, without a guest
+    bytes_stored: int = 0           # backup: what its new chunks take in the repository (compressed)
 
 
 OFFLINE_NOTE = "offline: read while the domain was shut off"  # what an offline backup's result says

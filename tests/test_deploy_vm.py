@@ -81,11 +81,13 @@ def test_deploy_md_runs_as_written_with_systemctl_played_by_the_test(workdir: Pa
            "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive",
            "HB_STANDIN_PIDS": str(workdir / "pids"), "HB_STANDIN_LOGS": str(workdir)}
     with lab_or_fail(workdir / "lab", name_prefix="") as lab:
-        web1 = lab.start_vm("web1", command=WEB1, persistent=True, channels=(), disks=[Disk(disk, "vda", "qcow2")])
+        web1 = lab.start_vm("web1", command=WEB1, persistent=True, channels=(),
+                            disks=[Disk(disk, "vda", "qcow2")])
         assert web1.wait_for_exit(timeout=120) == 0, web1.console_tail()
         try:
-            proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-euo", "pipefail",
-                                   "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+            proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-euo",
+                                   "pipefail", "-c", script], cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=1200)
         finally:
             stop_all(workdir / "pids")
         logs = "\n".join(p.read_text()[-2000:] for p in workdir.glob("hyperback-*.log"))

@@ -17,7 +17,7 @@ PACKAGES = ("host_agent", "guest_shim")
 LONG_MODULE = 650
 # What each wing may import of host_agent, besides itself and the shared ground (errors, model,
 # protobuf, hypervisor, config, inventory, and the generated _proto).
-GROUND = {"host_agent", "host_agent.errors", "host_agent.model", "host_agent.protobuf",
+GROUND = {"host_agent", "host_agent.errors", "host_agent.model", "host_agent.protobuf", "host_agent.notify",
           "host_agent.hypervisor", "host_agent.config", "host_agent.inventory", "host_agent._proto"}
 MAY_IMPORT = {
     "storage": set(),

@@ -35,6 +35,7 @@ from host_agent.agent.guests import Guests
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs
 from host_agent.agent.journal import Journal, Pending
+from host_agent.agent.metrics import AgentMetrics
 from host_agent.agent.operator import AgentParts, start_operator_server
 from host_agent.agent.planner import BatchPlanner
 from host_agent.agent.schedules import Clock, Scheduler
@@ -42,8 +43,9 @@ from host_agent.colocation import appliance
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.migration import clear_visit
 from host_agent.colocation.visits import Colocator
-from host_agent.config import AgentConfig, load
+from host_agent.config import AgentConfig, load, source, summary
 from host_agent.errors import HypervisorError
+from host_agent.notify import Notifier
 from host_agent.planning.chain import Planner, build_chain
 from host_agent.planning.service import OptimizerClient, ServerConfig, start_server
 from host_agent.storage import copier
@@ -76,7 +78,9 @@ class Agent:
                              self.driver)
         self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,
                                    self.guests, self.jobs, self.destinations, config.state_dir, clock)
+        self.metrics = AgentMetrics(self.jobs, self.guests, self.driver, self.executor)
         self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
+        self.serving = asyncio.Event()  # set once the first rescan served the running domains' channels
 
     @property
     def parts(self) -> AgentParts:
@@ -140,6 +144,7 @@ class Agent:
             await asyncio.to_thread(self.porter.recover)
         self.reconcile_appliances()
         await self.rescan()
+        self.serving.set()
         rescans = asyncio.create_task(self._rescan_every(RESCAN_SECONDS), name="rescan")
         schedules = asyncio.create_task(self.scheduler.run(), name="schedules")
         try:
@@ -183,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                "docs/exit-codes.md")
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML config file (default /etc/hyperback/agent.toml; absent is fine)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration (every key and its type), print one line saying "
+                             "what it sets up and exit: 0 if it is valid, 2 naming the file and the bad key")
     parser.add_argument("--with-optimizer", action="store_true",
                         help="also serve the optimizer, on the configured socket, in this process")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -190,8 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
-                started: Callable[[Agent], None] | None = None, clock: Clock | None = None) -> None:
-    """Run the agent (and, if asked, the optimizer) until ``stop`` is set."""
+                started: Callable[[Agent], None] | None = None, clock: Clock | None = None,
+                notifier: Notifier | None = None) -> None:
+    """Run the agent (and, if asked, the optimizer) until ``stop`` is set.  ``notifier`` tells
+    systemd: READY once the operator API listens and the first rescan served the running domains,
+    watchdog pings from this loop meanwhile, STOPPING when ``stop`` is set."""
+    notifier = notifier or Notifier()
+    pings = asyncio.create_task(notifier.keep_alive(), name="watchdog")
+    try:
+        await _serve(config, with_optimizer, stop, started, clock, notifier)
+    finally:
+        pings.cancel()
+        notifier.close()
+
+
+async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
+                 started: Callable[[Agent], None] | None, clock: Clock | None, notifier: Notifier) -> None:
+    notifier.status("starting: native self-test, libvirt, sockets")
     copier.selftest()  # a broken native build must stop the service, not corrupt backups
     hypervisor.register_event_loop()
     config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,20 +225,41 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     domains = Domains(config.libvirt_uri)
     client = OptimizerClient(config.optimizer, timeout=config.optimizer_timeout)
     agent = Agent(config, domains, client, clock)
+    if config.metrics_listen:
+        agent.metrics.serve(config.metrics_listen)
     op_server = await start_operator_server(agent.parts, config.operator_listen)
     runner = asyncio.create_task(agent.run())
     if started is not None:
         started(agent)
+    await _ready(agent, runner, stop, notifier)
     await stop.wait()
     log.info("stopping")
+    notifier.stopping()
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     await op_server.stop(2.0)
+    agent.metrics.close()
     if opt_server is not None:
         await opt_server.stop(2.0)
     await client.close()
     domains.close()
+
+
+async def _ready(agent: Agent, runner: asyncio.Task[None], stop: asyncio.Event, notifier: Notifier) -> None:
+    """Tell systemd the agent serves once its first rescan is done (not if it stopped before)."""
+    serving = asyncio.create_task(agent.serving.wait())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((serving, stopped, runner), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        serving.cancel()
+        stopped.cancel()
+    if agent.serving.is_set() and not stop.is_set():
+        served = len(agent.guests.served())
+        log.info("serving %d domain(s) on %s", served, agent.config.operator_listen)
+        metrics = f"; metrics on http://{agent.metrics.address}/metrics" if agent.metrics.address else ""
+        notifier.ready(f"serving {served} domain(s); operator API on {agent.config.operator_listen}{metrics}")
 
 
 @contextmanager
@@ -258,7 +302,7 @@ async def amain(config: AgentConfig, with_optimizer: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(config, with_optimizer, stop)
+    await serve(config, with_optimizer, stop, notifier=Notifier.from_env())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,7 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(amain(load(args.config), args.with_optimizer))
+        config = load(args.config)
+        if args.check_config:
+            path = source(args.config)
+            try:
+                build_chain(config.policies, config.policy_options)  # the policies named are installed
+            except errors.OptimizerConfigError as e:
+                raise errors.UsageError(f"config {path}: policies: {e}") from e
+            print(f"hyperback-agent: config {path if path.exists() else f'{path} (absent: defaults)'} "
+                  f"is valid: {summary(config)}")
+            return 0
+        asyncio.run(amain(config, args.with_optimizer))
     except errors.HyperbackError as e:
         print(f"hyperback-agent: error: {e}", file=sys.stderr)
         return e.exit_code

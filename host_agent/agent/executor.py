@@ -250,7 +250,7 @@ class Executor:
             disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
                                      snap.stats.seconds, detection,
                                      "; ".join(filter(None, [view.reason, *result.notes])),
-                                     offline=view.offline)
+                                     offline=view.offline, bytes_stored=snap.stats.bytes_stored)
             for i in unit.satisfies:
                 if i in outcomes:
                     outcomes[i].disks.append(disk_result)

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from guest_shim import protocol as p
 from host_agent.agent.channel import GuestChannel, Handler, State
@@ -96,6 +96,7 @@ class Guests:
         self.channels: dict[str, GuestChannel] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._quiesced: dict[str, bool] = {}  # job -> the guest asked to quiesce, and may still be
+        self.observers: list[Callable[[Outcome], None]] = []  # told of every answer (metrics)
 
     # ---------- channels ----------
 
@@ -190,6 +191,11 @@ class Guests:
         await self.jobs.move(instruction.id, final, outcome.error or done,
                              snapshot_ids=[d.snapshot for d in outcome.disks],
                              moved_bytes=outcome.moved_bytes, offline=outcome.offline)
+        for observe in self.observers:
+            try:
+                observe(outcome)
+            except Exception:  # an observer's bug (metrics) must never keep an answer from the guest
+                log.exception("observer %r failed on the answer to %s", observe, instruction.id)
         channel = self._guest_channel(instruction.id)
         if channel is None:
             return

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from host_agent.model import Instruction, WorkUnit
 from host_agent.storage.repository import CancelToken
+
+log = logging.getLogger(__name__)
 
 KEEP = 1000
 
@@ -77,9 +81,14 @@ class Job:
         return self.instruction.id
 
 
+Observer = Callable[[Job, "JobState | None"], None]
+"""Told of each job's change of state, with the state it left (None for a new job): metrics."""
+
+
 class Jobs:
     def __init__(self) -> None:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self.observers: list[Observer] = []
 
     def add(self, instruction: Instruction, origin: Origin, domain_name: str, schedule: str = "") -> Job:
         job = Job(instruction, origin, domain_name, schedule=schedule)
@@ -125,9 +134,16 @@ class Jobs:
             job.changed.notify_all()
 
     def _record(self, job: Job, state: JobState, message: str) -> None:
+        previous = job.state if job.events else None
         job.state, job.detail, job.updated_at = state, message, time.time()
         job.events.append(Event(len(job.events) + 1, job.updated_at, state, message, state.final,
                                 job.bytes_done, job.bytes_total))
+        if state is not previous:
+            for observe in self.observers:
+                try:
+                    observe(job, previous)
+                except Exception:  # an observer's bug (metrics) must never stop a job
+                    log.exception("observer %r failed on job %s", observe, job.id)
 
     def pending_for(self, domain_uuid: str) -> int:
         return sum(1 for j in self._jobs.values()

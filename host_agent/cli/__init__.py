@@ -27,12 +27,13 @@ from host_agent.cli import (
     restore_cmd,
     schedule_cmd,
     shim_cmd,
+    units_cmd,
     verify_cmd,
     vm_cmd,
 )
 
 COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, vm_cmd, job_cmd,
-            schedule_cmd, demo_cmd, shim_cmd)
+            schedule_cmd, units_cmd, demo_cmd, shim_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

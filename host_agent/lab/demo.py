@@ -56,7 +56,8 @@ subprocess.run(["umount", "/tmp/data"], check=True)
 def demo_config(work: Path) -> AgentConfig:
     return replace(AgentConfig(), state_dir=work / "state", run_dir=work / "run", interval=2.0,
                    optimizer=f"unix:{work}/run/optimizer.sock", operator_listen=f"unix:{work}/run/agent.sock",
-                   repositories={"default": work / "repo"}, restore_dir=work / "restores", send_load=False)
+                   repositories={"default": work / "repo"}, restore_dir=work / "restores", send_load=False,
+                   metrics_listen="127.0.0.1:0")
 
 
 def run(work: Path, say: Callable[[str], None]) -> int:

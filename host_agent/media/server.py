@@ -50,6 +50,7 @@ from host_agent.media.codec import (
 from host_agent.media.sessions import Session, Sessions
 from host_agent.media.uploads import Upload
 from host_agent.model import ChangeDetection, Policy
+from host_agent.notify import Notifier
 from host_agent.protobuf import policy_from_pb
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.files import write_atomic
@@ -409,12 +410,15 @@ def _start(repos: Mapping[str, Repository], address: str, host_name: str, lease:
 
 
 def serve(destinations: Mapping[str, Path], address: str, host_name: str, service_ip: ServiceAddress | None,
-          lease: float = DEFAULT_LEASE) -> None:
+          lease: float = DEFAULT_LEASE, notifier: Notifier | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully.
 
     With ``service_ip``, the address is claimed before the server binds (it may be the address it
-    listens on) and released after it stopped, whatever happened in between.
+    listens on) and released after it stopped, whatever happened in between. ``notifier`` tells
+    systemd once the server is started (its STATUS names the bound address), and this thread,
+    which only waits for the signal, pings the watchdog meanwhile.
     """
+    notifier = notifier or Notifier()
     repos = open_destinations(destinations)  # a bad --repo fails before the network is touched
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -424,10 +428,14 @@ def serve(destinations: Mapping[str, Path], address: str, host_name: str, servic
         try:
             server = _start(repos, address, host_name, lease)
             try:
-                stop.wait()
+                notifier.ready(f"serving {', '.join(sorted(repos))} on {server.address}")
+                while not stop.wait(notifier.watchdog_interval or None):
+                    notifier.watchdog()
                 log.info("stopping: %.0f s for calls in flight", GRACE)
+                notifier.stopping()
             finally:
                 server.stop()
+                notifier.close()
         finally:
             if service_ip is not None:
                 service_ip.release()
@@ -485,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.session_timeout > 0:
             raise errors.UsageError("--session-timeout must be above 0")
         service_ip = ServiceAddress.parse(args.service_ip, args.service_dev) if args.service_ip else None
-        serve(dict(args.repo), args.listen, args.host_name, service_ip, args.session_timeout)
+        serve(dict(args.repo), args.listen, args.host_name, service_ip, args.session_timeout,
+              Notifier.from_env())
         return 0
     except errors.HyperbackError as e:
         print(f"hyperback-media: error: {e}", file=sys.stderr)

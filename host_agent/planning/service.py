@@ -64,6 +64,7 @@ from host_agent.model import (
     Instruction,
     Plan,
 )
+from host_agent.notify import Notifier
 from host_agent.planning.chain import (
     DEFAULT_CHAIN,
     DEFAULT_MAX_BATCH,
@@ -281,18 +282,25 @@ async def start_server(config: ServerConfig, planner: Planner) -> OptimizerServe
     return OptimizerServer(server, health_servicer, address, config.grace)
 
 
-async def serve(config: ServerConfig, planner: Planner) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+async def serve(config: ServerConfig, planner: Planner, notifier: Notifier | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; tell systemd (``notifier``) when it
+    serves, ping its watchdog from this loop meanwhile, and say when it stops."""
+    notifier = notifier or Notifier()
     server = await start_server(config, planner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier.ready(f"serving on {server.address} with policies {planner.name}")
+    pings = asyncio.create_task(notifier.keep_alive(), name="watchdog")
     try:
         await stop.wait()
         log.info("stopping: %.1f s for calls in flight", config.grace)
+        notifier.stopping()
     finally:
+        pings.cancel()
         await server.stop()
+        notifier.close()
 
 
 # --------------------------------------------------------------------------- the client
@@ -433,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parsed = parse_args(argv)
         if parsed is None:
             return 0
-        asyncio.run(serve(*parsed))
+        asyncio.run(serve(*parsed, Notifier.from_env()))
         return 0
     except errors.HyperbackError as e:
         print(f"hyperback-optimizer: {e}", file=sys.stderr)
