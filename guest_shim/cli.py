@@ -36,13 +36,14 @@ No argparse Namespace leaves this module: options become frozen dataclasses here
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
@@ -418,9 +419,8 @@ def _serve(opts: ServeOptions, config: ShimConfig) -> int:
         if stops > 1:
             raise _Terminated()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.serve_forever()
+    with _handling_signals(on_signal, signal.SIGTERM, signal.SIGINT):
+        server.serve_forever()
     return EXIT_OK
 
 
@@ -439,6 +439,21 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
+@contextlib.contextmanager
+def _handling_signals(handler: Any, *signums: signal.Signals) -> Iterator[None]:
+    """Install ``handler`` for ``signums`` and put the previous handlers back on exit.
+
+    main() is also called in-process (by tools and tests): a handler left behind would outlive
+    the command, and a process forked later would run it, raising in code that never expected it.
+    """
+    previous = {sig: signal.signal(sig, handler) for sig in signums}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     common = Common()
@@ -450,10 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return e.code if isinstance(e.code, int) else EXIT_OK
         common, cmd, opts = _options(args)
         _setup_logging(common, cmd)
-        if cmd != "serve":
-            signal.signal(signal.SIGTERM, _on_sigterm)
         config = load_config(common.config)
-        return _run(common, cmd, opts, config)
+        if cmd == "serve":  # serve handles its own signals
+            return _run(common, cmd, opts, config)
+        with _handling_signals(_on_sigterm, signal.SIGTERM):
+            return _run(common, cmd, opts, config)
     except _UsageError as e:
         return _fail(common, EXIT_USAGE, str(e), "UsageError")
     except ShimError as e:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -121,7 +122,9 @@ def test_a_vm_wired_in_by_one_command_is_backed_up_nightly_offline_then_running_
             if night == 1:  # the VM is started after its first, offline, night
                 vm.start_again()
                 vm.wait_for_console("^FILLED", timeout=180)
+            started = time.monotonic()
             firing = next_night(agent, clock, local(2026, 12, 7 + night, 1, 0))
+            took = time.monotonic() - started
             (job_id,) = firing.jobs
             job = agent.call(lambda job_id=job_id: agent.agent.jobs.get(job_id))
             assert job is not None and job.state is JobState.SUCCEEDED, job and job.detail
@@ -136,7 +139,8 @@ def test_a_vm_wired_in_by_one_command_is_backed_up_nightly_offline_then_running_
                 assert sha256_of_image(restored, "raw", workdir / "a.raw") == \
                     sha256_of_image(disk, "qcow2", workdir / "b.raw")
             print(f"night {night + 1}: {'offline' if job.offline else 'running'}, {runs[-1].policy.value}, "
-                  f"{runs[-1].stats}, detection {runs[-1].change_detection.value}")
+                  f"fired to retention done in {took:.2f} s, {runs[-1].stats}, "
+                  f"detection {runs[-1].change_detection.value}")
     first, second, third = runs
     assert first.policy is Policy.FULL  # nothing to be incremental to yet
     assert second.policy is Policy.INCREMENTAL and second.parent == first.id

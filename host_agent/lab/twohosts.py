@@ -179,6 +179,12 @@ def _wait_lan0_gone(timeout: float = 5.0) -> None:
             time.sleep(0.05)
 
 
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise TwoHostsError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
 def netns_pids(name: str) -> list[int]:
     """The processes in network namespace ``name`` (iproute2: pyroute2 has no such call)."""
     r = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
@@ -330,17 +336,17 @@ class TwoHosts:
 
     def _make_lan(self) -> None:
         pyroute2 = _iproute()
-        pyroute2.netns.create(self.netns)
+        _ip("netns", "add", self.netns)
         with pyroute2.IPRoute() as ipr:
             ipr.link("add", ifname=LAN_A_IF, kind="veth", peer={"ifname": LAN_B_IF, "net_ns_fd": self.netns})
             idx = ipr.link_lookup(ifname=LAN_A_IF)[0]
             ipr.addr("add", index=idx, address=LAN_A_IP, prefixlen=LAN_PREFIX)
             ipr.link("set", index=idx, state="up")
-        with pyroute2.IPRoute(netns=self.netns) as ipr:
-            idx = ipr.link_lookup(ifname=LAN_B_IF)[0]
-            ipr.addr("add", index=idx, address=LAN_B_IP, prefixlen=LAN_PREFIX)
-            ipr.link("set", index=idx, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        # iproute2, not pyroute2's netns calls: those fork this (threaded) process to enter the
+        # namespace, and a fork that outlives its moment runs on as a copy of the caller inside B.
+        _ip("-n", self.netns, "addr", "add", f"{LAN_B_IP}/{LAN_PREFIX}", "dev", LAN_B_IF)
+        _ip("-n", self.netns, "link", "set", LAN_B_IF, "up")
+        _ip("-n", self.netns, "link", "set", "lo", "up")
 
     def _start_daemons(self) -> None:
         r = subprocess.run(
