@@ -77,6 +77,7 @@ run_dir = "{root}/run"
 restore_dir = "{root}/restores"
 optimizer = "unix:{root}/optimizer.sock"
 operator_listen = "{operator}"
+metrics_listen = "127.0.0.1:0"
 interval = 1.0
 send_load = false
 shutdown_timeout = 3

@@ -88,6 +88,7 @@ run_dir = "{workdir}/run"
 interval = {interval}
 optimizer = "unix:{workdir}/run/optimizer.sock"
 operator_listen = "unix:{workdir}/run/agent.sock"
+metrics_listen = "127.0.0.1:0"
 restore_dir = "{workdir}/restores"
 send_load = false
 [repositories]

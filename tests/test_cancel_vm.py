@@ -58,6 +58,7 @@ run_dir = "{workdir}/run"
 interval = 0.5
 optimizer = "unix:{workdir}/run/optimizer.sock"
 operator_listen = "unix:{workdir}/run/agent.sock"
+metrics_listen = "127.0.0.1:0"
 send_load = false
 [repositories]
 default = "{workdir}/repo"

@@ -18,6 +18,7 @@ from host_agent.colocation.migration import (
     VisitMarker,
     clear_visit,
     live_migratable,
+    live_migration_is_safe,
     mark_visit,
     needs_unsafe,
     visit_marker,
@@ -40,6 +41,13 @@ def test_host_devices_or_a_metadata_mark_make_a_domain_not_live_migratable() -> 
     assert not ok and "metadata" in why
     foreign = "<x:placement xmlns:x='https://example.com/other' live-migratable='no'/>"
     assert live_migratable(domain(metadata=foreign))[0]
+
+
+def test_a_tcg_guest_on_qemu_before_9_is_migrated_paused_a_kvm_guest_always_live() -> None:
+    tcg, kvm = domain(), domain().replace("type='qemu'", "type='kvm'")
+    assert live_migration_is_safe(tcg, 7_002_022) is False     # Debian 12's QEMU 7.2.22
+    assert live_migration_is_safe(tcg, 9_000_000) is True
+    assert live_migration_is_safe(kvm, 7_002_022) is True
 
 
 def test_the_visit_marker_names_the_origin_and_the_job() -> None:

@@ -140,6 +140,35 @@ default = "{tmp_path}/repo"
     print(f"agent: READY {ready_at - started:.2f} s after its start, {len(notify_socket.received)} datagrams")
 
 
+def test_a_taken_metrics_port_stops_the_agent_with_one_line_and_never_ready(
+        tmp_path: Path, notify_socket: NotifySocket) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    host, port = taken.getsockname()
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+libvirt_uri = "test:///default"
+state_dir = "{tmp_path}/state"
+run_dir = "{tmp_path}/run"
+optimizer = "unix:{tmp_path}/optimizer.sock"
+operator_listen = "unix:{tmp_path}/agent.sock"
+metrics_listen = "{host}:{port}"
+""")
+    try:
+        # the optimizer is already serving when the metrics port is found taken: it must be stopped
+        proc = start([str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer"],
+                     notify_socket, tmp_path / "agent.log")
+        assert proc.wait(PATIENCE) == 3
+    finally:
+        taken.close()
+    log = (tmp_path / "agent.log").read_text()
+    expected = f"hyperback-agent: error: cannot serve metrics on {host}:{port}: Address already in use"
+    assert log.strip().splitlines()[-1] == expected, log
+    assert "Traceback" not in log and "never awaited" not in log, log
+    assert not any("READY=1" in lines for lines in notify_socket.received)
+
+
 def test_the_optimizer_is_ready_once_it_serves(tmp_path: Path, notify_socket: NotifySocket) -> None:
     listen = f"unix:{tmp_path}/optimizer.sock"
     proc = start([str(BIN / "hyperback-optimizer"), "--listen", listen], notify_socket, tmp_path / "opt.log")

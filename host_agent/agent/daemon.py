@@ -218,32 +218,33 @@ async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     copier.selftest()  # a broken native build must stop the service, not corrupt backups
     hypervisor.register_event_loop()
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    opt_server = None
-    if with_optimizer:
-        planner = Planner(build_chain(config.policies, config.policy_options))
-        opt_server = await start_server(ServerConfig(listen=config.optimizer), planner)
-    domains = Domains(config.libvirt_uri)
-    client = OptimizerClient(config.optimizer, timeout=config.optimizer_timeout)
-    agent = Agent(config, domains, client, clock)
-    if config.metrics_listen:
-        agent.metrics.serve(config.metrics_listen)
-    op_server = await start_operator_server(agent.parts, config.operator_listen)
-    runner = asyncio.create_task(agent.run())
-    if started is not None:
-        started(agent)
-    await _ready(agent, runner, stop, notifier)
-    await stop.wait()
-    log.info("stopping")
-    notifier.stopping()
-    runner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runner
-    await op_server.stop(2.0)
-    agent.metrics.close()
-    if opt_server is not None:
-        await opt_server.stop(2.0)
-    await client.close()
-    domains.close()
+    # Whatever started is stopped in reverse order, also when a later step fails (a taken port):
+    # a gRPC server left to the garbage collector after the loop closed prints a traceback.
+    async with contextlib.AsyncExitStack() as started_parts:
+        if with_optimizer:
+            planner = Planner(build_chain(config.policies, config.policy_options))
+            opt_server = await start_server(ServerConfig(listen=config.optimizer), planner)
+            started_parts.push_async_callback(opt_server.stop, 2.0)
+        domains = Domains(config.libvirt_uri)
+        started_parts.callback(domains.close)
+        client = OptimizerClient(config.optimizer, timeout=config.optimizer_timeout)
+        started_parts.push_async_callback(client.close)
+        agent = Agent(config, domains, client, clock)
+        if config.metrics_listen:
+            agent.metrics.serve(config.metrics_listen)
+            started_parts.callback(agent.metrics.close)
+        op_server = await start_operator_server(agent.parts, config.operator_listen)
+        started_parts.push_async_callback(op_server.stop, 2.0)
+        runner = asyncio.create_task(agent.run())
+        if started is not None:
+            started(agent)
+        await _ready(agent, runner, stop, notifier)
+        await stop.wait()
+        log.info("stopping")
+        notifier.stopping()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
 
 async def _ready(agent: Agent, runner: asyncio.Task[None], stop: asyncio.Event, notifier: Notifier) -> None:

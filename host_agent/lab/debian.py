@@ -95,7 +95,7 @@ DOMAIN_XML = """\
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>root=/dev/vda rw console=ttyS0 panic=-1 8250.nr_uarts=1</cmdline>
+    <cmdline>root=/dev/vda rw console=ttyS0 panic=-1 8250.nr_uarts=1 no_timer_check</cmdline>
   </os>
   <features>
     <acpi/>

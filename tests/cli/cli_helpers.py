@@ -64,6 +64,7 @@ state_dir = "{root}/state"
 run_dir = "{root}/run"
 optimizer = "unix:{root}/optimizer.sock"
 operator_listen = "{address}"
+metrics_listen = "127.0.0.1:0"
 interval = 3600.0
 send_load = false
 [repositories]
