@@ -20,7 +20,8 @@ zeros; it is backed up once into a fresh repository under WORKDIR. Then, each ru
 - ``remote-null``: ``nbdcopy URI null:`` from an export of the same repository behind a media
   service on 127.0.0.1 (``ReadChunks``; the protocol's cost, not a network's).
 
-MB/s is the image's size (holes included, as a restore counts it) over the seconds.
+MB/s is the image's size (holes included, as a restore counts it) over the seconds. ``start-local``
+and ``start-remote`` are the seconds from nothing to an export that answers NBD.
 """
 from __future__ import annotations
 
@@ -92,8 +93,18 @@ def exported(repo: Exportable, snap_id: str, run_dir: Path) -> Iterator[Snapshot
         yield export
 
 
+def start_seconds(repo: Exportable, snap_id: str, run_dir: Path) -> float:
+    """From nothing to an export that answers NBD (nbdkit started, index and tree loaded)."""
+    started = time.monotonic()
+    with exported(repo, snap_id, run_dir):
+        return round(time.monotonic() - started, 3)
+
+
 def one_run(repo: Repository, remote: RemoteRepository, snap_id: str, size: int, work: Path) -> list[Result]:
     out: list[Result] = []
+    for mode, source in (("start-local", repo), ("start-remote", remote)):
+        seconds = start_seconds(source, snap_id, work / "run")
+        out.append(Result(mode, seconds, 0.0))
     restored = work / "restored.img"
     restored.unlink(missing_ok=True)
     out.append(timed("restore", size, lambda: subprocess.run(
