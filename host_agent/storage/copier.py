@@ -45,6 +45,7 @@ CHUNK_ZERO = lib.HB_CHUNK_ZERO
 CHUNK_KEPT = lib.HB_CHUNK_KEPT
 
 _T = TypeVar("_T")
+_UNCLEARED = ffi.new_allocator(should_clear_after_alloc=False)
 
 _WHERE = {
     lib.HB_AT_SOURCE: "reading the source",
@@ -323,7 +324,7 @@ class NativeRepository:
         n = len(ids) // ID_LEN
         cs = self.chunk_size
         length = min(n * cs, size - first_chunk * cs)
-        out = ffi.new("uint8_t[]", max(length, 1))
+        out = _UNCLEARED("uint8_t[]", max(length, 1))  # every byte is written or the call fails
         err = ffi.new("hb_error *")
         _check(lib.hb_read_segment(self._h, first_chunk, size, n, ids, out, length, threads, Progress()._p,
                                    err), err, f"chunks {first_chunk}-{first_chunk + n - 1}")

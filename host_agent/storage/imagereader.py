@@ -163,6 +163,7 @@ class ImageReader:
         self.chunk_size = self.snapshot.chunk_size
         self.cache = ChunkCache(cache_bytes)
         self._leaves = _LeafCache(source)
+        self._zeros = memoryview(bytes(self.chunk_size))  # what a zero chunk reads as
 
     def close(self) -> None:
         self.source.close()
@@ -189,12 +190,19 @@ class ImageReader:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
     def read(self, offset: int, length: int) -> bytearray:
-        """The image's bytes [offset, offset + length). Raises IntegrityError (or the source's error)
-        if a chunk in the range cannot be read; chunks outside it are never touched."""
+        """The image's bytes [offset, offset + length)."""
+        out = bytearray(length)
+        self.read_into(out, offset)
+        return out
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Fill ``buf`` with the image's bytes from ``offset`` on (nbdkit's buffer: no copy between).
+        Raises IntegrityError (or the source's error) if a chunk in the range cannot be read; chunks
+        outside it are never touched."""
+        length = len(buf)
         first, count = self._span(offset, length)
-        out = bytearray(length)  # zeros: holes need no work
         if not count:
-            return out
+            return
         ids = self.ids(first, count)
         found: dict[int, bytes] = {}
         missing: list[int] = []
@@ -208,11 +216,13 @@ class ImageReader:
                 found[n] = data
         if missing:
             self._fetch(first, ids, missing, found)
-        for n, data in found.items():
+        view = memoryview(buf)
+        for n in range(count):
             start = (first + n) * self.chunk_size
-            lo, hi = max(offset, start), min(offset + length, start + len(data))
-            out[lo - offset:hi - offset] = data[lo - start:hi - start]
-        return out
+            lo, hi = max(offset, start), min(offset + length, start + self.chunk_size, self.size)
+            data = found.get(n)
+            view[lo - offset:hi - offset] = self._zeros[:hi - lo] if data is None else \
+                memoryview(data)[lo - start:hi - start]
 
     def _fetch(self, first: int, ids: list[bytes], missing: list[int], found: dict[int, bytes]) -> None:
         """Read the missing chunks, one span from the first to the last (a remote source answers a
