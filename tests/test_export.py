@@ -119,6 +119,20 @@ def test_nbdcopy_and_qemu_img_read_the_bytes_a_restore_writes(
     assert sha256_file(tmp_path / "qemu.img") == want
 
 
+def test_an_odd_sized_image_in_a_three_level_tree_reads_as_its_restore(
+        small_repo: Repository, tmp_path: Path) -> None:
+    # 4 KiB chunks: 17 MiB is 4352 chunks, 68 leaves, so the map has three levels; the last chunk is short
+    image = mixed_image(tmp_path / "odd.img", size=17 * MIB + 1234, seed=9)
+    snap = small_repo.backup(image, "vm2/vda").snapshot
+    assert snap.tree.height == 3
+    with SnapshotExport(small_repo, snap.id, tmp_path / "run") as export:
+        assert export.size == 17 * MIB + 1234
+        subprocess.run(["nbdcopy", export.uri, str(tmp_path / "copy.img")], check=True, timeout=120)
+        tail = nbd_read(export.uri, export.size - 5000, 5000)
+    assert sha256_file(tmp_path / "copy.img") == sha256_file(image)
+    assert tail.stdout == sha256_range(image, 17 * MIB + 1234 - 5000, 5000)
+
+
 def test_zero_chunks_are_reported_as_holes_and_the_rest_as_data(export: SnapshotExport, image: Path) -> None:
     zeros = zero_chunks(image)
     assert 0 < len(zeros) < SIZE // DEFAULT_CHUNK_SIZE
@@ -291,3 +305,19 @@ def test_the_servers_reader_of_a_snapshot_closes_when_idle_and_its_lock_goes(
     readers.sweep(now=time.monotonic() + reads.IDLE)
     assert len(readers) == 0
     assert repo.locks() == []
+
+
+def test_block_status_of_a_large_disk_answers_in_parts_that_cover_it(
+        repo: Repository, tmp_path: Path) -> None:
+    # 8 GiB, nearly all holes: nbdinfo asks about the whole disk and gets it in parts
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 30)
+        f.seek(5 << 30)
+        f.write(os.urandom(MIB))
+    snap = repo.backup(image, "vm3/vda").snapshot
+    with SnapshotExport(repo, snap.id, tmp_path / "run") as export:
+        extents = nbd_map(export.uri)
+    data = [(int(e["offset"]), int(e["length"])) for e in extents if e["type"] == 0]
+    assert data == [(5 << 30, MIB)]
+    assert sum(int(e["length"]) for e in extents) == 8 << 30

@@ -27,6 +27,7 @@ from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.maptree import FANOUT, TreeReader
 from host_agent.storage.snapshot import Snapshot
 
+EXTENT_CHUNKS = 64 * 64  # most chunks one block-status answer covers (64 leaves)
 LEAVES_CACHED = 4096  # leaf pages kept (2 KiB each): the ids of 8 GiB of image at 32 KiB chunks
 
 
@@ -294,7 +295,11 @@ class ImageReader:
             found[n] = data
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        """Data and holes covering [offset, offset + length), adjacent runs of one kind merged."""
+        """Data and holes from ``offset`` on, adjacent runs of one kind merged: up to ``length`` bytes,
+        or ``EXTENT_CHUNKS`` chunks if fewer (a client asking about a whole large disk gets the start
+        and asks again from where the answer ends, as NBD allows)."""
+        self._span(offset, length)
+        length = min(length, (offset // self.chunk_size + EXTENT_CHUNKS) * self.chunk_size - offset)
         first, count = self._span(offset, length)
         out: list[Extent] = []
         end = offset + length
