@@ -22,8 +22,9 @@ from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent.media import codec, reads
 from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
-from host_agent.storage.copier import BLOB_DATA
+from host_agent.storage.copier import BLOB_DATA, BLOB_TREE
 from host_agent.storage.export import SnapshotExport
+from host_agent.storage.maptree import FANOUT, TreeReader
 from host_agent.storage.packfile import RECORD_HEADER, read_index
 from host_agent.storage.repository import DEFAULT_CHUNK_SIZE, Repository
 from host_agent.storage.snapshot import Snapshot
@@ -321,3 +322,20 @@ def test_block_status_of_a_large_disk_answers_in_parts_that_cover_it(
     data = [(int(e["offset"]), int(e["length"])) for e in extents if e["type"] == 0]
     assert data == [(5 << 30, MIB)]
     assert sum(int(e["length"]) for e in extents) == 8 << 30
+
+
+def test_a_damaged_leaf_of_the_map_fails_only_the_reads_it_maps(
+        repo: Repository, snapshot: Snapshot, image: Path, tmp_path: Path) -> None:
+    with repo.session("test", writer=False) as native:
+        leaf_ids = list(TreeReader(native, snapshot.tree).leaf_ids())
+    (name, entry), = [(n, e) for n in repo.pack_names() for e in read_index(repo.path / "index" / n)
+                      if e.id == leaf_ids[3] and e.type == BLOB_TREE]
+    flip_bit(pack_path(repo, name), entry.offset + RECORD_HEADER.size + entry.stored_len // 2)
+    leaf_bytes = FANOUT * DEFAULT_CHUNK_SIZE  # 2 MiB of image per leaf
+
+    with SnapshotExport(repo, snapshot.id, tmp_path / "run") as export:
+        assert nbd_read(export.uri, 3 * leaf_bytes + 4096, 4096).returncode != 0
+        for offset in (2 * leaf_bytes, 4 * leaf_bytes):
+            read = nbd_read(export.uri, offset, leaf_bytes)
+            assert read.returncode == 0, read.stderr
+            assert read.stdout == sha256_range(image, offset, leaf_bytes)
