@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -352,3 +353,9 @@ def test_publication_refuses_a_malformed_pack_name_or_entries(tmp_path: Path) ->
     with pytest.raises(ValueError, match="52 bytes each"):
         copier.publish_index(tmp_path, os.urandom(16).hex(), bytes(51))
     assert os.listdir(tmp_path / "index") == [] and os.listdir(tmp_path / "tmp") == []
+
+
+def test_the_self_test_knows_every_native_call_this_module_makes() -> None:
+    # so a stale build is named as such at the agent's start instead of failing mid-backup
+    source = Path(copier.__file__).read_text()
+    assert set(re.findall(r"lib\.(hb_[a-z_]+)", source)) == set(copier.NATIVE_CALLS)

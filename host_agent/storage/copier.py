@@ -27,6 +27,14 @@ from host_agent import errors
 from host_agent.storage import packfile
 from host_agent.storage._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
 
+# every hb_ call this module makes (the self-test checks the build has them all)
+NATIVE_CALLS = (
+    "hb_backup_segment", "hb_flush", "hb_hash", "hb_index_contains", "hb_index_count", "hb_index_encode",
+    "hb_index_load", "hb_index_reserve", "hb_publish_index", "hb_publish_pack", "hb_read_blob",
+    "hb_read_segment", "hb_repo_close", "hb_repo_open", "hb_restore_segment", "hb_store_blob",
+    "hb_verify_index",
+)
+
 ID_LEN: int = lib.HB_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 PACK_ID_LEN: int = lib.HB_PACK_ID_LEN
@@ -361,6 +369,7 @@ def selftest() -> None:
     must be the source's, and so must those hb_read_segment reads into memory. It takes
     milliseconds; the scratch directory goes in every case.
     """
+    _check_build_is_current()
     sample = bytes(range(256)) * 257
     if sha256(sample) != hashlib.sha256(sample).digest():
         raise errors.HyperbackError("native self-test failed: SHA-256 disagrees with hashlib")
@@ -369,6 +378,15 @@ def selftest() -> None:
             _round_trip(Path(scratch))
     except OSError as e:
         raise errors.EnvironmentProblem(f"the native self-test cannot use a scratch directory: {e}") from e
+
+
+def _check_build_is_current() -> None:
+    # a checkout updated without rebuilding: say so, not AttributeError from deep in a backup
+    missing = [name for name in NATIVE_CALLS if not hasattr(lib, name)]
+    if missing:
+        raise errors.EnvironmentProblem(
+            f"the native copier was built from older sources (it lacks {', '.join(missing)}): rebuild it "
+            f"with 'pip install -e .' (or 'bash .ci/setup')")
 
 
 def _disagree(what: str) -> errors.HyperbackError:
