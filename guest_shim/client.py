@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .checks import Checker
 from .config import ShimConfig, load_config
 from .errors import (
     Failed,
@@ -53,6 +54,8 @@ from .protocol import (
     LATEST,
     Accepted,
     Backup,
+    Check,
+    Checked,
     Direction,
     DiskOutcome,
     ErrorCode,
@@ -371,6 +374,9 @@ class Client:
                     )
                 else:
                     self._send(self._freezer.handle(item), deadline)
+                continue
+            if isinstance(item, Check):  # alive, yes; commands are run by serve alone
+                self._send(Checker().handle(item) or Checked(item.id, True), deadline)
                 continue
             return item
 
