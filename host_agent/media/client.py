@@ -23,6 +23,7 @@ that everything it names is there, and writes it. The spool is removed in every 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -68,6 +69,7 @@ from host_agent.storage.repository import (
     Repository,
 )
 from host_agent.storage.snapshot import BackupResult, RestoreResult, Snapshot
+from host_agent.storage.verification import Verification, console_tail
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,20 @@ class RemoteRepository:
             self.count(received=sum(len(d) for d in page.documents))
             out.extend(parse_snapshot(d) for d in page.documents)
         return out
+
+    def record_verification(self, record: Verification, console: bytes) -> None:
+        """Keep a boot verification record on the snapshot (the console's end goes with it)."""
+        tail = console_tail(console)
+        self.unary(self.stub.RecordVerification, pb.RecordVerificationRequest(
+            destination=self.destination, document=json.dumps(record.to_json()), console=tail))
+        self.count(sent=len(tail))
+
+    def verifications(self) -> dict[str, Verification]:
+        """The latest verification of every snapshot that has one, by snapshot id."""
+        found = self.unary(self.stub.ListVerifications,
+                           pb.ListVerificationsRequest(destination=self.destination))
+        records = [Verification.from_json(json.loads(d)) for d in found.documents]
+        return {r.snapshot: r for r in records}
 
     def resolve(self, spec: str) -> Snapshot:
         """A snapshot by id, unique id prefix (4+ characters) or ``NAME@latest``."""
