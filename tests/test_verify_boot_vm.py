@@ -22,11 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_harness import agent_config_for, running_agent
 from cli_helpers import run
 from conftest import lab_or_fail
 
 from host_agent.agent.bootverify import SANDBOX_PREFIX
 from host_agent.cli import shim_cmd
+from host_agent.config import Schedule
 from host_agent.lab import Lab, debian
 from host_agent.storage.repository import Repository
 
@@ -152,3 +154,26 @@ def test_a_snapshot_whose_root_file_system_was_damaged_is_marked_failed_with_rea
     assert leftovers(lab, work) == []
     print(f"\nverify-boot failed in {record['seconds']} s: {reason}")
 
+
+
+def test_a_verify_schedule_boots_the_latest_snapshot_while_the_agent_serves_its_domains(
+        lab: Lab, guest: tuple[str, Path], workdir: Path) -> None:
+    """The agent fires a verify schedule: the sandbox's channel is the verifier's, not the agent's
+    (else the shim's answer would never reach the verifier), and the domain's boot check runs."""
+    domain_uuid, disk = guest
+    work = workdir / "work-scheduled"
+    schedule = Schedule("proof", "0 5 * * 0", domains=(domain_uuid,), kind="verify")
+    config = agent_config_for(workdir / "agent", schedules=(schedule,), verify_dir=work, boot_timeout=240.0,
+                              boot_checks={domain_uuid: tuple(HEALTH.split())})
+    repo = Repository.open(config.repositories["default"])
+    older = repo.backup(disk, f"{domain_uuid}/{SERIAL}").snapshot
+    latest = repo.backup(disk, f"{domain_uuid}/{SERIAL}").snapshot
+    with running_agent(config) as running:
+        scheduler = running.agent.scheduler
+        firing = running.run(scheduler.run_now("proof"))
+        running.run(scheduler.drain())
+    assert firing.skipped == [] and len(firing.verified) == 1, firing
+    assert f"snapshot {latest.id} passed" in firing.verified[0], firing.verified
+    records = repo.verifications()
+    assert older.id not in records and records[latest.id].check is not None
+    assert leftovers(lab, work) == []
