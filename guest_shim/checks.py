@@ -23,6 +23,7 @@ from .protocol import (
     Checked,
     ErrorCode,
     ErrorMessage,
+    Message,
     clean_text,
 )
 
@@ -40,7 +41,7 @@ class Checker:
         self.allowed = {tuple(c) for c in allowed}
         self.notify = notify
         self._lock = threading.Lock()
-        self._notices: list[Checked] = []
+        self._notices: list[Message] = []
         self._running = False
 
     def handle(self, msg: Check) -> Checked | ErrorMessage | None:
@@ -63,7 +64,7 @@ class Checker:
         threading.Thread(target=self._run, args=(msg,), name="check", daemon=True).start()
         return None
 
-    def take_notices(self) -> list[Checked]:
+    def take_notices(self) -> list[Message]:
         with self._lock:
             notices, self._notices = self._notices, []
             return notices

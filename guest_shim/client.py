@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .checks import Checker
 from .config import ShimConfig, load_config
 from .errors import (
     Failed,
@@ -54,8 +53,6 @@ from .protocol import (
     LATEST,
     Accepted,
     Backup,
-    Check,
-    Checked,
     Direction,
     DiskOutcome,
     ErrorCode,
@@ -374,9 +371,6 @@ class Client:
                     )
                 else:
                     self._send(self._freezer.handle(item), deadline)
-                continue
-            if isinstance(item, Check):  # alive, yes; commands are run by serve alone
-                self._send(Checker().handle(item) or Checked(item.id, True), deadline)
                 continue
             return item
 

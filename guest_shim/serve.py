@@ -9,8 +9,7 @@ A virtio-serial port has one opener, so one process holds it and multiplexes:
   lifetime, and never equal to an id of an earlier ``serve``), routing the host's replies back
   with the application's id.  Unsolicited ``progress``/``result`` go to the application whose
   request started the job.  Unknown ids are logged and dropped.
-* It answers the host's ``freeze``/``thaw`` itself (:class:`guest_shim.freeze.Freezer`), and its
-  ``check`` (:class:`guest_shim.checks.Checker`: a command runs only if ``check_commands`` allows it).
+* It answers the host's ``freeze``/``thaw`` and ``check`` itself (``freeze.Freezer``, ``checks.Checker``).
 * The port goes through the states of :class:`PortState`.  When the host goes away, every
   outstanding request is answered ``not-connected``, file systems are thawed, and once the host
   is back the port is resynchronised (0xFF + sync, discard until the matching ack).
@@ -244,8 +243,7 @@ class Server:
             pass
 
     def _deliver_notices(self) -> None:
-        notices: list[Message] = [*self.freezer.take_notices(), *self.checker.take_notices()]
-        for notice in notices:
+        for notice in [*self.freezer.take_notices(), *self.checker.take_notices()]:
             if self.state is PortState.READY:
                 self._port_send(notice)
             else:
@@ -410,8 +408,7 @@ class Server:
         if isinstance(item, (Freeze, Thaw)):
             self._port_send(self.freezer.handle(item))
         elif isinstance(item, Check):
-            answer = self.checker.handle(item)
-            if answer is not None:  # else a command runs; its reply comes as a notice
+            if (answer := self.checker.handle(item)) is not None:  # else a command runs: a notice follows
                 self._port_send(answer)
         elif isinstance(item, Accepted):
             route = self._routes.get(str(item.id))
