@@ -117,9 +117,10 @@ def current_definition(conn: Guarded, domain: str) -> str:
 def spec_for(snapshot: Snapshot, definition: str, check_command: tuple[str, ...] | None = None,
              boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> BootSpec:
     _, serial = split_name(snapshot)
-    if boot_disk_serial(definition) != serial:
+    boots_from = boot_disk_serial(definition)
+    if boots_from not in (None, serial):
         log.warning("snapshot %s is of disk %s, not of the disk the VM boots from (%s): booting from it "
-                    "anyway", snapshot.id, serial, boot_disk_serial(definition))
+                    "anyway", snapshot.id, serial, boots_from)
     return BootSpec(definition, serial, check_command, boot_timeout)
 
 
