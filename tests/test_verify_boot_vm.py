@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import pytest
 from agent_harness import agent_config_for, running_agent
-from cli_helpers import run
 from conftest import lab_or_fail
 
 from host_agent.agent.bootverify import SANDBOX_PREFIX
@@ -90,6 +90,14 @@ def guest(lab: Lab, workdir: Path) -> Iterator[tuple[str, Path]]:
         yield domain_uuid, disk
     finally:
         dom.undefine()
+
+
+def run(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The real ``hyperback`` command, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "host_agent.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=900)
+    assert not check or proc.returncode == 0, proc.stderr
+    return proc
 
 
 def leftovers(lab: Lab, work: Path) -> list[str]:
