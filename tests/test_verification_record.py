@@ -1,4 +1,4 @@
-"""Boot verification records (docs/repository-format.md, 5.3): kept beside the snapshot, the
+"""Boot verification records (docs/repository-format.md, 5.4): kept beside the snapshot, the
 latest one wins, the console's end is kept, old repositories read as never verified, forgetting a
 snapshot forgets its record, and a damaged record is ignored, not fatal."""
 from __future__ import annotations

@@ -15,7 +15,7 @@ One verification, start to end (:func:`verify_boot`):
    stopping (power off, reboot, crash), a kernel panic on the console, or no answer within the
    boot timeout fail it.
 5. The verdict, its reason and the console's end are recorded on the snapshot in its repository
-   (docs/repository-format.md, 5.3).  Domain, overlay, export and the run folder are removed
+   (docs/repository-format.md, 5.4).  Domain, overlay, export and the run folder are removed
    whatever happened.
 
 A sandbox that cannot be set up (nbdkit missing, libvirt refusing the definition) raises

@@ -62,7 +62,7 @@ PACK_TARGET = 64 * 1024 * 1024
 SEGMENT_LEAVES = 1024
 REPACK_THRESHOLD = 0.25  # garbage collection rewrites a pack once this fraction of it is garbage
 PACK_NAME = re.compile(r"[0-9a-f]{32}")
-VERIFICATIONS = "verifications"  # boot verification records (format section 5.3); absent in old repositories
+VERIFICATIONS = "verifications"  # boot verification records (format section 5.4); absent in old repositories
 
 ProgressFn = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) a few times a second during long work."""
@@ -314,7 +314,7 @@ class Repository:
         fsync_dir(self._dir("snapshots"))
         self._forget_verifications(snapshot_ids)
 
-    # ---------- boot verification records (docs/repository-format.md, 5.3) ----------
+    # ---------- boot verification records (docs/repository-format.md, 5.4) ----------
 
     def record_verification(self, record: Verification, console: bytes) -> None:
         """Keep ``record`` as the snapshot's latest verification, with the end of its console text:

@@ -1,4 +1,4 @@
-"""A snapshot's boot verification record (docs/repository-format.md, section 5.3): whether a VM
+"""A snapshot's boot verification record (docs/repository-format.md, section 5.4): whether a VM
 booted from it answered, why not, and the console text it printed.
 
 The snapshot document is the commit record of a backup and is never rewritten, so the verdict
