@@ -59,6 +59,11 @@ ANSWER_TIMEOUT = 30.0         # seconds the shim has to answer "are you there" o
 # console lines after which a boot cannot succeed: fail at once rather than at the timeout
 FATAL_CONSOLE = re.compile(r"Kernel panic - not syncing[^\n]*")
 SANDBOX_PREFIX = "hb-verify-"
+CONSOLE_LOOKBACK = 16384  # bytes of the console's end searched for the lines a reason quotes
+# console lines that say why a boot failed (kernel, initramfs, systemd)
+TELLING = re.compile(r"kernel panic|gave up|alert!|does not exist|cannot|can't|unable to|failed to|"
+                     r"not syncing|emergency mode|no such file|i/o error|corrupt", re.IGNORECASE)
+TIMESTAMP = re.compile(r"^\[\s*\d+\.\d+\]\s*")
 
 
 class VerifiableRepository(Protocol):
@@ -247,13 +252,13 @@ async def _wait_for_hello(domain: Any, channel: GuestChannel, paths: SandboxPath
     while not channel.greeted.is_set():
         panic = FATAL_CONSOLE.search(_read(paths.console).decode("utf-8", "replace"))
         if panic:
-            return f"{panic.group(0).strip()} ({_elapsed(started)}); console ends: {_console_end(paths)}"
+            return f"{panic.group(0).strip()} ({_elapsed(started)}); console: {_console_end(paths)}"
         if not await asyncio.to_thread(_active, domain):
             return (f"the VM stopped before its shim answered (powered off, rebooted or crashed; "
-                    f"{_elapsed(started)}); console ends: {_console_end(paths)}")
+                    f"{_elapsed(started)}); console: {_console_end(paths)}")
         left = deadline - time.monotonic()
         if left <= 0:
-            return f"no answer from the shim within {timeout:g} s; console ends: {_console_end(paths)}"
+            return f"no answer from the shim within {timeout:g} s; console: {_console_end(paths)}"
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(channel.greeted.wait(), min(1.0, left))
     return None
@@ -294,9 +299,13 @@ def _read(path: Path) -> bytes:
 
 
 def _console_end(paths: SandboxPaths, lines: int = 3) -> str:
-    text = _read(paths.console)[-4096:].decode("utf-8", "replace")
-    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(kept) or "(nothing)"
+    """What the console says about the failure: its last lines that name one (a kernel or an
+    initramfs giving up), else simply its last lines; kernel time stamps left out."""
+    text = _read(paths.console)[-CONSOLE_LOOKBACK:].decode("utf-8", "replace")
+    seen = [TIMESTAMP.sub("", line).strip() for line in text.splitlines()]
+    seen = [line for line in seen if line]
+    telling = [line for line in seen if TELLING.search(line)]
+    return " | ".join((telling or seen)[-lines:]) or "(nothing)"
 
 
 def _elapsed(started: float) -> str:
