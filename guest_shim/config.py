@@ -15,6 +15,9 @@ sections and keys (typos must not pass silently)::
     job_timeout = 86400                 # seconds a backup/restore call waits for its result
     status_interval = 30                # seconds of silence before asking the host for status
     fsfreeze_hook_dir = /etc/hyperback/fsfreeze-hook.d   # hooks run with freeze/thaw; empty: none
+    check_commands =                    # commands the host may run as health checks (boot
+                                        # verification), one a line, exactly as the host asks;
+                                        # empty: none (the host only learns the shim answers)
 
     [defaults]
     targets = all                       # or serials separated by spaces or commas
@@ -28,12 +31,13 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ProtocolError
 from .port import DEFAULT_PORT_NAME, UNIX_PREFIX
-from .protocol import ALL, Policy, check_destination, check_serial
+from .protocol import ALL, Check, Policy, check_destination, check_serial
 
 DEFAULT_CONFIG_PATH = "/etc/hyperback/shim.conf"
 CONFIG_ENV = "HYPERBACK_SHIM_CONFIG"
@@ -67,6 +71,7 @@ class ShimConfig:
     status_interval: float = 30.0
     sysfs: str = "/sys"  # where /sys/block is looked up (tests point it at a fake tree)
     fsfreeze_hook_dir: str | None = DEFAULT_HOOK_DIR  # None: no hooks (guest_shim.hooks)
+    check_commands: tuple[tuple[str, ...], ...] = ()  # argv the host may run (guest_shim.checks)
     defaults: Defaults = field(default_factory=Defaults)
     source: str | None = None  # the file this came from, for messages
 
@@ -83,6 +88,7 @@ _SHIM_KEYS = {
     "status_interval",
     "sysfs",
     "fsfreeze_hook_dir",
+    "check_commands",
 }
 _DEFAULTS_KEYS = {"targets", "destination", "policy", "quiesce"}
 
@@ -150,6 +156,8 @@ def parse_config(text: str, source: str = "<string>") -> ShimConfig:
         hook_dir = shim["fsfreeze_hook_dir"].strip()
         where_hooks = where("fsfreeze_hook_dir")
         kwargs["fsfreeze_hook_dir"] = _check_abs_path(hook_dir, where_hooks) if hook_dir else None
+    if "check_commands" in shim:
+        kwargs["check_commands"] = parse_check_commands(shim["check_commands"], where("check_commands"))
     if "sysfs" in shim:
         kwargs["sysfs"] = _check_abs_path(shim["sysfs"], where("sysfs"))
     for key, low, high in (
@@ -188,6 +196,24 @@ def _parse_defaults(values: Mapping[str, str], source: str) -> Defaults:
             raise ConfigError(f"{where('quiesce')}: {word!r} is not yes/no")
         quiesce = configparser.ConfigParser.BOOLEAN_STATES[word]
     return Defaults(targets, destination, policy, quiesce)
+
+
+def parse_check_commands(text: str, where: str = "check_commands") -> tuple[tuple[str, ...], ...]:
+    """One command a line, split as a POSIX shell would split its words (no shell runs it)."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            words = tuple(shlex.split(line))
+        except ValueError as e:
+            raise ConfigError(f"{where}: {line.strip()!r}: {e}") from e
+        try:
+            Check("c", 1.0, words)
+        except ProtocolError as e:
+            raise ConfigError(f"{where}: {line.strip()!r} cannot be asked for: {e.message}") from e
+        out.append(words)
+    return tuple(out)
 
 
 def parse_targets(text: str, where: str = "targets") -> str | tuple[str, ...]:

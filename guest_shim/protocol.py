@@ -55,6 +55,8 @@ __all__ = [
     "Accepted",
     "Backup",
     "ChangeDetection",
+    "Check",
+    "Checked",
     "Direction",
     "DiskOutcome",
     "ErrorCode",
@@ -115,6 +117,9 @@ MAX_FILESYSTEMS = 64  # entries in frozen/thawed lists
 MAX_SNAPSHOTS = 256  # entries in a snapshots reply
 MAX_SECONDS = 1e7
 MAX_FREEZE_TIMEOUT = 600.0
+MAX_CHECK_TIMEOUT = 600.0  # seconds a check command may run
+MAX_CHECK_ARGS = 32  # words of a check command
+MAX_CHECK_OUTPUT = 4096  # characters of a check command's output in ``checked``
 
 _ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _SERIAL_RE = re.compile(r"[A-Za-z0-9._+:-]{1,64}")
@@ -886,6 +891,59 @@ class Thaw(_Message):
         check_job_id(self.job)
 
 
+@dataclass(frozen=True)
+class Check(_Message):
+    """host -> guest: are you there (no ``command``), or run this check command (argv, no shell)
+    for at most ``timeout`` seconds, if this guest allows it (its ``check_commands``)."""
+
+    TYPE: ClassVar[str] = "check"
+    DIRECTION: ClassVar[Direction] = Direction.TO_GUEST
+    IS_REQUEST: ClassVar[bool] = True
+
+    id: RequestId
+    timeout: float
+    command: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_request_id(self.id)
+        _set(self, "timeout", _check_seconds(self.timeout, "timeout", high=MAX_CHECK_TIMEOUT, positive=True))
+        if self.command is not None:
+            _set(
+                self,
+                "command",
+                _check_array(
+                    self.command,
+                    "command",
+                    lambda v, w: _check_text(v, w, MAX_TEXT, 1),
+                    max_len=MAX_CHECK_ARGS,
+                    min_len=1,
+                ),
+            )
+
+
+@dataclass(frozen=True)
+class Checked(_Message):
+    """guest -> host: reply to ``check``.  ``exit`` is the command's exit status (None: no command
+    ran, or it was killed at its timeout); ``output`` the end of what it printed."""
+
+    TYPE: ClassVar[str] = "checked"
+    DIRECTION: ClassVar[Direction] = Direction.TO_HOST
+
+    id: RequestId
+    ok: bool
+    exit: int | None = None
+    output: str = ""
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_request_id(self.id)
+        _check_bool(self.ok, "ok")
+        if self.exit is not None and (not _is_int(self.exit) or not -255 <= self.exit <= 255):
+            raise _bad("exit", "must be an integer from -255 to 255")
+        _check_text(self.output, "output", MAX_CHECK_OUTPUT)
+        _set(self, "seconds", _check_seconds(self.seconds, "seconds"))
+
+
 Message = Union[  # noqa: UP007 (a runtime alias: Python 3.9 has no X | Y)
     Sync,
     SyncAck,
@@ -903,6 +961,8 @@ Message = Union[  # noqa: UP007 (a runtime alias: Python 3.9 has no X | Y)
     Snapshots,
     Freeze,
     Thaw,
+    Check,
+    Checked,
 ]
 
 _TYPES: dict[str, type[_Message]] = {
@@ -924,6 +984,8 @@ _TYPES: dict[str, type[_Message]] = {
         Snapshots,
         Freeze,
         Thaw,
+        Check,
+        Checked,
     )
 }
 

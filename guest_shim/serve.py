@@ -9,16 +9,16 @@ A virtio-serial port has one opener, so one process holds it and multiplexes:
   lifetime, and never equal to an id of an earlier ``serve``), routing the host's replies back
   with the application's id.  Unsolicited ``progress``/``result`` go to the application whose
   request started the job.  Unknown ids are logged and dropped.
-* It answers the host's ``freeze``/``thaw`` itself (:class:`guest_shim.freeze.Freezer`).
+* It answers the host's ``freeze``/``thaw`` and ``check`` itself (``freeze.Freezer``, ``checks.Checker``).
 * The port goes through the states of :class:`PortState`.  When the host goes away, every
   outstanding request is answered ``not-connected``, file systems are thawed, and once the host
   is back the port is resynchronised (0xFF + sync, discard until the matching ack).
 * Bounds: ``max_clients`` applications, ``MAX_PENDING`` outstanding requests each,
   ``MAX_FRAME`` per line and ``MAX_OUTBUF`` of unread replies per application.
 
-Single-threaded (a selector loop) apart from the freeze watchdog, which wakes the loop through a
-pipe.  :meth:`Server.stop` may be called from any thread or a signal handler; the loop then
-thaws, removes its socket and returns.
+Single-threaded (a selector loop) apart from the freeze watchdog and a running check command,
+which wake the loop through a pipe.  :meth:`Server.stop` may be called from any thread or a
+signal handler; the loop then thaws, removes its socket and returns.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .checks import Checker
 from .client import SHIM_VERSION
 from .config import ShimConfig
 from .errors import ConfigError, FrameTooLong, HostNotConnected, ProtocolError, ShimError
@@ -47,6 +48,7 @@ from .port import Port, open_port
 from .protocol import (
     Accepted,
     Backup,
+    Check,
     Direction,
     ErrorCode,
     ErrorMessage,
@@ -132,6 +134,7 @@ class Server:
             max_seconds=config.max_freeze_seconds, sys_root=config.sysfs, hook_dir=config.fsfreeze_hook_dir
         )
         self.freezer.notify = self._wake
+        self.checker = Checker(config.check_commands, notify=self._wake)
         self._sel = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
         self._socket_ino: int | None = None
@@ -240,7 +243,7 @@ class Server:
             pass
 
     def _deliver_notices(self) -> None:
-        for notice in self.freezer.take_notices():
+        for notice in [*self.freezer.take_notices(), *self.checker.take_notices()]:
             if self.state is PortState.READY:
                 self._port_send(notice)
             else:
@@ -404,6 +407,9 @@ class Server:
         log.debug("port <- %s", item)
         if isinstance(item, (Freeze, Thaw)):
             self._port_send(self.freezer.handle(item))
+        elif isinstance(item, Check):
+            if (answer := self.checker.handle(item)) is not None:  # else a command runs: a notice follows
+                self._port_send(answer)
         elif isinstance(item, Accepted):
             route = self._routes.get(str(item.id))
             if route is None:

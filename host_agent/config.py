@@ -58,6 +58,10 @@ class Schedule:
     keep_monthly: int = 0
     # a run missed while the agent was down is made up once when it starts (systemd's Persistent=)
     catch_up: bool = True
+    # "backup", or "verify": boot the latest snapshot of each covered domain's boot disk in the
+    # destination in a sandbox and record the verdict (hyperback verify-boot; policy and keep_*
+    # do not apply)
+    kind: str = "backup"
 
     @property
     def selector(self) -> str:
@@ -123,6 +127,14 @@ class AgentConfig:
     shutdown_timeout: float = 120.0
     # periodic backups without a guest's call: [[schedules]] tables, see Schedule above
     schedules: tuple[Schedule, ...] = ()
+    # boot verification (kind = "verify" schedules): where a sandbox's overlay, sockets and console
+    # log live while it runs, and the seconds its guest's shim has to answer
+    verify_dir: Path = Path("/var/lib/hyperback/verify")
+    boot_timeout: float = 300.0
+    # a health check run in a domain's guest once its shim answered, by domain name or UUID: the
+    # command's words, e.g. web1 = ["systemctl", "is-system-running"]; the guest must list it in its
+    # shim.conf check_commands; it must exit 0 for the snapshot to pass
+    boot_checks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def destinations(self) -> frozenset[str]:
@@ -151,7 +163,8 @@ class AgentConfig:
 
 
 _ENV_PREFIX = "HYPERBACK_"
-_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules")
+_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules", "boot_checks")
+SCHEDULE_KINDS = ("backup", "verify")
 
 
 def _schedule(index: int, doc: Any) -> Schedule:
@@ -196,6 +209,14 @@ def _schedule(index: int, doc: Any) -> Schedule:
         if not isinstance(doc["catch_up"], bool):
             raise errors.UsageError(f"{where}: catch_up must be true or false")
         values["catch_up"] = doc["catch_up"]
+    if "kind" in doc:
+        if doc["kind"] not in SCHEDULE_KINDS:
+            raise errors.UsageError(f"{where}: kind must be one of {', '.join(SCHEDULE_KINDS)}")
+        values["kind"] = doc["kind"]
+        backup_only = sorted(set(doc) & {"policy", "keep_last", "keep_daily", "keep_weekly", "keep_monthly"})
+        if doc["kind"] == "verify" and backup_only:
+            raise errors.UsageError(f"{where}: {backup_only[0]} is a backup schedule's setting; a verify "
+                                    "schedule boots the latest snapshot and keeps every one")
     return Schedule(**values)
 
 
@@ -281,6 +302,15 @@ def _parse_file(doc: dict[str, Any], config: AgentConfig) -> dict[str, Any]:
             changes[key] = options
         elif key == "schedules":
             changes[key] = _schedules(value)
+        elif key == "boot_checks":
+            checks = {}
+            for domain, command in _table_of(key, value).items():
+                if not isinstance(command, list) or not command or \
+                        not all(isinstance(w, str) and w for w in command):
+                    raise errors.UsageError(f"boot_checks.{domain}: expected the command's words, e.g. "
+                                            "[\"systemctl\", \"is-system-running\"]")
+                checks[domain] = tuple(command)
+            changes[key] = checks
         elif key == "limits":
             limits = {f.name: f for f in fields(Limits)}
             table = _table_of(key, value)

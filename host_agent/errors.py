@@ -40,6 +40,7 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   │   ├── DomainStarted                a shut-off domain started: take an online view
     │   │   └── CleanupFailed                the domain may still write into an overlay
     │   ├── ChannelClosed                    a guest's channel closed while the host waited
+    │   ├── SandboxError                     a boot verification's sandbox could not be set up
     │   ├── MoveError                        a domain could not be moved between hosts
     │   │   ├── MigrationFailed              (MigrationTimeout: aborted after the timeout)
     │   │   └── MoveInProgress               another move of the domain is under way
@@ -224,6 +225,11 @@ class CleanupFailed(ViewError):
 
 class ChannelClosed(EnvironmentProblem):
     """The guest side of a channel went away while the host waited for a reply."""
+
+
+class SandboxError(EnvironmentProblem):
+    """A boot verification could not set up its sandbox (export, overlay, domain): no verdict was
+    recorded, the snapshot is not at fault."""
 
 
 class MoveError(EnvironmentProblem):

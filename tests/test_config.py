@@ -94,3 +94,22 @@ def test_check_config_knows_the_installed_policies(tmp_path: Path,
     path = write(tmp_path, 'policies = ["merge", "mrege"]\n')
     assert daemon.main(["--check-config", "--config", str(path)]) == 2
     assert f"config {path}: policies: no policy named 'mrege'" in capsys.readouterr().err
+
+
+def test_verify_schedules_and_boot_checks(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text(
+        'boot_timeout = 240\nverify_dir = "/srv/verify"\n'
+        '[boot_checks]\nweb1 = ["systemctl", "is-system-running"]\n'
+        '[[schedules]]\nname = "proof"\ncalendar = "0 4 * * 0"\nmatch = "web-*"\nkind = "verify"\n')
+    config = load(tmp_path / "agent.toml", env={})
+    assert config.schedules[0].kind == "verify" and config.boot_timeout == 240.0
+    assert config.boot_checks == {"web1": ("systemctl", "is-system-running")}
+    for bad, words in (('kind = "reboot"', "kind must be one of backup, verify"),
+                       ('kind = "verify"\nkeep_last = 3', "keep_last is a backup schedule's setting")):
+        schedule = f'[[schedules]]\nname = "x"\ncalendar = "@daily"\nmatch = "*"\n{bad}\n'
+        (tmp_path / "bad.toml").write_text(schedule)
+        with pytest.raises(UsageError, match=words):
+            load(tmp_path / "bad.toml", env={})
+    (tmp_path / "bad.toml").write_text('[boot_checks]\nweb1 = "systemctl is-system-running"\n')
+    with pytest.raises(UsageError, match="boot_checks.web1: expected the command's words"):
+        load(tmp_path / "bad.toml", env={})

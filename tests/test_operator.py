@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -19,6 +20,7 @@ from host_agent.agent.schedules import Scheduler
 from host_agent.config import load
 from host_agent.storage.files import missing_repository, unmounted_mount_point
 from host_agent.storage.repository import Repository
+from host_agent.storage.verification import Verification
 
 # host B's media service is nowhere to be found: nothing listens on that port
 CLUSTER = """
@@ -102,3 +104,20 @@ def test_media_that_is_not_mounted_is_called_so(tmp_path: Path) -> None:
     assert unmounted_mount_point(tmp_path / "elsewhere", fstab) is None
     assert unmounted_mount_point(usb / "hyperback") is None  # not a mount point of this host's fstab
     assert f"its media is not mounted ({usb} is a mount point" in missing_repository(usb / "hyperback", fstab)
+
+
+def test_listed_snapshots_carry_their_latest_boot_verification(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    image = tmp_path / "d.img"
+    image.write_bytes(b"\1" * 65536)
+    name = "4f1c3c5e-7a2b-4b8e-9a55-0123456789ab/root"
+    verified, never = (repo.backup(image, name).snapshot.id for _ in range(2))
+    repo.record_verification(Verification(verified, datetime.now(UTC), False, "Kernel panic - not syncing",
+                                          12.5, "hosta"), b"panic\n")
+    answer = list_snapshots(tmp_path, "default")
+    assert isinstance(answer, pb.ListSnapshotsResponse)
+    by_id = {s.id: s for s in answer.snapshots}
+    assert by_id[verified].HasField("verification") and not by_id[never].HasField("verification")
+    got = by_id[verified].verification
+    assert (got.passed, got.reason, got.seconds, got.host) == (False, "Kernel panic - not syncing", 12.5,
+                                                               "hosta")

@@ -9,7 +9,7 @@ Connection states: DISCONNECTED -> CONNECTED -> (EOF, error) -> DISCONNECTED,
 reconnecting with backoff while the domain runs. Bytes are parsed by a bounded
 :class:`MessageReader` (64 KiB per frame); malformed requests get ``error``
 replies, everything else malformed is dropped. Requests are rate-limited per
-domain with a token bucket. Host requests (freeze, thaw) wait for their reply
+domain with a token bucket. Host requests (freeze, thaw, check) wait for their reply
 by id, each with its own future, and every waiter is woken with an error when
 the connection drops.
 """
@@ -79,6 +79,7 @@ class GuestChannel:
         self._waiters: dict[str, asyncio.Future[p.Message]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected = asyncio.Event()
+        self.greeted = asyncio.Event()  # the guest's shim said hello since the last connect
         self.rejected = 0        # requests answered with an error, for operators and tests
         self.bytes_in = 0
 
@@ -108,6 +109,7 @@ class GuestChannel:
         writer.close()
         self._writer = None
         self._connected.clear()
+        self.greeted.clear()
         if self.state is State.CONNECTED:
             self.state = State.DISCONNECTED
         for future in self._waiters.values():
@@ -161,7 +163,9 @@ class GuestChannel:
             await self._send_bytes(p.sync_ack_frame(msg.id))
         elif isinstance(msg, p.Hello):
             self.log.info("guest shim %s (%s) says hello", msg.shim, msg.role.value)
-        elif isinstance(msg, (p.Frozen, p.Thawed)) and msg.id is not None and str(msg.id) in self._waiters:
+            self.greeted.set()
+        elif isinstance(msg, (p.Frozen, p.Thawed, p.Checked)) and msg.id is not None \
+                and str(msg.id) in self._waiters:
             self._waiters.pop(str(msg.id)).set_result(msg)
         elif isinstance(msg, p.Thawed):
             self._handler.on_thawed(self, msg)
@@ -204,7 +208,7 @@ class GuestChannel:
 
     # ---------- host requests ----------
 
-    async def _ask(self, msg: p.Freeze | p.Thaw, timeout: float) -> p.Message:
+    async def _ask(self, msg: p.Freeze | p.Thaw | p.Check, timeout: float) -> p.Message:
         future: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
         self._waiters[str(msg.id)] = future
         try:
@@ -219,6 +223,11 @@ class GuestChannel:
 
     async def thaw(self, job: str, timeout: float = 10.0) -> p.Message:
         return await self._ask(p.Thaw(f"t{os.urandom(6).hex()}", job), timeout)
+
+    async def check(self, command: tuple[str, ...] | None, timeout: float) -> p.Message:
+        """Ask the guest's shim whether it is there (no command) or to run a health check command it
+        allows; its reply (Checked or ErrorMessage).  TimeoutError if it does not answer in time."""
+        return await self._ask(p.Check(f"c{os.urandom(6).hex()}", timeout, command), timeout + 5)
 
     async def wait_connected(self, timeout: float) -> bool:
         try:

@@ -38,7 +38,7 @@ from host_agent.agent.journal import Journal, Pending
 from host_agent.agent.metrics import AgentMetrics
 from host_agent.agent.operator import AgentParts, start_operator_server
 from host_agent.agent.planner import BatchPlanner
-from host_agent.agent.schedules import Clock, Scheduler
+from host_agent.agent.schedules import BootVerifying, Clock, Scheduler
 from host_agent.colocation import appliance
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.migration import clear_visit
@@ -76,8 +76,10 @@ class Agent:
                                    config.interval, config.batch_size)
         self.intake = Intake(config.limits, domains, self.destinations, self.jobs, self.journal, self.guests,
                              self.driver)
+        verifying = BootVerifying(config.verify_dir, config.boot_timeout, config.boot_checks)
         self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,
-                                   self.guests, self.jobs, self.destinations, config.state_dir, clock)
+                                   self.guests, self.jobs, self.destinations, config.state_dir, clock,
+                                   verifying)
         self.metrics = AgentMetrics(self.jobs, self.guests, self.driver, self.executor)
         self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
         self.serving = asyncio.Event()  # set once the first rescan served the running domains' channels

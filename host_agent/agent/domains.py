@@ -28,6 +28,9 @@ AGENT_CHANNEL = "org.hyperback.agent.0"
 # groups (schedules select by them); host_agent.agent.wiring writes it
 WIRING_NS = "https://hyperback.dev/xmlns/wiring/1"
 DEFAULT_URI = "qemu:///system"
+# hyperback's mark on a boot verification's sandbox domain (host_agent.agent.sandbox): its channel
+# belongs to the verifier, so the agent neither serves nor schedules it
+SANDBOX_NS = "https://hyperback.dev/xmlns/sandbox/1"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class DomainInfo:
     visiting_from: str = ""       # the host it moved here from for a job (its visit marker), if any
     enabled: bool = False         # its definition has the hyperback channel (`hyperback vm enable`)
     groups: tuple[str, ...] = ()  # the groups hyperback's metadata tags it with (schedules select by them)
+    sandbox: bool = False         # a boot verification's sandbox (its channel is the verifier's)
 
 
 def _disk_refs(root: ET.Element, uuid: str, name: str) -> tuple[DiskRef, ...]:
@@ -84,8 +88,9 @@ def parse_domain_xml(xml: str, uuid: str, name: str, running: bool) -> DomainInf
     groups = tuple(g.text.strip() for g in root.findall(f"./metadata/{{{WIRING_NS}}}hyperback/"
                                                          f"{{{WIRING_NS}}}group") if g.text)
     marker = visit_marker(xml)
+    sandbox = root.find(f"./metadata/{{{SANDBOX_NS}}}sandbox") is not None
     return DomainInfo(uuid, name, running, path, state, _disk_refs(root, uuid, name),
-                      marker.origin if marker is not None else "", enabled, groups)
+                      marker.origin if marker is not None else "", enabled, groups, sandbox)
 
 
 class Domains:
@@ -113,7 +118,7 @@ class Domains:
             raise type(e)(f"cannot read domain {dom.name()}: {e}", e.code) from e
 
     def served(self) -> list[DomainInfo]:
-        """Running domains that carry the hyperback channel."""
+        """Running domains that carry the hyperback channel (not boot verification sandboxes)."""
         try:
             doms = self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         except HypervisorError as e:
@@ -125,7 +130,7 @@ class Domains:
             except HypervisorError as e:  # it stopped while we looked
                 log.info("skipping domain: %s", e)
                 continue
-            if info.channel_path:
+            if info.channel_path and not info.sandbox:
                 out.append(info)
         return out
 
@@ -142,7 +147,7 @@ class Domains:
             except HypervisorError as e:  # undefined while we looked
                 log.info("skipping domain: %s", e)
                 continue
-            if info.enabled:
+            if info.enabled and not info.sandbox:
                 out.append(info)
         return out
 

@@ -46,6 +46,7 @@ from host_agent.protobuf import (
     policy_from_pb,
     policy_to_pb,
 )
+from host_agent.storage.verification import Verification
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class AgentParts:
 
 def _state_pb(state: JobState) -> pb.JobState.ValueType:
     return pb.JobState.Value(f"JOB_STATE_{state.name}")
+
+
+def verification_to_pb(record: Verification) -> pb.BootVerification:
+    """A snapshot's boot verification record, as the operator API shows it."""
+    return pb.BootVerification(passed=record.passed, reason=record.reason,
+                               verified_at=record.time.timestamp(), seconds=record.seconds, host=record.host)
 
 
 def _job_pb(job: Job) -> pb.Job:
@@ -184,6 +191,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         out = []
         for dest in destinations:
             repo = await asyncio.to_thread(self.parts.destinations.repository, dest)
+            verified = await asyncio.to_thread(repo.verifications)
             for snap in await asyncio.to_thread(repo.snapshots):
                 uuid, _, serial = snap.name.partition("/")
                 if domain and domain != uuid:
@@ -197,7 +205,9 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                                        parent_id=snap.parent or "", created_at=snap.time.timestamp(),
                                        source=snap.source, size=snap.size, bytes_new=snap.stats.bytes_new,
                                        bytes_stored=snap.stats.bytes_stored,
-                                       bytes_read=snap.stats.bytes_read))
+                                       bytes_read=snap.stats.bytes_read,
+                                       verification=verification_to_pb(verified[snap.id])
+                                       if snap.id in verified else None))
         out.sort(key=lambda s: s.created_at, reverse=True)
         return pb.ListSnapshotsResponse(snapshots=out)
 
@@ -263,7 +273,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                 domains=sorted(i.name for i in enabled if covers(s, i)), policy=policy_to_pb(s.policy),
                 destination=s.destination or scheduler.default_destination,
                 last_run_at=scheduler.last_run(name), next_run_at=scheduler.next_run(name),
-                retention=s.retention))
+                retention=s.retention, kind=s.kind))
         return pb.ListSchedulesResponse(schedules=out)
 
     async def RunSchedule(self, request: pb.RunScheduleRequest,

@@ -10,6 +10,10 @@ crash-consistent). Once every job of a firing has finished, the schedule's reten
 ``hyperback prune``) is applied to the snapshots of the disks it backed up, in its destination, and
 unreferenced data is collected.
 
+A schedule of ``kind = "verify"`` backs nothing up: each firing boots the latest snapshot of each
+covered domain's boot disk in the destination in a sandbox, one after another
+(``host_agent.agent.bootverify``), and records the verdicts on the snapshots.
+
 When each schedule last fired is kept in ``<state_dir>/schedules.json``. At start, a schedule that
 should have fired while the agent was down fires once (systemd's ``Persistent=``); one never seen
 before counts from this start, so adding a schedule does not fire it at once.
@@ -23,15 +27,16 @@ import fnmatch
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from croniter import croniter
 
 from host_agent import errors
+from host_agent.agent import bootverify, sandbox
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.guests import Guests
@@ -105,6 +110,7 @@ class Firing:
     jobs: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)   # domains it could not back up, and why
     pruned: list[str] = field(default_factory=list)    # snapshot ids retention removed
+    verified: list[str] = field(default_factory=list)  # a verify schedule's verdicts, one line each
     finished_at: float = 0.0
 
 
@@ -116,12 +122,21 @@ class Record:
     last_run: float = 0.0   # the due time of its latest firing
 
 
+@dataclass(frozen=True)
+class BootVerifying:
+    """How verify schedules boot snapshots (the agent's config: verify_dir, boot_timeout, boot_checks)."""
+
+    work_dir: Path
+    boot_timeout: float = bootverify.DEFAULT_BOOT_TIMEOUT
+    checks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # by domain name or UUID
+
+
 class Scheduler:
     """Fires the configured schedules; one task for all of them."""
 
     def __init__(self, schedules: Sequence[Schedule], default_destination: str, domains: Domains,
                  intake: Intake, guests: Guests, jobs: Jobs, destinations: Destinations, state_dir: Path,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, verifying: BootVerifying | None = None) -> None:
         self.schedules = {s.name: s for s in schedules}
         self.default_destination = default_destination
         self.domains, self.intake, self.guests = domains, intake, guests
@@ -131,6 +146,8 @@ class Scheduler:
         self.records: dict[str, Record] = {}
         self.firings: list[Firing] = []    # newest last, for operators and tests
         self._tasks: set[asyncio.Task[None]] = set()
+        self.verifying = verifying or BootVerifying(state_dir / "verify")
+        self._one_sandbox = asyncio.Lock()  # sandboxes boot one at a time: each is a whole VM
 
     # ---------- state ----------
 
@@ -207,6 +224,8 @@ class Scheduler:
             covered = []
             firing.skipped.append(f"cannot list domains: {e}")
         destination = schedule.destination or self.default_destination
+        if schedule.kind == "verify":
+            return self._start(schedule, firing, self._verify(firing, covered, destination))
         for info in covered:
             if not info.disks:
                 firing.skipped.append(f"{info.name}: no disk with a serial (run `hyperback vm enable`, "
@@ -222,13 +241,44 @@ class Scheduler:
         for line in firing.skipped:
             log.warning("schedule %s: %s", schedule.name, line)
         log.info("schedule %s fired: %d job(s)", schedule.name, len(firing.jobs))
-        self.records[schedule.name].last_run = due
+        return self._start(schedule, firing, self._finish(schedule, firing))
+
+    def _start(self, schedule: Schedule, firing: Firing, work: Coroutine[Any, Any, None]) -> Firing:
+        """Remember the firing and run what follows it (retention, or the verifications)."""
+        self.records[schedule.name].last_run = firing.due
         self._save()
         self.firings.append(firing)
-        task = asyncio.create_task(self._finish(schedule, firing), name=f"schedule-{schedule.name}")
+        task = asyncio.create_task(work, name=f"schedule-{schedule.name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return firing
+
+    async def _verify(self, firing: Firing, covered: Sequence[DomainInfo], destination: str) -> None:
+        """Boot the latest snapshot of each covered domain's boot disk, one sandbox at a time."""
+        log.info("schedule %s fired: boot verification of %d domain(s)", firing.schedule, len(covered))
+        for info in covered:
+            try:
+                async with self._one_sandbox:
+                    firing.verified.append(await self._verify_one(info, destination))
+            except (errors.HyperbackError, OSError) as e:
+                firing.skipped.append(f"{info.name}: not verified: {e}")
+                log.warning("schedule %s: %s: not verified: %s", firing.schedule, info.name, e)
+        firing.finished_at = self.clock.now()
+
+    async def _verify_one(self, info: DomainInfo, destination: str) -> str:
+        conn = self.domains.conn
+        definition = await asyncio.to_thread(bootverify.current_definition, conn, info.uuid)
+        serial = sandbox.boot_disk_serial(definition)
+        if serial is None:
+            raise errors.UsageError("it has no disk with a serial (run `hyperback vm enable`)")
+        repo = await asyncio.to_thread(self.destinations.repository, destination)
+        snapshots = await asyncio.to_thread(repo.snapshots, f"{info.uuid}/{serial}")
+        if not snapshots:
+            raise errors.SnapshotNotFound(f"no snapshot of its boot disk {serial} in {destination}")
+        check = self.verifying.checks.get(info.name) or self.verifying.checks.get(info.uuid)
+        spec = bootverify.spec_for(snapshots[-1], definition, check, self.verifying.boot_timeout)
+        record = await bootverify.verify_boot(repo, snapshots[-1].id, spec, conn, self.verifying.work_dir)
+        return f"{info.name}: snapshot {record.snapshot} {record.result}: {record.reason}"
 
     async def _finish(self, schedule: Schedule, firing: Firing) -> None:
         """Wait for the firing's jobs, then apply retention to what they backed up."""

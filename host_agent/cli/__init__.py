@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 unexpected error (a bug: please report it);
 2 usage error or unusable repository/snapshot name; 3 the system refused
 (source unreadable, media full, target unwritable, repository busy);
-4 damaged data found (verify, check, restore); 130 interrupted.
+4 damaged data found (verify, check, restore) or a snapshot failed to boot
+(verify-boot); 130 interrupted.
 A user mistake prints one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -29,12 +30,13 @@ from host_agent.cli import (
     schedule_cmd,
     shim_cmd,
     units_cmd,
+    verify_boot_cmd,
     verify_cmd,
     vm_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, export_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, vm_cmd,
-            job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, export_cmd, list_cmd, verify_cmd, verify_boot_cmd, check_cmd,
+            prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

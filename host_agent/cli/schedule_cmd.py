@@ -42,7 +42,7 @@ def run_list(args: argparse.Namespace) -> int:
     if not schedules:
         print("no schedules: add [[schedules]] tables to the agent's config (docs/agent.md)")
     for s in schedules:
-        policy = policy_from_pb(s.policy, "Schedule").value
+        policy = "boot verification" if s.kind == "verify" else policy_from_pb(s.policy, "Schedule").value
         print(f"{s.name}: '{s.calendar}' {policy} to {s.destination}; {s.selector} "
               f"({', '.join(s.domains) or 'no domain now'}); last {when(s.last_run_at)}, "
               f"next {when(s.next_run_at)}; {s.retention or 'keeps everything'}")

@@ -9,17 +9,16 @@ It offers the part of :class:`~host_agent.storage.repository.Repository`'s API t
 uses, with the same signatures and result types, and raises the same exceptions a local repository
 would (the server names their class), plus ``RemoteError`` when the service cannot be reached.
 
-A backup deduplicates at the source, so that only data the destination lacks crosses the LAN. It
-runs the ordinary local backup (``Repository.backup``, the native copier) into a *spool*: a
-temporary local repository with the destination's parameters, seeded with what the copier compares
-against, namely the base snapshot's tree pages (in a pack that is never uploaded) and the base's
-chunk ids (as index entries of a pack that does not exist: a backup looks chunks up and never reads
-them back). The packs the copier writes carry the server session's writer id. As soon as one is
-published, an uploader thread asks the server which of its blobs it lacks (this also catches data
-the destination holds under other names) and uploads a pack of just those, then deletes it locally.
-The copier waits while more than ``SPOOL_BACKLOG`` bytes of packs wait for upload, so the spool
-stays small whatever the image's size. Last, the snapshot document is committed: the server checks
-that everything it names is there, and writes it. The spool is removed in every case.
+A backup deduplicates at the source, so that only data the destination lacks crosses the LAN. It runs the
+ordinary local backup (``Repository.backup``, the native copier) into a *spool*: a temporary local
+repository with the destination's parameters, seeded with what the copier compares against, namely the base
+snapshot's tree pages (in a pack that is never uploaded) and the base's chunk ids (as index entries of a
+pack that does not exist: a backup looks chunks up and never reads them back). The packs the copier writes
+carry the server session's writer id. As soon as one is published, an uploader thread asks the server which
+of its blobs it lacks (this also catches data the destination holds under other names) and uploads a pack of
+just those, then deletes it locally. The copier waits while more than ``SPOOL_BACKLOG`` bytes of packs wait
+for upload, so the spool stays small whatever the image's size. Last, the snapshot document is committed:
+the server checks that everything it names is there, and writes it. The spool is removed in every case.
 """
 from __future__ import annotations
 
@@ -51,6 +50,7 @@ from host_agent.media.codec import (
     remote_error,
     snapshot_document,
 )
+from host_agent.media.verifications import VerificationCalls
 from host_agent.model import Policy
 from host_agent.protobuf import policy_to_pb
 from host_agent.storage import copier
@@ -84,7 +84,7 @@ _Resp = TypeVar("_Resp")
 _T = TypeVar("_T")
 
 
-class RemoteRepository:
+class RemoteRepository(VerificationCalls):
     """A destination of a media service, with the API of a local repository the executor uses.
 
     ``bytes_sent`` and ``bytes_received`` count the payload this object moved (packs, index files,

@@ -58,6 +58,7 @@ from host_agent.storage.files import write_atomic
 from host_agent.storage.maptree import TreeReader
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import NAME, SNAPSHOT_ID, Snapshot
+from host_agent.storage.verification import Verification
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ DEFAULT_PORT: Final = 7420
 DEFAULT_LEASE: Final = 60.0
 GRACE: Final = 5.0  # seconds calls in flight get to finish on stop
 SNAPSHOTS_PER_PAGE: Final = 256
+MAX_CONSOLE_UPLOAD: Final = 1 << 20  # bytes of console text a RecordVerification may carry
 DESTINATION_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -145,6 +147,28 @@ class MediaServicer(pb_grpc.MediaServicer):
             policy = policy_from_pb(request.policy, "BaseForRequest")
             base = self._repo(request.destination).base_for(request.name, policy)
             return pb.SnapshotDocument(document=snapshot_document(base) if base else "")
+
+    # ---------- boot verification records ----------
+
+    def RecordVerification(self, request: pb.RecordVerificationRequest,
+                           context: grpc.ServicerContext) -> pb.RecordVerificationResponse:
+        with _Answering(context, "RecordVerification"):
+            repo = self._repo(request.destination)
+            if len(request.console) > MAX_CONSOLE_UPLOAD:
+                raise errors.MalformedMessage(f"console text of {len(request.console)} bytes; at most "
+                                              f"{MAX_CONSOLE_UPLOAD}")
+            try:
+                record = Verification.from_json(json.loads(request.document))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise errors.MalformedMessage(f"not a verification record: {e}") from e
+            repo.record_verification(record, request.console)
+            return pb.RecordVerificationResponse()
+
+    def ListVerifications(self, request: pb.ListVerificationsRequest,
+                          context: grpc.ServicerContext) -> pb.Verifications:
+        with _Answering(context, "ListVerifications"):
+            records = self._repo(request.destination).verifications()
+            return pb.Verifications(documents=[json.dumps(r.to_json()) for r in records.values()])
 
     # ---------- backup sessions ----------
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from host_agent.storage.snapshot import (
     SnapshotStats,
     VerifyReport,
 )
+from host_agent.storage.verification import Verification, console_tail
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ PACK_TARGET = 64 * 1024 * 1024
 SEGMENT_LEAVES = 1024
 REPACK_THRESHOLD = 0.25  # garbage collection rewrites a pack once this fraction of it is garbage
 PACK_NAME = re.compile(r"[0-9a-f]{32}")
+VERIFICATIONS = "verifications"  # boot verification records (format section 5.4); absent in old repositories
 
 ProgressFn = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) a few times a second during long work."""
@@ -310,6 +312,66 @@ class Repository:
                 raise errors.UsageError(f"{sid!r} is not a snapshot id")
             (self._dir("snapshots") / sid).unlink(missing_ok=True)
         fsync_dir(self._dir("snapshots"))
+        self._forget_verifications(snapshot_ids)
+
+    # ---------- boot verification records (docs/repository-format.md, 5.4) ----------
+
+    def record_verification(self, record: Verification, console: bytes) -> None:
+        """Keep ``record`` as the snapshot's latest verification, with the end of its console text:
+        the console first, then the record (the record names how much of it there is)."""
+        if not (self._dir("snapshots") / record.snapshot).exists():
+            raise errors.SnapshotNotFound(f"no snapshot {record.snapshot} in {self.path} (forgotten since "
+                                          "it was verified?)")
+        folder = self._dir(VERIFICATIONS)
+        if not folder.is_dir():  # repositories from before verification records lack it
+            try:
+                folder.mkdir(exist_ok=True)
+                fsync_dir(self.path)
+            except OSError as e:
+                raise errors.RepositoryIOError(f"cannot create {folder}: {e.strerror}") from e
+        tail = console_tail(console)
+        write_atomic(folder / f"{record.snapshot}.console", tail, self._dir("tmp"))
+        record = replace(record, console_bytes=len(console), console_kept=len(tail))
+        doc = json.dumps(record.to_json(), indent=1).encode()
+        write_atomic(folder / record.snapshot, doc, self._dir("tmp"))
+
+    def verifications(self) -> dict[str, Verification]:
+        """The latest verification of every snapshot that has one, by snapshot id."""
+        folder = self._dir(VERIFICATIONS)
+        out: dict[str, Verification] = {}
+        if not folder.is_dir():
+            return out
+        for path in folder.iterdir():
+            if not SNAPSHOT_ID.fullmatch(path.name):
+                continue
+            try:
+                record = Verification.from_json(json.loads(path.read_text()))
+            except FileNotFoundError:  # forgotten since listed
+                continue
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                log.warning("ignoring unreadable verification record %s: %s", path.name, e)
+                continue
+            if record.snapshot == path.name:
+                out[path.name] = record
+        return out
+
+    def console_text(self, snapshot_id: str) -> bytes | None:
+        """The console text kept with a snapshot's latest verification (its end), or None."""
+        if not SNAPSHOT_ID.fullmatch(snapshot_id):
+            raise errors.UsageError(f"{snapshot_id!r} is not a snapshot id")
+        try:
+            return (self._dir(VERIFICATIONS) / f"{snapshot_id}.console").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _forget_verifications(self, snapshot_ids: Sequence[str]) -> None:
+        folder = self._dir(VERIFICATIONS)
+        if not folder.is_dir():
+            return
+        for sid in snapshot_ids:
+            (folder / sid).unlink(missing_ok=True)
+            (folder / f"{sid}.console").unlink(missing_ok=True)
+        fsync_dir(folder)
 
     # ---------- backup ----------
 

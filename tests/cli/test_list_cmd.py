@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cli_helpers import run, run_json
 from conftest import MIB, write_image
+
+from host_agent.storage.repository import Repository
+from host_agent.storage.verification import Verification
 
 
 def test_list_shows_snapshots_oldest_first(tmp_path: Path) -> None:
@@ -15,3 +19,23 @@ def test_list_shows_snapshots_oldest_first(tmp_path: Path) -> None:
     assert [s["id"] for s in run_json("list", "--repo", tmp_path / "r", "--name", "b/y")] == ids[1:]
     table = run("list", "--repo", tmp_path / "r").stdout
     assert ids[0] in table and "a/x" in table
+
+
+def test_list_shows_each_snapshots_latest_boot_verification(tmp_path: Path) -> None:
+    run("init", tmp_path / "r")
+    image = write_image(tmp_path / "d.img", MIB, 3)
+    good, bad, never = (run_json("backup", "--repo", tmp_path / "r", "--name", "vm/vda", image)["snapshot"]
+                        for _ in range(3))
+    repo = Repository.open(tmp_path / "r")
+    repo.record_verification(record(good, True, "the shim answered after 12.0 s"), b"booted\n")
+    repo.record_verification(record(bad, False, "no answer from the shim within 60 s"), b"panic\n")
+    rows = {s["id"]: s["verification"] for s in run_json("list", "--repo", tmp_path / "r")}
+    assert rows[good]["result"] == "passed" and rows[never] is None
+    assert rows[bad]["result"] == "failed" and rows[bad]["reason"] == "no answer from the shim within 60 s"
+    table = run("list", "--repo", tmp_path / "r").stdout.splitlines()
+    assert "BOOT" in table[0]
+    assert [line.split()[-2] for line in table[1:]] == ["passed", "failed", "-"]
+
+
+def record(snapshot: str, passed: bool, reason: str) -> Verification:
+    return Verification(snapshot, datetime.now(UTC), passed, reason, 12.0, "host1")

@@ -52,6 +52,11 @@ SAMPLES: list[p.Message] = [
     p.Freeze("f1", "job-1", ("hb-disk-1",), 30),
     p.Freeze(9, "job-1", ("a", "b"), 0.5),
     p.Thaw("t1", "job-1"),
+    p.Check("c1", 30),
+    p.Check(11, 0.5, ("systemctl", "is-system-running")),
+    p.Checked("c1", True),
+    p.Checked(11, False, 3, "degraded | 1 unit failed", 0.25),
+    p.Checked("c2", False, None, "killed after 30 s", 30.0),
 ]
 
 
