@@ -56,11 +56,15 @@ from .protocol import (
     Message,
     MessageReader,
     Progress,
+    Release,
+    Released,
     RequestId,
     Restore,
     Result,
     Resync,
     Role,
+    See,
+    Seeing,
     Snapshots,
     Status,
     Sync,
@@ -79,7 +83,7 @@ MAX_PORT_OUTBUF = 4 * 1024 * 1024
 CONNECT_POLL = 0.25  # how often to look whether the host connected (a hung-up port cannot be polled)
 REOPEN_INTERVAL = 2.0
 
-Forwardable = (Backup, Restore, Status, ListSnapshots)
+Forwardable = (Backup, Restore, Status, ListSnapshots, See, Release)
 
 
 class PortState(enum.Enum):
@@ -412,7 +416,7 @@ class Server:
             route.job = item.job
             self._jobs[item.job] = route
             self._reply(route.app, dataclasses.replace(item, id=route.app_id))
-        elif isinstance(item, (ErrorMessage, Snapshots)):
+        elif isinstance(item, (ErrorMessage, Snapshots, Seeing, Released)):
             if item.id is None:
                 log.warning("the host reports: %s", item)
                 return
