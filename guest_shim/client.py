@@ -22,6 +22,10 @@ Deadlines: ``connect_timeout`` for the host to connect and answer ``sync``, ``re
 for the first reply to a request, ``timeout`` (default ``job_timeout``) for the whole call.  After
 ``status_interval`` seconds without a word from the host during a job, the client
 resynchronises and asks ``status`` (so a lost ``result`` is recovered).
+
+Why one module, longer than the others: :class:`Client` is one connection's state (sync, the
+queue, the freezer it answers with) and each call is a few lines over its private request and wait
+steps; the calls split off would have to reach into that state, or make it public.
 """
 
 from __future__ import annotations
