@@ -18,7 +18,6 @@ from agent_harness import RunningAgent, agent_config_for, running_agent
 from conftest import lab_or_fail
 
 from host_agent.agent.snapshot_disks import SnapshotDisks
-from host_agent.agent.standin_export import RestoredExport
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.model import Policy
 from host_agent.storage.repository import Repository
@@ -230,7 +229,7 @@ def test_an_agent_that_died_leaves_nothing_once_it_starts_again(agent: RunningAg
         assert len(nbd_disks(vm)) == 1 and servers_of(workdir / "agent" / "run")
         config = agent.agent.config
         again = SnapshotDisks(agent.agent.domains, agent.agent.destinations, config.run_dir,
-                              time_limit=60, per_vm=2, export=RestoredExport)
+                              time_limit=60, per_vm=2)
         ended = again.recover()
         assert len(ended) == 1 and "ended lease hbsee-" in ended[0], ended
         assert nbd_disks(vm) == [] and leftovers(agent, workdir) == []

@@ -40,7 +40,6 @@ from host_agent.agent.operator import AgentParts, start_operator_server
 from host_agent.agent.planner import BatchPlanner
 from host_agent.agent.schedules import Clock, Scheduler
 from host_agent.agent.snapshot_disks import SnapshotDisks
-from host_agent.agent.standin_export import RestoredExport
 from host_agent.colocation import appliance
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.migration import clear_visit
@@ -79,7 +78,7 @@ class Agent:
         self.snapshot_disks = SnapshotDisks(domains, self.destinations, config.run_dir,
                                             time_limit=config.see_time_limit,
                                             per_vm=config.limits.snapshot_disks_per_vm,
-                                            export=RestoredExport, tell=self.guests.tell)
+                                            tell=self.guests.tell)
         self.intake = Intake(config.limits, domains, self.destinations, self.jobs, self.journal, self.guests,
                              self.driver, self.snapshot_disks)
         self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,

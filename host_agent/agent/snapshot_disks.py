@@ -34,6 +34,7 @@ from host_agent import errors
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
 from host_agent.model import DiskRef
+from host_agent.storage.export import SnapshotExport
 from host_agent.storage.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,8 @@ UNPLUG_TIMEOUT = 30.0     # seconds a guest gets to give an unplugged disk back
 class Export(Protocol):
     """A snapshot served read-only over NBD on a unix socket (host_agent.storage.export)."""
 
-    @property
-    def socket_path(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
+    socket_path: Path
+    size: int
 
     def start(self) -> None: ...
 
@@ -57,6 +55,12 @@ class Export(Protocol):
 
 
 ExportFactory = Callable[[AnyRepository, str, Path], Export]
+
+
+def nbd_export(repository: AnyRepository, snapshot_id: str, work_dir: Path) -> SnapshotExport:
+    """The repository's snapshot served by nbdkit, its socket in ``work_dir`` (a short path: unix
+    sockets allow 107 bytes)."""
+    return SnapshotExport(repository, snapshot_id, work_dir, socket_path=work_dir / "nbd.sock")
 Tell = Callable[[str, p.Message], Awaitable[None]]
 
 
@@ -95,7 +99,7 @@ class SnapshotDisks:
     """Every lease of this agent; see, release and the ends that come without asking."""
 
     def __init__(self, domains: Domains, destinations: Destinations, run_dir: Path, *, time_limit: float,
-                 per_vm: int, export: ExportFactory, tell: Tell | None = None) -> None:
+                 per_vm: int, export: ExportFactory = nbd_export, tell: Tell | None = None) -> None:
         self.domains, self.destinations = domains, destinations
         self.dir = run_dir / "snapshot-disks"
         self.time_limit = time_limit  # read when a lease starts (tests shorten it)
@@ -201,7 +205,7 @@ class SnapshotDisks:
             lease = Lease(**{**asdict(lease), "size": export.size,
                              "expires": time.time() + self.time_limit})
             self._write(lease)
-            self.domains.attach_nbd_readonly(uuid, export.socket_path, serial)
+            self.domains.attach_nbd_readonly(uuid, str(export.socket_path), serial)
         except BaseException:
             export.stop()
             shutil.rmtree(lease.work_dir, ignore_errors=True)
