@@ -114,6 +114,8 @@ class Agent:
         alive = {d.uuid for d in served}
         for uuid in self.guests.served() - alive:
             self.guests.forget(uuid)
+        for uuid in self.snapshot_disks.domains_seeing() - alive:  # a stop no event reported
+            await self.snapshot_disks.domain_gone(uuid)
         for info in served:
             self.serve_domain(info)
 

@@ -129,8 +129,7 @@ class SnapshotDisks:
         self.leases[lease.serial] = lease
         self._exports[lease.serial] = export
         delay = max(0.0, lease.expires - time.time())
-        self._timers[lease.serial] = asyncio.get_running_loop().call_later(
-            delay, self._spawn, self._end(lease.serial, p.ReleaseCause.TIME_LIMIT))
+        self._timers[lease.serial] = asyncio.get_running_loop().call_later(delay, self._expire, lease.serial)
         log.info("domain %s sees snapshot %s of disk %s as %s until %s", uuid, lease.snapshot, disk,
                  lease.serial, time.strftime("%H:%M:%S", time.localtime(lease.expires)))
         return lease
@@ -144,6 +143,9 @@ class SnapshotDisks:
         return lease
 
     # ---------- ends that come without asking ----------
+
+    def domains_seeing(self) -> set[str]:
+        return {lease.domain_uuid for lease in self.leases.values()}
 
     async def domain_gone(self, uuid: str) -> None:
         """The VM stopped or left: its live disks went with it; stop their exports."""
@@ -178,9 +180,10 @@ class SnapshotDisks:
     def _lock(self, uuid: str) -> asyncio.Lock:
         return self._locks.setdefault(uuid, asyncio.Lock())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
+    def _expire(self, serial: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._end(serial, p.ReleaseCause.TIME_LIMIT),
+                                                      name=f"expire-{serial}")
+        self._tasks.add(task)  # referenced until done (asyncio keeps weak references)
         task.add_done_callback(self._tasks.discard)
 
     def _state(self, serial: str) -> Path:
