@@ -111,7 +111,9 @@ def test_a_guest_sees_its_old_file_read_only_and_releases_it(agent: RunningAgent
         out=$({SHIM} backup --json --policy full hb-seer); echo "BACKUP $out"
         snap=$(echo "$out" | sed -n '{SNAPSHOT_OF}')
         head -c 3145728 /dev/urandom > /tmp/data/old; echo later > /tmp/data/later; sync
+        t0=$(date +%s%N)
         out=$({SHIM} see --json "$snap" --disk hb-seer --mount /tmp/seen); echo "SEE $out"
+        echo "SEE-MS $(( ($(date +%s%N) - t0) / 1000000 ))"
         serial=$(echo "$out" | sed -n '{SERIAL_OF}')
         echo "SEEN $(sha256sum < /tmp/seen/old | cut -d' ' -f1)"
         [ -e /tmp/seen/later ] && echo "LATER present" || echo "LATER absent"
@@ -120,7 +122,9 @@ def test_a_guest_sees_its_old_file_read_only_and_releases_it(agent: RunningAgent
         echo "RO $(cat /sys/block/$dev/ro)"
         dd if=/dev/zero of=/dev/$dev bs=4096 count=1 oflag=direct 2>/dev/null \\
             && echo "DISK-WRITE ok" || echo "DISK-WRITE refused"
+        t0=$(date +%s%N)
         echo "RELEASE $({SHIM} release --json "$serial")"
+        echo "RELEASE-MS $(( ($(date +%s%N) - t0) / 1000000 ))"
         echo "GONE $(grep -lx "$serial" /sys/block/*/serial 2>/dev/null | wc -l)"
         {go(workdir, "seer")}
     """
@@ -135,6 +139,9 @@ def test_a_guest_sees_its_old_file_read_only_and_releases_it(agent: RunningAgent
         for line in ("LATER absent", "FILE-WRITE refused", "RO 1", "DISK-WRITE refused", "GONE 0"):
             assert re.search(rf"^{line}$", console, re.M), f"no {line!r}:\n{console[-2500:]}"
         assert line_json(console, "RELEASE")["ok"] is True
+        timings = dict(re.findall(r"^(SEE|RELEASE)-MS (\d+)$", console, re.M))
+        print(f"see (attach + mount) {timings.get('SEE')} ms, "
+              f"release (unmount + unplug) {timings.get('RELEASE')} ms")
         # while the VM still runs: no such disk in its live XML, nothing left on the host
         assert nbd_disks(vm) == []
         assert leftovers(agent, workdir) == []
