@@ -223,6 +223,9 @@ def test_an_agent_that_died_leaves_nothing_once_it_starts_again(agent: RunningAg
                                                                 workdir: Path) -> None:
     vm = start_seeing(lab, workdir, "orphan")
     disks = agent.agent.snapshot_disks
+    # the process objects a killed agent would have lost with it; kept here only to reap the
+    # processes in the end (this test process started them)
+    orphans = agent.call(lambda: list(disks._exports.values()))
 
     def die() -> None:  # what a killed agent leaves: its lease files, the export, the plugged disk
         disks.leases.clear()
@@ -242,4 +245,6 @@ def test_an_agent_that_died_leaves_nothing_once_it_starts_again(agent: RunningAg
         assert nbd_disks(vm) == [] and leftovers(agent, workdir) == []
     finally:
         (workdir / "go-orphan").touch()
+        for export in orphans:
+            export.stop()
     assert vm.wait_for_exit(timeout=120) == 0, vm.console_tail()
