@@ -6,6 +6,8 @@
     hyperback-shim restore SERIAL [-s SNAPSHOT] [--mode new-disk|in-place] [-d DEST]
     hyperback-shim status JOB
     hyperback-shim list [SERIAL] [-d DEST]
+    hyperback-shim see SNAPSHOT --disk SERIAL [--mount DIR] [--partition N] [-d DEST]
+    hyperback-shim release SERIAL
     hyperback-shim serve [--socket PATH] [--port NAME|PATH] [--group GROUP]
     hyperback-shim install-service [--root DIR] [--port NAME] [--no-start]
 
@@ -131,6 +133,21 @@ class ListOptions:
 
 
 @dataclass(frozen=True)
+class SeeOptions:
+    snapshot: str
+    disk: str
+    mount: str | None
+    partition: int | None
+    destination: str | None
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class ReleaseOptions:
+    serial: str
+
+
+@dataclass(frozen=True)
 class ServeOptions:
     socket: str | None
     port: str | None
@@ -210,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", metavar="SERIAL", help="only this disk")
     p.add_argument("-d", "--destination", metavar="NAME", help="only this destination")
 
+    p = sub.add_parser("see", parents=[common], help="see a snapshot of a disk as a read-only disk",
+                       description="Have the host attach a snapshot of one of this VM's disks as a "
+                       "read-only disk (no restore first), and with --mount mount it read-only. "
+                       "Give it back with `release SERIAL`; the host also takes it back after its "
+                       "time limit and when the VM stops.")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id (from `list`) or latest")
+    p.add_argument("--disk", required=True, metavar="SERIAL", help="the disk the snapshot is of")
+    p.add_argument("--mount", metavar="DIR", help="mount its file system read-only here")
+    p.add_argument("--partition", type=int, metavar="N", help="the partition to mount (if several)")
+    p.add_argument("-d", "--destination", metavar="NAME", help="the destination holding the snapshot")
+    p.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this long")
+
+    p = sub.add_parser("release", parents=[common], help="give a seen snapshot's disk back",
+                       description="Unmount the file systems of a seen snapshot's disk and have the "
+                       "host unplug it.")
+    p.add_argument("serial", metavar="SERIAL", help="the disk's serial, as `see` printed it")
+
     p = sub.add_parser("serve", parents=[common], help="own the port and serve local applications",
                        description="Own the virtio-serial port and serve local applications over a "
                        "unix socket; answer the host's freeze/thaw. Runs until SIGTERM/SIGINT.")
@@ -251,6 +285,12 @@ def _options(args: argparse.Namespace) -> tuple[Common, str, Any]:
         opts = StatusOptions(args.job)
     elif cmd == "list":
         opts = ListOptions(args.target, args.destination)
+    elif cmd == "see":
+        opts = SeeOptions(
+            args.snapshot, args.disk, args.mount, args.partition, args.destination, args.timeout
+        )
+    elif cmd == "release":
+        opts = ReleaseOptions(args.serial)
     elif cmd == "install-service":
         opts = InstallServiceOptions(args.root, args.port, args.start)
     else:
@@ -366,10 +406,59 @@ def _run(common: Common, cmd: str, opts: Any, config: ShimConfig) -> int:
     if isinstance(opts, ListOptions):
         snaps = client_mod.list_snapshots(opts.target, destination=opts.destination, config=config)
         return _output(common, snaps.to_dict(), lambda: _print_snapshots(snaps))
+    if isinstance(opts, SeeOptions):
+        return _see(common, opts, config)
+    if isinstance(opts, ReleaseOptions):
+        return _release(common, opts, config)
     if isinstance(opts, InstallServiceOptions):
         return _install_service(common, opts, config)
     assert isinstance(opts, ServeOptions)
     return _serve(opts, config)
+
+
+SEE_DISK_WAIT = 60.0  # seconds for the hot-plugged disk to appear (PCI hotplug under emulation is slow)
+
+
+def _see(common: Common, opts: SeeOptions, config: ShimConfig) -> int:
+    from . import seen as seen_mod
+
+    if opts.mount is not None and not opts.mount.startswith("/"):
+        raise ConfigError(f"--mount {opts.mount!r} is not an absolute path")
+    got = client_mod.see(opts.disk, opts.snapshot, destination=opts.destination, timeout=opts.timeout,
+                         config=config)
+    try:
+        name = seen_mod.wait_for_disk(got.serial, time.monotonic() + SEE_DISK_WAIT, sys_root=config.sysfs)
+        device = f"/dev/{name}"
+        if opts.mount is not None:
+            device = seen_mod.filesystem_device(name, opts.partition, sys_root=config.sysfs)
+            seen_mod.mount_readonly(device, opts.mount)
+    except ShimError:
+        with contextlib.suppress(ShimError):  # nothing of it is in use: give it back at once
+            client_mod.release(got.serial, config=config)
+        raise
+    got = dataclasses.replace(got, device=device, mount=opts.mount)
+
+    def show() -> None:
+        until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(got.expires))
+        where = f", mounted read-only on {got.mount}" if got.mount else ""
+        print(f"snapshot {got.snapshot} of disk {got.disk}: {device} (serial {got.serial}, "
+              f"{_size(got.bytes)}, read-only){where}")
+        print(f"give it back with `{PROG} release {got.serial}`; the host takes it back at {until}")
+
+    return _output(common, got.to_dict(), show)
+
+
+def _release(common: Common, opts: ReleaseOptions, config: ShimConfig) -> int:
+    from . import seen as seen_mod
+
+    unmounted = seen_mod.unmount_disk(opts.serial, sys_root=config.sysfs)
+    client_mod.release(opts.serial, config=config)
+
+    def show() -> None:
+        what = f" (unmounted {', '.join(unmounted)})" if unmounted else ""
+        print(f"released {opts.serial}{what}")
+
+    return _output(common, {"serial": opts.serial, "unmounted": unmounted}, show)
 
 
 def _install_service(common: Common, opts: InstallServiceOptions, config: ShimConfig) -> int:

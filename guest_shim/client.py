@@ -1,5 +1,5 @@
 """The library guest applications call: ``backup()``, ``restore()``, ``status()``,
-``list_snapshots()``.
+``list_snapshots()``, ``see()`` and ``release()``.
 
 Each call is a local, synchronous request; only the request crosses to the host.  The client
 talks to ``hyperback-shim serve`` over its unix socket when that socket exists (a virtio-serial
@@ -22,6 +22,10 @@ Deadlines: ``connect_timeout`` for the host to connect and answer ``sync``, ``re
 for the first reply to a request, ``timeout`` (default ``job_timeout``) for the whole call.  After
 ``status_interval`` seconds without a word from the host during a job, the client
 resynchronises and asks ``status`` (so a lost ``result`` is recovered).
+
+Why one module, longer than the others: :class:`Client` is one connection's state (sync, the
+queue, the freezer it answers with) and each call is a few lines over its private request and wait
+steps; the calls split off would have to reach into that state, or make it public.
 """
 
 from __future__ import annotations
@@ -67,12 +71,16 @@ from .protocol import (
     Op,
     Policy,
     Progress,
+    Release,
+    Released,
     RequestId,
     Restore,
     RestoreMode,
     Result,
     Resync,
     Role,
+    See,
+    Seeing,
     SnapshotInfo,
     Snapshots,
     Status,
@@ -153,6 +161,24 @@ class SnapshotList:
 
     def to_dict(self) -> dict[str, Any]:
         return {"snapshots": [s.to_wire() for s in self.snapshots], "truncated": self.truncated}
+
+
+@dataclass(frozen=True)
+class SeenSnapshot:
+    """A snapshot the host attached read-only: ``serial`` names its disk in this guest until
+    ``expires`` (Unix time); ``device`` and ``mount`` once the CLI found and mounted it."""
+
+    disk: str
+    snapshot: str
+    serial: str
+    bytes: int
+    expires: float
+    device: str | None = None
+    mount: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"disk": self.disk, "snapshot": self.snapshot, "serial": self.serial, "bytes": self.bytes,
+                "expires": self.expires, "device": self.device, "mount": self.mount}
 
 
 ProgressCallback = Callable[[JobStatus], None]
@@ -384,7 +410,9 @@ class Client:
             raise InvalidArgument(f"timeout must be positive, not {seconds!r}")
         return time.monotonic() + seconds, seconds
 
-    def _request(self, msg: Backup | Restore | Status | ListSnapshots, deadline: float) -> Message:
+    def _request(
+        self, msg: Backup | Restore | Status | ListSnapshots | See | Release, deadline: float
+    ) -> Message:
         """Send ``msg`` (which carries a fresh id) and return the first reply with that id."""
         self._connect(deadline)
         self._send(msg, deadline)
@@ -475,6 +503,32 @@ class Client:
         if isinstance(reply, Snapshots):
             return SnapshotList(reply.snapshots, reply.truncated)
         raise self._unexpected(msg, reply)
+
+    def see(
+        self,
+        target: str,
+        snapshot: str = LATEST,
+        *,
+        destination: str | None = None,
+        timeout: float | None = None,
+    ) -> SeenSnapshot:
+        """Ask the host to attach ``snapshot`` (an id or "latest") of this VM's disk ``target`` as
+        a read-only disk; its serial is ``.serial``.  Give it back with :meth:`release`."""
+        deadline, _ = self._deadline(timeout, self.config.connect_timeout + self.config.reply_timeout)
+        dest = self.config.defaults.destination if destination is None else destination
+        msg = _build(See, self._new_id(), target, snapshot, dest)
+        reply = self._request(msg, deadline)
+        if isinstance(reply, Seeing):
+            return SeenSnapshot(reply.target, reply.snapshot, reply.serial, reply.bytes, reply.expires)
+        raise self._unexpected(msg, reply)
+
+    def release(self, serial: str, *, timeout: float | None = None) -> None:
+        """Give the read-only disk ``serial`` back (unmount it first: the host unplugs it)."""
+        deadline, _ = self._deadline(timeout, self.config.connect_timeout + self.config.reply_timeout)
+        msg = _build(Release, self._new_id(), serial)
+        reply = self._request(msg, deadline)
+        if not isinstance(reply, Released):
+            raise self._unexpected(msg, reply)
 
     def _rejoin(self, job: str, deadline: float) -> RequestId:
         """The VM moved for ``job``: wait (until ``deadline``) for a host to connect again, resync and
@@ -647,3 +701,22 @@ def list_snapshots(
     """This VM's snapshots (of disk ``target`` only, if given), newest first."""
     with Client(config) as client:
         return client.list_snapshots(target, destination=destination, timeout=timeout)
+
+
+def see(
+    target: str,
+    snapshot: str = LATEST,
+    *,
+    destination: str | None = None,
+    timeout: float | None = None,
+    config: ShimConfig | None = None,
+) -> SeenSnapshot:
+    """Have the host attach ``snapshot`` of this VM's disk ``target`` as a read-only disk."""
+    with Client(config) as client:
+        return client.see(target, snapshot, destination=destination, timeout=timeout)
+
+
+def release(serial: str, *, timeout: float | None = None, config: ShimConfig | None = None) -> None:
+    """Give the read-only disk ``serial`` of a seen snapshot back to the host."""
+    with Client(config) as client:
+        client.release(serial, timeout=timeout)

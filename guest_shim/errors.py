@@ -14,6 +14,7 @@
      +-- Failed                    the job ran and failed, exit 1
      +-- TimedOut                  a deadline passed while waiting for the host, exit 5
      +-- FreezeError               FIFREEZE/FITHAW failed (the wire reply is "freeze-failed")
+ +-- MountError                a seen snapshot's disk did not appear, or could not be (un)mounted
      +-- ConfigError               the configuration file or an option is wrong, exit 2
      +-- InvalidArgument           an argument is not valid on the wire (also a ValueError), exit 2
 
@@ -136,6 +137,11 @@ class TimedOut(ShimError):
 
 class FreezeError(ShimError):
     """A file system could not be frozen or thawed (``__cause__`` is the OSError)."""
+
+
+class MountError(ShimError):
+    """The disk of a seen snapshot did not appear in time, or could not be mounted or unmounted
+    (``mount``/``umount`` said why)."""
 
 
 class ConfigError(ShimError):

@@ -76,11 +76,16 @@ __all__ = [
     "Policy",
     "Progress",
     "ProtocolError",
+    "ReleaseCause",
+    "Release",
+    "Released",
     "RestoreMode",
     "Restore",
     "Result",
     "Resync",
     "Role",
+    "See",
+    "Seeing",
     "SkipReason",
     "Skipped",
     "SnapshotInfo",
@@ -154,6 +159,12 @@ class Policy(_StrEnum):
 class RestoreMode(_StrEnum):
     NEW_DISK = "new-disk"  # restore into a new image, hot-plugged as an additional disk
     IN_PLACE = "in-place"  # overwrite the disk: refused while the VM runs
+
+
+class ReleaseCause(_StrEnum):
+    GUEST = "guest"  # the guest sent release
+    TIME_LIMIT = "time-limit"  # the host's time limit for seeing a snapshot passed
+    HOST = "host"  # the host agent stopped, or its operator released it
 
 
 class Role(_StrEnum):
@@ -669,6 +680,43 @@ class ListSnapshots(_Message):
 
 
 @dataclass(frozen=True)
+class See(_Message):
+    """guest -> host: show ``snapshot`` (an id or ``"latest"``) of this VM's disk ``target`` as
+    a read-only disk (section 5.6)."""
+
+    TYPE: ClassVar[str] = "see"
+    DIRECTION: ClassVar[Direction] = Direction.TO_HOST
+    IS_REQUEST: ClassVar[bool] = True
+
+    id: RequestId
+    target: str
+    snapshot: str
+    destination: str | None = None
+
+    def __post_init__(self) -> None:
+        check_request_id(self.id)
+        check_serial(self.target, "target")
+        check_snapshot_id(self.snapshot, "snapshot", allow_latest=True)
+        check_destination(self.destination)
+
+
+@dataclass(frozen=True)
+class Release(_Message):
+    """guest -> host: detach the read-only disk ``serial`` a ``see`` attached."""
+
+    TYPE: ClassVar[str] = "release"
+    DIRECTION: ClassVar[Direction] = Direction.TO_HOST
+    IS_REQUEST: ClassVar[bool] = True
+
+    id: RequestId
+    serial: str
+
+    def __post_init__(self) -> None:
+        check_request_id(self.id)
+        check_serial(self.serial, "serial")
+
+
+@dataclass(frozen=True)
 class Frozen(_Message):
     """guest -> host: reply to ``freeze``: these file systems are frozen, those were skipped."""
 
@@ -848,6 +896,48 @@ class Snapshots(_Message):
 
 
 @dataclass(frozen=True)
+class Seeing(_Message):
+    """host -> guest: reply to ``see``: snapshot ``snapshot`` of disk ``target`` is attached as
+    the read-only disk ``serial`` of ``bytes`` bytes until ``expires`` (Unix time)."""
+
+    TYPE: ClassVar[str] = "seeing"
+    DIRECTION: ClassVar[Direction] = Direction.TO_GUEST
+
+    id: RequestId
+    target: str
+    snapshot: str
+    serial: str
+    bytes: int
+    expires: float
+
+    def __post_init__(self) -> None:
+        check_request_id(self.id)
+        check_serial(self.target, "target")
+        check_snapshot_id(self.snapshot, "snapshot")
+        check_serial(self.serial, "serial")
+        _check_count(self.bytes, "bytes")
+        _set(self, "expires", _check_seconds(self.expires, "expires", high=1e11))
+
+
+@dataclass(frozen=True)
+class Released(_Message):
+    """host -> guest: the read-only disk ``serial`` is detached; the reply to ``release``, or
+    unsolicited (``id`` None) when the host detached it by itself."""
+
+    TYPE: ClassVar[str] = "released"
+    DIRECTION: ClassVar[Direction] = Direction.TO_GUEST
+
+    id: RequestId | None
+    serial: str
+    by: ReleaseCause
+
+    def __post_init__(self) -> None:
+        _check_optional_request_id(self.id)
+        check_serial(self.serial, "serial")
+        _set(self, "by", _check_enum(ReleaseCause, self.by, "by"))
+
+
+@dataclass(frozen=True)
 class Freeze(_Message):
     """host -> guest: freeze the file systems on ``disks`` for at most ``timeout`` seconds."""
 
@@ -963,6 +1053,10 @@ Message = Union[  # noqa: UP007 (a runtime alias: Python 3.9 has no X | Y)
     Thaw,
     Check,
     Checked,
+    See,
+    Seeing,
+    Release,
+    Released,
 ]
 
 _TYPES: dict[str, type[_Message]] = {
@@ -986,6 +1080,10 @@ _TYPES: dict[str, type[_Message]] = {
         Thaw,
         Check,
         Checked,
+        See,
+        Seeing,
+        Release,
+        Released,
     )
 }
 

@@ -19,6 +19,10 @@ A virtio-serial port has one opener, so one process holds it and multiplexes:
 Single-threaded (a selector loop) apart from the freeze watchdog and a running check command,
 which wake the loop through a pipe.  :meth:`Server.stop` may be called from any thread or a
 signal handler; the loop then thaws, removes its socket and returns.
+
+Why one module: the port, the applications and the requests in flight are one state machine over
+one selector and one id map; what answers the host on its own (freezing, checks, seen disks) already
+lives in modules of its own, and what remains would have to pass the loop's internals around.
 """
 
 from __future__ import annotations
@@ -58,11 +62,15 @@ from .protocol import (
     Message,
     MessageReader,
     Progress,
+    Release,
+    Released,
     RequestId,
     Restore,
     Result,
     Resync,
     Role,
+    See,
+    Seeing,
     Snapshots,
     Status,
     Sync,
@@ -81,7 +89,7 @@ MAX_PORT_OUTBUF = 4 * 1024 * 1024
 CONNECT_POLL = 0.25  # how often to look whether the host connected (a hung-up port cannot be polled)
 REOPEN_INTERVAL = 2.0
 
-Forwardable = (Backup, Restore, Status, ListSnapshots)
+Forwardable = (Backup, Restore, Status, ListSnapshots, See, Release)
 
 
 class PortState(enum.Enum):
@@ -418,7 +426,7 @@ class Server:
             route.job = item.job
             self._jobs[item.job] = route
             self._reply(route.app, dataclasses.replace(item, id=route.app_id))
-        elif isinstance(item, (ErrorMessage, Snapshots)):
+        elif isinstance(item, (ErrorMessage, Snapshots, Seeing, Released)):
             if item.id is None:
                 log.warning("the host reports: %s", item)
                 return

@@ -33,6 +33,7 @@ class Limits:
     requests_per_minute: int = 30      # per VM; more are answered "rate-limited"
     pending_per_vm: int = 20           # accepted but unanswered requests per VM; more: "quota"
     max_disks_per_request: int = 16
+    snapshot_disks_per_vm: int = 2     # snapshots a VM may see at once (`see`); more: "quota"
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ class AgentConfig:
     restore_dir: Path = Path("/var/lib/hyperback/restores")
     # a frozen guest thaws by itself after this many seconds
     freeze_timeout: float = 10.0
+    # seconds a guest may see a snapshot (`hyperback-shim see`) before the host unplugs it
+    see_time_limit: float = 3600.0
     limits: Limits = Limits()
     # this host's name in the inventory (hosts, media on other hosts, shared storage: see
     # host_agent.inventory); empty: the machine's host name

@@ -86,7 +86,8 @@ def test_check_config_names_the_bad_key_and_exits_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (f"hyperback-agent: error: config {path}: limits: unknown setting 'burst' "
-                           f"(settings: requests_per_minute, pending_per_vm, max_disks_per_request)\n")
+                           f"(settings: requests_per_minute, pending_per_vm, max_disks_per_request, "
+                           f"snapshot_disks_per_vm)\n")
 
 
 def test_check_config_knows_the_installed_policies(tmp_path: Path,

@@ -29,6 +29,8 @@ from host_agent.errors import ChannelClosed
 log = logging.getLogger(__name__)
 
 RECONNECT_MAX = 5.0
+REQUESTS = (p.Backup, p.Restore, p.Status, p.ListSnapshots, p.See, p.Release)  # what a guest may ask
+Request = p.Backup | p.Restore | p.Status | p.ListSnapshots | p.See | p.Release
 
 
 class State(enum.Enum):
@@ -174,12 +176,12 @@ class GuestChannel:
                 self._waiters.pop(str(msg.id)).set_result(msg)
             else:
                 self.log.info("guest reports an error: %s %s", msg.code.value, msg.message)
-        elif isinstance(msg, (p.Backup, p.Restore, p.Status, p.ListSnapshots)):
+        elif isinstance(msg, REQUESTS):
             await self._request(msg)
         else:
             self.log.info("ignoring unexpected %s from the guest", type(msg).__name__)
 
-    async def _request(self, msg: p.Backup | p.Restore | p.Status | p.ListSnapshots) -> None:
+    async def _request(self, msg: Request) -> None:
         wait = self._bucket.take()
         if wait:
             self.rejected += 1

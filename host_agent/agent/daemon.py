@@ -39,6 +39,7 @@ from host_agent.agent.metrics import AgentMetrics
 from host_agent.agent.operator import AgentParts, start_operator_server
 from host_agent.agent.planner import BatchPlanner
 from host_agent.agent.schedules import BootVerifying, Clock, Scheduler
+from host_agent.agent.snapshot_disks import SnapshotDisks
 from host_agent.colocation import appliance
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.migration import clear_visit
@@ -74,8 +75,12 @@ class Agent:
                                  self.colocator, self.porter)
         self.driver = BackupDriver(self.planner.plan, self.executor.execute, self.guests.fail,
                                    config.interval, config.batch_size)
+        self.snapshot_disks = SnapshotDisks(domains, self.destinations, config.run_dir,
+                                            time_limit=config.see_time_limit,
+                                            per_vm=config.limits.snapshot_disks_per_vm,
+                                            tell=self.guests.tell)
         self.intake = Intake(config.limits, domains, self.destinations, self.jobs, self.journal, self.guests,
-                             self.driver)
+                             self.driver, self.snapshot_disks)
         verifying = BootVerifying(config.verify_dir, config.boot_timeout, config.boot_checks)
         self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,
                                    self.guests, self.jobs, self.destinations, config.state_dir, clock,
@@ -111,6 +116,8 @@ class Agent:
         alive = {d.uuid for d in served}
         for uuid in self.guests.served() - alive:
             self.guests.forget(uuid)
+        for uuid in self.snapshot_disks.domains_seeing() - alive:  # a stop no event reported
+            await self.snapshot_disks.domain_gone(uuid)
         for info in served:
             self.serve_domain(info)
 
@@ -123,6 +130,12 @@ class Agent:
             task.add_done_callback(self._background.discard)
         else:
             self.guests.forget(uuid)
+            self._in_background(self.snapshot_disks.domain_gone(uuid), "snapshot-disks-gone")
+
+    def _in_background(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def reconcile_appliances(self) -> None:
         """Serve each appliance's address from this host exactly while it runs here (in a worker
@@ -141,6 +154,8 @@ class Agent:
                           entry.schedule)
         self.domains.watch(self.on_domain_event)
         self._clear_stale_visits()
+        for line in await asyncio.to_thread(self.snapshot_disks.recover):
+            log.warning("left by the previous run: %s", line)
         recovery = asyncio.create_task(self._recover_visits(pending), name="recover-visits")
         if self.porter is not None:
             await asyncio.to_thread(self.porter.recover)
@@ -155,6 +170,7 @@ class Agent:
             schedules.cancel()
             rescans.cancel()
             recovery.cancel()
+            await self.snapshot_disks.close()
 
     async def _recover_visits(self, pending: Sequence[Pending]) -> None:
         """VMs this host sent on visits its previous run did not finish come home, then the journal's

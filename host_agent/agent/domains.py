@@ -182,25 +182,63 @@ class Domains:
                               f"it has: {', '.join(sorted(by_serial)) or 'no disk with a serial'}")
         return tuple(by_serial[s] for s in serials)
 
-    def attach_disk(self, uuid: str, path: str, serial: str) -> str:
-        """Hot-plug a raw image into a running domain as a new virtio disk; return its target name."""
-        dom = self.domain(uuid)
-        used = {d.target for d in self.get(uuid).disks}
+    def _free_target(self, dom: Guarded, uuid: str) -> str:
+        """A virtio disk name the live domain does not use (network disks count too)."""
         root = ET.fromstring(dom.XMLDesc(0))
-        used |= {t.get("dev", "") for t in root.findall("./devices/disk/target")}
+        used = {t.get("dev", "") for t in root.findall("./devices/disk/target")}
         target = next((f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used), None)
         if target is None:
             raise HypervisorError(f"domain {uuid} has no free virtio disk name left")
-        disk = ET.Element("disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type="raw")
-        ET.SubElement(disk, "source", file=path)
+        return target
+
+    def _attach(self, uuid: str, disk: ET.Element, what: str) -> str:
+        dom = self.domain(uuid)
+        target = self._free_target(dom, uuid)
         ET.SubElement(disk, "target", dev=target, bus="virtio")
-        ET.SubElement(disk, "serial").text = serial
         try:
             dom.attachDeviceFlags(ET.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except HypervisorError as e:
-            raise type(e)(f"cannot attach {path} to domain {uuid}: {e}", e.code) from e
+            raise type(e)(f"cannot attach {what} to domain {uuid}: {e}", e.code) from e
         return target
+
+    def attach_disk(self, uuid: str, path: str, serial: str) -> str:
+        """Hot-plug a raw image into a running domain as a new virtio disk; return its target name."""
+        disk = ET.Element("disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw")
+        ET.SubElement(disk, "source", file=path)
+        ET.SubElement(disk, "serial").text = serial
+        return self._attach(uuid, disk, path)
+
+    def attach_nbd_readonly(self, uuid: str, socket: str, serial: str) -> str:
+        """Hot-plug an NBD export (a unix socket) into a running domain as a read-only virtio disk,
+        live only (it never enters the persistent definition); return its target name."""
+        disk = ET.Element("disk", type="network", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw")
+        source = ET.SubElement(disk, "source", protocol="nbd")
+        ET.SubElement(source, "host", transport="unix", socket=socket)
+        ET.SubElement(disk, "readonly")
+        ET.SubElement(disk, "serial").text = serial
+        return self._attach(uuid, disk, f"the NBD export at {socket}")
+
+    def live_disk(self, uuid: str, serial: str) -> str | None:
+        """The live XML of the domain's disk with ``serial`` (any kind, network too), or None."""
+        root = ET.fromstring(self.domain(uuid).XMLDesc(0))
+        for disk in root.findall("./devices/disk"):
+            if disk.findtext("serial") == serial:
+                return ET.tostring(disk, encoding="unicode")
+        return None
+
+    def detach_live(self, uuid: str, serial: str) -> bool:
+        """Ask the running domain to give back its disk with ``serial`` (an unplug the guest
+        completes later: see :meth:`live_disk`); False if it has no such disk."""
+        xml = self.live_disk(uuid, serial)
+        if xml is None:
+            return False
+        try:
+            self.domain(uuid).detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except HypervisorError as e:
+            raise type(e)(f"cannot detach disk {serial} from domain {uuid}: {e}", e.code) from e
+        return True
 
     def watch(self, on_event: Callable[[str, str], None]) -> int:
         """Call on_event(uuid, "started"|"stopped"|"migrated") on lifecycle events; returns a callback id.

@@ -176,6 +176,13 @@ class Guests:
                 with contextlib.suppress(ChannelClosed, p.ProtocolError):
                     await channel.send(p.Progress(None, job_id, p.JobState.MOVING, min(done, total), total))
 
+    async def tell(self, uuid: str, msg: p.Message) -> None:
+        """An unsolicited message to a domain's guest, if it is there to read it."""
+        channel = self.channels.get(uuid)
+        if channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                await channel.send(msg)
+
     async def fail(self, instruction: Instruction, why: str, state: JobState = JobState.FAILED) -> None:
         await self.answer(Outcome(instruction, error=why), state)
 

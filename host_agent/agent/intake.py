@@ -5,7 +5,8 @@ is checked against this host (the destination exists, the disks are the guest's 
 in its own live domain XML; its quotas), converted once into an
 :class:`~host_agent.model.Instruction`, journaled before the guest hears "accepted", registered as
 a job and queued in the driver. ``status`` and ``list`` are answered at once, from the jobs, the
-journal and the repositories, through the guests' door (``host_agent.agent.guests``).
+journal and the repositories, through the guests' door (``host_agent.agent.guests``); ``see`` and
+``release`` by the leases of snapshots guests see (``host_agent.agent.snapshot_disks``).
 """
 from __future__ import annotations
 
@@ -18,11 +19,19 @@ from host_agent.agent.channel import GuestChannel
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import Domains
 from host_agent.agent.driver import BackupDriver
-from host_agent.agent.guests import Guests, progress_message, snapshots_message, stored_result
+from host_agent.agent.guests import Guests, for_guest, progress_message, snapshots_message, stored_result
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import Journal, new_job_id
+from host_agent.agent.snapshot_disks import SnapshotDisks
 from host_agent.config import Limits
-from host_agent.errors import JobFinished, UnknownDisk, UnknownJob
+from host_agent.errors import (
+    EnvironmentProblem,
+    JobFinished,
+    SnapshotNotFound,
+    UnknownDisk,
+    UnknownJob,
+    UsageError,
+)
 from host_agent.model import Instruction, InstructionKind, Policy
 
 log = logging.getLogger(__name__)
@@ -32,10 +41,12 @@ class Intake:
     """Turns requests into queued instructions; implements the channels' ``Handler``."""
 
     def __init__(self, limits: Limits, domains: Domains, destinations: Destinations, jobs: Jobs,
-                 journal: Journal, guests: Guests, driver: BackupDriver) -> None:
+                 journal: Journal, guests: Guests, driver: BackupDriver,
+                 snapshot_disks: SnapshotDisks) -> None:
         self.limits = limits
         self.domains, self.destinations = domains, destinations
         self.jobs, self.journal, self.guests, self.driver = jobs, journal, guests, driver
+        self.snapshot_disks = snapshot_disks
 
     def submit(self, instruction: Instruction, origin: Origin, domain_name: str, schedule: str = "") -> None:
         """Journal, register and queue an instruction (a guest's, an operator's or a schedule's)."""
@@ -70,6 +81,10 @@ class Intake:
             return await asyncio.to_thread(self._list, uuid, msg)
         if isinstance(msg, (p.Backup, p.Restore)):
             return await self._accept(channel, msg)
+        if isinstance(msg, p.See):
+            return await self._see(uuid, msg)
+        if isinstance(msg, p.Release):
+            return await self._release(uuid, msg)
         return p.ErrorMessage(getattr(msg, "id", None), p.ErrorCode.UNSUPPORTED, "not a request")
 
     def on_thawed(self, channel: GuestChannel, msg: p.Thawed) -> None:
@@ -77,7 +92,8 @@ class Intake:
 
     # ---------- requests ----------
 
-    def _unknown_destination(self, msg: p.Backup | p.Restore | p.ListSnapshots) -> p.ErrorMessage | None:
+    def _unknown_destination(self, msg: p.Backup | p.Restore | p.ListSnapshots | p.See
+                             ) -> p.ErrorMessage | None:
         destination = self.destinations.named(msg.destination)
         if destination in self.destinations.names:
             return None
@@ -119,6 +135,31 @@ class Intake:
                                       destination, Policy.FULL, msg.snapshot, time.time())
         self.submit(instruction, Origin.GUEST, channel.domain_name)
         return p.Accepted(msg.id, instruction.id)
+
+    async def _see(self, uuid: str, msg: p.See) -> p.Message:
+        refused = self._unknown_destination(msg)
+        if refused is not None:
+            return refused
+        try:
+            lease = await self.snapshot_disks.see(uuid, msg.target, msg.snapshot,
+                                                  self.destinations.named(msg.destination))
+        except UnknownDisk as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
+        except SnapshotNotFound as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_SNAPSHOT, p.clean_text(str(e)))
+        except UsageError as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.QUOTA, p.clean_text(str(e)))
+        except EnvironmentProblem as e:
+            log.warning("domain %s cannot see snapshot %s: %s", uuid, msg.snapshot, e)
+            return p.ErrorMessage(msg.id, p.ErrorCode.FAILED, for_guest(f"the host could not attach it: {e}"))
+        return p.Seeing(msg.id, lease.disk, lease.snapshot, lease.serial, lease.size, round(lease.expires, 3))
+
+    async def _release(self, uuid: str, msg: p.Release) -> p.Message:
+        try:
+            lease = await self.snapshot_disks.release(uuid, msg.serial)
+        except UnknownDisk as e:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
+        return p.Released(msg.id, lease.serial, p.ReleaseCause.GUEST)
 
     def _status(self, uuid: str, msg: p.Status) -> p.Message:
         job = self.jobs.get(msg.job)

@@ -305,3 +305,42 @@ def test_timeout_of_the_whole_job(pair: tuple[Client, FakeHost]) -> None:
     with pytest.raises(TimedOut) as info:
         call.result()
     assert info.value.job == "job-slow" and time.monotonic() - t0 < 3
+
+
+def test_see_and_release_carry_the_new_disks_serial(pair: tuple[Client, FakeHost]) -> None:
+    client, host = pair
+    call = Background(lambda: client.see("hb-disk-1", "0123456789abcdef"))
+    host.handshake()
+    req = host.expect(p.See)
+    assert (req.target, req.snapshot) == ("hb-disk-1", "0123456789abcdef")
+    host.send(p.Released(None, "hbsee-00000000", p.ReleaseCause.TIME_LIMIT))  # a notice: not the reply
+    host.send(p.Seeing(req.id, "hb-disk-1", "0123456789abcdef", "hbsee-0a1b2c3d", 1 << 20, 1.7e9))
+    seen = call.result()
+    assert (seen.serial, seen.bytes, seen.device, seen.mount) == ("hbsee-0a1b2c3d", 1 << 20, None, None)
+
+    call = Background(lambda: client.release(seen.serial))
+    rel = host.expect(p.Release)
+    assert rel.serial == "hbsee-0a1b2c3d"
+    host.send(p.Released(rel.id, rel.serial, p.ReleaseCause.GUEST))
+    assert call.result() is None
+
+
+def test_see_of_another_vms_snapshot_is_rejected_with_the_hosts_code(pair: tuple[Client, FakeHost]) -> None:
+    client, host = pair
+    call = Background(lambda: client.see("hb-disk-1", "feedfacefeedface"))
+    host.handshake()
+    req = host.expect(p.See)
+    host.send(p.ErrorMessage(req.id, p.ErrorCode.UNKNOWN_SNAPSHOT, "disk hb-disk-1 has no snapshot"))
+    with pytest.raises(Rejected, match="unknown-snapshot") as raised:
+        call.result()
+    assert raised.value.code == "unknown-snapshot"
+
+
+@pytest.mark.parametrize("bad", ["../../etc/shadow", "/dev/vda", "a b", ""])
+def test_see_refuses_a_path_before_anything_is_sent(pair: tuple[Client, FakeHost], bad: str) -> None:
+    client, host = pair
+    with pytest.raises(InvalidArgument):
+        client.see("hb-disk-1", bad)
+    with pytest.raises(InvalidArgument):
+        client.see(bad or "x y", p.LATEST)
+    assert host.nothing_for(0.2)

@@ -57,6 +57,12 @@ SAMPLES: list[p.Message] = [
     p.Checked("c1", True),
     p.Checked(11, False, 3, "degraded | 1 unit failed", 0.25),
     p.Checked("c2", False, None, "killed after 30 s", 30.0),
+    p.See(10, "hb-disk-1", p.LATEST),
+    p.See("s.10", "hb-disk-1", "0123456789abcdef", "nightly"),
+    p.Seeing(10, "hb-disk-1", "0123456789abcdef", "hbsee-0a1b2c3d", 64 << 20, 1_700_003_600.0),
+    p.Release(11, "hbsee-0a1b2c3d"),
+    p.Released(11, "hbsee-0a1b2c3d", p.ReleaseCause.GUEST),
+    p.Released(None, "hbsee-0a1b2c3d", p.ReleaseCause.TIME_LIMIT),
 ]
 
 
@@ -208,6 +214,18 @@ MALFORMED = [
     (b'{"v":1,"type":"freeze","id":1,"job":"j","disks":["a"],"timeout":601}', "freeze.timeout"),
     (b'{"v":1,"type":"freeze","id":1,"job":"j","disks":["a"],"timeout":"5"}', "freeze.timeout"),
     (b'{"v":1,"type":"freeze","id":1,"job":"j","disks":[],"timeout":5}', "freeze.disks"),
+    # see/release: a guest names a disk serial and a snapshot id, never a path or a socket
+    (b'{"v":1,"type":"see","id":1,"target":"d","snapshot":"../../etc/passwd"}', "see.snapshot"),
+    (b'{"v":1,"type":"see","id":1,"target":"/dev/vda","snapshot":"latest"}', "see.target"),
+    (b'{"v":1,"type":"see","id":1,"target":"d","snapshot":"s","socket":"/run/x.sock"}', "unknown member"),
+    (b'{"v":1,"type":"see","id":1,"target":"d","snapshot":"s","destination":"/srv/repo"}', "see.destination"),
+    (b'{"v":1,"type":"release","id":1,"serial":"a b"}', "release.serial"),
+    (b'{"v":1,"type":"release","id":1}', "missing member"),
+    (b'{"v":1,"type":"seeing","id":1,"target":"d","snapshot":"latest","serial":"s","bytes":1,"expires":1}',
+     "reserved"),
+    (b'{"v":1,"type":"seeing","id":1,"target":"d","snapshot":"s","serial":"s","bytes":1,"expires":-1}',
+     "seeing.expires"),
+    (b'{"v":1,"type":"released","id":null,"serial":"s","by":"ghost"}', "released.by"),
 ]
 
 
