@@ -7,8 +7,8 @@ such as an ext4 journal replay, go to a throwaway overlay) and mounts the file s
 kernel; this module only exchanges requests with the appliance's daemon. What comes back (names,
 link targets, sizes) is still the guest's word: ``extract`` writes it out without trusting it.
 
-The only module that imports libguestfs's binding, and where its errors (``RuntimeError`` plus the
-appliance's errno) become ours:
+The only module that imports libguestfs's binding, and where its errors (``RuntimeError``, whose
+message ends with the appliance's errno as text) become ours:
 
 * ENOENT, ENOTDIR, EISDIR, EINVAL: ``GuestPathError`` (the user named something the guest lacks);
 * EIO, EUCLEAN (``EFSCORRUPTED``), EBADMSG, or a mount that fails: ``DamagedFileSystem``;
@@ -95,6 +95,19 @@ def guest_path(path: str) -> str:
     return posixpath.normpath("/" + path.lstrip("/")) if path.strip("/") else "/"
 
 
+def _ends_with_strerror(message: str, codes: frozenset[int]) -> bool:
+    """Whether the appliance's message reports one of these errno values. The Python binding
+    raises a bare RuntimeError without ``guestfs_last_errno``; the daemon ends each message with
+    the C library's text of the errno, which is the host's too (both are glibc)."""
+    return any(message.endswith(os.strerror(code)) for code in codes)
+
+
+def _statable(name: str) -> bool:
+    """Whether a name read from a directory names one entry in it. Only a crafted file system
+    returns others (``y/y``); they are listed with mode 0 and never looked up."""
+    return bool(name) and "/" not in name and "\0" not in name
+
+
 def _entry(name: str, st: dict[str, int], target: str | None = None) -> Entry:
     return Entry(name=name, mode=st["st_mode"], size=st["st_size"],
                  mtime_ns=st["st_mtime_sec"] * 1_000_000_000 + st["st_mtime_nsec"],
@@ -170,11 +183,10 @@ class GuestFiles:
                                        "restore the whole disk to reach them") from e
 
     def _error(self, what: str, e: RuntimeError) -> errors.HyperbackError:
-        code = self._g.last_errno() if self._g is not None else 0
         message = str(e).split(": ", 1)[-1]
-        if code in PATH_ERRNOS:
+        if _ends_with_strerror(message, PATH_ERRNOS):
             return errors.GuestPathError(f"{what}: {message}")
-        if code in DAMAGE_ERRNOS:
+        if _ends_with_strerror(message, DAMAGE_ERRNOS):
             return errors.DamagedFileSystem(f"{what}: the guest's file system is damaged ({message}); the "
                                             "snapshot holds it as the guest wrote it: restore the whole disk "
                                             "and repair a copy (e2fsck, xfs_repair)")
@@ -252,6 +264,10 @@ class GuestFiles:
             raise errors.GuestPathError(f"{path} is not a directory in the guest")
         names = sorted(d["name"] for d in self._call(path, self._g.readdir, path)
                        if d["name"] not in (".", ".."))
+        for name in names:
+            if not _statable(name):
+                yield Entry(name=name, mode=0, size=0, mtime_ns=0, atime_ns=0)  # no such name is stat-able
+        names = [n for n in names if _statable(n)]
         for start in range(0, len(names), BATCH):
             batch = names[start:start + BATCH]
             stats = self._call(path, self._g.lstatnslist, path, batch)
