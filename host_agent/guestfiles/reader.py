@@ -102,6 +102,11 @@ def _ends_with_strerror(message: str, codes: frozenset[int]) -> bool:
     return any(message.endswith(os.strerror(code)) for code in codes)
 
 
+def _one_line(e: RuntimeError) -> str:
+    """The appliance's message without the call's name, on one line (mount's spans several)."""
+    return " ".join(str(e).split(": ", 1)[-1].split())
+
+
 def _statable(name: str) -> bool:
     """Whether a name read from a directory names one entry in it. Only a crafted file system
     returns others (``y/y``); they are listed with mode 0 and never looked up."""
@@ -183,7 +188,7 @@ class GuestFiles:
                                        "restore the whole disk to reach them") from e
 
     def _error(self, what: str, e: RuntimeError) -> errors.HyperbackError:
-        message = str(e).split(": ", 1)[-1]
+        message = _one_line(e)
         if _ends_with_strerror(message, PATH_ERRNOS):
             return errors.GuestPathError(f"{what}: {message}")
         if _ends_with_strerror(message, DAMAGE_ERRNOS):
@@ -236,7 +241,7 @@ class GuestFiles:
         try:
             self._g.mount_ro(fs.device, "/")
         except RuntimeError as e:
-            why = str(e).split(": ", 1)[-1].strip()
+            why = _one_line(e)
             raise errors.DamagedFileSystem(
                 f"the {fs.kind} file system on {fs.device} cannot be mounted, even read-only, in the "
                 f"isolated reader: it is damaged ({why}); the snapshot holds it as the guest wrote it: "
