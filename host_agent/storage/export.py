@@ -110,7 +110,8 @@ class SnapshotExport:
                                     "(107 bytes): give a shorter run directory or --socket")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in (self.socket_path, self._pidfile, self._error):
+            self._claim_socket_path()
+            for stale in (self._pidfile, self._error):
                 stale.unlink(missing_ok=True)
             with open(self._log, "wb") as logfile:
                 self._process = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL,
@@ -126,6 +127,21 @@ class SnapshotExport:
             self.stop()
             raise
         log.info("%s: serving %d bytes (pid %d)", self, self.size, self._process.pid)
+
+    def _claim_socket_path(self) -> None:
+        """Remove a socket nobody listens on (left by a killed export); refuse anything else there."""
+        path = self.socket_path
+        if not path.exists() and not path.is_symlink():
+            return
+        if not path.is_socket():
+            raise errors.UsageError(f"{path} exists and is not a socket: give another socket path")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink(missing_ok=True)
+                return
+        raise errors.UsageError(f"{path} is in use by another server: give another socket path")
 
     def _wait_ready(self) -> None:
         """Wait until nbdkit has written its pid file (it does so once it listens), then check that

@@ -105,7 +105,7 @@ def is_rotational(h: Any) -> bool:
 
 def pread(h: Any, buf: Any, offset: int, flags: int) -> None:
     try:
-        buf[:] = h.read(offset, len(buf))
+        h.read_into(buf, offset)
     except _errors.HyperbackError as e:
         # only this request fails: the export goes on serving every other chunk
         nbdkit.debug(f"read of {len(buf)} bytes at {offset}: {e}")
