@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from host_agent import errors
 from host_agent.guestfiles.extract import extract, safe_name
 from host_agent.guestfiles.reader import GuestFiles, guest_path
 from host_agent.storage.export import SnapshotExport
+from host_agent.storage.filesnap import ArchiveWriter
 from host_agent.storage.repository import Repository
 
 pytestmark = pytest.mark.slow
@@ -158,3 +160,15 @@ def test_guest_paths_are_absolute_and_normalized() -> None:
     with pytest.raises(errors.GuestPathError):
         guest_path("/etc/\0x")
     assert not any(map(safe_name, ["", ".", "..", "a/b", "a\0"])) and safe_name("..a")
+
+
+def test_a_path_level_archive_is_read_from_the_guest_through_the_same_reader(
+        first: GuestFiles, tmp_path: Path, disk_tree: tuple[Path, Path]) -> None:
+    """The start of path-level backups: the appliance is the archive's source (docs/restore.md)."""
+    with open(tmp_path / "etc.tar", "wb") as f:
+        writer = ArchiveWriter(first, f.fileno(), 32768)
+        writer.add("/etc/app")
+        writer.close()
+    (tmp_path / "out").mkdir()
+    subprocess.run(["tar", "-xpf", str(tmp_path / "etc.tar"), "-C", str(tmp_path / "out")], check=True)
+    assert snapshot_of_tree(tmp_path / "out" / "etc") == snapshot_of_tree(disk_tree[0] / "etc")
