@@ -20,7 +20,11 @@ from host_agent.cli.progress import human
 from host_agent.guestfiles.extract import Extracted, extract
 from host_agent.guestfiles.reader import Entry, FileSystem, GuestFiles, ReaderSettings
 from host_agent.storage.export import SnapshotExport
+from host_agent.storage.filesnap import FileSnapshot, StoredEntry
+from host_agent.storage.imagereader import ImageReader, LocalChunks
 from host_agent.storage.repository import Repository
+
+CACHE_BYTES = 16 << 20  # chunk cache of a file-level snapshot's reads
 
 
 def _common(p: argparse.ArgumentParser, default: object) -> None:
@@ -61,10 +65,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 @contextmanager
-def _guest(args: argparse.Namespace, mount: bool) -> Iterator[GuestFiles]:
+def _guest(args: argparse.Namespace, mount: bool) -> Iterator[GuestFiles | FileSnapshot]:
+    """What to read: a file-level snapshot from its catalog (its files already left the guest's
+    file system: no appliance), else the disk snapshot's export in the appliance."""
     if not args.repo:
         raise errors.UsageError("hyperback files: --repo is required (see 'hyperback files --help')")
     repo = Repository.open(args.repo)
+    snapshot = repo.resolve(args.snapshot)
+    if snapshot.files is not None:
+        image = ImageReader(LocalChunks(Path(args.repo), snapshot.id), CACHE_BYTES)
+        try:
+            yield FileSnapshot(snapshot, image)
+        finally:
+            image.close()
+        return
     with (tempfile.TemporaryDirectory(prefix="hyperback-files-") as run_dir,
           SnapshotExport(repo, args.snapshot, Path(run_dir), exit_with_parent=True) as export,
           GuestFiles(export.socket_path, ReaderSettings(tcg=bool(args.tcg))) as guest):
@@ -84,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     with _guest(args, mount=args.path is not None) as guest:
         if args.path is None:
-            _print_filesystems(guest.filesystems(), args.json)
+            if isinstance(guest, FileSnapshot):
+                _print_stored(guest, args.json)
+            else:
+                _print_filesystems(guest.filesystems(), args.json)
             return 0
-        entry = guest.stat(args.path)
-        entries = list(guest.listdir(args.path)) if entry.is_dir else [entry]
+        entry: Entry | StoredEntry = guest.stat(args.path)
+        entries: list[Entry | StoredEntry] = [*guest.listdir(args.path)] if entry.is_dir else [entry]
     _print_entries(entries, args.json)
     return 0
 
@@ -102,11 +119,21 @@ def _print_filesystems(found: list[FileSystem], as_json: bool) -> None:
         print(f"{f.device:16}  {f.kind:8}  {human(f.size):>10}  {f.label}")
 
 
-def _mtime(entry: Entry) -> str:
+def _print_stored(stored: FileSnapshot, as_json: bool) -> None:
+    ref = stored.snapshot.files
+    assert ref is not None
+    if as_json:
+        print(json.dumps(ref.to_json()))
+        return
+    where = f"partition {ref.partition}" if ref.partition else "the disk's file system"
+    print(f"file-level snapshot of {', '.join(ref.paths)} on {where}")
+
+
+def _mtime(entry: Entry | StoredEntry) -> str:
     return datetime.fromtimestamp(entry.mtime_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _print_entries(entries: list[Entry], as_json: bool) -> None:
+def _print_entries(entries: list[Entry | StoredEntry], as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"name": e.name, "mode": e.mode, "size": e.size, "mtime_ns": e.mtime_ns,
                            "target": e.target} for e in entries]))

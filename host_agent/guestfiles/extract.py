@@ -21,17 +21,50 @@ import logging
 import os
 import posixpath
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from host_agent import errors
-from host_agent.guestfiles.reader import Entry, GuestFiles, guest_path
+from host_agent.guestfiles.reader import guest_path
 
 log = logging.getLogger(__name__)
 
 MAX_DEPTH: Final = 128  # directory levels below a requested path; deeper ones are skipped, reported
 KEPT_MODE: Final = 0o1777  # permission bits and sticky: never setuid/setgid from a guest
+
+
+class Entry(Protocol):
+    """An entry as a tree states it (``reader.Entry``; a file-level snapshot's ``StoredEntry``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def mode(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
+    @property
+    def atime_ns(self) -> int: ...
+    @property
+    def target(self) -> str | None: ...
+    @property
+    def is_dir(self) -> bool: ...
+    @property
+    def is_file(self) -> bool: ...
+    @property
+    def is_symlink(self) -> bool: ...
+
+
+class Tree(Protocol):
+    """What is extracted from: the guest reader (``GuestFiles``), or a file-level snapshot
+    (``storage.filesnap.FileSnapshot``)."""
+
+    def stat(self, path: str) -> Entry: ...
+
+    def listdir(self, path: str) -> Iterator[Entry]: ...
+
+    def download(self, path: str, fd: int) -> None: ...
 
 
 @dataclass
@@ -54,7 +87,7 @@ def safe_name(name: str) -> bool:
     return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
-def extract(guest: GuestFiles, path: str, to: Path, done: Extracted | None = None) -> Extracted:
+def extract(guest: Tree, path: str, to: Path, done: Extracted | None = None) -> Extracted:
     """Copy the guest's ``path`` (a file, symlink or whole directory) into ``to`` as
     ``to/basename(path)``; the guest root ``/`` fills ``to`` itself. ``to`` is created if missing."""
     done = done if done is not None else Extracted()
@@ -87,7 +120,7 @@ def _refuse_existing(root: int, name: str, to: Path) -> None:
         raise errors.TargetError(f"{to / name} exists already: remove it or choose another --to")
 
 
-def _write(guest: GuestFiles, source: str, entry: Entry, parent: int, done: Extracted, depth: int) -> None:
+def _write(guest: Tree, source: str, entry: Entry, parent: int, done: Extracted, depth: int) -> None:
     if not safe_name(entry.name):
         done.skip(source, f"unsafe name {entry.name!r}")
         return
@@ -108,7 +141,7 @@ def _write(guest: GuestFiles, source: str, entry: Entry, parent: int, done: Extr
         raise errors.TargetError(f"writing {source} into the target failed: {e}") from e
 
 
-def _write_dir(guest: GuestFiles, source: str, entry: Entry, parent: int, done: Extracted,
+def _write_dir(guest: Tree, source: str, entry: Entry, parent: int, done: Extracted,
                depth: int) -> None:
     if depth > MAX_DEPTH:
         done.skip(source, f"deeper than {MAX_DEPTH} directories below the requested path")
@@ -124,7 +157,7 @@ def _write_dir(guest: GuestFiles, source: str, entry: Entry, parent: int, done: 
     done.directories += 1
 
 
-def _write_file(guest: GuestFiles, source: str, entry: Entry, parent: int, done: Extracted) -> None:
+def _write_file(guest: Tree, source: str, entry: Entry, parent: int, done: Extracted) -> None:
     fd = os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=parent)
     try:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Final, Protocol
 
 from host_agent import errors
+from host_agent.storage.snapshot import FilesRef, Snapshot
 
 BLOCK: Final = 512
 ALIGN_MIN: Final = 4096  # smaller files are not aligned: the padding would cost more than dedup saves
@@ -126,7 +127,7 @@ class ArchiveWriter:
         self.catalog: list[CatalogEntry] = []
         self.skipped: list[tuple[str, str]] = []
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
@@ -149,7 +150,7 @@ class ArchiveWriter:
         name = path.lstrip("/")
         header = aligned_header(name, entry, kind, self.offset, self.chunk_size)
         start = self.offset
-        self._write(header)
+        self.write(header)
         if kind == "file":
             start = self.offset
             self.source.download(path, self.fd)
@@ -157,7 +158,7 @@ class ArchiveWriter:
             if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:
                 raise errors.SourceError(f"{path} changed size while it was archived: its view is not "
                                          "stable")
-            self._write(bytes(-entry.size % BLOCK))
+            self.write(bytes(-entry.size % BLOCK))
         size = entry.size if kind == "file" else 0
         self.catalog.append(CatalogEntry(name, kind, stat.S_IMODE(entry.mode), size, entry.mtime_ns,
                                          entry.atime_ns, entry.target, start))
@@ -167,7 +168,7 @@ class ArchiveWriter:
 
     def close(self) -> bytes:
         """End the archive; return the catalog's bytes (JSON lines)."""
-        self._write(bytes(2 * BLOCK))
+        self.write(bytes(2 * BLOCK))
         return b"".join(json.dumps(asdict(e), sort_keys=True).encode() + b"\n" for e in self.catalog)
 
 
@@ -182,4 +183,126 @@ def read_catalog(data: bytes) -> list[CatalogEntry]:
     return out
 
 
-__all__ = ["ALIGN_MIN", "ArchiveWriter", "CatalogEntry", "TreeSource", "aligned_header", "read_catalog"]
+FORMAT: Final = "pax-aligned"
+
+
+def spool(source: TreeSource, paths: tuple[str, ...], fd: int, chunk_size: int,
+          partition: int = 0) -> tuple[FilesRef, list[tuple[str, str]]]:
+    """Write a file-level snapshot's image to ``fd``: the archive of ``paths``, zeros to the next
+    chunk boundary, the catalog. Returns the document's ``files`` field and what was skipped."""
+    writer = ArchiveWriter(source, fd, chunk_size)
+    for path in paths:
+        writer.add(path)
+    catalog = writer.close()
+    writer.write(bytes(-writer.offset % chunk_size))
+    ref = FilesRef(FORMAT, partition, paths, writer.offset, len(catalog))
+    writer.write(catalog)
+    return ref, writer.skipped
+
+
+class Reads(Protocol):
+    """Reads of a snapshot's image (``imagereader.ImageReader``)."""
+
+    def read(self, offset: int, length: int) -> bytearray: ...
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """A catalog entry as the guest reader's entries look (``mode`` with its file type)."""
+
+    name: str
+    mode: int
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    target: str | None
+    offset: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+_TYPE_BITS: Final = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
+READ_BLOCK: Final = 1 << 20
+
+
+class FileSnapshot:
+    """Browse a file-level snapshot from its catalog; read files' bytes from the archive only."""
+
+    def __init__(self, snapshot: Snapshot, image: Reads) -> None:
+        if snapshot.files is None or snapshot.files.format != FORMAT:
+            raise errors.UsageError(f"snapshot {snapshot.id} is not a file-level snapshot")
+        self.snapshot, self.image = snapshot, image
+        ref = snapshot.files
+        entries = read_catalog(bytes(image.read(ref.catalog_offset, ref.catalog_size)))
+        self._by_path: dict[str, CatalogEntry] = {}
+        self._children: dict[str, list[str]] = {"": []}
+        for e in entries:
+            if e.type not in _TYPE_BITS or e.path in self._by_path or not e.path or e.path.startswith("/"):
+                raise errors.IntegrityError(f"snapshot {snapshot.id}: catalog entry {e.path!r} is not valid")
+            self._by_path[e.path] = e
+            self._link(e.path)
+
+    def _link(self, path: str) -> None:
+        """List ``path`` in its parent, and the parent in its own, up to the root (the directories
+        above the paths backed up have no entries of their own)."""
+        while path:
+            parent = posixpath.dirname(path)
+            known = parent in self._children
+            siblings = self._children.setdefault(parent, [])
+            if path not in siblings:
+                siblings.append(path)
+            if known:
+                return
+            path = parent
+
+    def _key(self, path: str) -> str:
+        return posixpath.normpath("/" + path.lstrip("/")).lstrip("/")
+
+    def _entry(self, key: str) -> StoredEntry:
+        if key == "":
+            return StoredEntry("/", stat.S_IFDIR | 0o755, 0, 0, 0, None, 0)
+        e = self._by_path.get(key)
+        if e is None:
+            if key in self._children:  # a directory above the paths backed up
+                return StoredEntry(posixpath.basename(key), stat.S_IFDIR | 0o755, 0, 0, 0, None, 0)
+            held = ", ".join(self.snapshot.files.paths) if self.snapshot.files else ""
+            raise errors.GuestPathError(f"/{key}: not in file-level snapshot {self.snapshot.id} "
+                                        f"(it holds {held})")
+        return StoredEntry(posixpath.basename(e.path), _TYPE_BITS[e.type] | e.mode, e.size, e.mtime_ns,
+                           e.atime_ns, e.target, e.offset)
+
+    def stat(self, path: str) -> StoredEntry:
+        return self._entry(self._key(path))
+
+    def listdir(self, path: str) -> Iterator[StoredEntry]:
+        key = self._key(path)
+        if not self._entry(key).is_dir:
+            raise errors.GuestPathError(f"/{key} is not a directory in the snapshot")
+        for child in sorted(self._children.get(key, [])):
+            yield self._entry(child)
+
+    def is_file(self, path: str) -> bool:
+        return self.stat(path).is_file
+
+    def download(self, path: str, fd: int) -> None:
+        entry = self._entry(self._key(path))
+        if not entry.is_file:
+            raise errors.GuestPathError(f"{path} is not a regular file in the snapshot")
+        for start in range(0, entry.size, READ_BLOCK):
+            view = memoryview(self.image.read(entry.offset + start, min(READ_BLOCK, entry.size - start)))
+            while view:
+                view = view[os.write(fd, view):]
+
+
+__all__ = ["ALIGN_MIN", "FORMAT", "ArchiveWriter", "CatalogEntry", "FileSnapshot", "StoredEntry",
+           "TreeSource", "aligned_header", "read_catalog", "spool"]
