@@ -127,9 +127,13 @@ class GuestFiles:
             for entry in guest.listdir("/etc"): ...
     """
 
-    def __init__(self, nbd_socket: Path, settings: ReaderSettings = ReaderSettings()) -> None:
+    def __init__(self, nbd_socket: Path, settings: ReaderSettings = ReaderSettings(),
+                 image_format: str | None = None) -> None:
+        """``nbd_socket``: an NBD export's unix socket; or, with ``image_format`` (raw, qcow2), an
+        image file, such as a point-in-time view's (path-level backups)."""
         self.nbd_socket = Path(nbd_socket)
         self.settings = settings
+        self.image_format = image_format
         self._g: Any = None
         self.mounted: FileSystem | None = None
 
@@ -157,8 +161,11 @@ class GuestFiles:
             g.set_memsize(self.settings.memory_mib)
             g.set_network(False)
             g.set_program("hyperback")
-            g.add_drive_opts("", protocol="nbd", server=[f"unix:{self.nbd_socket}"], readonly=True,
-                             format="raw")
+            if self.image_format is not None:
+                g.add_drive_opts(str(self.nbd_socket), readonly=True, format=self.image_format)
+            else:
+                g.add_drive_opts("", protocol="nbd", server=[f"unix:{self.nbd_socket}"], readonly=True,
+                                 format="raw")
             g.launch()
         except RuntimeError as e:
             self.close()
