@@ -1,7 +1,8 @@
 """hyperback files: browse and extract a snapshot's guest files, without restoring the disk.
 
-The snapshot is exported read-only over NBD (``storage.export``) and read inside libguestfs's
-appliance (``guestfiles``): the host's kernel never mounts the guest's file system.
+A disk snapshot is exported read-only over NBD (``storage.export``) and read inside libguestfs's
+appliance (``guestfiles``): the host's kernel never mounts the guest's file system. A file-level
+snapshot (path-level backups) is read from its catalog and archive (``storage.filesnap``).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def _guest(args: argparse.Namespace, mount: bool) -> Iterator[GuestFiles | FileS
             image.close()
         return
     with (tempfile.TemporaryDirectory(prefix="hyperback-files-") as run_dir,
-          SnapshotExport(repo, args.snapshot, Path(run_dir), exit_with_parent=True) as export,
+          SnapshotExport(repo, snapshot.id, Path(run_dir), exit_with_parent=True) as export,
           GuestFiles(export.socket_path, ReaderSettings(tcg=bool(args.tcg))) as guest):
         if mount:
             guest.mount(args.fs)
