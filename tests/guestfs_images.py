@@ -10,6 +10,7 @@ import hashlib
 import os
 import stat
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +93,37 @@ def snapshot_of_tree(root: Path) -> dict[str, Seen]:
         target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
         out[str(path.relative_to(root))] = Seen(st.st_mode, st.st_mtime_ns, digest, target)
     return out
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    name: str
+    mode: int
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    target: str | None
+
+
+class HostTree:
+    """A TreeSource over a host directory: the same walk the guest reader serves, on real files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _entry(self, path: Path) -> HostEntry:
+        st = path.lstat()
+        target = os.readlink(path) if path.is_symlink() else None
+        return HostEntry(path.name or "/", st.st_mode, st.st_size, st.st_mtime_ns, st.st_atime_ns, target)
+
+    def stat(self, path: str) -> HostEntry:
+        return self._entry(self.root / path.lstrip("/"))
+
+    def listdir(self, path: str) -> Iterator[HostEntry]:
+        for child in sorted((self.root / path.lstrip("/")).iterdir()):
+            yield self._entry(child)
+
+    def download(self, path: str, fd: int) -> None:
+        with open(self.root / path.lstrip("/"), "rb") as f:
+            while block := f.read(1 << 20):
+                os.write(fd, block)

@@ -5,54 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 
-from guestfs_images import guest_tree, snapshot_of_tree
+from guestfs_images import HostTree, guest_tree, snapshot_of_tree
 
-sys.path.insert(0, str(Path(__file__).parent / "cli"))
-from cli_helpers import assert_one_line_error, run, run_json  # noqa: E402
-
-from host_agent.storage.filesnap import ALIGN_MIN, ArchiveWriter, read_catalog, spool
+from host_agent.storage.filesnap import ALIGN_MIN, ArchiveWriter, read_catalog
 from host_agent.storage.repository import Repository
 
 CHUNK = 32768
-
-
-@dataclass(frozen=True)
-class HostEntry:
-    name: str
-    mode: int
-    size: int
-    mtime_ns: int
-    atime_ns: int
-    target: str | None
-
-
-class HostTree:
-    """A TreeSource over a host directory: the same walk the guest reader serves, on real files."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def _entry(self, path: Path) -> HostEntry:
-        st = path.lstat()
-        target = os.readlink(path) if path.is_symlink() else None
-        return HostEntry(path.name or "/", st.st_mode, st.st_size, st.st_mtime_ns, st.st_atime_ns, target)
-
-    def stat(self, path: str) -> HostEntry:
-        return self._entry(self.root / path.lstrip("/"))
-
-    def listdir(self, path: str) -> Iterator[HostEntry]:
-        for child in sorted((self.root / path.lstrip("/")).iterdir()):
-            yield self._entry(child)
-
-    def download(self, path: str, fd: int) -> None:
-        with open(self.root / path.lstrip("/"), "rb") as f:
-            while block := f.read(1 << 20):
-                os.write(fd, block)
 
 
 def archive(tree: Path, out: Path, *paths: str) -> ArchiveWriter:
@@ -103,26 +63,3 @@ def test_a_change_early_in_the_archive_leaves_later_files_deduplicated(tmp_path:
     second = repo.backup(str(tmp_path / "2.tar"), "vm1/files")
     assert second.snapshot.stats.bytes_new <= 2 * CHUNK  # the headers' chunk(s), not 2 MiB of shifted data
 
-
-def test_a_file_level_snapshot_is_browsed_from_its_catalog_without_an_appliance(tmp_path: Path) -> None:
-    tree = guest_tree(tmp_path / "tree")
-    repo = Repository.init(tmp_path / "repo", chunk_size=CHUNK)
-    with open(tmp_path / "spool", "wb") as f:
-        ref, skipped = spool(HostTree(tree), ("/etc/app", "/data"), f.fileno(), CHUNK, partition=1)
-    assert skipped == [("/data/pipe", "not a file, directory or symlink")]
-    snap = repo.backup(str(tmp_path / "spool"), "vm1/vda1-files", files=ref).snapshot
-    assert Repository.open(tmp_path / "repo").resolve(snap.id).files == ref  # the document keeps it
-    r = str(tmp_path / "repo")
-    assert run("files", "--repo", r, snap.id, "ls").stdout == \
-        "file-level snapshot of /etc/app, /data on partition 1\n"
-    listing = {e["name"]: e for e in run_json("files", "--repo", r, snap.id, "ls", "/data")}
-    assert sorted(listing) == ["abs", "blob.bin", "escape", "latest", "tool"]
-    assert run("files", "--repo", r, snap.id, "ls", "/").stdout.split()[-1] == "etc"  # above the paths
-    assert run("files", "--repo", r, snap.id, "cat", "/etc/app/app.conf").stdout == "port = 8080\n"
-    run("files", "--repo", r, snap.id, "get", "/etc/app", "/data", "--to", tmp_path / "out")
-    want = {k.removeprefix("etc/"): v for k, v in snapshot_of_tree(tree).items()
-            if k.startswith(("etc/app", "data")) and k != "data/pipe"}
-    want["data/tool"] = replace(want["data/tool"], mode=0o100755)  # never setuid from a guest
-    assert snapshot_of_tree(tmp_path / "out") == want
-    assert_one_line_error(run("files", "--repo", r, snap.id, "cat", "/etc/passwd", check=False), 2,
-                          "not in file-level snapshot")

@@ -8,12 +8,14 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from cli_helpers import HYPERBACK, assert_one_line_error
-from guestfs_images import MIB, MTIME_NS, guest_tree, mke2fs, snapshot_of_tree
+from cli_helpers import HYPERBACK, assert_one_line_error, run, run_json
+from guestfs_images import MIB, MTIME_NS, HostTree, guest_tree, mke2fs, snapshot_of_tree
 
+from host_agent.storage.filesnap import spool
 from host_agent.storage.repository import Repository
 
 pytestmark = pytest.mark.slow
@@ -111,3 +113,29 @@ def mounts_and_loops() -> set[str]:
     loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
                            capture_output=True, text=True, check=True).stdout.splitlines()
     return mounts | set(loops)
+
+
+def test_a_file_level_snapshot_is_browsed_from_its_catalog_without_an_appliance(tmp_path: Path) -> None:
+    """No export, no appliance: the files left the guest's file system when they were backed up."""
+    tree = guest_tree(tmp_path / "tree")
+    repo = Repository.init(tmp_path / "repo")
+    with open(tmp_path / "spool", "wb") as f:
+        ref, skipped = spool(HostTree(tree), ("/etc/app", "/data"), f.fileno(), repo.config.chunk_size,
+                             partition=1)
+    assert skipped == [("/data/pipe", "not a file, directory or symlink")]
+    snap = repo.backup(str(tmp_path / "spool"), "vm1/vda1-files", files=ref).snapshot
+    assert Repository.open(tmp_path / "repo").resolve(snap.id).files == ref  # the document keeps it
+    r = str(tmp_path / "repo")
+    assert run("files", "--repo", r, snap.id, "ls").stdout == \
+        "file-level snapshot of /etc/app, /data on partition 1\n"
+    listing = {e["name"]: e for e in run_json("files", "--repo", r, snap.id, "ls", "/data")}
+    assert sorted(listing) == ["abs", "blob.bin", "escape", "latest", "tool"]
+    assert run("files", "--repo", r, snap.id, "ls", "/").stdout.split()[-1] == "etc"  # above the paths
+    assert run("files", "--repo", r, snap.id, "cat", "/etc/app/app.conf").stdout == "port = 8080\n"
+    run("files", "--repo", r, snap.id, "get", "/etc/app", "/data", "--to", tmp_path / "out")
+    want = {k.removeprefix("etc/"): v for k, v in snapshot_of_tree(tree).items()
+            if k.startswith(("etc/app", "data")) and k != "data/pipe"}
+    want["data/tool"] = replace(want["data/tool"], mode=0o100755)  # never setuid from a guest
+    assert snapshot_of_tree(tmp_path / "out") == want
+    assert_one_line_error(run("files", "--repo", r, snap.id, "cat", "/etc/passwd", check=False), 2,
+                          "not in file-level snapshot")
