@@ -10,7 +10,8 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── UnknownJob                       no job of that id (NOT_FOUND)
     │   ├── JobFinished                      the job has finished: too late to cancel (FAILED_PRECONDITION)
     │   ├── UnknownSchedule                  no schedule of that name (NOT_FOUND)
-    │   └── MalformedMessage                 a protobuf message breaks its contract (INVALID_ARGUMENT)
+    │   ├── MalformedMessage                 a protobuf message breaks its contract (INVALID_ARGUMENT)
+    │   └── GuestPathError                   a path or file system a snapshot's guest lacks, or not that kind
     ├── RepositoryError             exit 2   the repository is missing, foreign or unusable
     │   ├── NotARepository
     │   ├── UnsupportedFormat                written by a newer hyperback
@@ -47,10 +48,12 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── ColocationError                  a backup on the media host failed; says where the VM runs
     │   ├── ApplianceError                   an appliance could not be found, held or moved
     │   ├── ServiceAddressError              a service address could not be claimed or released
-    │   └── PackageBuildError                the guest shim's wheel or zipapp could not be built
+    │   ├── PackageBuildError                the guest shim's wheel or zipapp could not be built
+    │   └── ReaderError                      the isolated reader of guest file systems failed (libguestfs)
     ├── IntegrityError              exit 4   stored data is damaged
     │   ├── CorruptChunk                     a blob failed its checks
-    │   └── MissingChunk                     a referenced blob is not in the repository
+    │   ├── MissingChunk                     a referenced blob is not in the repository
+    │   └── DamagedFileSystem                a guest file system in a snapshot is damaged or unknown
     ├── OptimizerError                       the optimizer, its policies and its client
     │   ├── OptimizerConfigError    exit 2   an unusable policy chain, option, address or TLS file
     │   │   └── UnknownPolicy                no entry point provides a policy of that name
@@ -98,6 +101,11 @@ class UnknownSchedule(UsageError):
 
 class MalformedMessage(UsageError):
     """A protobuf message breaks its contract: an enum value or a time this side cannot read."""
+
+
+class GuestPathError(UsageError):
+    """A path, or a file system, that a snapshot's guest does not have, or not of the kind asked
+    for (a directory given to ``cat``)."""
 
 
 class RepositoryError(HyperbackError):
@@ -265,6 +273,11 @@ class PackageBuildError(EnvironmentProblem):
     """The guest shim's wheel or zipapp could not be built (pip, setuptools, the output folder)."""
 
 
+class ReaderError(EnvironmentProblem):
+    """The isolated reader of guest file systems (the libguestfs appliance) could not start, or
+    failed for a reason that is not the guest's file system."""
+
+
 class IntegrityError(HyperbackError):
     exit_code = 4
 
@@ -279,6 +292,11 @@ class CorruptChunk(IntegrityError):
 
 class MissingChunk(IntegrityError):
     pass
+
+
+class DamagedFileSystem(IntegrityError):
+    """A guest file system held in a snapshot cannot be read: damaged, or of no kind the reader
+    knows. The snapshot's own chunks may be intact: the damage was in the guest."""
 
 
 class OptimizerError(HyperbackError):

@@ -24,8 +24,10 @@ MAY_IMPORT = {
     "planning": set(),
     "media": {"storage", "colocation"},  # the media service claims its moving address (serviceip)
     "colocation": set(),
-    "agent": {"storage", "media", "planning", "colocation"},
-    "cli": {"storage", "lab", "agent"},  # vm enable/status, jobs and schedules: the agent's parts and its API
+    "guestfiles": set(),  # it reads an NBD socket, whoever serves it
+    "agent": {"storage", "media", "planning", "colocation", "guestfiles"},
+    # vm enable/status, jobs and schedules: the agent's parts and its API; files: the reader
+    "cli": {"storage", "lab", "agent", "guestfiles"},
     "lab": {"agent", "storage", "colocation", "media"},
 }
 
@@ -135,6 +137,17 @@ def test_libvirt_errors_are_caught_at_one_door() -> None:
     harness that drives libvirt itself, is not the product)."""
     mention = {m for m, path in modules().items() if "libvirtError" in path.read_text()}
     assert {m for m in mention if not m.startswith("host_agent.lab")} == {"host_agent.hypervisor"}
+
+
+def test_one_module_drives_libguestfs() -> None:
+    """Only the reader talks to the appliance, and turns its errors into the project's."""
+    users = {m for m in modules() if "guestfs" in imported_names(m) | plain_imports(m)}
+    assert users == {"host_agent.guestfiles.reader"}
+
+
+def plain_imports(name: str) -> set[str]:
+    tree = ast.parse(modules()[name].read_text())
+    return {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
 
 def test_one_module_touches_the_native_library() -> None:

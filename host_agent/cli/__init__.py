@@ -22,6 +22,7 @@ from host_agent.cli import (
     check_cmd,
     demo_cmd,
     export_cmd,
+    files_cmd,
     init_cmd,
     job_cmd,
     list_cmd,
@@ -35,8 +36,8 @@ from host_agent.cli import (
     vm_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, export_cmd, list_cmd, verify_cmd, verify_boot_cmd, check_cmd,
-            prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, export_cmd, files_cmd, list_cmd, verify_cmd, verify_boot_cmd,
+            check_cmd, prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -44,6 +44,7 @@ from host_agent.storage.snapshot import (
     BackupResult,
     BadChunk,
     CheckReport,
+    FilesRef,
     RestoreResult,
     Snapshot,
     SnapshotStats,
@@ -378,7 +379,8 @@ class Repository:
     def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
-               checkpoint: str | None = None, cancel: CancelToken | None = None) -> BackupResult:
+               checkpoint: str | None = None, cancel: CancelToken | None = None,
+               files: FilesRef | None = None) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -425,7 +427,7 @@ class Repository:
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats, checkpoint)
+                                detection, stats, checkpoint, files)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:

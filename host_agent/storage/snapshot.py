@@ -40,6 +40,29 @@ class SnapshotStats:
 
 
 @dataclass(frozen=True)
+class FilesRef:
+    """A file-level snapshot's ``files`` field (docs/restore.md, "Path-level backups"): its image is
+    a chunk-aligned pax archive (``host_agent.storage.filesnap``) of ``paths`` of the file system
+    on ``partition`` (0: the disk formatted whole), followed, from ``catalog_offset`` (a chunk
+    boundary), by the catalog's ``catalog_size`` bytes."""
+
+    format: str
+    partition: int
+    paths: tuple[str, ...]
+    catalog_offset: int
+    catalog_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "partition": self.partition, "paths": list(self.paths),
+                "catalog": {"offset": self.catalog_offset, "size": self.catalog_size}}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> FilesRef:
+        return cls(str(doc["format"]), int(doc["partition"]), tuple(map(str, doc["paths"])),
+                   int(doc["catalog"]["offset"]), int(doc["catalog"]["size"]))
+
+
+@dataclass(frozen=True)
 class Snapshot:
     id: str
     name: str
@@ -53,9 +76,10 @@ class Snapshot:
     change_detection: ChangeDetection
     stats: SnapshotStats
     checkpoint: str | None = None   # the hypervisor checkpoint taken with it: where the next one starts
+    files: FilesRef | None = None   # a file-level snapshot: what its image holds
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "version": FORMAT_VERSION, "id": self.id, "name": self.name, "policy": self.policy.value,
             "parent": self.parent, "time": self.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "source": self.source, "size": self.size, "chunk_size": self.chunk_size,
@@ -64,6 +88,9 @@ class Snapshot:
             "change_detection": self.change_detection.value, "stats": asdict(self.stats),
             "checkpoint": self.checkpoint,
         }
+        if self.files is not None:  # only file-level snapshots carry it: image documents are as before
+            doc["files"] = self.files.to_json()
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Snapshot:
@@ -76,7 +103,8 @@ class Snapshot:
                          int(tree["entries"])),
             change_detection=ChangeDetection(doc["change_detection"]),
             stats=SnapshotStats(**doc["stats"]),
-            checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]))
+            checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]),
+            files=FilesRef.from_json(doc["files"]) if doc.get("files") else None)
 
 
 def _legacy_checkpoint(source: str) -> str | None:
