@@ -48,6 +48,7 @@ from host_agent.storage.snapshot import (
     Snapshot,
     SnapshotStats,
     VerifyReport,
+    VmRef,
 )
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,8 @@ class Repository:
     def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
-               checkpoint: str | None = None, cancel: CancelToken | None = None) -> BackupResult:
+               checkpoint: str | None = None, cancel: CancelToken | None = None,
+               vm: VmRef | None = None) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -326,7 +328,8 @@ class Repository:
         image) replaces that choice: with ``changes`` only they are read, the rest is
         taken from ``base``. ``checkpoint`` names the hypervisor checkpoint taken at the
         instant the source shows, which the snapshot records for the next backup to start from.
-        ``cancel`` stops it: nothing is published unless it comes after the commit.
+        ``cancel`` stops it: nothing is published unless it comes after the commit. ``vm`` ties
+        the snapshot to its domain's stored definition (docs/repository-format.md, 5.3).
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
@@ -363,7 +366,7 @@ class Repository:
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats, checkpoint)
+                                detection, stats, checkpoint, vm)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:
