@@ -2,7 +2,7 @@
 
 As a new domain (:func:`as_new_domain`) the definition gets a new name and UUID, its interfaces
 lose their MAC addresses (libvirt then makes new ones), its restored disks point at their new
-images, its NVRAM at its copy, its character devices at files of its own, and its unix channels
+images (and their host-side tap names go), its NVRAM at its copy, its character devices at files of its own, and its unix channels
 let libvirt place their sockets: nothing it uses is shared with the domain it was copied from.
 Disks the run did not back up that the guest could write are left out (two domains writing one
 image would destroy it); read-only ones (CD-ROMs, shared read-only images) stay.
@@ -79,8 +79,9 @@ def as_new_domain(xml: str, name: str, targets: Mapping[str, DiskTarget], files_
     _set_text(root, "name", name)
     _set_text(root, "uuid", new_uuid)
     for element in root.findall("./devices/interface"):
-        for mac in element.findall("mac"):
-            element.remove(mac)
+        # no MAC: libvirt makes a new one; no host-side device name: the original's would clash
+        for old in element.findall("mac") + element.findall("target"):
+            element.remove(old)
     dropped = _point_disks(root, targets)
     _own_chardevs(root, name, files_dir)
     os_element = root.find("os")
