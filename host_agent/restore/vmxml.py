@@ -3,7 +3,8 @@
 As a new domain (:func:`as_new_domain`) the definition gets a new name and UUID, its interfaces
 lose their MAC addresses and host-side device names (libvirt then makes new ones), its restored
 disks point at their new images, its NVRAM at its copy, its character devices at files of its
-own, and its unix channels let libvirt place their sockets: nothing it uses is shared with the domain it was copied from.
+own, and its unix channels let libvirt place their sockets: nothing it uses is shared with the
+domain it was copied from.
 Disks the run did not back up that the guest could write are left out (two domains writing one
 image would destroy it); read-only ones (CD-ROMs, shared read-only images) stay.
 """
