@@ -188,3 +188,28 @@ def test_secrets_are_stripped_and_rewriting_keeps_what_it_does_not_know() -> Non
     assert "keep" in out.xml
     with pytest.raises(errors.RepositoryError, match="not a <domain>"):
         vmxml.parse("<network/>")
+
+
+def test_the_definition_goes_through_a_media_service_and_a_vm_restores_from_there(
+        conn: hypervisor.Guarded, tmp_path: Path) -> None:
+    from host_agent.media import server as media
+    from host_agent.media.client import RemoteRepository
+
+    disk = write_image(tmp_path / "orig-vda.img", 2 * MIB, 6)
+    nvram = tmp_path / "orig_VARS.fd"
+    nvram.write_bytes(b"remote NVRAM")
+    dom = conn.defineXML(DOMAIN.format(name="orig", disk=disk, scratch=tmp_path / "s.img", nvram=nvram))
+    local = Repository.init(tmp_path / "repo")
+    srv = media.start({"main": local.path}, "127.0.0.1:0", "hostb", lease=5.0)
+    try:
+        with RemoteRepository(srv.address, "main", timeout=10, spool_dir=tmp_path) as remote:
+            ref = vmdefinition.store(remote, vmdefinition.capture(dom), ["job-remote"], tmp_path / "work")
+            remote.backup(disk, f"{dom.UUIDString()}/data-1", Policy.FULL, vm=ref)
+            run = restore_vm.find_run(remote, "job-remote")
+            result = restore_vm.restore_as(conn, remote, run, "from-afar", tmp_path / "out")
+    finally:
+        srv.stop(grace=0)
+    assert sha256_file(Path(result.disks[0]["path"])) == sha256_file(disk)
+    assert (tmp_path / "out" / "from-afar_VARS.fd").read_bytes() == b"remote NVRAM"
+    # what the service committed is what a local reader finds
+    assert restore_vm.find_run(local, "job-remote").vm == run.vm
