@@ -213,3 +213,11 @@ def test_the_definition_goes_through_a_media_service_and_a_vm_restores_from_ther
     assert (tmp_path / "out" / "from-afar_VARS.fd").read_bytes() == b"remote NVRAM"
     # what the service committed is what a local reader finds
     assert restore_vm.find_run(local, "job-remote").vm == run.vm
+
+
+def test_a_disk_snapshot_cannot_name_a_definition_the_repository_lacks(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    ref = VmRef("0" * 16, ("job",), "u", "web", "ffffffffffffffff")
+    with pytest.raises(errors.UsageError, match="lacks"):
+        repo.backup(write_image(tmp_path / "d.img", MIB, 1), "u/root", vm=ref)
+    assert repo.snapshots() == []

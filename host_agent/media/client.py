@@ -363,6 +363,10 @@ class _Spool(Repository):
         Repository.init(path, config.chunk_size, config.compression_level)
         return cls(path, config, writer_id)
 
+    def check_vm(self, vm: VmRef | None) -> None:
+        """The definition's snapshots are at the destination, not in the spool: the service checks
+        them when it commits (media-protocol.md, 2.2)."""
+
     @contextmanager
     def session(self, kind: str, writer: bool, writer_id: bytes | None = None) -> Iterator[NativeRepository]:
         """Every session of the spool writes as the server's session: its packs go there as they are."""

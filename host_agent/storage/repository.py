@@ -300,6 +300,16 @@ class Repository:
             history = [s for s in history if s.policy is Policy.FULL]
         return history[-1] if history and policy is not Policy.FULL else None
 
+    def check_vm(self, vm: VmRef | None) -> None:
+        """The snapshots a ``vm`` field names exist (docs/repository-format.md, 5.3): they are
+        committed before the disk snapshots that name them."""
+        if vm is None:
+            return
+        for sid in (vm.definition, *(f.snapshot for f in vm.files)):
+            if not SNAPSHOT_ID.fullmatch(sid) or not (self._dir("snapshots") / sid).exists():
+                raise errors.UsageError(f"the domain definition names snapshot {sid!r}, which the repository "
+                                        "lacks: commit the definition's snapshots first")
+
     def _commit(self, snap: Snapshot) -> None:
         write_atomic(self._dir("snapshots") / snap.id, json.dumps(snap.to_json(), indent=1).encode(),
                      self._dir("tmp"))
@@ -336,6 +346,7 @@ class Repository:
                 f"snapshot name {name!r} must be 1-4 parts joined by '/', each of letters, digits, "
                 "'.', '_', '-' (64 at most, not starting with a punctuation mark), e.g. vm1/vda")
         policy = Policy(policy)
+        self.check_vm(vm)
         threads = threads or os.cpu_count() or 1
         started = time.monotonic()
         notes: list[str] = []
