@@ -169,5 +169,5 @@ def test_a_backed_up_vm_comes_back_as_a_new_domain_that_boots_and_in_place_over_
     assert original.domain.UUIDString() == uuid_before
     kept = ET.fromstring(original.domain.XMLDesc(2))
     assert kept.find(f"./devices/interface/mac[@address='{MAC}']") is not None
-    assert [s["snapshot"] for s in listed["snapshots"]] == [snap.id], listed  # type: ignore[index]
+    assert [s["id"] for s in listed["snapshots"]] == [snap.id], listed  # type: ignore[index]
     print(f"restore-vm --in-place (32 MiB qcow2 disk): {seconds:.2f} s to a started domain")
