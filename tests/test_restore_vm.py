@@ -221,3 +221,16 @@ def test_a_disk_snapshot_cannot_name_a_definition_the_repository_lacks(tmp_path:
     with pytest.raises(errors.UsageError, match="lacks"):
         repo.backup(write_image(tmp_path / "d.img", MIB, 1), "u/root", vm=ref)
     assert repo.snapshots() == []
+
+
+def test_a_domain_whose_nvram_file_does_not_exist_yet_is_stored_without_it(
+        conn: hypervisor.Guarded, tmp_path: Path) -> None:
+    disk = write_image(tmp_path / "d.img", MIB, 2)
+    dom = conn.defineXML(DOMAIN.format(name="fresh", disk=disk, scratch=tmp_path / "s.img",
+                                       nvram=tmp_path / "never_VARS.fd"))
+    repo = Repository.init(tmp_path / "repo")
+    ref = vmdefinition.store(repo, vmdefinition.capture(dom), ["j"], tmp_path / "work")
+    assert ref.files == ()
+    repo.backup(disk, f"{dom.UUIDString()}/data-1", vm=ref)
+    result = restore_vm.restore_as(conn, repo, restore_vm.find_run(repo, "j"), "fresh2", tmp_path / "out")
+    assert result.files == []

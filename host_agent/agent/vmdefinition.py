@@ -102,7 +102,8 @@ def store(repo: AnyRepository, definition: Definition, jobs: Sequence[str], work
         tmp.flush()
         xml_snap = repo.backup(tmp.name, vm_snapshot_name(uuid, "definition"), Policy.FULL).snapshot
     files: list[VmFile] = []
-    if definition.nvram is not None:
+    # a UEFI domain that never started has no NVRAM file yet: libvirt makes it from its template
+    if definition.nvram is not None and Path(definition.nvram).is_file():
         files.append(_store_file(repo, uuid, "nvram", Path(definition.nvram), definition.nvram))
     if definition.tpm_dir is not None:
         for i, path in enumerate(tpm_files(definition.tpm_dir)):
