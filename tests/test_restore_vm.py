@@ -156,12 +156,16 @@ def test_in_place_replaces_the_disks_and_nvram_and_keeps_the_domain(
     assert not list(disk.parent.glob(".*hyperback*"))
 
 
-def test_in_place_refuses_a_running_domain_without_stop(
+def test_in_place_refuses_a_running_domain_without_stop_and_stops_it_with_stop(
         backed_up: tuple[Repository, hypervisor.Guarded, Path, Path]) -> None:
     repo, dom, _disk, _nvram = backed_up
     dom.create()
     with pytest.raises(errors.UsageError, match="--stop"):
         restore_vm.restore_in_place(dom.connect(), repo, restore_vm.find_run(repo, "job-one"))
+    # with --stop it is shut down first (the test driver's guest obeys at once), then restored and started
+    result = restore_vm.restore_in_place(dom.connect(), repo, restore_vm.find_run(repo, "job-one"),
+                                         stop=True, start=True)
+    assert result.started and dom.isActive()
 
 
 def test_a_snapshot_without_a_definition_says_how_to_restore_it(tmp_path: Path) -> None:
