@@ -25,7 +25,8 @@ MAY_IMPORT = {
     "media": {"storage", "colocation"},  # the media service claims its moving address (serviceip)
     "colocation": set(),
     "agent": {"storage", "media", "planning", "colocation"},
-    "cli": {"storage", "lab", "agent"},  # vm enable/status, jobs and schedules: the agent's parts and its API
+    "restore": {"storage", "media", "agent"},  # whole VMs: the stored definition, views' image locks
+    "cli": {"storage", "lab", "agent", "restore"},  # vm enable/status, jobs and schedules: the agent's parts
     "lab": {"agent", "storage", "colocation", "media"},
 }
 
