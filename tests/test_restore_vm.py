@@ -238,3 +238,19 @@ def test_a_domain_whose_nvram_file_does_not_exist_yet_is_stored_without_it(
     repo.backup(disk, f"{dom.UUIDString()}/data-1", vm=ref)
     result = restore_vm.restore_as(conn, repo, restore_vm.find_run(repo, "j"), "fresh2", tmp_path / "out")
     assert result.files == []
+
+
+def test_the_media_service_refuses_a_disk_snapshot_naming_a_definition_it_lacks(tmp_path: Path) -> None:
+    from host_agent.media import server as media
+    from host_agent.media.client import RemoteRepository
+
+    local = Repository.init(tmp_path / "repo")
+    srv = media.start({"main": local.path}, "127.0.0.1:0", "hostb", lease=5.0)
+    try:
+        with RemoteRepository(srv.address, "main", timeout=10, spool_dir=tmp_path) as remote:
+            ref = VmRef("0" * 16, ("job",), "u", "web", "ffffffffffffffff")
+            with pytest.raises(errors.HyperbackError, match="lacks"):
+                remote.backup(write_image(tmp_path / "d.img", MIB, 1), "u/root", vm=ref)
+    finally:
+        srv.stop(grace=0)
+    assert local.snapshots() == []
