@@ -172,3 +172,57 @@ def test_a_backed_up_vm_comes_back_as_a_new_domain_that_boots_and_in_place_over_
     assert [s["id"] for s in listed["snapshots"]] == [snap.id], listed  # type: ignore[index]
     print(f"restore-vm --as (32 MiB qcow2 disk, definition): {as_new_seconds:.2f} s to a started domain; "
           f"--in-place: {seconds:.2f} s")
+
+
+DEBIAN_SCRIPT = """\
+echo "ROOT $(findmnt -no SOURCE /) $(cat /etc/hostname)"
+echo "STATUS $(python3 /run/hb-cmd/hyperback-shim.pyz status --json 0000000000000000)"
+"""
+
+
+def test_a_debian_vm_restored_as_a_new_domain_boots_from_its_restored_disk_and_reaches_the_agent(
+        agent: RunningAgent, lab: Lab, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The boot disk matters here: a real Debian guest (systemd, udev) whose root file system is the
+    restored image, its original overlay deleted before the copy starts."""
+    from xml.sax.saxutils import escape
+
+    from host_agent.cli import shim_cmd
+    from host_agent.lab import debian
+    from host_agent.lab.domain import DESCRIPTION, EMULATOR, Channel, render_channel, render_disk
+
+    commands = workdir / "deb-commands"
+    commands.mkdir()
+    shim_cmd.build_zipapp(commands)
+    (commands / "run.sh").write_text(DEBIAN_SCRIPT)
+    root = debian.overlay(debian.build_image(lab.cache_dir, lab.kernel), workdir / "deb-root.qcow2")
+    name = lab.name_prefix + "rvm-debian"
+    disks = [Disk(root, "vda", "qcow2", "hb-deb-root"),
+             debian.command_disk(commands, workdir / "deb-commands.img")]
+    xml = debian.DOMAIN_XML.format(
+        name=name, description=escape(DESCRIPTION), memory_mib=384, vcpus=1,
+        kernel=escape(str(lab.kernel.image)), initrd=escape(f"/boot/initrd.img-{lab.kernel.version}"),
+        emulator=EMULATOR, disks="\n".join(render_disk(d) for d in disks),
+        channels=render_channel(Channel()), console_log=escape(str(lab.workdir / f"{name}.console.log")))
+    original = Vm(lab, name, lab.conn.defineXML(xml), lab.workdir / f"{name}.console.log", True, 0.0)
+    lab.vms.append(original)
+
+    job = offline_backup(workdir, name)  # never booted: read offline, the Debian image through the overlay
+    root.unlink()  # the copy must boot from what the repository gave back, nothing else
+    t0 = time.monotonic()
+    assert main(["restore-vm", "--repo", str(workdir / "agent" / "repo"), "--connect", "qemu:///system",
+                 "--as", "hbvl-rvm-debian-copy", "--to", str(workdir / "deb-copy"), "--start", job.id]) == 0
+    restore_seconds = time.monotonic() - t0
+    capsys.readouterr()
+    copy_dom = lab.conn.lookupByName("hbvl-rvm-debian-copy")
+    copy = Vm(lab, "hbvl-rvm-debian-copy", copy_dom, next((workdir / "deb-copy").glob("*console.log")), True,
+              t0)
+    lab.vms.append(copy)
+    assert copy.wait_for_exit(timeout=600) == 0, copy.console_tail()
+    booted = time.monotonic() - t0
+    console = copy.console()
+    assert guest_line(console, "ROOT").startswith("/dev/vda"), console[-3000:]
+    assert_agent_answered(json.loads(guest_line(console, "STATUS")))
+    vda = ET.fromstring(copy_dom.XMLDesc(2)).find("./devices/disk/source")
+    assert vda is not None and vda.get("file") == str(workdir / "deb-copy" / "hbvl-rvm-debian-copy-vda.img")
+    print(f"Debian VM (2 GiB root): restore-vm --as {restore_seconds:.1f} s, to its shim's answer "
+          f"{booted:.1f} s")
