@@ -96,6 +96,9 @@ def backup_round_trip(lab: Lab, workdir: Path, name: str) -> None:
     snapshot_id = disks[0]["snapshot"]
 
     repo = Repository.open(workdir / "agent" / "repo")
+    # the domain's definition was stored with it, taken while the guest ran (repository-format 5.3)
+    vm = repo.resolve(snapshot_id).vm
+    assert vm is not None and repo.resolve(vm.definition).name == f"{vm.domain_uuid}/vm/definition"
     restored = workdir / f"{name}.restored"
     repo.restore(snapshot_id, restored)
     with open(restored, "rb") as f:

@@ -26,8 +26,9 @@ MAY_IMPORT = {
     "colocation": set(),
     "guestfiles": set(),  # it reads an NBD socket, whoever serves it
     "agent": {"storage", "media", "planning", "colocation", "guestfiles"},
+    "restore": {"storage", "media", "agent"},  # whole VMs: the stored definition, views' image locks
     # vm enable/status, jobs and schedules: the agent's parts and its API; files: the reader
-    "cli": {"storage", "lab", "agent", "guestfiles"},
+    "cli": {"storage", "lab", "agent", "guestfiles", "restore"},
     "lab": {"agent", "storage", "colocation", "media"},
 }
 

@@ -46,3 +46,19 @@ def test_a_policy_that_keeps_nothing_is_refused() -> None:
         KeepPolicy()
     with pytest.raises(errors.UsageError):
         KeepPolicy(last=-1)
+
+
+def test_a_kept_disk_snapshot_keeps_the_definition_it_names_though_its_own_rule_would_drop_it() -> None:
+    from dataclasses import replace
+
+    from host_agent.storage.snapshot import VmFile, VmRef
+
+    # the definition of the kept disk snapshot is the older of two: keep_last=1 alone would drop it
+    definitions = [snap(20, T0, "u/vm/definition"), snap(21, T0 + timedelta(hours=2), "u/vm/definition")]
+    nvram = snap(30, T0, "u/vm/nvram")
+    ref = VmRef("r" * 16, ("job",), "u", "web", definitions[0].id, (VmFile("nvram", "/v", nvram.id),))
+    disks = [snap(1, T0 + timedelta(hours=3), "u/root")]
+    disks[0] = replace(disks[0], vm=ref)
+    keep, remove = select([*definitions, nvram, *disks], KeepPolicy(last=1))
+    assert ids(keep) == [20, 30, 21, 1]
+    assert ids(remove) == []

@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 from host_agent import errors
-from host_agent.agent import views
+from host_agent.agent import views, vmdefinition
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
@@ -47,7 +48,7 @@ from host_agent.model import (
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent, Layout
 from host_agent.storage.repository import CancelToken
-from host_agent.storage.snapshot import BackupResult, Snapshot
+from host_agent.storage.snapshot import BackupResult, Snapshot, VmRef
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class Executor:
     async def _run_plan(self, plan: Plan, outcomes: dict[str, Outcome]) -> None:
         remaining = {i: sum(i in u.satisfies for u in plan.units) for i in outcomes}
         bases: dict[str, Snapshot] = {}
+        definitions: dict[tuple[str, str], VmRef | str] = {}
         failed_units: dict[str, str] = {}
         groups = visits(plan.units)
         visited = {u.id: opener for opener, group in groups.items() for u in group}
@@ -176,7 +178,8 @@ class Executor:
                     if opener in failed_units:
                         raise errors.HyperbackError(failed_units[opener])
                 else:
-                    await self._run(unit, outcomes, bases)
+                    vm = await self._definition(plan, unit, definitions)
+                    await self._run(unit, outcomes, bases, vm)
             except Exception as e:  # noqa: BLE001 - every instruction must get an answer
                 if not isinstance(e, (errors.HyperbackError, OSError)):
                     log.exception("unit %s failed unexpectedly", unit.id)
@@ -234,7 +237,30 @@ class Executor:
                 outcomes[i].moved_bytes += there.bytes + back.bytes
         self.visits.append(result)
 
-    async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot]) -> None:
+    async def _definition(self, plan: Plan, unit: WorkUnit,
+                          stored: dict[tuple[str, str], VmRef | str]) -> VmRef | str | None:
+        """The definition of the unit's domain stored at its destination, once per plan: a reference
+        for its disk snapshots, or why it could not be stored (the disks are backed up anyway)."""
+        if unit.kind is not UnitKind.BACKUP_DISK or unit.disk is None:
+            return None
+        key = (unit.disk.domain_uuid, unit.destination)
+        if key not in stored:
+            jobs = sorted({i for u in plan.units if u.disk is not None and u.destination == unit.destination
+                           and u.disk.domain_uuid == key[0] for i in u.satisfies})
+            try:
+                stored[key] = await asyncio.to_thread(self._store_definition, key[0], unit.destination, jobs)
+            except (errors.HyperbackError, OSError, ET.ParseError) as e:
+                log.warning("could not store the definition of %s: %s", key[0], e)
+                stored[key] = f"the domain's definition was not stored: {e}"
+        return stored[key]
+
+    def _store_definition(self, domain_uuid: str, destination: str, jobs: list[str]) -> VmRef:
+        repo = self._destinations.repository(destination)
+        definition = vmdefinition.capture(self._domains.domain(domain_uuid))
+        return vmdefinition.store(repo, definition, jobs, self._work_dir)
+
+    async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot],
+                   vm: VmRef | str | None = None) -> None:
         # reaching another host's media service for the first time is a network call
         repo = await asyncio.to_thread(self._destinations.repository, unit.destination)
         if unit.kind is UnitKind.BACKUP_BASE:
@@ -245,11 +271,13 @@ class Executor:
             # a disk unit depends on at most one base: the one its overlay sits on
             base = next((bases[d] for d in unit.depends_on if d in bases), None)
             shared = {unit.disk.serial: base} if base is not None else {}
-            result, view, detection = await self._backup_disk(repo, unit, shared)
+            ref = vm if isinstance(vm, VmRef) else None
+            result, view, detection = await self._backup_disk(repo, unit, shared, ref)
             snap = result.snapshot
+            not_stored = vm if isinstance(vm, str) else None
             disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
                                      snap.stats.seconds, detection,
-                                     "; ".join(filter(None, [view.reason, *result.notes])),
+                                     "; ".join(filter(None, [view.reason, *result.notes, not_stored])),
                                      offline=view.offline, bytes_stored=snap.stats.bytes_stored)
             for i in unit.satisfies:
                 if i in outcomes:
@@ -299,7 +327,7 @@ class Executor:
         return repo.backup(source, unit.snapshot_name, Policy.FULL).snapshot
 
     async def _backup_disk(self, repo: AnyRepository, unit: WorkUnit,
-                           shared: dict[str, Snapshot]
+                           shared: dict[str, Snapshot], vm: VmRef | None
                            ) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
         disk = unit.disk
         assert disk is not None
@@ -315,11 +343,12 @@ class Executor:
             asyncio.run_coroutine_threadsafe(self._guests.thaw(disk.domain_uuid, job), loop).result()
 
         return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(disk.serial), freeze, thaw,
-                                       self._cancel_token(unit))
+                                       self._cancel_token(unit), vm)
 
     def _backup_view(self, repo: AnyRepository, unit: WorkUnit, shared_base: Snapshot | None,
                      freeze: Callable[[], None], thaw: Callable[[], None],
-                     cancel: CancelToken | None) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
+                     cancel: CancelToken | None, vm: VmRef | None = None
+                     ) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
         """Take the disk's point-in-time view and back it up; the view merges back on exit.
 
         The repository's base (latest snapshot, or latest full for a differential) names the
@@ -331,7 +360,7 @@ class Executor:
         assert disk is not None
         if not is_active(self._domains.domain(disk.domain_uuid)):
             try:
-                return self._backup_offline(repo, unit, cancel)
+                return self._backup_offline(repo, unit, cancel, vm)
             except errors.DomainStarted as e:
                 log.info("%s: taking an online view instead", e)
         base = repo.base_for(disk.snapshot_name, unit.policy)
@@ -351,14 +380,14 @@ class Executor:
                 key = top.layout.label
                 self.reads[key] = self.reads.get(key, 0) + 1
                 result = repo.backup(top.layout, disk.snapshot_name, unit.policy, list(top.changes),
-                                     base=shared_base, checkpoint=checkpoint, cancel=cancel)
+                                     base=shared_base, checkpoint=checkpoint, cancel=cancel, vm=vm)
                 return result, view, ChangeDetection.ALLOCATION_MAP
-            result = self._read(repo, unit, view, cancel)
+            result = self._read(repo, unit, view, cancel, vm)
         self._prune_checkpoints(repo, disk.domain_uuid)
         return result, view, view.change_detection
 
-    def _backup_offline(self, repo: AnyRepository, unit: WorkUnit,
-                        cancel: CancelToken | None) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
+    def _backup_offline(self, repo: AnyRepository, unit: WorkUnit, cancel: CancelToken | None,
+                        vm: VmRef | None = None) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
         """A shut-off domain's disk, read from its image while the domain cannot start (no guest,
         no freeze, no checkpoint: every chunk is compared with the base)."""
         disk = unit.disk
@@ -366,11 +395,11 @@ class Executor:
         dom = self._domains.domain(disk.domain_uuid)
         with offline_view(dom, (disk,), chunk_size=repo.config.chunk_size) as taken:
             view = taken[disk.serial]
-            result = self._read(repo, unit, view, cancel)
+            result = self._read(repo, unit, view, cancel, vm)
         return result, view, view.change_detection
 
     def _read(self, repo: AnyRepository, unit: WorkUnit, view: views.DiskView,
-              cancel: CancelToken | None) -> BackupResult:
+              cancel: CancelToken | None, vm: VmRef | None = None) -> BackupResult:
         """Back up what ``view`` shows: its changed extents, or all of it (converted to raw first if the
         copier cannot read the qcow2 chain in place)."""
         disk = unit.disk
@@ -379,14 +408,14 @@ class Executor:
         self.reads[view.image] = self.reads.get(view.image, 0) + 1
         try:
             return repo.backup(view.source, disk.snapshot_name, unit.policy, changes,
-                               checkpoint=view.checkpoint, cancel=cancel)
+                               checkpoint=view.checkpoint, cancel=cancel, vm=vm)
         except errors.NotReadableInPlace as e:
             log.info("%s; converting to raw first", e)
             self._work_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
                 qcow2.convert_to_raw(view.image, tmp.name)
                 return repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
-                                   checkpoint=view.checkpoint, cancel=cancel)
+                                   checkpoint=view.checkpoint, cancel=cancel, vm=vm)
 
     def _prune_checkpoints(self, repo: AnyRepository, domain_uuid: str) -> None:
         """Each checkpoint costs a bitmap QEMU updates on every write: keep only those a future

@@ -200,7 +200,8 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                     continue
                 out.append(pb.Snapshot(id=snap.id, name=snap.name, destination=dest,
                                        domain_uuid="" if uuid == "base" else uuid,
-                                       serial="" if uuid == "base" else serial,
+                                       # UUID/vm/ITEM: a domain's definition (repository-format 5.3)
+                                       serial="" if uuid == "base" or "/" in serial else serial,
                                        policy=policy_to_pb(snap.policy),
                                        parent_id=snap.parent or "", created_at=snap.time.timestamp(),
                                        source=snap.source, size=snap.size, bytes_new=snap.stats.bytes_new,

@@ -67,7 +67,7 @@ from host_agent.storage.repository import (
     RepoConfig,
     Repository,
 )
-from host_agent.storage.snapshot import BackupResult, RestoreResult, Snapshot
+from host_agent.storage.snapshot import BackupResult, RestoreResult, Snapshot, VmRef
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ class RemoteRepository(VerificationCalls):
     def backup(self, source: str | os.PathLike[str] | Layout, name: str, policy: Policy = Policy.FULL,
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
-               checkpoint: str | None = None, cancel: CancelToken | None = None) -> BackupResult:
+               checkpoint: str | None = None, cancel: CancelToken | None = None,
+               vm: VmRef | None = None) -> BackupResult:
         """Back up as :meth:`Repository.backup` does, sending the destination only what it lacks.
 
         The snapshot's ``bytes_new`` and ``bytes_stored`` count what the destination stored (the
@@ -203,7 +204,7 @@ class RemoteRepository(VerificationCalls):
             with _Uploader(session, spool) as uploader:
                 spool.throttle = uploader.wait_for_room
                 local = spool.backup(source, name, policy, changes, progress, threads, base=session.base,
-                                     checkpoint=checkpoint, cancel=cancel)
+                                     checkpoint=checkpoint, cancel=cancel, vm=vm)
                 uploader.finish()
             stats = replace(local.snapshot.stats, bytes_new=uploader.bytes_new,
                             bytes_stored=uploader.bytes_stored, seconds=round(time.monotonic() - started, 3))
@@ -366,6 +367,10 @@ class _Spool(Repository):
         """A new spool with the destination's parameters (``config``: chunk size, compression, id)."""
         Repository.init(path, config.chunk_size, config.compression_level)
         return cls(path, config, writer_id)
+
+    def check_vm(self, vm: VmRef | None) -> None:
+        """The definition's snapshots are at the destination, not in the spool: the service checks
+        them when it commits (media-protocol.md, 2.2)."""
 
     @contextmanager
     def session(self, kind: str, writer: bool, writer_id: bytes | None = None) -> Iterator[NativeRepository]:

@@ -338,6 +338,7 @@ def _check_document(session: Session, snap: Snapshot) -> None:
     entries = -(-snap.size // snap.chunk_size)
     if snap.tree.entries != entries or (snap.tree.root is None) != (entries == 0):
         raise errors.UsageError(f"the snapshot's tree does not fit its size {snap.size}")
+    repo.check_vm(snap.vm)
 
 
 def _check_references(native: NativeRepository, session: Session, snap: Snapshot) -> None:

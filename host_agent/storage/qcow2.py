@@ -400,3 +400,16 @@ def convert_to_raw(path: str | os.PathLike[str], target: str | os.PathLike[str],
     if out.returncode != 0:
         raise ImageError(f"cannot convert {path} to raw: {out.stderr.strip()}")
     return Path(target)
+
+
+def convert_from_raw(path: str | os.PathLike[str], target: str | os.PathLike[str], out_fmt: str) -> Path:
+    """``qemu-img convert -f raw -O out_fmt``: a restored raw image into the format a domain uses."""
+    path, target = os.path.abspath(path), os.path.abspath(target)
+    cmd = [QEMU_IMG, "convert", "-f", "raw", "-O", out_fmt, path, target]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise ImageError(f"{QEMU_IMG} is not installed (Debian: apt install qemu-utils)") from e
+    if out.returncode != 0:
+        raise ImageError(f"cannot convert {path} to {out_fmt}: {out.stderr.strip()}")
+    return Path(target)

@@ -49,6 +49,7 @@ from host_agent.storage.snapshot import (
     Snapshot,
     SnapshotStats,
     VerifyReport,
+    VmRef,
 )
 from host_agent.storage.verification import Verification, console_tail
 
@@ -302,6 +303,16 @@ class Repository:
             history = [s for s in history if s.policy is Policy.FULL]
         return history[-1] if history and policy is not Policy.FULL else None
 
+    def check_vm(self, vm: VmRef | None) -> None:
+        """The snapshots a ``vm`` field names exist (docs/repository-format.md, 5.3): they are
+        committed before the disk snapshots that name them."""
+        if vm is None:
+            return
+        for sid in (vm.definition, *(f.snapshot for f in vm.files)):
+            if not SNAPSHOT_ID.fullmatch(sid) or not (self._dir("snapshots") / sid).exists():
+                raise errors.UsageError(f"the domain definition names snapshot {sid!r}, which the repository "
+                                        "lacks: commit the definition's snapshots first")
+
     def _commit(self, snap: Snapshot) -> None:
         write_atomic(self._dir("snapshots") / snap.id, json.dumps(snap.to_json(), indent=1).encode(),
                      self._dir("tmp"))
@@ -380,7 +391,7 @@ class Repository:
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
                checkpoint: str | None = None, cancel: CancelToken | None = None,
-               files: FilesRef | None = None) -> BackupResult:
+               files: FilesRef | None = None, vm: VmRef | None = None) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -390,13 +401,15 @@ class Repository:
         image) replaces that choice: with ``changes`` only they are read, the rest is
         taken from ``base``. ``checkpoint`` names the hypervisor checkpoint taken at the
         instant the source shows, which the snapshot records for the next backup to start from.
-        ``cancel`` stops it: nothing is published unless it comes after the commit.
+        ``cancel`` stops it: nothing is published unless it comes after the commit. ``vm`` ties
+        the snapshot to its domain's stored definition (docs/repository-format.md, 5.3).
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
                 f"snapshot name {name!r} must be 1-4 parts joined by '/', each of letters, digits, "
                 "'.', '_', '-' (64 at most, not starting with a punctuation mark), e.g. vm1/vda")
         policy = Policy(policy)
+        self.check_vm(vm)
         threads = threads or os.cpu_count() or 1
         started = time.monotonic()
         notes: list[str] = []
@@ -427,7 +440,7 @@ class Repository:
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats, checkpoint, files)
+                                detection, stats, checkpoint, files, vm)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:

@@ -3,7 +3,8 @@
 Rules follow restic's and borg's: ``keep_last`` keeps the N newest snapshots;
 ``keep_daily`` the newest snapshot of each of the N newest days that have one,
 likewise ``keep_weekly`` (ISO weeks) and ``keep_monthly``. A snapshot is kept
-if any rule keeps it. Rules apply to each source name on its own. Every
+if any rule keeps it. Rules apply to each source name on its own; a kept disk snapshot also
+keeps the snapshots of its domain's definition that its ``vm`` field names. Every
 snapshot restores on its own (its map is complete), so removing any of them
 never breaks another.
 """
@@ -65,5 +66,11 @@ def select(snapshots: Iterable[Snapshot], policy: KeepPolicy) -> tuple[list[Snap
         keep_ids.update(s.id for s in newest_first[:policy.last])
         for rule, fn in _PERIODS.items():
             keep_ids |= _newest_per_period(snaps, getattr(policy, rule), fn)
+    # a kept disk snapshot keeps the domain definition it names (docs/repository-format.md, 5.3)
+    for snaps in by_name.values():
+        for snap in snaps:
+            if snap.id in keep_ids and snap.vm is not None:
+                keep_ids.add(snap.vm.definition)
+                keep_ids.update(f.snapshot for f in snap.vm.files)
     every = sorted((s for snaps in by_name.values() for s in snaps), key=lambda s: (s.time, s.id))
     return [s for s in every if s.id in keep_ids], [s for s in every if s.id not in keep_ids]

@@ -39,6 +39,54 @@ class SnapshotStats:
     seconds: float
 
 
+def vm_snapshot_name(domain_uuid: str, item: str) -> str:
+    """The name of the snapshots holding one item of a domain's definition (section 5.3): three
+    parts, so that it never meets a disk's ``UUID/SERIAL``."""
+    return f"{domain_uuid}/vm/{item}"
+
+
+@dataclass(frozen=True)
+class VmFile:
+    """A file of the domain beside its disks (NVRAM, a TPM state file), stored as a snapshot of its own."""
+
+    role: str        # "nvram" or "tpm"
+    path: str        # nvram: the absolute path in <os><nvram>; tpm: relative to the domain's swtpm state dir
+    snapshot: str    # id of the snapshot holding the file's bytes
+    mode: int = 0o600
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": self.role, "path": self.path, "snapshot": self.snapshot, "mode": self.mode}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> VmFile:
+        return cls(str(doc["role"]), str(doc["path"]), str(doc["snapshot"]), int(doc.get("mode", 0o600)))
+
+
+@dataclass(frozen=True)
+class VmRef:
+    """The domain as it was when a disk snapshot was taken (docs/repository-format.md, 5.3): its
+    definition and files, each stored as a snapshot of its own, and the run that ties the domain's
+    disk snapshots together."""
+
+    run: str                         # 16 hex: the same in every disk snapshot of one backup of the domain
+    jobs: tuple[str, ...]            # instruction (job) ids the run served
+    domain_uuid: str
+    domain_name: str
+    definition: str                  # id of the snapshot holding the persistent domain XML
+    files: tuple[VmFile, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run": self.run, "jobs": list(self.jobs), "domain_uuid": self.domain_uuid,
+                "domain_name": self.domain_name, "definition": self.definition,
+                "files": [f.to_json() for f in self.files]}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> VmRef:
+        return cls(str(doc["run"]), tuple(str(j) for j in doc.get("jobs", ())), str(doc["domain_uuid"]),
+                   str(doc["domain_name"]), str(doc["definition"]),
+                   tuple(VmFile.from_json(f) for f in doc.get("files", ())))
+
+
 @dataclass(frozen=True)
 class FilesRef:
     """A file-level snapshot's ``files`` field (docs/restore.md, "Path-level backups"): its image is
@@ -77,6 +125,7 @@ class Snapshot:
     stats: SnapshotStats
     checkpoint: str | None = None   # the hypervisor checkpoint taken with it: where the next one starts
     files: FilesRef | None = None   # a file-level snapshot: what its image holds
+    vm: VmRef | None = None         # a disk of a domain: the domain's definition stored with it
 
     def to_json(self) -> dict[str, Any]:
         doc = {
@@ -86,7 +135,7 @@ class Snapshot:
             "tree": {"root": self.tree.root.hex() if self.tree.root else None,
                      "height": self.tree.height, "entries": self.tree.entries},
             "change_detection": self.change_detection.value, "stats": asdict(self.stats),
-            "checkpoint": self.checkpoint,
+            "checkpoint": self.checkpoint, "vm": self.vm.to_json() if self.vm else None,
         }
         if self.files is not None:  # only file-level snapshots carry it: image documents are as before
             doc["files"] = self.files.to_json()
@@ -104,7 +153,8 @@ class Snapshot:
             change_detection=ChangeDetection(doc["change_detection"]),
             stats=SnapshotStats(**doc["stats"]),
             checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]),
-            files=FilesRef.from_json(doc["files"]) if doc.get("files") else None)
+            files=FilesRef.from_json(doc["files"]) if doc.get("files") else None,
+            vm=VmRef.from_json(doc["vm"]) if doc.get("vm") else None)
 
 
 def _legacy_checkpoint(source: str) -> str | None:
