@@ -46,8 +46,8 @@ from host_agent.model import (
     base_name,
 )
 from host_agent.storage import qcow2
+from host_agent.storage.cancel import CancelToken
 from host_agent.storage.extents import Extent, Layout
-from host_agent.storage.repository import CancelToken
 from host_agent.storage.snapshot import BackupResult, Snapshot, VmRef
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from host_agent.model import Instruction, WorkUnit
-from host_agent.storage.repository import CancelToken
+from host_agent.storage.cancel import CancelToken
 
 log = logging.getLogger(__name__)
 

@@ -50,10 +50,12 @@ from host_agent.media.codec import (
     remote_error,
     snapshot_document,
 )
+from host_agent.media.restores import ChunkSink
 from host_agent.media.verifications import VerificationCalls
 from host_agent.model import Policy
 from host_agent.protobuf import policy_to_pb
 from host_agent.storage import copier
+from host_agent.storage.cancel import CancelToken
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, open_source, validate_changes
 from host_agent.storage.files import RestoreTarget
@@ -62,7 +64,6 @@ from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, IndexEntry, re
 from host_agent.storage.repository import (
     PACK_TARGET,
     BaseLeaves,
-    CancelToken,
     ProgressFn,
     RepoConfig,
     Repository,
@@ -77,7 +78,6 @@ RUN_BYTES: Final = PACK_TARGET  # image bytes per native copy call, so the wait 
 SEED_INDEX_ENTRIES: Final = 1 << 16  # base chunk ids per seed index file
 UPLOADS_IN_FLIGHT: Final = 2  # so that the server checks one pack while the next one travels
 POLL: Final = 0.05
-PROGRESS_EVERY: Final = 0.2
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -232,7 +232,7 @@ class RemoteRepository(VerificationCalls):
                     raise errors.RemoteError(f"the media service at {self.address} began the restore of "
                                              f"{snap.id} without its document")
                 self.count(received=len(first.document))
-                sink = _ChunkSink(out.fd, snap, out.is_block_device, progress)
+                sink = ChunkSink(out.fd, snap, out.is_block_device, progress)
                 for msg in messages:
                     self.count(received=len(msg.chunk_ids) + len(msg.data))
                     sink.feed(msg)
@@ -574,82 +574,6 @@ class _Uploader:
     def _piece(self, msg: pb.UploadPackRequest) -> pb.UploadPackRequest:
         self._session.remote.count(sent=len(msg.pack_data) + len(msg.index_data))
         return msg
-
-
-class _ChunkSink:
-    """Writes a restore stream's chunks to the target, each checked against its id first."""
-
-    def __init__(self, fd: int, snap: Snapshot, write_zeros: bool, progress: ProgressFn | None) -> None:
-        self._fd, self._snap, self._write_zeros, self._progress = fd, snap, write_zeros, progress
-        self._next = 0  # the chunk whose id comes next
-        self._queue: deque[tuple[int, bytes]] = deque()  # (chunk, id) whose bytes come next
-        self._buf = bytearray()
-        self._done = 0
-        self._reported = time.monotonic()
-        self.bytes_received = 0
-
-    def feed(self, msg: pb.RestoreData) -> None:
-        part = msg.WhichOneof("part")
-        if part == "chunk_ids":
-            self._ids(msg.chunk_ids)
-        elif part == "data":
-            self.bytes_received += len(msg.data)
-            self._data(msg.data)
-        else:
-            raise errors.RemoteError(f"unexpected {part} in the middle of a restore stream")
-
-    def finish(self) -> None:
-        if self._next != self._snap.tree.entries or self._queue or self._buf:
-            raise errors.CorruptChunk(f"the restore stream of snapshot {self._snap.id} ended after "
-                                      f"{self._next} of {self._snap.tree.entries} chunks")
-        if self._progress:
-            self._progress(self._done, self._snap.size)
-
-    def _len(self, chunk: int) -> int:
-        cs = self._snap.chunk_size
-        return min(cs, self._snap.size - chunk * cs)
-
-    def _ids(self, ids: bytes) -> None:
-        if self._queue or self._buf or len(ids) % ID_LEN or \
-                self._next + len(ids) // ID_LEN > self._snap.tree.entries:
-            raise errors.CorruptChunk(f"the restore stream of snapshot {self._snap.id} is out of order")
-        for at in range(0, len(ids), ID_LEN):
-            cid = ids[at:at + ID_LEN]
-            if cid != ZERO_ID:
-                self._queue.append((self._next, cid))
-            elif self._write_zeros:
-                self._write(self._next, bytes(self._len(self._next)))
-            else:
-                self._done += self._len(self._next)  # a hole in the file
-            self._next += 1
-
-    def _data(self, data: bytes) -> None:
-        self._buf += data
-        while self._queue and len(self._buf) >= self._len(self._queue[0][0]):
-            chunk, cid = self._queue.popleft()
-            n = self._len(chunk)
-            content = bytes(self._buf[:n])
-            del self._buf[:n]
-            if copier.sha256(content) != cid:
-                raise errors.CorruptChunk(f"chunk {cid.hex()} arrived damaged (it fails its SHA-256)",
-                                          cid.hex())
-            self._write(chunk, content)
-        if self._buf and not self._queue:
-            raise errors.CorruptChunk(f"the restore stream of snapshot {self._snap.id} sent more bytes "
-                                      "than its chunks hold")
-        if self._progress and time.monotonic() - self._reported >= PROGRESS_EVERY:
-            self._reported = time.monotonic()
-            self._progress(self._done, self._snap.size)
-
-    def _write(self, chunk: int, content: bytes) -> None:
-        view, offset = memoryview(content), chunk * self._snap.chunk_size
-        try:
-            while view:
-                n = os.pwrite(self._fd, view, offset)
-                view, offset = view[n:], offset + n
-        except OSError as e:
-            raise errors.TargetError(f"cannot write the target: {e.strerror}") from e
-        self._done += len(content)
 
 
 __all__ = ["DEFAULT_TIMEOUT", "SPOOL_BACKLOG", "RemoteRepository", "remote_error"]

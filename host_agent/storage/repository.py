@@ -32,6 +32,7 @@ from typing import Any
 from host_agent import errors
 from host_agent.model import ChangeDetection, Policy
 from host_agent.storage import copier
+from host_agent.storage.cancel import CancelToken
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
 from host_agent.storage.files import RestoreTarget, fsync_dir, missing_repository, write_atomic
@@ -108,37 +109,6 @@ class _Ticker:
             self._thread.join()
             if exc[0] is None:
                 self._fn(self._progress.read().bytes_done, self._total)
-
-
-class CancelToken:
-    """Asks a backup to stop (thread-safe). The native workers see it at their next chunk; a backup
-    it reaches before its snapshot is committed publishes nothing and raises Cancelled."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cancelled = False
-        self._progress: list[copier.Progress] = []
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled = True
-            for progress in self._progress:
-                progress.cancel()
-
-    def watch(self, progress: copier.Progress) -> None:
-        """Cancel ``progress``'s native work when (or if already) cancelled."""
-        with self._lock:
-            self._progress.append(progress)
-            if self._cancelled:
-                progress.cancel()
-
-    def check(self) -> None:
-        if self._cancelled:
-            raise errors.Cancelled("cancelled; nothing was published")
 
 
 class Repository:
