@@ -32,6 +32,7 @@ from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.driver import BackupDriver
 from host_agent.agent.executor import Executor
 from host_agent.agent.guests import Guests
+from host_agent.agent.instant import InstantJobs
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs
 from host_agent.agent.journal import Journal, Pending
@@ -78,6 +79,8 @@ class Agent:
                              self.driver)
         self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,
                                    self.guests, self.jobs, self.destinations, config.state_dir, clock)
+        self.instant = InstantJobs(self.jobs, self.destinations, config.libvirt_uri,
+                                   config.run_dir / "instant")
         self.metrics = AgentMetrics(self.jobs, self.guests, self.driver, self.executor)
         self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
         self.serving = asyncio.Event()  # set once the first rescan served the running domains' channels
@@ -86,7 +89,7 @@ class Agent:
     def parts(self) -> AgentParts:
         """What the operator API sees of the agent."""
         return AgentParts(self.domains, self.guests, self.destinations, self.intake, self.jobs,
-                          self.scheduler)
+                          self.scheduler, self.instant)
 
     # ---------- following the domains ----------
 
@@ -239,6 +242,7 @@ async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     await op_server.stop(2.0)
+    await agent.instant.close()
     agent.metrics.close()
     if opt_server is not None:
         await opt_server.stop(2.0)

@@ -1,0 +1,205 @@
+"""Instant recovery of a real VM: it runs from a 1 GiB snapshot before the copy is done, and after
+the pivot its disk is the snapshot, bit for bit; a copy that runs out of space leaves it running.
+
+The copy is held by its bandwidth (1 byte/s: QEMU's rate limit lets one buffer through, then
+sleeps) until the guest's shim has answered: the ordering is made, not raced. Then the cap is
+lifted and the copy runs to its end.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import lab_or_fail, sha256_file
+
+from guest_shim import protocol as p
+from host_agent import hypervisor
+from host_agent.agent.instant import InstantRecovery, Phase, Request
+from host_agent.lab import Channel, Disk, Lab, Vm, render_domain_xml
+from host_agent.lab.domain import BASE_KERNEL_ARGS
+from host_agent.lab.guest import command_cmdline_arg
+from host_agent.storage.repository import Repository
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+REPO = Path(__file__).resolve().parents[1]
+SHIM = f"PYTHONPATH={REPO} {sys.executable} -m guest_shim"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+HEAD = b"HB-INSTANT-HEAD-"
+TAIL = b"-HB-INSTANT-TAIL"
+
+# The guest reads both ends of its recovered disk (through the overlay and NBD), then serves.
+GUEST = f"""
+echo "HEAD $(dd if=/dev/vda bs=16 count=1 2>/dev/null)"
+echo "TAIL $(dd if=/dev/vda bs=16 skip={GIB // 16 - 1} count=1 2>/dev/null)"
+exec {SHIM} serve
+"""
+
+
+class RestoredImageExport:
+    """Stand-in for storage.export.SnapshotExport: the snapshot restored, served by qemu-nbd."""
+
+    def __init__(self, repo: Repository, spec: str, run_dir: Path) -> None:
+        self.repo, self.spec, self.run_dir = repo, spec, run_dir
+        self.socket_path = run_dir / "export.sock"
+        self.uri = f"nbd+unix:///?socket={self.socket_path}"
+        self.size = repo.resolve(spec).size
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        image = self.run_dir / "export.img"
+        if not image.exists():
+            self.repo.restore(self.spec, image)
+        self.proc = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "--shared=0", "-f", "raw",
+                                      "--socket", str(self.socket_path), str(image)])
+        while not self.socket_path.exists():
+            assert self.proc.poll() is None, "qemu-nbd exited"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+        self.socket_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path("/var/tmp") / f"hb-instant-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def snapshot_of_a_gib(workdir: Path) -> tuple[Repository, str, Path]:
+    """A 1 GiB disk, sparse but for 8 MiB of data at each end (markers at the first and last
+    bytes), backed up; returns the repository, the snapshot id and the image."""
+    image = workdir / "source.img"
+    rng = random.Random(7)
+    with open(image, "wb") as f:
+        f.truncate(GIB)
+        f.write(HEAD + rng.randbytes(8 * MIB - len(HEAD)))
+        f.seek(GIB - 8 * MIB)
+        f.write(rng.randbytes(8 * MIB - len(TAIL)) + TAIL)
+    repo = Repository.init(workdir / "repo")
+    return repo, repo.backup(image, "instant/disk").snapshot.id, image
+
+
+def domain_xml(lab: Lab, name: str, disk: Path) -> str:
+    """A lab guest's definition running GUEST, its vda to be replaced by the recovery."""
+    args = [*BASE_KERNEL_ARGS, command_cmdline_arg(GUEST)]
+    return render_domain_xml(lab.name_prefix + name, kernel=lab.boot_image, initrd=lab.initramfs,
+                             cmdline=" ".join(args), console_log=lab.workdir / f"{name}.console.log",
+                             disks=[Disk(disk, "vda", "raw", "hb-instant")], channels=[Channel()])
+
+
+def adopt(lab: Lab, recovery: InstantRecovery, name: str) -> Vm:
+    """The lab's handle on the domain the recovery started (the lab destroys it at the end)."""
+    assert recovery.domain is not None
+    vm = Vm(lab, lab.name_prefix + name, recovery.domain.raw, lab.workdir / f"{name}.console.log",
+            True, recovery.started_at)
+    lab.vms.append(vm)
+    return vm
+
+
+def shim_answers(vm: Vm, timeout: float = 180) -> None:
+    """Wait for the guest's shim to sync on its channel, answer it, and read its hello."""
+    sock = vm.connect_channel()
+    sock.settimeout(timeout)
+    reader = p.MessageReader(p.Direction.TO_HOST)
+    try:
+        while True:
+            data = sock.recv(65536)
+            assert data, "the channel closed before the shim said hello"
+            for msg in reader.feed(data):
+                if isinstance(msg, p.Sync):
+                    sock.sendall(p.sync_ack_frame(msg.id))
+                elif isinstance(msg, p.Hello):
+                    return
+    finally:
+        sock.close()
+
+
+def disk_sources(vm: Vm) -> list[str]:
+    return [s.get("file") or s.get("protocol") or "" for s in vm.xml().iter("source")
+            if s.get("file") or s.get("protocol")]
+
+
+def test_a_vm_runs_from_a_snapshot_before_its_copy_is_done_and_then_from_a_bit_identical_target(
+        workdir: Path) -> None:
+    repo, snap, image = snapshot_of_a_gib(workdir)
+    t0 = time.monotonic()
+    repo.restore(snap, workdir / "full-restore.img")
+    full_restore = time.monotonic() - t0
+    export = RestoredImageExport(repo, snap, workdir / "run")
+    (workdir / "run").mkdir()
+    export.start()  # the stand-in restores first: not part of what is measured
+    export.stop()
+    target = workdir / "target.img"
+    with lab_or_fail(workdir / "lab") as lab:
+        request = Request(domain_xml(lab, "instant", workdir / "gone.img"), "vda", target, "raw", bandwidth=1)
+        recovery = InstantRecovery(hypervisor.connect(lab.uri), export, request, workdir / "run")
+        try:
+            recovery.start()
+            vm = adopt(lab, recovery, "instant")
+            shim_answers(vm)
+            first_answer = time.monotonic() - recovery.started_at
+            held = recovery.status()
+            assert held.phase is Phase.COPYING and held.bytes_done < held.bytes_total, held
+            assert "HEAD " + HEAD.decode() in vm.console() and "TAIL " + TAIL.decode() in vm.console()
+            recovery.set_bandwidth(0)
+            done = recovery.finish(timeout=600)
+            assert done.phase is Phase.PIVOTED, done
+            assert vm.is_active()
+            assert disk_sources(vm) == [str(target)]
+            live = vm.domain.XMLDesc(0)
+            assert "nbd" not in live and "backingStore type" not in live
+            assert "nbd" not in vm.domain.XMLDesc(2)  # VIR_DOMAIN_XML_INACTIVE
+            assert not export.socket_path.exists() and export.proc is None
+            assert recovery.overlay is not None and not recovery.overlay.exists()
+            vm.destroy()
+        finally:
+            recovery.close()
+    assert sha256_file(target) == sha256_file(image)
+    print(f"\ninstant recovery of a 1 GiB snapshot: shim answered after {first_answer:.2f} s; "
+          f"full restore {full_restore:.2f} s")
+
+
+def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay(workdir: Path) -> None:
+    repo, snap, _ = snapshot_of_a_gib(workdir)
+    tiny = workdir / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tiny)], check=True)
+    try:
+        export = RestoredImageExport(repo, snap, workdir / "run")
+        (workdir / "run").mkdir()
+        with lab_or_fail(workdir / "lab") as lab:
+            request = Request(domain_xml(lab, "nospace", workdir / "gone.img"), "vda", tiny / "target.img")
+            recovery = InstantRecovery(hypervisor.connect(lab.uri), export, request, workdir / "run")
+            try:
+                recovery.start()
+                vm = adopt(lab, recovery, "nospace")
+                failed = recovery.finish(timeout=600)
+                assert failed.phase is Phase.FAILED, failed
+                assert "bytes free" in failed.message and "keeps running on the overlay" in failed.message
+                assert vm.is_active()
+                shim_answers(vm)  # still served, from the overlay over NBD
+                assert str(recovery.overlay) in disk_sources(vm) and export.socket_path.exists()
+                assert not (tiny / "target.img").exists()
+                vm.destroy()
+            finally:
+                recovery.close()
+        assert export.proc is None, "the export outlived its domain"
+    finally:
+        subprocess.run(["umount", str(tiny)], check=True)
+    assert not os.path.ismount(tiny)
