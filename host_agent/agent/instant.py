@@ -379,13 +379,15 @@ class InstantRecovery:
         """Stop the export unless a running domain still reads it (a failed copy): then say so."""
         if not self._export_up:
             return
-        if self.domain is not None and self._domain_running():
+        if self.domain is not None and self.domain_running():
             log.warning("%s still runs on %s: its export stays up", self.domain.name(), self.overlay)
             return
         self._release_export()
 
-    def _domain_running(self) -> bool:
-        assert self.domain is not None
+    def domain_running(self) -> bool:
+        """Whether the recovered domain still runs (on the overlay or the target)."""
+        if self.domain is None:
+            return False
         try:
             return bool(self.domain.isActive())
         except errors.NoDomain:

@@ -21,6 +21,7 @@ from host_agent.cli import (
     check_cmd,
     demo_cmd,
     init_cmd,
+    instant_restore_cmd,
     job_cmd,
     list_cmd,
     prune_cmd,
@@ -32,8 +33,8 @@ from host_agent.cli import (
     vm_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, list_cmd, verify_cmd, check_cmd, prune_cmd, vm_cmd, job_cmd,
-            schedule_cmd, units_cmd, demo_cmd, shim_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, instant_restore_cmd, list_cmd, verify_cmd, check_cmd,
+            prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

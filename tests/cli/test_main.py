@@ -16,7 +16,7 @@ def test_help_lists_every_command_and_the_exit_codes() -> None:
 
 @pytest.mark.parametrize("module", COMMANDS, ids=lambda m: m.__name__.rsplit(".", 1)[1])
 def test_every_subcommand_has_help(module: object) -> None:
-    name = module.__name__.rsplit(".", 1)[1].removesuffix("_cmd")  # type: ignore[attr-defined]
+    name = module.__name__.rsplit(".", 1)[1].removesuffix("_cmd").replace("_", "-")  # type: ignore[attr-defined]
     assert "usage: hyperback " + name in run(name, "--help").stdout
 
 
