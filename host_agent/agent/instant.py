@@ -111,6 +111,10 @@ class Request:
             raise errors.UsageError(f"target format must be raw or qcow2, not {self.fmt!r}")
         if self.bandwidth < 0:
             raise errors.UsageError("the copy's bandwidth is bytes per second, 0 or more")
+        try:
+            _disk_element(ET.fromstring(self.domain_xml), self.disk)
+        except ET.ParseError as e:
+            raise errors.UsageError(f"the domain definition is not XML: {e}") from e
 
 
 def _qemu_img(*args: str) -> None:
@@ -412,7 +416,8 @@ def instant_restore(conn: Guarded, repository: Any, snapshot: str, request: Requ
                     export_factory: ExportFactory = snapshot_export) -> InstantRecovery:
     """Materialize a disk instantly: the domain of ``request`` runs on ``snapshot`` when this
     returns, and its copy to ``request.target`` runs; ``finish()`` follows it to the pivot."""
-    recovery = InstantRecovery(conn, export_factory(repository, snapshot, run_dir), request, run_dir)
+    snap = repository.resolve(snapshot)  # SnapshotNotFound before anything starts
+    recovery = InstantRecovery(conn, export_factory(repository, snap.id, run_dir), request, run_dir)
     recovery.start()
     return recovery
 
