@@ -278,9 +278,12 @@ class InstantRecovery:
         create_target(self.target, self.fmt, self.export.size)
         bandwidth = self.request.bandwidth
         params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else {}
+        # REUSE_EXT: the target is ours (created above), not libvirt's guess. TRANSIENT_JOB: libvirt
+        # refuses a copy of a persistent domain otherwise ("domain is not transient"), since the job
+        # would not survive a managed save; a recovery that is interrupted so is run again.
+        flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
         try:
-            self.domain.blockCopy(self.request.disk, _destination_xml(self.target, self.fmt), params,
-                                  libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
+            self.domain.blockCopy(self.request.disk, _destination_xml(self.target, self.fmt), params, flags)
         except errors.HypervisorError as e:
             self.target.unlink(missing_ok=True)
             self._fail(f"the copy to {self.target} could not start: {e}")
