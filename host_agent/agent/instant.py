@@ -318,8 +318,9 @@ class InstantRecovery:
 
     def _failure_reason(self) -> str:
         free = _free_bytes(self.target)
+        # QEMU's error stays in its log; a file system all but full is the cause worth naming
         hint = (f"its file system has {free} bytes free: make room or choose another target"
-                if free is not None and free < 1 << 20 else
+                if free is not None and free < 16 << 20 else
                 "see libvirt's log of the domain for QEMU's error")
         return f"the copy to {self.target} failed ({hint})"
 
