@@ -795,7 +795,7 @@ struct job {
     const uint8_t *todo, *base_ids, *ids;
     const int32_t *chunk_fds;
     const uint64_t *chunk_offsets;
-    uint8_t *out_ids, *out_state;
+    uint8_t *out_ids, *out_state, *out;
     int write_zeros;
     uint32_t per_10000, bad_cap, nbad;
     uint8_t *bad_ids;
@@ -1075,6 +1075,65 @@ int hb_restore_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t size, 
     j.size = size;
     j.ids = ids;
     j.write_zeros = write_zeros;
+    return run_job(&j, threads, err);
+}
+
+/* ---------- reads into memory (exports) ---------- */
+
+static int read_unit(job_t *j, worker_t *w, uint64_t i)
+{
+    hb_repo *r = j->r;
+    uint32_t len = chunk_len(j, j->first_chunk + i);
+    const uint8_t *id = j->ids + i * HB_ID_LEN;
+    uint8_t *out = j->out + i * r->chunk_size;
+    hb_error e;
+    if (memcmp(id, ZERO_ID, HB_ID_LEN) == 0) {
+        memset(out, 0, len);
+        add(&j->p->bytes_done, len);
+        return HB_OK;
+    }
+    slot_t s;
+    if (!lookup(r, id, &s)) {
+        fail(&e, HB_EMISSING, 0, HB_AT_REPO_READ, id);
+        job_fail(j, &e);
+        return e.code;
+    }
+    if (s.raw_len != len) {
+        fail(&e, HB_ECORRUPT, 0, HB_AT_REPO_READ, id);
+        job_fail(j, &e);
+        return e.code;
+    }
+    int rc = read_verified(r, w, &s, out, len, &e);
+    if (rc != HB_OK) {
+        job_fail(j, &e);
+        return rc;
+    }
+    add(&j->p->bytes_read, RECORD_HEADER_LEN + s.stored_len);
+    add(&j->p->bytes_done, len);
+    return HB_OK;
+}
+
+int hb_read_segment(hb_repo *r, uint64_t first_chunk, uint64_t size, uint32_t nchunks,
+                    const uint8_t *ids, uint8_t *out, uint64_t cap, int threads,
+                    hb_progress *progress, hb_error *err)
+{
+    if (!progress || !nchunks) return fail(err, HB_EARG, EINVAL, 0, NULL);
+    pthread_once(&md_once, md_init);
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.r = r;
+    j.fn = read_unit;
+    j.units = nchunks;
+    j.batch = 1; /* a read is a few chunks: one each, so every worker gets some */
+    j.p = progress;
+    j.first_chunk = first_chunk;
+    j.size = size;
+    j.ids = ids;
+    j.out = out;
+    uint64_t last = first_chunk + nchunks - 1;
+    if ((uint64_t)(nchunks - 1) * r->chunk_size + chunk_len(&j, last) > cap || last * r->chunk_size >= size)
+        return fail(err, HB_EARG, EINVAL, 0, NULL);
+    if ((uint64_t)threads > nchunks) threads = (int)nchunks;
     return run_job(&j, threads, err);
 }
 

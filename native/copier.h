@@ -147,6 +147,16 @@ int hb_restore_segment(hb_repo *r, int fd, uint64_t first_chunk, uint64_t size,
                        int threads, hb_progress *progress, hb_error *err);
 
 /*
+ * Read `nchunks` chunks (ids as for hb_restore_segment) of an image of `size` bytes, starting at
+ * chunk index first_chunk, into memory: chunk i at out + i * chunk_size (an image's bytes as they
+ * lie), zero chunks as zeros. `cap` must hold them all. Every chunk is verified; with `threads`
+ * workers, so that a random read of a few chunks does not wait on one core (an export's reads).
+ */
+int hb_read_segment(hb_repo *r, uint64_t first_chunk, uint64_t size, uint32_t nchunks,
+                    const uint8_t *ids, uint8_t *out, uint64_t cap, int threads,
+                    hb_progress *progress, hb_error *err);
+
+/*
  * Verify index entries: every entry whose id falls in the sample (per_10000 out
  * of 10000, chosen by id) is read, decompressed and re-hashed. Ids of bad blobs
  * are written to bad_ids (up to bad_cap); *nbad counts all of them.

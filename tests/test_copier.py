@@ -141,6 +141,47 @@ def test_backup_segment_matches_reference_and_round_trips(
     assert out.read_bytes() == data
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(chunks, min_size=1, max_size=24), st.integers(0, CHUNK - 1), st.data())
+def test_read_segment_gives_the_image_bytes_of_any_range(
+        tmp_path_factory: pytest.TempPathFactory, blocks: list[bytes], tail: int,
+        data: st.DataObject) -> None:
+    root = tmp_path_factory.mktemp("native")
+    image = b"".join(blocks) + os.urandom(tail)
+    n = -(-len(image) // CHUNK)
+    first = data.draw(st.integers(0, n - 1))
+    count = data.draw(st.integers(1, n - first))
+    threads = data.draw(st.integers(1, 4))
+    (root / "src").write_bytes(image)
+    fd = os.open(root / "src", os.O_RDONLY)
+    with native(root) as nat:
+        ids, _ = nat.backup_segment(fd, 0, len(image), bytes(n), None, 1, Progress(), "src")
+        nat.flush()
+        got = nat.read_segment(first, len(image), ids[first * 32:(first + count) * 32], threads)
+    os.close(fd)
+    assert got == image[first * CHUNK:(first + count) * CHUNK]
+
+
+def test_read_segment_names_a_damaged_chunk_and_refuses_a_range_past_the_image(tmp_path: Path) -> None:
+    with native(tmp_path) as nat:
+        cid, _ = nat.store_blob(os.urandom(CHUNK), BLOB_DATA)
+        nat.flush()
+    name = os.listdir(tmp_path / "index")[0]
+    entry = read_index(tmp_path / "index" / name)[0]
+    pack = tmp_path / "packs" / name[:2] / name
+    raw = bytearray(pack.read_bytes())
+    raw[entry.offset + RECORD_HEADER.size + 10] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    with native(tmp_path) as nat:
+        nat.load_index(name)
+        with pytest.raises(errors.CorruptChunk) as caught:
+            nat.read_segment(0, 3 * CHUNK, bytes(32) + cid + bytes(32), 2)
+        assert caught.value.chunk_id == cid.hex()
+        assert nat.read_segment(0, 3 * CHUNK, bytes(32), 1) == bytes(CHUNK)
+        with pytest.raises(errors.HyperbackError):
+            nat.read_segment(3, 3 * CHUNK, bytes(32), 1)
+
+
 def test_holes_planned_as_zero_are_not_read(tmp_path: Path) -> None:
     data = os.urandom(CHUNK * 4)
     (tmp_path / "src").write_bytes(data)

@@ -20,6 +20,7 @@ from host_agent.cli import (
     backup_cmd,
     check_cmd,
     demo_cmd,
+    export_cmd,
     init_cmd,
     instant_restore_cmd,
     job_cmd,
@@ -33,8 +34,8 @@ from host_agent.cli import (
     vm_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, instant_restore_cmd, list_cmd, verify_cmd, check_cmd,
-            prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, instant_restore_cmd, export_cmd, list_cmd, verify_cmd,
+            check_cmd, prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

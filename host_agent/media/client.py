@@ -127,6 +127,11 @@ class RemoteRepository:
     def __str__(self) -> str:
         return f"{self.destination} at {self.address}"
 
+    def export_params(self) -> dict[str, str]:
+        """How an export's plugin process reaches this destination (``host_agent.storage.export``)."""
+        return {"opener": "host_agent.media.exports:open_remote", "address": self.address,
+                "destination": self.destination, "timeout": str(self.timeout)}
+
     # ---------- calls ----------
 
     def count(self, sent: int = 0, received: int = 0) -> None:

@@ -25,6 +25,7 @@ _E = TypeVar("_E", bound=errors.HyperbackError)
 
 PIECE: Final = 1 << 20  # bulk bytes per message, both ways
 MAX_IDS: Final = PIECE // ID_LEN  # ids per FilterMissing request
+READ_BYTES: Final = 8 * PIECE  # chunk bytes a ReadChunks call may ask for (at least 64 chunks)
 ERROR_KEY: Final = "hyperback-error"  # trailing metadata: the host_agent.errors class of a failure
 CHANNEL_OPTIONS: Final = (
     # Pings find a client or server that vanished without closing its connections (a host that
@@ -39,7 +40,7 @@ CHANNEL_OPTIONS: Final = (
 # migrates): a connection made before a move breaks at the next call. Calls that only read, or can
 # be made twice, are retried by gRPC itself while the address comes back; a session's writes are not.
 _IDEMPOTENT = ("Describe", "ListSnapshots", "ResolveSnapshot", "BaseFor", "BaseTree", "Heartbeat",
-               "FilterMissing", "Restore")
+               "FilterMissing", "Restore", "ReadChunks")
 CLIENT_OPTIONS: Final = (*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps({
     "methodConfig": [{
         "name": [{"service": "hyperback.v1.Media", "method": m} for m in _IDEMPOTENT],
@@ -47,6 +48,11 @@ CLIENT_OPTIONS: Final = (*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.se
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }]})))
 
+
+
+def read_limit(chunk_size: int) -> int:
+    """The most chunks one ReadChunks call may ask for."""
+    return max(64, READ_BYTES // chunk_size)
 
 
 def config_to_pb(config: RepoConfig) -> pb.RepositoryConfig:

@@ -47,6 +47,7 @@ from host_agent.media.codec import (
     snapshot_document,
     status_for,
 )
+from host_agent.media.reads import SnapshotReaders, read_chunks
 from host_agent.media.sessions import Session, Sessions
 from host_agent.media.uploads import Upload
 from host_agent.model import ChangeDetection, Policy
@@ -103,10 +104,12 @@ class MediaServicer(pb_grpc.MediaServicer):
     def __init__(self, repos: Mapping[str, Repository], host_name: str, lease: float = DEFAULT_LEASE) -> None:
         self.repos, self.host_name = dict(repos), host_name
         self.sessions = Sessions(lease)
+        self.readers = SnapshotReaders()
 
     def close(self) -> None:
-        """End every session (their locks go); what they uploaded is garbage."""
+        """End every session (their locks go); what they uploaded is garbage. Close every reader."""
         self.sessions.close()
+        self.readers.close()
 
     def _repo(self, destination: str) -> Repository:
         repo = self.repos.get(destination)
@@ -246,6 +249,14 @@ class MediaServicer(pb_grpc.MediaServicer):
             yield pb.RestoreData(document=snapshot_document(snap))
             with repo.session("media-restore", writer=False) as native:
                 yield from _restore_stream(native, snap)
+
+
+    def ReadChunks(self, request: pb.ReadChunksRequest,
+                   context: grpc.ServicerContext) -> Iterator[pb.RestoreData]:
+        with _Answering(context, "ReadChunks"):
+            repo = self._repo(request.destination)
+            with self.readers.reader(request.destination, repo, request.snapshot_id) as reader:
+                yield from read_chunks(reader, request)
 
 
 class _LeafFilter:

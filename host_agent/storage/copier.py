@@ -45,6 +45,7 @@ CHUNK_ZERO = lib.HB_CHUNK_ZERO
 CHUNK_KEPT = lib.HB_CHUNK_KEPT
 
 _T = TypeVar("_T")
+_UNCLEARED = ffi.new_allocator(should_clear_after_alloc=False)
 
 _WHERE = {
     lib.HB_AT_SOURCE: "reading the source",
@@ -316,6 +317,19 @@ class NativeRepository:
             err), progress, len(ids) // ID_LEN)
         _check(rc, err, label)
 
+    def read_segment(self, first_chunk: int, size: int, ids: bytes, threads: int) -> bytes:
+        """Chunks ``first_chunk …`` (``ids``, 32 bytes each) of an image of ``size`` bytes, read and
+        verified by ``threads`` workers: the image's bytes from ``first_chunk · chunk_size`` on,
+        zero chunks as zeros, the image's last chunk as short as it is."""
+        n = len(ids) // ID_LEN
+        cs = self.chunk_size
+        length = min(n * cs, size - first_chunk * cs)
+        out = _UNCLEARED("uint8_t[]", max(length, 1))  # every byte is written or the call fails
+        err = ffi.new("hb_error *")
+        _check(lib.hb_read_segment(self._h, first_chunk, size, n, ids, out, length, threads, Progress()._p,
+                                   err), err, f"chunks {first_chunk}-{first_chunk + n - 1}")
+        return bytes(ffi.buffer(out, length))
+
     def verify(self, per_10000: int, threads: int, progress: Progress,
                max_report: int = 100_000) -> tuple[list[bytes], int]:
         """Re-read and re-hash a sample of the index; return (bad ids, up to max_report; total bad)."""
@@ -344,7 +358,8 @@ def selftest() -> None:
     one) go through a throw-away repository: backed up with hb_backup_segment, flushed (a pack and
     its index, published as every pack is), reloaded in a new handle and restored. The ids must be
     hashlib's, the index must pass packfile.read_index and list the new chunks, the restored bytes
-    must be the source's. It takes milliseconds; the scratch directory goes in every case.
+    must be the source's, and so must those hb_read_segment reads into memory. It takes
+    milliseconds; the scratch directory goes in every case.
     """
     sample = bytes(range(256)) * 257
     if sha256(sample) != hashlib.sha256(sample).digest():
@@ -435,3 +450,11 @@ def _round_trip(scratch: Path) -> None:
     _native_step("restoring", restore)
     if target.read_bytes() != data:
         raise _disagree("the restored bytes differ from the source's")
+
+    def read() -> bytes:
+        with open_repo() as native:
+            native.load_index(index.name)
+            return native.read_segment(1, len(data), ids[ID_LEN:], 2)
+
+    if _native_step("reading into memory", read) != data[cs:]:
+        raise _disagree("hb_read_segment's bytes differ from the source's")

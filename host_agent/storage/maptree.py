@@ -136,6 +136,31 @@ class TreeReader:
     def leaf(self, leaf_id: bytes) -> bytes:
         return self._page(leaf_id)
 
+    def leaf_at(self, index: int) -> bytes:
+        """The content of leaf ``index`` (the ids of chunks ``FANOUT·index …``), found from the root
+        without reading the leaves before it: one page per level."""
+        leaves = leaves_for(self.ref.entries)
+        if not 0 <= index < leaves or self.ref.root is None:
+            raise IndexError(f"leaf {index} of a tree of {leaves} leaves")
+        page_id, rest = self.ref.root, index
+        for level in range(self.ref.height - 1, 0, -1):
+            span = FANOUT ** (level - 1)  # leaves under each id of a page of this level
+            page = self._page(page_id)
+            at = rest // span * ID_LEN
+            if at >= len(page):
+                raise errors.CorruptChunk(f"tree page {page_id.hex()} lacks the way to leaf {index}",
+                                          page_id.hex())
+            page_id, rest = page[at:at + ID_LEN], rest % span
+        if rest:
+            raise errors.CorruptChunk(f"snapshot tree of height {self.ref.height} is too short for "
+                                      f"{self.ref.entries} chunks", self.ref.root.hex())
+        leaf = self._page(page_id)
+        want = min(FANOUT, self.ref.entries - index * FANOUT)
+        if len(leaf) != want * ID_LEN:
+            raise errors.CorruptChunk(f"leaf {page_id.hex()} holds {len(leaf) // ID_LEN} ids, not {want}",
+                                      page_id.hex())
+        return leaf
+
     def chunk_ids(self) -> Iterator[bytes]:
         """Yield every leaf's content (ids of FANOUT chunks, fewer in the last leaf)."""
         for leaf_id in self.leaf_ids():

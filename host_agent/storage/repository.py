@@ -532,6 +532,10 @@ class Repository:
                         if not (self._dir("packs") / n[:2] / n).exists())
         return CheckReport(len(snaps), len(users), missing, tuple(unreadable), no_file)
 
+    def export_params(self) -> dict[str, str]:
+        """How an export's plugin process opens this repository (``host_agent.storage.export``)."""
+        return {"opener": "host_agent.storage.imagereader:open_local", "repo": str(self.path.absolute())}
+
     def locks(self) -> list[Any]:
         return read_locks(self._dir("locks"))
 
