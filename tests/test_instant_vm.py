@@ -27,6 +27,7 @@ from host_agent.agent.instant import InstantRecovery, Phase, Request
 from host_agent.lab import Channel, Disk, Lab, Vm, render_domain_xml
 from host_agent.lab.domain import BASE_KERNEL_ARGS
 from host_agent.lab.guest import command_cmdline_arg
+from host_agent.storage.export import SnapshotExport
 from host_agent.storage.repository import Repository
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
@@ -44,34 +45,6 @@ echo "HEAD $(dd if=/dev/vda bs=16 count=1 2>/dev/null)"
 echo "TAIL $(dd if=/dev/vda bs=16 skip={GIB // 16 - 1} count=1 2>/dev/null)"
 exec {SHIM} serve
 """
-
-
-class RestoredImageExport:
-    """Stand-in for storage.export.SnapshotExport: the snapshot restored, served by qemu-nbd."""
-
-    def __init__(self, repo: Repository, spec: str, run_dir: Path) -> None:
-        self.repo, self.spec, self.run_dir = repo, spec, run_dir
-        self.socket_path = run_dir / "export.sock"
-        self.uri = f"nbd+unix:///?socket={self.socket_path}"
-        self.size = repo.resolve(spec).size
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        image = self.run_dir / "export.img"
-        if not image.exists():
-            self.repo.restore(self.spec, image)
-        self.proc = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "--shared=0", "-f", "raw",
-                                      "--socket", str(self.socket_path), str(image)])
-        while not self.socket_path.exists():
-            assert self.proc.poll() is None, "qemu-nbd exited"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-            self.proc = None
-        self.socket_path.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -142,10 +115,7 @@ def test_a_vm_runs_from_a_snapshot_before_its_copy_is_done_and_then_from_a_bit_i
     t0 = time.monotonic()
     repo.restore(snap, workdir / "full-restore.img")
     full_restore = time.monotonic() - t0
-    export = RestoredImageExport(repo, snap, workdir / "run")
-    (workdir / "run").mkdir()
-    export.start()  # the stand-in restores first: not part of what is measured
-    export.stop()
+    export = SnapshotExport(repo, snap, workdir / "run")
     target = workdir / "target.img"
     with lab_or_fail(workdir / "lab") as lab:
         request = Request(domain_xml(lab, "instant", workdir / "gone.img"), "vda", target, "raw", bandwidth=1)
@@ -166,7 +136,7 @@ def test_a_vm_runs_from_a_snapshot_before_its_copy_is_done_and_then_from_a_bit_i
             for flags in (0, 2):  # live, and VIR_DOMAIN_XML_INACTIVE: the definition kept
                 disk = ET.fromstring(vm.domain.XMLDesc(flags)).find("./devices/disk")
                 assert disk is not None and "nbd" not in ET.tostring(disk, encoding="unicode")
-            assert not export.socket_path.exists() and export.proc is None
+            assert not export.socket_path.exists() and not export.running
             assert recovery.overlay is not None and not recovery.overlay.exists()
             vm.destroy()
         finally:
@@ -182,8 +152,7 @@ def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay(work
     tiny.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tiny)], check=True)
     try:
-        export = RestoredImageExport(repo, snap, workdir / "run")
-        (workdir / "run").mkdir()
+        export = SnapshotExport(repo, snap, workdir / "run")
         with lab_or_fail(workdir / "lab") as lab:
             request = Request(domain_xml(lab, "nospace", workdir / "gone.img"), "vda", tiny / "target.img")
             recovery = InstantRecovery(hypervisor.connect(lab.uri), export, request, workdir / "run")
@@ -200,7 +169,7 @@ def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay(work
                 vm.destroy()
             finally:
                 recovery.close()
-        assert export.proc is None, "the export outlived its domain"
+        assert not export.running, "the export outlived its domain"
     finally:
         subprocess.run(["umount", str(tiny)], check=True)
     assert not os.path.ismount(tiny)

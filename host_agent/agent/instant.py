@@ -50,6 +50,7 @@ from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
 from host_agent.hypervisor import Guarded
 from host_agent.model import Instruction, InstructionKind, Policy
+from host_agent.storage.export import SnapshotExport
 
 log = logging.getLogger(__name__)
 
@@ -409,11 +410,9 @@ ExportFactory = Callable[[Any, str, Path], Export]
 
 
 def snapshot_export(repository: Any, spec: str, run_dir: Path) -> Export:
-    """The repository's own NBD export of a snapshot (nbdkit, ``storage/export.py``)."""
-    from host_agent.storage.export import SnapshotExport  # type: ignore[import-not-found,unused-ignore]
-
-    export: Export = SnapshotExport(repository, spec, run_dir)
-    return export
+    """The repository's own NBD export of a snapshot (nbdkit, ``storage/export.py``), its socket
+    named short: a unix socket's path has at most 107 bytes, and a snapshot id is 64."""
+    return SnapshotExport(repository, spec, run_dir, socket_path=run_dir / "export.sock")
 
 
 def instant_restore(conn: Guarded, repository: Any, snapshot: str, request: Request, run_dir: Path,
