@@ -7,6 +7,7 @@ lifted and the copy runs to its end.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -18,11 +19,16 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from agent_harness import agent_config_for, running_agent
 from conftest import lab_or_fail, sha256_file
 
 from guest_shim import protocol as p
 from host_agent import hypervisor
+from host_agent._proto.hyperback.v1 import operator_pb2 as pb
+from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
+from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
 from host_agent.agent.instant import InstantRecovery, Phase, Request
 from host_agent.lab import Channel, Disk, Lab, Vm, render_domain_xml
 from host_agent.lab.domain import BASE_KERNEL_ARGS
@@ -34,6 +40,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = f"PYTHONPATH={REPO} {sys.executable} -m guest_shim"
+HYPERBACK = [sys.executable, "-m", "host_agent.cli"]
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 HEAD = b"HB-INSTANT-HEAD-"
@@ -55,16 +62,20 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def snapshot_of_a_gib(workdir: Path) -> tuple[Repository, str, Path]:
-    """A 1 GiB disk, sparse but for 8 MiB of data at each end (markers at the first and last
-    bytes), backed up; returns the repository, the snapshot id and the image."""
-    image = workdir / "source.img"
+def write_ends(image: Path) -> None:
+    """A 1 GiB disk, sparse but for 8 MiB of data at each end (markers at the first and last bytes)."""
     rng = random.Random(7)
     with open(image, "wb") as f:
         f.truncate(GIB)
         f.write(HEAD + rng.randbytes(8 * MIB - len(HEAD)))
         f.seek(GIB - 8 * MIB)
         f.write(rng.randbytes(8 * MIB - len(TAIL)) + TAIL)
+
+
+def snapshot_of_a_gib(workdir: Path) -> tuple[Repository, str, Path]:
+    """write_ends() backed up: the repository, the snapshot id and the image."""
+    image = workdir / "source.img"
+    write_ends(image)
     repo = Repository.init(workdir / "repo")
     return repo, repo.backup(image, "instant/disk").snapshot.id, image
 
@@ -173,3 +184,37 @@ def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay(work
     finally:
         subprocess.run(["umount", str(tiny)], check=True)
     assert not os.path.ismount(tiny)
+
+
+def test_the_agent_runs_an_instant_restore_as_a_job_the_command_and_the_operator_api_follow(
+        workdir: Path) -> None:
+    config = agent_config_for(workdir / "agent")
+    repo = Repository.open(workdir / "agent" / "repo")
+    image = workdir / "source.img"
+    write_ends(image)
+    snap = repo.backup(image, "instant/disk").snapshot.id
+    target = workdir / "target.qcow2"
+    with lab_or_fail(workdir / "lab") as lab, running_agent(config):
+        xml = workdir / "domain.xml"
+        xml.write_text(domain_xml(lab, "byagent", workdir / "gone.img"))
+        argv = [*HYPERBACK, "instant-restore", snap[:12], "--as", lab.name_prefix + "byagent", "--to", target,
+                "--format", "qcow2", "--xml", xml, "--agent", config.operator_listen, "--json"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        answer = json.loads(proc.stdout)
+        assert answer["state"] == "JOB_STATE_SUCCEEDED", answer
+        conn = hypervisor.connect(lab.uri)
+        dom = conn.lookupByName(lab.name_prefix + "byagent")
+        lab.vms.append(Vm(lab, dom.name(), dom.raw, lab.workdir / "byagent.console.log", True, 0.0))
+        with grpc.insecure_channel(config.operator_listen) as channel:
+            stub = pb_grpc.OperatorStub(channel)
+            jobs = stub.ListJobs(pb.ListJobsRequest(), timeout=30).jobs
+        (job,) = [j for j in jobs if j.id == answer["job"]]
+        assert job.kind == opb.INSTRUCTION_KIND_INSTANT_RESTORE and job.state == pb.JOB_STATE_SUCCEEDED
+        assert job.snapshot == snap and job.domain_uuid == dom.UUIDString()
+        assert job.progress.bytes_done == job.progress.bytes_total == GIB
+        assert dom.isActive() and [s.get("file") for s in ET.fromstring(dom.XMLDesc(0)).iter("source")
+                                   if s.get("file")] == [str(target)]
+    flat = workdir / "target.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(target), str(flat)], check=True)
+    assert sha256_file(flat) == sha256_file(image)

@@ -501,6 +501,7 @@ class InstantJobs:
         state = JobState.SUCCEEDED if st.phase is Phase.PIVOTED else JobState.FAILED
         if state is JobState.SUCCEEDED:
             self.recoveries.pop(job.id, None)
+            await self.jobs.step(job.id, st.message, st.bytes_done, st.bytes_total)  # all copied
         await self.jobs.move(job.id, state, st.message)
 
     async def close(self) -> None:
