@@ -17,7 +17,9 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -97,6 +99,24 @@ def adopt(lab: Lab, recovery: InstantRecovery, name: str) -> Vm:
     return vm
 
 
+@contextmanager
+def recovering(lab: Lab, name: str, export: SnapshotExport, target: Path,
+               **options: Any) -> Iterator[tuple[InstantRecovery, Vm]]:
+    """A lab guest recovered instantly from ``export`` to ``target``; at the end its domain is
+    destroyed first, then the recovery closed (a domain still running keeps its export up)."""
+    request = Request(domain_xml(lab, name, export.run_dir / "gone.img"), "vda", target, **options)
+    recovery = InstantRecovery(hypervisor.connect(lab.uri), export, request, export.run_dir)
+    try:
+        recovery.start()
+        yield recovery, adopt(lab, recovery, name)
+    finally:
+        try:
+            for vm in lab.vms:
+                vm.destroy()
+        finally:
+            recovery.close()
+
+
 def shim_answers(vm: Vm, timeout: float = 180) -> None:
     """Wait for the guest's shim to sync on its channel, answer it, and read its hello."""
     sock = vm.connect_channel()
@@ -105,7 +125,7 @@ def shim_answers(vm: Vm, timeout: float = 180) -> None:
     try:
         while True:
             data = sock.recv(65536)
-            assert data, "the channel closed before the shim said hello"
+            assert data, f"the channel closed before the shim said hello; console:\n{vm.console_tail()}"
             for msg in reader.feed(data):
                 if isinstance(msg, p.Sync):
                     sock.sendall(p.sync_ack_frame(msg.id))
@@ -128,30 +148,23 @@ def test_a_vm_runs_from_a_snapshot_before_its_copy_is_done_and_then_from_a_bit_i
     full_restore = time.monotonic() - t0
     export = SnapshotExport(repo, snap, workdir / "run")
     target = workdir / "target.img"
-    with lab_or_fail(workdir / "lab") as lab:
-        request = Request(domain_xml(lab, "instant", workdir / "gone.img"), "vda", target, "raw", bandwidth=1)
-        recovery = InstantRecovery(hypervisor.connect(lab.uri), export, request, workdir / "run")
-        try:
-            recovery.start()
-            vm = adopt(lab, recovery, "instant")
-            shim_answers(vm)
-            first_answer = time.monotonic() - recovery.started_at
-            held = recovery.status()
-            assert held.phase is Phase.COPYING and held.bytes_done < held.bytes_total, held
-            assert "HEAD " + HEAD.decode() in vm.console() and "TAIL " + TAIL.decode() in vm.console()
-            recovery.set_bandwidth(0)
-            done = recovery.finish(timeout=600)
-            assert done.phase is Phase.PIVOTED, done
-            assert vm.is_active()
-            assert disk_sources(vm) == [str(target)]
-            for flags in (0, 2):  # live, and VIR_DOMAIN_XML_INACTIVE: the definition kept
-                disk = ET.fromstring(vm.domain.XMLDesc(flags)).find("./devices/disk")
-                assert disk is not None and "nbd" not in ET.tostring(disk, encoding="unicode")
-            assert not export.socket_path.exists() and not export.running
-            assert recovery.overlay is not None and not recovery.overlay.exists()
-            vm.destroy()
-        finally:
-            recovery.close()
+    with lab_or_fail(workdir / "lab") as lab, recovering(lab, "instant", export, target, bandwidth=1) as (
+            recovery, vm):
+        shim_answers(vm)
+        first_answer = time.monotonic() - recovery.started_at
+        held = recovery.status()
+        assert held.phase is Phase.COPYING and held.bytes_done < held.bytes_total, held
+        assert "HEAD " + HEAD.decode() in vm.console() and "TAIL " + TAIL.decode() in vm.console()
+        recovery.set_bandwidth(0)
+        done = recovery.finish(timeout=600)
+        assert done.phase is Phase.PIVOTED, done
+        assert vm.is_active()
+        assert disk_sources(vm) == [str(target)]
+        for flags in (0, 2):  # live, and VIR_DOMAIN_XML_INACTIVE: the definition kept
+            disk = ET.fromstring(vm.domain.XMLDesc(flags)).find("./devices/disk")
+            assert disk is not None and "nbd" not in ET.tostring(disk, encoding="unicode")
+        assert not export.socket_path.exists() and not export.running
+        assert recovery.overlay is not None and not recovery.overlay.exists()
     assert sha256_file(target) == sha256_file(image)
     print(f"\ninstant recovery of a 1 GiB snapshot: shim answered after {first_answer:.2f} s; "
           f"full restore {full_restore:.2f} s")
@@ -164,22 +177,15 @@ def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay(work
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tiny)], check=True)
     try:
         export = SnapshotExport(repo, snap, workdir / "run")
-        with lab_or_fail(workdir / "lab") as lab:
-            request = Request(domain_xml(lab, "nospace", workdir / "gone.img"), "vda", tiny / "target.img")
-            recovery = InstantRecovery(hypervisor.connect(lab.uri), export, request, workdir / "run")
-            try:
-                recovery.start()
-                vm = adopt(lab, recovery, "nospace")
-                failed = recovery.finish(timeout=600)
-                assert failed.phase is Phase.FAILED, failed
-                assert "bytes free" in failed.message and "keeps running on the overlay" in failed.message
-                assert vm.is_active()
-                shim_answers(vm)  # still served, from the overlay over NBD
-                assert str(recovery.overlay) in disk_sources(vm) and export.socket_path.exists()
-                assert not (tiny / "target.img").exists()
-                vm.destroy()
-            finally:
-                recovery.close()
+        with lab_or_fail(workdir / "lab") as lab, recovering(lab, "nospace", export, tiny / "target.img") as (
+                recovery, vm):
+            failed = recovery.finish(timeout=600)
+            assert failed.phase is Phase.FAILED, failed
+            assert "bytes free" in failed.message and "keeps running on the overlay" in failed.message
+            assert vm.is_active()
+            shim_answers(vm)  # still served, from the overlay over NBD
+            assert str(recovery.overlay) in disk_sources(vm) and export.socket_path.exists()
+            assert not (tiny / "target.img").exists()
         assert not export.running, "the export outlived its domain"
     finally:
         subprocess.run(["umount", str(tiny)], check=True)
