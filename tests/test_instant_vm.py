@@ -52,7 +52,7 @@ TAIL = b"-HB-INSTANT-TAIL"
 GUEST = f"""
 echo "HEAD $(dd if=/dev/vda bs=16 count=1 2>/dev/null)"
 echo "TAIL $(dd if=/dev/vda bs=16 skip={GIB // 16 - 1} count=1 2>/dev/null)"
-exec {SHIM} serve
+{SHIM} serve
 """
 
 
