@@ -1,5 +1,6 @@
 """Instant recovery of a real VM: it runs from a 1 GiB snapshot before the copy is done, and after
-the pivot its disk is the snapshot, bit for bit; a copy that runs out of space leaves it running.
+the pivot its disk is the snapshot, bit for bit; a copy that runs out of space leaves it running
+on its overlay until the copy is retried somewhere with room.
 
 The copy is held by its bandwidth (1 byte/s: QEMU's rate limit lets one buffer through, then
 sleeps) until the guest's shim has answered: the ordering is made, not raced. Then the cap is
@@ -170,8 +171,9 @@ def test_a_vm_runs_from_a_snapshot_before_its_copy_is_done_and_then_from_a_bit_i
           f"full restore {full_restore:.2f} s")
 
 
-def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay(workdir: Path) -> None:
-    repo, snap, _ = snapshot_of_a_gib(workdir)
+def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay_until_a_retry(
+        workdir: Path) -> None:
+    repo, snap, image = snapshot_of_a_gib(workdir)
     tiny = workdir / "tiny"
     tiny.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tiny)], check=True)
@@ -186,6 +188,10 @@ def test_a_copy_that_runs_out_of_space_leaves_the_vm_running_on_its_overlay(work
             shim_answers(vm)  # still served, from the overlay over NBD
             assert str(recovery.overlay) in disk_sources(vm) and export.socket_path.exists()
             assert not (tiny / "target.img").exists()
+            recovery.retry(workdir / "roomy.img")  # somewhere with room: the same VM, copied again
+            assert recovery.finish(timeout=600).phase is Phase.PIVOTED
+            assert disk_sources(vm) == [str(workdir / "roomy.img")] and not export.running
+        assert sha256_file(workdir / "roomy.img") == sha256_file(image)
         assert not export.running, "the export outlived its domain"
     finally:
         subprocess.run(["umount", str(tiny)], check=True)
