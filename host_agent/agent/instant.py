@@ -276,7 +276,11 @@ class InstantRecovery:
 
     def _start_copy(self) -> None:
         assert self.domain is not None
-        create_target(self.target, self.fmt, self.export.size)
+        try:
+            create_target(self.target, self.fmt, self.export.size)
+        except errors.HyperbackError as e:  # the domain runs already: it stays on the overlay
+            self._fail(str(e), own_target=False)
+            return
         bandwidth = self.request.bandwidth
         params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else {}
         # REUSE_EXT: the target is ours (created above), not libvirt's guess. TRANSIENT_JOB: libvirt
@@ -325,12 +329,13 @@ class InstantRecovery:
                 "see libvirt's log of the domain for QEMU's error")
         return f"the copy to {self.target} failed ({hint})"
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, own_target: bool = True) -> None:
         self.phase = Phase.FAILED
         self.detail = (f"{reason}; the VM keeps running on the overlay {self.overlay}, "
                        f"served from {self.export.uri}: retry the copy to a target with room")
         log.error("%s", self.detail)
-        self.target.unlink(missing_ok=True)  # a partial copy is of no use to anyone
+        if own_target:
+            self.target.unlink(missing_ok=True)  # a partial copy is of no use to anyone
 
     # --- step 3: pivot --------------------------------------------------------------------------
 
