@@ -149,7 +149,8 @@ def test_an_instant_restore_that_cannot_start_says_why_with_its_status_code(tmp_
          "INVALID_ARGUMENT", "raw or qcow2"),
         (pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, disk="vdz", target=target),
          "INVALID_ARGUMENT", "no disk 'vdz'"),
-        (pb.InstantRestoreRequest(snapshot="nope@latest", domain_xml=xml, target=target), "NOT_FOUND", "nope"),
+        (pb.InstantRestoreRequest(snapshot="nope@latest", domain_xml=xml, target=target),
+         "NOT_FOUND", "nope"),
         (pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, target=target, destination="nowhere"),
          "NOT_FOUND", "nowhere"),
     ]
