@@ -502,12 +502,22 @@ class InstantJobs:
                 await asyncio.sleep(self.poll)
         except errors.HyperbackError as e:
             await self.jobs.move(job.id, JobState.FAILED, str(e))
+            await self._linger(job.id, recovery)
             return
-        state = JobState.SUCCEEDED if st.phase is Phase.PIVOTED else JobState.FAILED
-        if state is JobState.SUCCEEDED:
+        if st.phase is Phase.PIVOTED:
             self.recoveries.pop(job.id, None)
             await self.jobs.step(job.id, st.message, st.bytes_done, st.bytes_total)  # all copied
-        await self.jobs.move(job.id, state, st.message)
+            await self.jobs.move(job.id, JobState.SUCCEEDED, st.message)
+            return
+        await self.jobs.move(job.id, JobState.FAILED, st.message)
+        await self._linger(job.id, recovery)
+
+    async def _linger(self, job_id: str, recovery: InstantRecovery) -> None:
+        """A failed recovery's domain reads its export until it stops: then the export goes too."""
+        while await asyncio.to_thread(recovery.domain_running):
+            await asyncio.sleep(self.poll * 10)
+        await asyncio.to_thread(recovery.close)
+        self.recoveries.pop(job_id, None)
 
     async def close(self) -> None:
         for task in list(self._tasks):
