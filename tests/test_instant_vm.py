@@ -8,6 +8,7 @@ lifted and the copy runs to its end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,7 +29,7 @@ from agent_harness import agent_config_for, running_agent
 from conftest import lab_or_fail, sha256_file
 
 from guest_shim import protocol as p
-from host_agent import hypervisor
+from host_agent import errors, hypervisor
 from host_agent._proto.hyperback.v1 import operator_pb2 as pb
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
@@ -230,3 +231,28 @@ def test_the_agent_runs_an_instant_restore_as_a_job_the_command_and_the_operator
     flat = workdir / "target.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(target), str(flat)], check=True)
     assert sha256_file(flat) == sha256_file(image)
+
+
+def test_the_command_recovers_here_from_a_repository_and_returns_once_the_vm_runs_on_its_target(
+        workdir: Path) -> None:
+    repo, snap, image = snapshot_of_a_gib(workdir)
+    target, run = workdir / "here.img", workdir / "run"
+    with lab_or_fail(workdir / "lab") as lab:
+        xml = workdir / "domain.xml"
+        xml.write_text(domain_xml(lab, "here", workdir / "gone.img"))
+        name = lab.name_prefix + "here"
+        argv = [*HYPERBACK, "instant-restore", "instant/disk@latest", "--as", name, "--to", target,
+                "--xml", xml, "--repo", repo.path, "--run-dir", run, "--json"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        finally:  # the lab destroys what the command started, whatever it said
+            with contextlib.suppress(errors.NoDomain):
+                dom = hypervisor.connect(lab.uri).lookupByName(name)
+                lab.vms.append(Vm(lab, name, dom.raw, lab.workdir / "here.console.log", True, 0.0))
+        assert proc.returncode == 0, proc.stderr
+        answer = json.loads(proc.stdout)
+        assert answer["phase"] == "pivoted" and answer["running_after_seconds"] < 60, answer
+        assert dom.isActive() and [s.get("file") for s in ET.fromstring(dom.XMLDesc(0)).iter("source")
+                                   if s.get("file")] == [str(target)]
+        assert not list(run.rglob("*.sock")) and not list(run.rglob("*.qcow2"))
+    assert sha256_file(target) == sha256_file(image)
