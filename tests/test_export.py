@@ -22,8 +22,9 @@ from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent.media import codec, reads
 from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
-from host_agent.storage.copier import BLOB_DATA
+from host_agent.storage.copier import BLOB_DATA, BLOB_TREE
 from host_agent.storage.export import SnapshotExport
+from host_agent.storage.maptree import FANOUT, TreeReader
 from host_agent.storage.packfile import RECORD_HEADER, read_index
 from host_agent.storage.repository import DEFAULT_CHUNK_SIZE, Repository
 from host_agent.storage.snapshot import Snapshot
@@ -117,6 +118,20 @@ def test_nbdcopy_and_qemu_img_read_the_bytes_a_restore_writes(
     assert sha256_file(image) == want
     assert sha256_file(tmp_path / "nbdcopy.img") == want
     assert sha256_file(tmp_path / "qemu.img") == want
+
+
+def test_an_odd_sized_image_in_a_three_level_tree_reads_as_its_restore(
+        small_repo: Repository, tmp_path: Path) -> None:
+    # 4 KiB chunks: 17 MiB is 4352 chunks, 68 leaves, so the map has three levels; the last chunk is short
+    image = mixed_image(tmp_path / "odd.img", size=17 * MIB + 1234, seed=9)
+    snap = small_repo.backup(image, "vm2/vda").snapshot
+    assert snap.tree.height == 3
+    with SnapshotExport(small_repo, snap.id, tmp_path / "run") as export:
+        assert export.size == 17 * MIB + 1234
+        subprocess.run(["nbdcopy", export.uri, str(tmp_path / "copy.img")], check=True, timeout=120)
+        tail = nbd_read(export.uri, export.size - 5000, 5000)
+    assert sha256_file(tmp_path / "copy.img") == sha256_file(image)
+    assert tail.stdout == sha256_range(image, 17 * MIB + 1234 - 5000, 5000)
 
 
 def test_zero_chunks_are_reported_as_holes_and_the_rest_as_data(export: SnapshotExport, image: Path) -> None:
@@ -291,3 +306,36 @@ def test_the_servers_reader_of_a_snapshot_closes_when_idle_and_its_lock_goes(
     readers.sweep(now=time.monotonic() + reads.IDLE)
     assert len(readers) == 0
     assert repo.locks() == []
+
+
+def test_block_status_of_a_large_disk_answers_in_parts_that_cover_it(
+        repo: Repository, tmp_path: Path) -> None:
+    # 8 GiB, nearly all holes: nbdinfo asks about the whole disk and gets it in parts
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 30)
+        f.seek(5 << 30)
+        f.write(os.urandom(MIB))
+    snap = repo.backup(image, "vm3/vda").snapshot
+    with SnapshotExport(repo, snap.id, tmp_path / "run") as export:
+        extents = nbd_map(export.uri)
+    data = [(int(e["offset"]), int(e["length"])) for e in extents if e["type"] == 0]
+    assert data == [(5 << 30, MIB)]
+    assert sum(int(e["length"]) for e in extents) == 8 << 30
+
+
+def test_a_damaged_leaf_of_the_map_fails_only_the_reads_it_maps(
+        repo: Repository, snapshot: Snapshot, image: Path, tmp_path: Path) -> None:
+    with repo.session("test", writer=False) as native:
+        leaf_ids = list(TreeReader(native, snapshot.tree).leaf_ids())
+    (name, entry), = [(n, e) for n in repo.pack_names() for e in read_index(repo.path / "index" / n)
+                      if e.id == leaf_ids[3] and e.type == BLOB_TREE]
+    flip_bit(pack_path(repo, name), entry.offset + RECORD_HEADER.size + entry.stored_len // 2)
+    leaf_bytes = FANOUT * DEFAULT_CHUNK_SIZE  # 2 MiB of image per leaf
+
+    with SnapshotExport(repo, snapshot.id, tmp_path / "run") as export:
+        assert nbd_read(export.uri, 3 * leaf_bytes + 4096, 4096).returncode != 0
+        for offset in (2 * leaf_bytes, 4 * leaf_bytes):
+            read = nbd_read(export.uri, offset, leaf_bytes)
+            assert read.returncode == 0, read.stderr
+            assert read.stdout == sha256_range(image, offset, leaf_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,3 +65,19 @@ def test_one_changed_id_rewrites_only_its_path(tmp_path: Path) -> None:
         ref = again.finish()
         assert len(nat) - mid == ref.height  # one new page per level
         assert mid > before
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([1, FANOUT, FANOUT + 1, FANOUT * FANOUT, FANOUT * FANOUT + 1, 2 * FANOUT * FANOUT + 7])
+       | st.integers(1, 3 * FANOUT * FANOUT))
+def test_leaf_at_finds_each_leaf_from_the_root(tmp_path_factory, entries: int) -> None:  # type: ignore[no-untyped-def]
+    with native(tmp_path_factory.mktemp("tree")) as nat:
+        builder = TreeBuilder(nat)
+        builder.add_ids(ids_for(entries, 3))
+        ref = builder.finish()
+        reader = TreeReader(nat, ref)
+        leaves = list(reader.chunk_ids())
+        assert [reader.leaf_at(i) for i in range(len(leaves))] == leaves
+        for outside in (-1, len(leaves)):
+            with pytest.raises(IndexError):
+                reader.leaf_at(outside)

@@ -20,9 +20,15 @@ from host_agent.storage.copier import ID_LEN, ZERO_ID
 from host_agent.storage.maptree import FANOUT
 from host_agent.storage.snapshot import Snapshot
 
+WINDOW_BYTES = 1 << 20
+
 
 class RemoteChunks:
     """A snapshot of a media service's destination, read range by range. Thread-safe (gRPC is)."""
+
+    # A call costs about as much as 1 MiB of data (measured: 9 CPU s/GB per side at 64 KiB per call,
+    # 3 s/GB at 2 MiB), so an export reads at least this much per call, aligned, into its cache.
+    window_bytes = WINDOW_BYTES
 
     def __init__(self, address: str, destination: str, snapshot_id: str,
                  timeout: float = DEFAULT_TIMEOUT) -> None:

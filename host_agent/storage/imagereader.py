@@ -27,6 +27,7 @@ from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.maptree import FANOUT, TreeReader
 from host_agent.storage.snapshot import Snapshot
 
+EXTENT_CHUNKS = 64 * 64  # most chunks one block-status answer covers (64 leaves)
 LEAVES_CACHED = 4096  # leaf pages kept (2 KiB each): the ids of 8 GiB of image at 32 KiB chunks
 
 
@@ -34,6 +35,7 @@ class ChunkSource(Protocol):
     """Where an :class:`ImageReader` gets a snapshot's chunk ids and chunks. Called from many threads."""
 
     snapshot: Snapshot
+    window_bytes: int  # the least a read fetches (aligned); 0: just what the request needs
 
     def leaf(self, index: int) -> bytes:
         """The ids of chunks ``FANOUT·index …`` (FANOUT of them, fewer in the last leaf)."""
@@ -52,6 +54,8 @@ class ChunkSource(Protocol):
 class LocalChunks:
     """A snapshot of a repository on this host, read through the native reader under a reader lock
     (garbage collection sweeps nothing the export may still read)."""
+
+    window_bytes = 0  # a native call costs little: a request reads what it needs
 
     def __init__(self, repo_path: Path, snapshot_id: str) -> None:
         # imported here: the repository module is big, and this module is also the plugin's
@@ -164,6 +168,11 @@ class ImageReader:
         self.cache = ChunkCache(cache_bytes)
         self._leaves = _LeafCache(source)
         self._zeros = memoryview(bytes(self.chunk_size))  # what a zero chunk reads as
+        # A source whose every call costs (a round trip to a media service) is read in aligned
+        # windows of this many chunks, whatever the request; the rest of a window goes to the cache.
+        self._window = max(1, source.window_bytes // self.chunk_size)
+        self._inflight: dict[int, threading.Event] = {}
+        self._inflight_lock = threading.Lock()
 
     def close(self) -> None:
         self.source.close()
@@ -214,6 +223,8 @@ class ImageReader:
                 missing.append(n)
             else:
                 found[n] = data
+        if missing and self._window > 1:
+            missing = self._fetch_windows(first, ids, missing, found)
         if missing:
             self._fetch(first, ids, missing, found)
         view = memoryview(buf)
@@ -223,6 +234,49 @@ class ImageReader:
             data = found.get(n)
             view[lo - offset:hi - offset] = self._zeros[:hi - lo] if data is None else \
                 memoryview(data)[lo - start:hi - start]
+
+    def _fetch_windows(self, first: int, ids: list[bytes], missing: list[int],
+                       found: dict[int, bytes]) -> list[int]:
+        """Fetch the aligned windows the missing chunks lie in, each once however many requests want
+        it at the same time; return the chunks still missing (a window that failed, or was evicted
+        before this request took its chunks: the caller reads just those, so a damaged chunk fails
+        only the requests that touch it)."""
+        got: dict[bytes, bytes] = {}
+        for window in sorted({(first + n) // self._window for n in missing}):
+            got.update(self._fetch_window(window))
+        still = []
+        for n in missing:
+            data = got.get(ids[n]) or self.cache.get(ids[n])
+            if data is None:
+                still.append(n)
+            else:
+                found[n] = data
+        return still
+
+    def _fetch_window(self, window: int) -> dict[bytes, bytes]:
+        with self._inflight_lock:
+            wait = self._inflight.get(window)
+            if wait is None:
+                self._inflight[window] = threading.Event()
+        if wait is not None:
+            wait.wait()  # its chunks are in the cache now, unless that fetch failed
+            return {}
+        try:
+            lo = window * self._window
+            try:
+                ids = self.ids(lo, min(self._window, self.snapshot.tree.entries - lo))
+                chunks = self.source.chunks(lo, ids)
+            except errors.HyperbackError:
+                return {}  # each request then reads its own chunks, and only a damaged one fails
+            out = {}
+            for n, (cid, data) in enumerate(zip(ids, chunks, strict=True)):
+                if cid != ZERO_ID and len(data) == self._chunk_len(lo + n):
+                    self.cache.put(cid, data)
+                    out[cid] = data
+            return out
+        finally:
+            with self._inflight_lock:
+                self._inflight.pop(window).set()
 
     def _fetch(self, first: int, ids: list[bytes], missing: list[int], found: dict[int, bytes]) -> None:
         """Read the missing chunks, one span from the first to the last (a remote source answers a
@@ -241,7 +295,11 @@ class ImageReader:
             found[n] = data
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        """Data and holes covering [offset, offset + length), adjacent runs of one kind merged."""
+        """Data and holes from ``offset`` on, adjacent runs of one kind merged: up to ``length`` bytes,
+        or ``EXTENT_CHUNKS`` chunks if fewer (a client asking about a whole large disk gets the start
+        and asks again from where the answer ends, as NBD allows)."""
+        self._span(offset, length)
+        length = min(length, (offset // self.chunk_size + EXTENT_CHUNKS) * self.chunk_size - offset)
         first, count = self._span(offset, length)
         out: list[Extent] = []
         end = offset + length
