@@ -256,3 +256,35 @@ def test_the_command_recovers_here_from_a_repository_and_returns_once_the_vm_run
                                    if s.get("file")] == [str(target)]
         assert not list(run.rglob("*.sock")) and not list(run.rglob("*.qcow2"))
     assert sha256_file(target) == sha256_file(image)
+
+
+def test_a_cancelled_instant_restore_stops_its_copy_and_leaves_the_vm_on_its_overlay(workdir: Path) -> None:
+    config = agent_config_for(workdir / "agent")
+    repo = Repository.open(workdir / "agent" / "repo")
+    write_ends(workdir / "source.img")
+    snap = repo.backup(workdir / "source.img", "instant/disk").snapshot.id
+    target = workdir / "cancelled.img"
+    with lab_or_fail(workdir / "lab") as lab, running_agent(config), \
+            grpc.insecure_channel(config.operator_listen) as channel:
+        stub = pb_grpc.OperatorStub(channel)
+        xml = domain_xml(lab, "cancel", workdir / "gone.img")
+        request = pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, disk="vda", target=str(target),
+                                           bandwidth=1)  # the copy is held: see the module's docstring
+        job = stub.InstantRestore(request, timeout=60).job
+        try:
+            events = stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=300)
+            for event in events:  # the copy runs (held): its progress names the whole disk
+                assert not event.final, event
+                if event.progress.bytes_total == GIB:
+                    break
+            stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=30)
+            last = list(events)[-1]
+        finally:
+            dom = hypervisor.connect(lab.uri).lookupByName(lab.name_prefix + "cancel")
+            lab.vms.append(Vm(lab, dom.name(), dom.raw, lab.workdir / "cancel.console.log", True, 0.0))
+        assert last.state == pb.JOB_STATE_CANCELLED and "keeps running on the overlay" in last.message, last
+        assert dom.isActive() and not target.exists()
+        disk = ET.fromstring(dom.XMLDesc(0)).find("./devices/disk")
+        assert disk is not None and disk.find("mirror") is None
+        assert "overlay.qcow2" in ET.tostring(disk, encoding="unicode")
+        lab.vms[-1].destroy()  # before the agent stops: its export then goes with it

@@ -379,6 +379,14 @@ class InstantRecovery:
             self.export.stop()
             self._export_up = False
 
+    def abort(self, reason: str) -> Status:
+        """Stop the copy without a pivot (an operator's cancel): the VM stays on the overlay."""
+        if self.phase in (Phase.COPYING, Phase.READY):
+            assert self.domain is not None
+            self.domain.blockJobAbort(self.request.disk, 0)
+            self._fail(reason)
+        return Status(self.phase, message=self.detail)
+
     # --- after a failure ------------------------------------------------------------------------
 
     def retry(self, target: Path | None = None, fmt: str | None = None) -> None:
@@ -493,6 +501,11 @@ class InstantJobs:
         try:
             await asyncio.to_thread(recovery.start)
             while True:
+                if job.cancel.cancelled:
+                    st = await asyncio.to_thread(recovery.abort, "the copy was cancelled")
+                    await self.jobs.move(job.id, JobState.CANCELLED, st.message)
+                    await self._linger(job.id, recovery)
+                    return
                 st = await asyncio.to_thread(recovery.status)
                 if st.phase is Phase.READY:
                     st = await asyncio.to_thread(recovery.finish)
