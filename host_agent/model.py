@@ -61,6 +61,7 @@ def base_name(image: str) -> str:
 class InstructionKind(enum.StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
+    INSTANT_RESTORE = "instant-restore"  # never planned: the agent runs it itself (agent/instant.py)
 
 
 class UnitKind(enum.StrEnum):

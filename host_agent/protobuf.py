@@ -40,7 +40,8 @@ _POLICY: Final[Mapping[Policy, pb.Policy.ValueType]] = {
     Policy.FULL: pb.POLICY_FULL, Policy.INCREMENTAL: pb.POLICY_INCREMENTAL,
     Policy.DIFFERENTIAL: pb.POLICY_DIFFERENTIAL}
 _KIND: Final[Mapping[InstructionKind, pb.InstructionKind.ValueType]] = {
-    InstructionKind.BACKUP: pb.INSTRUCTION_KIND_BACKUP, InstructionKind.RESTORE: pb.INSTRUCTION_KIND_RESTORE}
+    InstructionKind.BACKUP: pb.INSTRUCTION_KIND_BACKUP, InstructionKind.RESTORE: pb.INSTRUCTION_KIND_RESTORE,
+    InstructionKind.INSTANT_RESTORE: pb.INSTRUCTION_KIND_INSTANT_RESTORE}
 _UNIT_KIND: Final[Mapping[UnitKind, pb.UnitKind.ValueType]] = {
     UnitKind.BACKUP_DISK: pb.UNIT_KIND_BACKUP_DISK, UnitKind.BACKUP_BASE: pb.UNIT_KIND_BACKUP_BASE,
     UnitKind.RESTORE_DISK: pb.UNIT_KIND_RESTORE_DISK}

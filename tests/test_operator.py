@@ -13,6 +13,7 @@ from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import Domains
 from host_agent.agent.guests import Guests
+from host_agent.agent.instant import InstantJobs
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs
 from host_agent.agent.operator import AgentParts, start_operator_server
@@ -121,3 +122,61 @@ def test_listed_snapshots_carry_their_latest_boot_verification(tmp_path: Path) -
     got = by_id[verified].verification
     assert (got.passed, got.reason, got.seconds, got.host) == (False, "Kernel panic - not syncing", 12.5,
                                                                "hosta")
+
+
+def instant_restore(tmp_path: Path, request: pb.InstantRestoreRequest,
+                    with_instant: bool = True) -> grpc.aio.AioRpcError | pb.InstantRestoreResponse:
+    """InstantRestore through a real operator server; its answer or its error. The requests here
+    all fail before anything starts, so libvirt is never reached."""
+    (tmp_path / "agent.toml").write_text(CLUSTER.format(repo=tmp_path / "repo"))
+    config = load(tmp_path / "agent.toml", env={})
+    jobs = Jobs()
+    instant = (InstantJobs(jobs, Destinations(config), "qemu:///system", tmp_path / "run")
+               if with_instant else None)
+    parts = AgentParts(cast(Domains, None), cast(Guests, None), Destinations(config), cast(Intake, None),
+                       jobs, cast(Scheduler, None), instant)
+
+    async def call() -> grpc.aio.AioRpcError | pb.InstantRestoreResponse:
+        server = await start_operator_server(parts, f"unix:{tmp_path}/operator.sock")
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{tmp_path}/operator.sock") as channel:
+                try:
+                    answer: pb.InstantRestoreResponse = await pb_grpc.OperatorStub(channel).InstantRestore(
+                        request, timeout=60)
+                    return answer
+                except grpc.aio.AioRpcError as e:
+                    return e
+        finally:
+            await server.stop(1)
+
+    return asyncio.run(call())
+
+
+def test_an_instant_restore_that_cannot_start_says_why_with_its_status_code(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    (tmp_path / "d.img").write_bytes(b"x" * 4096)
+    snap = repo.backup(tmp_path / "d.img", "vm/vda").snapshot.id
+    xml = "<domain><name>n</name><devices><disk><target dev='vda'/></disk></devices></domain>"
+    target = str(tmp_path / "t.img")
+    ok = pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, disk="vda", target=target)
+    cases = [
+        (pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, target="t.img"), "INVALID_ARGUMENT",
+         "absolute"),
+        (pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, target=str(tmp_path / "d.img")),
+         "FAILED_PRECONDITION", "exists"),
+        (pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, target=target, format="vmdk"),
+         "INVALID_ARGUMENT", "raw or qcow2"),
+        (pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, disk="vdz", target=target),
+         "INVALID_ARGUMENT", "no disk 'vdz'"),
+        (pb.InstantRestoreRequest(snapshot="nope@latest", domain_xml=xml, target=target),
+         "NOT_FOUND", "nope"),
+        (pb.InstantRestoreRequest(snapshot=snap, domain_xml=xml, target=target, destination="nowhere"),
+         "NOT_FOUND", "nowhere"),
+    ]
+    for request, code, words in cases:
+        answer = instant_restore(tmp_path, request)
+        assert isinstance(answer, grpc.aio.AioRpcError), request
+        assert answer.code().name == code and words in (answer.details() or ""), (request, answer)
+    answer = instant_restore(tmp_path, ok, with_instant=False)
+    assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert not (tmp_path / "t.img").exists()

@@ -32,6 +32,7 @@ from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.driver import BackupDriver
 from host_agent.agent.executor import Executor
 from host_agent.agent.guests import Guests
+from host_agent.agent.instant import InstantJobs
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs
 from host_agent.agent.journal import Journal, Pending
@@ -85,6 +86,8 @@ class Agent:
         self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,
                                    self.guests, self.jobs, self.destinations, config.state_dir, clock,
                                    verifying)
+        self.instant = InstantJobs(self.jobs, self.destinations, config.libvirt_uri,
+                                   config.run_dir / "instant")
         self.metrics = AgentMetrics(self.jobs, self.guests, self.driver, self.executor)
         self._background: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak refs)
         self.serving = asyncio.Event()  # set once the first rescan served the running domains' channels
@@ -93,7 +96,7 @@ class Agent:
     def parts(self) -> AgentParts:
         """What the operator API sees of the agent."""
         return AgentParts(self.domains, self.guests, self.destinations, self.intake, self.jobs,
-                          self.scheduler)
+                          self.scheduler, self.instant)
 
     # ---------- following the domains ----------
 
@@ -251,6 +254,7 @@ async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
         if config.metrics_listen:
             agent.metrics.serve(config.metrics_listen)
             started_parts.callback(agent.metrics.close)
+        started_parts.push_async_callback(agent.instant.close)
         op_server = await start_operator_server(agent.parts, config.operator_listen)
         started_parts.push_async_callback(op_server.stop, 2.0)
         runner = asyncio.create_task(agent.run())

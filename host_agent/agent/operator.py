@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +33,7 @@ from host_agent.agent.channel import State
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.guests import Guests
+from host_agent.agent.instant import FORMATS, InstantJobs, Request
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
@@ -64,6 +66,7 @@ class AgentParts:
     intake: Intake
     jobs: Jobs
     scheduler: Scheduler
+    instant: InstantJobs | None = None  # instant recoveries (None: this agent runs none)
 
 
 def _state_pb(state: JobState) -> pb.JobState.ValueType:
@@ -283,6 +286,30 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             firing = await self.parts.scheduler.run_now(request.name)
         jobs = [job for job in map(self.parts.jobs.get, firing.jobs) if job is not None]
         return pb.RunScheduleResponse(jobs=[_job_pb(job) for job in jobs], skipped=firing.skipped)
+
+    async def InstantRestore(self, request: pb.InstantRestoreRequest,
+                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.InstantRestoreResponse:
+        instant = self.parts.instant
+        if instant is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this agent runs no instant recoveries")
+            raise AssertionError("abort returns by raising")
+        destination = self.parts.destinations.named(request.destination)
+        if destination not in self.parts.destinations.names:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {destination!r}")
+        if request.format and request.format not in FORMATS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"format must be raw or qcow2, not {request.format!r}")
+        target = Path(request.target)
+        if not target.is_absolute():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target must be an absolute path")
+        if target.exists():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{target} exists: choose another target or remove it first")
+        async with _answering(context):
+            req = Request(request.domain_xml, request.disk or "vda", target, request.format or "raw",
+                          request.bandwidth, persistent=not request.transient)
+            job = await instant.submit(request.snapshot, destination, req)
+        return pb.InstantRestoreResponse(job=_job_pb(job))
 
     async def WatchJob(self, request: pb.WatchJobRequest,
                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JobEvent]:

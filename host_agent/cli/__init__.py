@@ -24,6 +24,7 @@ from host_agent.cli import (
     export_cmd,
     files_cmd,
     init_cmd,
+    instant_restore_cmd,
     job_cmd,
     list_cmd,
     prune_cmd,
@@ -37,9 +38,9 @@ from host_agent.cli import (
     vm_cmd,
 )
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, restorevm_cmd, export_cmd, files_cmd, list_cmd, verify_cmd,
-            verify_boot_cmd, check_cmd, prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd,
-            shim_cmd)
+COMMANDS = (init_cmd, backup_cmd, restore_cmd, restorevm_cmd, instant_restore_cmd, export_cmd, files_cmd,
+            list_cmd, verify_cmd, verify_boot_cmd, check_cmd, prune_cmd, vm_cmd, job_cmd, schedule_cmd,
+            units_cmd, demo_cmd, shim_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
