@@ -172,7 +172,7 @@ def test_the_appliance_comes_to_the_vms_so_their_backups_stay_off_the_lan(
         for vm in vms:
             snaps = stub.ListSnapshots(opb.ListSnapshotsRequest(destination=DESTINATION, domain=vm.name),
                                        timeout=60).snapshots
-            assert [s.bytes_read for s in snaps] == [DATA_MIB * MIB]
+            assert [s.bytes_read for s in snaps if s.serial] == [DATA_MIB * MIB]  # not the definition's
 
     # left to the policy, one VM's new data is too little to bring the appliance for: it streams to
     # the appliance where it is (B), and about the data's size crosses the LAN

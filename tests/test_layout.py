@@ -167,3 +167,14 @@ def test_a_long_module_says_why_at_its_top() -> None:
     unexplained = {m: n for m, n in long.items() if n > LONG_MODULE
                    and "Why one module" not in (ast.get_docstring(ast.parse(modules()[m].read_text())) or "")}
     assert unexplained == {}
+
+
+def test_every_package_is_installed() -> None:
+    # a package missing from pyproject's list works from a checkout and breaks every real install
+    import tomllib
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent.relative_to(root)).replace("/", ".")
+             for top in ("host_agent", "guest_shim") for p in (root / top).rglob("__init__.py")}
+    generated = {p for p in found if p.startswith("host_agent._proto.")}  # setup.py adds these
+    assert found - generated - listed == set()

@@ -132,7 +132,7 @@ def test_a_vm_wired_in_by_one_command_is_backed_up_nightly_offline_then_running_
             assert job.offline is (night == 0)
             (snap_id,) = job.snapshot_ids
             runs.append(repo.resolve(snap_id))
-            kept.append([s.id for s in repo.snapshots()])
+            kept.append([s.id for s in repo.snapshots(runs[0].name)])  # the disk's, not the definition's
             if night == 0:  # shut off: what it read is the image, bit for bit
                 restored = workdir / "night1.raw"
                 repo.restore(snap_id, restored)

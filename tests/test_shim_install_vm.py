@@ -189,7 +189,7 @@ def test_the_wheel_and_the_zipapp_install_in_a_debian_guest_without_network_and_
     assert line(console, "REPLUGGED") == "active", runner_output(console)
 
     repo = Repository.open(workdir / "agent" / "repo")
-    assert len(repo.snapshots()) == 3
+    assert len([s for s in repo.snapshots() if "/vm/" not in s.name]) == 3  # the disk's; not definitions
     log.warning("shim packages built in %.1f s; Debian image ready in %.1f s; guest booted in %.1f s; "
                 "wheel installed in %s s (guest clock); backups: pyz %.1f s, wheel %.1f s, hooked %.1f s",
                 built, image_seconds, vm.boot_seconds or -1, installed[1], pyz["seconds"], wheel["seconds"],

@@ -248,16 +248,20 @@ class Executor:
             jobs = sorted({i for u in plan.units if u.disk is not None and u.destination == unit.destination
                            and u.disk.domain_uuid == key[0] for i in u.satisfies})
             try:
-                stored[key] = await asyncio.to_thread(self._store_definition, key[0], unit.destination, jobs)
+                stored[key] = await asyncio.to_thread(self._store_definition, key[0], unit.destination, jobs,
+                                                      self._cancel_token(unit))
+            except errors.Cancelled:
+                raise  # the job is cancelled: nothing of it is published, its disks included
             except (errors.HyperbackError, OSError, ET.ParseError) as e:
                 log.warning("could not store the definition of %s: %s", key[0], e)
                 stored[key] = f"the domain's definition was not stored: {e}"
         return stored[key]
 
-    def _store_definition(self, domain_uuid: str, destination: str, jobs: list[str]) -> VmRef:
+    def _store_definition(self, domain_uuid: str, destination: str, jobs: list[str],
+                          cancel: CancelToken | None) -> VmRef:
         repo = self._destinations.repository(destination)
         definition = vmdefinition.capture(self._domains.domain(domain_uuid))
-        return vmdefinition.store(repo, definition, jobs, self._work_dir)
+        return vmdefinition.store(repo, definition, jobs, self._work_dir, cancel)
 
     async def _run(self, unit: WorkUnit, outcomes: dict[str, Outcome], bases: dict[str, Snapshot],
                    vm: VmRef | str | None = None) -> None:

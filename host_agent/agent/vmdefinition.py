@@ -24,6 +24,7 @@ import libvirt  # type: ignore[import-untyped]
 from host_agent import errors, hypervisor
 from host_agent.agent.destinations import AnyRepository
 from host_agent.model import Policy
+from host_agent.storage.cancel import CancelToken
 from host_agent.storage.snapshot import VmFile, VmRef, vm_snapshot_name
 
 log = logging.getLogger(__name__)
@@ -92,31 +93,33 @@ def tpm_files(state_dir: Path) -> Iterator[Path]:
                 yield path
 
 
-def store(repo: AnyRepository, definition: Definition, jobs: Sequence[str], work_dir: Path) -> VmRef:
+def store(repo: AnyRepository, definition: Definition, jobs: Sequence[str], work_dir: Path,
+          cancel: CancelToken | None = None) -> VmRef:
     """Store the definition's XML and files as snapshots of their own; the reference the run's disk
-    snapshots carry."""
+    snapshots carry.  ``cancel`` (the run's job's) stops it before anything more is published."""
     uuid = definition.uuid
     work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=work_dir, prefix=f"{uuid}-", suffix=".xml") as tmp:
         tmp.write(definition.xml.encode())
         tmp.flush()
-        xml_snap = repo.backup(tmp.name, vm_snapshot_name(uuid, "definition"), Policy.FULL).snapshot
+        xml_snap = repo.backup(tmp.name, vm_snapshot_name(uuid, "definition"), Policy.FULL,
+                               cancel=cancel).snapshot
     files: list[VmFile] = []
     # a UEFI domain that never started has no NVRAM file yet: libvirt makes it from its template
     if definition.nvram is not None and Path(definition.nvram).is_file():
-        files.append(_store_file(repo, uuid, "nvram", Path(definition.nvram), definition.nvram))
+        files.append(_store_file(repo, uuid, "nvram", Path(definition.nvram), definition.nvram, cancel))
     if definition.tpm_dir is not None:
         for i, path in enumerate(tpm_files(definition.tpm_dir)):
             files.append(_store_file(repo, uuid, f"tpm-{i}", path, str(path.relative_to(definition.tpm_dir)),
-                                     role="tpm"))
+                                     cancel, role="tpm"))
     return VmRef(os.urandom(8).hex(), tuple(jobs), uuid, definition.name, xml_snap.id, tuple(files))
 
 
 def _store_file(repo: AnyRepository, uuid: str, item: str, path: Path, recorded: str,
-                role: str = "nvram") -> VmFile:
+                cancel: CancelToken | None, role: str = "nvram") -> VmFile:
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as e:
         raise errors.SourceError(f"cannot read {role} file {path}: {e.strerror}") from e
-    snap = repo.backup(path, vm_snapshot_name(uuid, item), Policy.FULL).snapshot
+    snap = repo.backup(path, vm_snapshot_name(uuid, item), Policy.FULL, cancel=cancel).snapshot
     return VmFile(role, recorded, snap.id, mode)
