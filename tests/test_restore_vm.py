@@ -68,7 +68,7 @@ def test_the_stored_definition_is_inactive_xml_without_secrets_and_its_files_are
     run = restore_vm.find_run(repo, "job-one")
     assert run.vm.domain_uuid == dom.UUIDString() and run.vm.domain_name == "orig"
     assert [s.name for s in run.disks] == [f"{dom.UUIDString()}/data-1"]
-    xml = restore_vm.read_definition(repo, run.vm)
+    xml = vmdefinition.read_stored(repo, run.vm)
     assert "sekret" not in xml and "passwd" not in xml
     assert ET.fromstring(xml).findtext("name") == "orig"
     (stored,) = run.vm.files

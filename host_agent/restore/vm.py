@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +27,7 @@ from host_agent import errors, hypervisor
 from host_agent.agent.checkpoints import delete_checkpoint, list_checkpoints
 from host_agent.agent.destinations import AnyRepository
 from host_agent.agent.offline import ImageGuard
-from host_agent.agent.vmdefinition import SWTPM_STATE
+from host_agent.agent.vmdefinition import SWTPM_STATE, read_stored
 from host_agent.restore import vmxml
 from host_agent.storage import qcow2
 from host_agent.storage.files import fsync_dir
@@ -38,7 +37,6 @@ from host_agent.storage.snapshot import Snapshot, VmFile, VmRef
 log = logging.getLogger(__name__)
 
 FORMATS = ("raw", "qcow2")
-MAX_DEFINITION = 16 * 1024 * 1024   # a domain's XML is kilobytes; more is not one
 STOP_POLL = 0.5                     # seconds between looks at a domain asked to shut down
 
 Materialize = Callable[[AnyRepository, Snapshot, Path, str, "ProgressFn | None"], None]
@@ -112,17 +110,6 @@ def _run_of(with_vm: Sequence[Snapshot], snap: Snapshot) -> Run:
     return Run(snap.vm, tuple(s for s in with_vm if s.vm is not None and s.vm.run == run))
 
 
-def read_definition(repo: AnyRepository, vm: VmRef) -> str:
-    """The stored XML of the run's domain, every chunk verified."""
-    snap = repo.resolve(vm.definition)
-    if snap.size > MAX_DEFINITION:
-        raise errors.RepositoryError(f"snapshot {snap.id} holds {snap.size} bytes: not a domain definition")
-    with tempfile.TemporaryDirectory(prefix="hyperback-definition-") as tmp:
-        target = Path(tmp) / "domain.xml"
-        repo.restore(snap.id, target, overwrite=True, sync=False)
-        return target.read_text()
-
-
 # ---------- materializing disks and files ----------
 
 def materialize_disk(repo: AnyRepository, snap: Snapshot, path: Path, fmt: str,
@@ -177,7 +164,7 @@ def restore_as(conn: Any, repo: AnyRepository, run: Run, name: str, to_dir: Path
     if fmt not in FORMATS:
         raise errors.UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     _refuse_taken(conn, name)
-    xml = read_definition(repo, run.vm)
+    xml = read_stored(repo, run.vm)
     pairs = _disks_of(run, xml)
     targets = {disk.dev: vmxml.DiskTarget(to_dir / f"{name}-{disk.dev}.{'img' if fmt == 'raw' else fmt}", fmt)
                for disk, _ in pairs}
