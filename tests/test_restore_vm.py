@@ -2,6 +2,7 @@
 and restores as a new domain or in place against libvirt's own test driver (test:///default)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -68,7 +69,7 @@ def test_the_stored_definition_is_inactive_xml_without_secrets_and_its_files_are
     run = restore_vm.find_run(repo, "job-one")
     assert run.vm.domain_uuid == dom.UUIDString() and run.vm.domain_name == "orig"
     assert [s.name for s in run.disks] == [f"{dom.UUIDString()}/data-1"]
-    xml = restore_vm.read_definition(repo, run.vm)
+    xml = vmdefinition.read_stored(repo, run.vm)
     assert "sekret" not in xml and "passwd" not in xml
     assert ET.fromstring(xml).findtext("name") == "orig"
     (stored,) = run.vm.files
@@ -254,3 +255,49 @@ def test_the_media_service_refuses_a_disk_snapshot_naming_a_definition_it_lacks(
     finally:
         srv.stop(grace=0)
     assert local.snapshots() == []
+
+
+def test_instantly_a_one_disk_run_runs_as_a_new_domain_on_an_overlay_of_its_snapshot(
+        backed_up: tuple[Repository, hypervisor.Guarded, Path, Path], tmp_path: Path) -> None:
+    """The test driver starts the domain but has no block copy: the recovery stops at FAILED with
+    the domain on the overlay, which is as far as it goes without QEMU (tests/test_instant_vm.py)."""
+    repo, dom, _disk, nvram = backed_up
+    run = restore_vm.find_run(repo, "job-one")
+    conn = dom.connect()
+    out = tmp_path / "instant"
+    recovery, result = restore_vm.restore_instant(conn, repo, run, "quick", out, tmp_path / "run")
+    try:
+        new = conn.lookupByName("quick")
+        assert new.isActive() and new.isPersistent() and new.UUIDString() == result.uuid != dom.UUIDString()
+        root = ET.fromstring(new.XMLDesc(0))
+        (vda,) = [d for d in root.iterfind("./devices/disk") if d.find("target").get("dev") == "vda"]  # type: ignore[union-attr]
+        assert vda.find("source").get("file") == str(recovery.overlay)  # type: ignore[union-attr]
+        assert vda.find("backingStore/source").get("protocol") == "nbd"  # type: ignore[union-attr]
+        assert root.findtext("./os/nvram") == str(out / "quick_VARS.fd")
+        assert (out / "quick_VARS.fd").read_bytes() == nvram.read_bytes()
+        assert result.started and result.disks == [{"dev": "vda", "path": str(out / "quick-vda.img"),
+                                                    "format": "raw", "snapshot": run.disks[0].id}]
+        assert recovery.phase.value == "failed" and "virDomainBlockCopy" in recovery.detail
+        assert not (out / "quick-vda.img").exists()
+    finally:
+        with contextlib.suppress(errors.HypervisorError):
+            conn.lookupByName("quick").destroy()
+        recovery.close()
+    assert not recovery.overlay.exists() and not (tmp_path / "run" / "export.sock").exists()  # type: ignore[union-attr]
+
+
+def test_instantly_refuses_a_run_of_several_disks_and_a_taken_name_before_anything_runs(
+        backed_up: tuple[Repository, hypervisor.Guarded, Path, Path], tmp_path: Path) -> None:
+    repo, dom, _disk, _nvram = backed_up
+    conn = dom.connect()
+    run = restore_vm.find_run(repo, "job-one")
+    with pytest.raises(errors.UsageError, match="exists"):
+        restore_vm.restore_instant(conn, repo, run, "test", tmp_path / "o", tmp_path / "run")
+    scratch = write_image(tmp_path / "scratch.img", MIB, 6)
+    repo.backup(scratch, f"{dom.UUIDString()}/scratch", Policy.FULL, vm=run.vm)
+    two = restore_vm.find_run(repo, "job-one")
+    with pytest.raises(errors.UsageError, match="one disk; .* backed up 2 .*without --instant"):
+        restore_vm.restore_instant(conn, repo, two, "quick", tmp_path / "o", tmp_path / "run")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
+    with pytest.raises(errors.NoDomain):
+        conn.lookupByName("quick")

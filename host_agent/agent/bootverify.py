@@ -6,7 +6,8 @@ One verification, start to end (:func:`verify_boot`):
 1. The snapshot is exported read-only over NBD straight from its repository
    (``storage.export.SnapshotExport``, nbdkit): nothing is restored first.
 2. A throwaway qcow2 overlay over the export takes every write of the guest.
-3. A transient libvirt domain made from the VM's definition (``agent.sandbox``: no network
+3. A transient libvirt domain made from the VM's definition (the one stored with the snapshot's
+   backup when there is one, else libvirt's current one: :func:`definition_for`; ``agent.sandbox``: no network
    interface, one disk, the hyperback channel on the verifier's own socket, the serial console
    into a file) boots from the overlay.
 4. Health: the guest's shim synchronises, says hello and answers ``check`` (docs/wire-protocol.md);
@@ -44,12 +45,14 @@ import libvirt  # type: ignore[import-untyped]
 
 from guest_shim import protocol as p
 from host_agent import errors, hypervisor
+from host_agent.agent import vmdefinition
 from host_agent.agent.channel import GuestChannel
+from host_agent.agent.destinations import AnyRepository
 from host_agent.agent.sandbox import SandboxPaths, boot_disk_serial, nvram_of, sandbox_xml
 from host_agent.hypervisor import Guarded
 from host_agent.storage.export import SnapshotExport
 from host_agent.storage.snapshot import Snapshot
-from host_agent.storage.verification import MAX_CHECK_OUTPUT, CheckOutcome, Verification, one_line
+from host_agent.storage.verification import MAX_CHECK_OUTPUT, MAX_REASON, CheckOutcome, Verification, one_line
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,15 @@ class BootSpec:
     check_command: tuple[str, ...] | None = None
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     check_timeout: float = DEFAULT_CHECK_TIMEOUT
+    source: str = "the given definition"   # which definition it is, as the verdict names it
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The definition a snapshot boots with, and which one it is (for the verdict and the log)."""
+
+    xml: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,8 @@ def split_name(snapshot: Snapshot) -> tuple[str, str]:
 
 
 def current_definition(conn: Guarded, domain: str) -> str:
-    """The domain's definition as libvirt holds it now (its persistent one if it has one), used
-    while the repository keeps no definition of its own with the backup."""
+    """The domain's definition as libvirt holds it now (its persistent one if it has one), for
+    snapshots whose backup stored none."""
     try:
         try:
             dom = conn.lookupByUUIDString(domain)
@@ -114,19 +126,35 @@ def current_definition(conn: Guarded, domain: str) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if dom.isPersistent() else 0
         return str(dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_SECURE))
     except errors.HypervisorError as e:
-        raise errors.UsageError(f"domain {domain} is not defined on this host, and the repository keeps "
-                                "no definition with its backups: give the VM's domain XML "
-                                "(--domain-xml FILE)") from e
+        raise errors.UsageError(f"domain {domain} is not defined on this host, and the snapshot's backup "
+                                "stored no definition: give the VM's domain XML (--domain-xml FILE)") from e
+
+
+def definition_for(conn: Guarded, repo: AnyRepository, snapshot: Snapshot) -> Chosen:
+    """The VM as it was backed up: the definition stored with the snapshot's run (read from the same
+    repository, docs/repository-format.md 5.3); else, for a snapshot that carries none (or whose
+    stored definition was removed), libvirt's current definition of the domain."""
+    domain, _ = split_name(snapshot)
+    try:
+        stored = vmdefinition.stored_for(repo, snapshot)
+    except errors.SnapshotNotFound as e:
+        log.warning("snapshot %s: its stored definition is gone (%s); using libvirt's current one",
+                    snapshot.id, e)
+        stored = None
+    if stored is not None:
+        xml, definition = stored
+        return Chosen(xml, f"the definition stored with its backup (snapshot {definition})")
+    return Chosen(current_definition(conn, domain), f"libvirt's current definition of {domain}")
 
 
 def spec_for(snapshot: Snapshot, definition: str, check_command: tuple[str, ...] | None = None,
-             boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> BootSpec:
+             boot_timeout: float = DEFAULT_BOOT_TIMEOUT, source: str = "the given definition") -> BootSpec:
     _, serial = split_name(snapshot)
     boots_from = boot_disk_serial(definition)
     if boots_from not in (None, serial):
         log.warning("snapshot %s is of disk %s, not of the disk the VM boots from (%s): booting from it "
                     "anyway", snapshot.id, serial, boots_from)
-    return BootSpec(definition, serial, check_command, boot_timeout)
+    return BootSpec(definition, serial, check_command, boot_timeout, source=source)
 
 
 async def verify_boot(repo: VerifiableRepository, spec_str: str, spec: BootSpec, conn: Guarded,
@@ -150,11 +178,17 @@ async def verify_boot(repo: VerifiableRepository, spec_str: str, spec: BootSpec,
         console = _read(paths.console)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    record = Verification(snapshot.id, datetime.now(UTC), verdict.passed, one_line(verdict.reason),
+    record = Verification(snapshot.id, datetime.now(UTC), verdict.passed, _reason(verdict, spec),
                           round(time.monotonic() - started, 1), socket.gethostname(), verdict.check)
     await asyncio.to_thread(repo.record_verification, record, console)
     log.info("snapshot %s %s boot verification: %s", snapshot.id, record.result, record.reason)
     return record
+
+
+def _reason(verdict: Verdict, spec: BootSpec) -> str:
+    """The verdict's reason, which always ends naming the definition booted (never cut off)."""
+    note = f" [booted with {one_line(spec.source, 200)}]"
+    return one_line(verdict.reason, MAX_REASON - len(note)) + note
 
 
 @contextmanager
@@ -200,7 +234,7 @@ async def _sandbox(conn: Guarded, spec: BootSpec, snapshot: Snapshot,
     except errors.HypervisorError as e:
         raise errors.SandboxError(f"libvirt refused the sandbox domain for snapshot {snapshot.id}: "
                                   f"{e}") from e
-    log.info("booting snapshot %s in sandbox %s", snapshot.id, name)
+    log.info("booting snapshot %s in sandbox %s with %s", snapshot.id, name, spec.source)
     try:
         yield domain
     finally:

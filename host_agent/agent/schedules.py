@@ -267,16 +267,19 @@ class Scheduler:
 
     async def _verify_one(self, info: DomainInfo, destination: str) -> str:
         conn = self.domains.conn
-        definition = await asyncio.to_thread(bootverify.current_definition, conn, info.uuid)
-        serial = sandbox.boot_disk_serial(definition)
+        # the boot disk as the domain is now; the snapshot boots with the definition stored with it
+        current = await asyncio.to_thread(bootverify.current_definition, conn, info.uuid)
+        serial = sandbox.boot_disk_serial(current)
         if serial is None:
             raise errors.UsageError("it has no disk with a serial (run `hyperback vm enable`)")
         repo = await asyncio.to_thread(self.destinations.repository, destination)
         snapshots = await asyncio.to_thread(repo.snapshots, f"{info.uuid}/{serial}")
         if not snapshots:
             raise errors.SnapshotNotFound(f"no snapshot of its boot disk {serial} in {destination}")
+        chosen = await asyncio.to_thread(bootverify.definition_for, conn, repo, snapshots[-1])
         check = self.verifying.checks.get(info.name) or self.verifying.checks.get(info.uuid)
-        spec = bootverify.spec_for(snapshots[-1], definition, check, self.verifying.boot_timeout)
+        spec = bootverify.spec_for(snapshots[-1], chosen.xml, check, self.verifying.boot_timeout,
+                                   chosen.source)
         record = await bootverify.verify_boot(repo, snapshots[-1].id, spec, conn, self.verifying.work_dir)
         return f"{info.name}: snapshot {record.snapshot} {record.result}: {record.reason}"
 

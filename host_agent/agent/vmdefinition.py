@@ -25,11 +25,12 @@ from host_agent import errors, hypervisor
 from host_agent.agent.destinations import AnyRepository
 from host_agent.model import Policy
 from host_agent.storage.cancel import CancelToken
-from host_agent.storage.snapshot import VmFile, VmRef, vm_snapshot_name
+from host_agent.storage.snapshot import Snapshot, VmFile, VmRef, vm_snapshot_name
 
 log = logging.getLogger(__name__)
 
 SWTPM_STATE = Path("/var/lib/libvirt/swtpm")  # libvirt keeps an emulated TPM's state in UUID/ below
+MAX_DEFINITION = 16 * 1024 * 1024            # a domain's XML is kilobytes; more is not one
 MAX_TPM_FILES = 16                            # swtpm writes one or two; more is not a TPM state dir
 SECRET_ATTRIBUTES = ("passwd",)               # <graphics passwd=...>: what the SECURE flag adds
 
@@ -123,3 +124,22 @@ def _store_file(repo: AnyRepository, uuid: str, item: str, path: Path, recorded:
         raise errors.SourceError(f"cannot read {role} file {path}: {e.strerror}") from e
     snap = repo.backup(path, vm_snapshot_name(uuid, item), Policy.FULL, cancel=cancel).snapshot
     return VmFile(role, recorded, snap.id, mode)
+
+
+def read_stored(repo: AnyRepository, vm: VmRef) -> str:
+    """The stored XML of a run's domain, every chunk verified (restore-vm, verify-boot)."""
+    snap = repo.resolve(vm.definition)
+    if snap.size > MAX_DEFINITION:
+        raise errors.RepositoryError(f"snapshot {snap.id} holds {snap.size} bytes: not a domain definition")
+    with tempfile.TemporaryDirectory(prefix="hyperback-definition-") as tmp:
+        target = Path(tmp) / "domain.xml"
+        repo.restore(snap.id, target, overwrite=True, sync=False)
+        return target.read_text()
+
+
+def stored_for(repo: AnyRepository, snapshot: Snapshot) -> tuple[str, str] | None:
+    """The definition stored with a disk snapshot's run, and its snapshot's id; None when the
+    snapshot carries none (taken before definitions were stored, or not by the agent)."""
+    if snapshot.vm is None:
+        return None
+    return read_stored(repo, snapshot.vm), snapshot.vm.definition

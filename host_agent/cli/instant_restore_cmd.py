@@ -110,7 +110,7 @@ def _run_here(args: argparse.Namespace, request: Request) -> int:
               f"copying to {request.target}")
     bar = bar_for("copy", args.json)
     try:
-        status = recovery.finish(_drawing(bar))
+        status = recovery.finish(drawing(bar))
     finally:
         if bar is not None:
             bar.close()
@@ -120,18 +120,18 @@ def _run_here(args: argparse.Namespace, request: Request) -> int:
         _report(args, result, f"{args.name} {status.message}")
         return 0
     _report(args, result, f"hyperback: error: {status.message}")
-    _serve_until_stopped(recovery, args.name)
+    serve_until_stopped(recovery, args.name)
     return errors.EnvironmentProblem.exit_code
 
 
-def _drawing(bar: Bar | None) -> Any:
+def drawing(bar: Bar | None) -> Any:
     def show(status: Status) -> None:
         if bar is not None and status.bytes_total:
             bar(status.bytes_done, status.bytes_total)
     return show
 
 
-def _serve_until_stopped(recovery: InstantRecovery, name: str) -> None:
+def serve_until_stopped(recovery: InstantRecovery, name: str) -> None:
     """A failed copy: the domain reads its disk through this process's export until it stops."""
     print(f"hyperback: {name} runs on the overlay: this command serves its disk until the domain stops "
           "(Ctrl-C stops the export, and the VM loses its disk)")

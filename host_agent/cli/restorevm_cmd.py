@@ -4,15 +4,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from host_agent import config, errors, hypervisor
 from host_agent.agent.destinations import AnyRepository, Destinations
+from host_agent.agent.instant import Phase
+from host_agent.cli.instant_restore_cmd import drawing, serve_until_stopped
 from host_agent.cli.progress import Bar, bar_for
 from host_agent.restore import vm as restore_vm
 from host_agent.storage.repository import ProgressFn, Repository
 
+DEFAULT_RUN_DIR = Path("/var/lib/hyperback/instant")
 NAME = "restore-vm"  # the module's name without its hyphen would be another command
 DESCRIPTION = """\
 Restore the VM a backup run saved: its definition (domain XML, NVRAM, TPM state, stored with
@@ -23,6 +27,10 @@ that made it.
 --as NAME defines a new domain: new UUID, new MAC addresses, its disks restored into --to DIR as
 NAME-DEV.img (raw) or NAME-DEV.qcow2, NVRAM and TPM state copied; a name libvirt knows is refused.
 Writable disks the run did not back up are left out of the new domain (it must not share them).
+
+--as NAME --instant starts the new domain at once, its disk served from the snapshot under a local
+overlay, while the disk is copied to --to DIR behind it; the domain is then pivoted onto the copy
+(instant recovery). One-disk runs only. The command stays until the pivot.
 
 --in-place replaces the disks of the domain the run came from (same UUID, name, MACs): each disk is
 restored beside its image and renamed over it. The domain must be shut off (or give --stop). Its
@@ -58,6 +66,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--stop-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="--stop: how long to wait for the shutdown (default 120)")
     p.add_argument("--start", action="store_true", help="start the domain once restored")
+    p.add_argument("--instant", action="store_true",
+                   help="--as: start the domain at once on the snapshot and copy its disk behind it "
+                        "(one-disk runs)")
+    p.add_argument("--bandwidth", type=int, default=0, metavar="BYTES",
+                   help="--instant: cap the copy at BYTES per second (default: none)")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",
+                   help="--instant: where the overlay and the export's socket live until the pivot "
+                        "(default %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON result for scripts")
     p.add_argument("spec", metavar="SNAPSHOT-OR-JOB", help="a snapshot of the run, or its backup job id")
     p.set_defaults(run=run)
@@ -72,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         bars: list[Bar] = []
         try:
             progress_for = _progress(args.json, bars)
+            if args.instant:
+                return _instant(args, conn, repo, found)
             if args.in_place:
                 result = restore_vm.restore_in_place(
                     conn, repo, found, stop=args.stop, start=args.start, stop_timeout=args.stop_timeout,
@@ -111,6 +129,39 @@ def _check(args: argparse.Namespace) -> None:
                                     "and format")
     elif args.stop or args.confirmed:
         raise errors.UsageError("--stop and --yes-i-want-to-replace-the-disks go with --in-place")
+    if args.in_place and args.instant:
+        raise errors.UsageError("--instant goes with --as: in place, the domain's own disks are replaced")
+    if not args.instant and (args.bandwidth or args.run_dir != DEFAULT_RUN_DIR):
+        raise errors.UsageError("--bandwidth and --run-dir go with --instant")
+    if args.bandwidth < 0:
+        raise errors.UsageError("--bandwidth is bytes per second, 0 or more")
+
+
+def _instant(args: argparse.Namespace, conn: hypervisor.Guarded, repo: AnyRepository,
+             found: restore_vm.Run) -> int:
+    """--as NAME --instant: the domain runs on the snapshot, then on its copy in --to after the pivot."""
+    to_dir = (args.to or Path.cwd()).absolute()
+    recovery, result = restore_vm.restore_instant(conn, repo, found, args.new_name, to_dir,
+                                                  args.run_dir / args.new_name, args.format, args.bandwidth)
+    running = time.monotonic() - recovery.started_at
+    path = result.disks[0]["path"]
+    if not args.json:
+        print(f"{result.name} ({result.uuid}) runs on snapshot {result.disks[0]['snapshot']} after "
+              f"{running:.1f} s; copying to {path}")
+    bar = bar_for("copy", args.json)
+    try:
+        status = recovery.finish(drawing(bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    doc = {**result.to_json(), "phase": str(status.phase), "message": status.message,
+           "running_after_seconds": round(running, 3)}
+    if status.phase is Phase.PIVOTED:
+        print(json.dumps(doc) if args.json else f"{result.name} {status.message}")
+        return 0
+    print(json.dumps(doc) if args.json else f"hyperback: error: {status.message}")
+    serve_until_stopped(recovery, result.name)
+    return errors.EnvironmentProblem.exit_code
 
 
 @contextlib.contextmanager

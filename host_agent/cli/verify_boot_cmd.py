@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     "another thing: it re-reads the stored chunks.")
     p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
     p.add_argument("--domain-xml", type=Path, metavar="FILE",
-                   help="the VM's domain XML (default: the domain's current definition in libvirt)")
+                   help="the VM's domain XML (default: the one stored with the snapshot's backup, else "
+                        "the domain's current definition in libvirt)")
     p.add_argument("--check", metavar="COMMAND",
                    help="a command the guest's shim runs once it answered (shell words, no shell); "
                         "the guest must list it in check_commands of its shim.conf")
@@ -49,13 +50,13 @@ def run(args: argparse.Namespace) -> int:
         raise errors.UsageError("--timeout must be more than 0 seconds")
     repo = Repository.open(args.repo)
     snapshot = repo.resolve(args.snapshot)
-    domain, _ = bootverify.split_name(snapshot)
+    bootverify.split_name(snapshot)
     conn = bootverify.connect(args.libvirt)
     try:
-        definition = _definition(args.domain_xml) if args.domain_xml else \
-            bootverify.current_definition(conn, domain)
+        chosen = bootverify.Chosen(_definition(args.domain_xml), f"--domain-xml {args.domain_xml}") \
+            if args.domain_xml else bootverify.definition_for(conn, repo, snapshot)
         check = tuple(shlex.split(args.check)) if args.check else None
-        spec = bootverify.spec_for(snapshot, definition, check, args.timeout)
+        spec = bootverify.spec_for(snapshot, chosen.xml, check, args.timeout, chosen.source)
         record = asyncio.run(bootverify.verify_boot(repo, snapshot.id, spec, conn, args.work_dir))
     finally:
         conn.close()

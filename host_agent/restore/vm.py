@@ -2,10 +2,14 @@
 the ``vm`` field of each disk snapshot, docs/repository-format.md 5.3) brought back as a new domain
 or over the disks of the domain it came from. See docs/restore.md.
 
-Each disk becomes an image through a :data:`Materialize` function (a full restore today; instant
-recovery can replace it with an NBD export under an overlay). A new domain is defined only once
-every image and file is in place, so a failure leaves no domain behind; in place, each disk is
-restored beside its image and renamed over it, so a disk is either the old one or the restored one.
+Each disk becomes an image through a :data:`Materialize` function (a full restore). Instant
+recovery (:func:`restore_instant`, one disk) does not fit that step, since it needs the domain
+defined to start it on an overlay of the snapshot: it shares the new domain's definition and files
+with :func:`restore_as` and hands the start and the copy to ``agent.instant``.
+
+A new domain is defined only once every image and file is in place, so a failure leaves no domain
+behind; in place, each disk is restored beside its image and renamed over it, so a disk is either
+the old one or the restored one.
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
@@ -25,10 +28,11 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors, hypervisor
+from host_agent.agent import instant
 from host_agent.agent.checkpoints import delete_checkpoint, list_checkpoints
 from host_agent.agent.destinations import AnyRepository
 from host_agent.agent.offline import ImageGuard
-from host_agent.agent.vmdefinition import SWTPM_STATE
+from host_agent.agent.vmdefinition import SWTPM_STATE, read_stored
 from host_agent.restore import vmxml
 from host_agent.storage import qcow2
 from host_agent.storage.files import fsync_dir
@@ -38,7 +42,6 @@ from host_agent.storage.snapshot import Snapshot, VmFile, VmRef
 log = logging.getLogger(__name__)
 
 FORMATS = ("raw", "qcow2")
-MAX_DEFINITION = 16 * 1024 * 1024   # a domain's XML is kilobytes; more is not one
 STOP_POLL = 0.5                     # seconds between looks at a domain asked to shut down
 
 Materialize = Callable[[AnyRepository, Snapshot, Path, str, "ProgressFn | None"], None]
@@ -112,17 +115,6 @@ def _run_of(with_vm: Sequence[Snapshot], snap: Snapshot) -> Run:
     return Run(snap.vm, tuple(s for s in with_vm if s.vm is not None and s.vm.run == run))
 
 
-def read_definition(repo: AnyRepository, vm: VmRef) -> str:
-    """The stored XML of the run's domain, every chunk verified."""
-    snap = repo.resolve(vm.definition)
-    if snap.size > MAX_DEFINITION:
-        raise errors.RepositoryError(f"snapshot {snap.id} holds {snap.size} bytes: not a domain definition")
-    with tempfile.TemporaryDirectory(prefix="hyperback-definition-") as tmp:
-        target = Path(tmp) / "domain.xml"
-        repo.restore(snap.id, target, overwrite=True, sync=False)
-        return target.read_text()
-
-
 # ---------- materializing disks and files ----------
 
 def materialize_disk(repo: AnyRepository, snap: Snapshot, path: Path, fmt: str,
@@ -167,17 +159,22 @@ def tpm_path(state_dir: Path, stored: VmFile) -> Path:
 
 # ---------- as a new domain ----------
 
-def restore_as(conn: Any, repo: AnyRepository, run: Run, name: str, to_dir: Path, fmt: str = "raw",
-               progress_for: ProgressFor = _no_progress, materialize: Materialize = materialize_disk,
-               start: bool = False) -> RestoredVm:
-    """Define a new domain ``name`` from the run: new UUID and MACs, its disks restored into
-    ``to_dir``, its NVRAM and TPM state copied. Refuses a name libvirt already knows."""
-    started = time.monotonic()
-    conn = hypervisor.guard(conn)
+@dataclass(frozen=True)
+class _NewDomain:
+    """A run planned as a new domain: its rewritten definition, its disks' targets and files."""
+
+    rewritten: vmxml.Rewritten
+    pairs: list[tuple[vmxml.StoredDisk, Snapshot]]
+    targets: dict[str, vmxml.DiskTarget]
+    nvram: VmFile | None
+    nvram_path: Path | None
+
+
+def _plan_as(conn: Any, repo: AnyRepository, run: Run, name: str, to_dir: Path, fmt: str) -> _NewDomain:
     if fmt not in FORMATS:
         raise errors.UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     _refuse_taken(conn, name)
-    xml = read_definition(repo, run.vm)
+    xml = read_stored(repo, run.vm)
     pairs = _disks_of(run, xml)
     targets = {disk.dev: vmxml.DiskTarget(to_dir / f"{name}-{disk.dev}.{'img' if fmt == 'raw' else fmt}", fmt)
                for disk, _ in pairs}
@@ -186,34 +183,79 @@ def restore_as(conn: Any, repo: AnyRepository, run: Run, name: str, to_dir: Path
         raise errors.TargetError(f"{', '.join(taken)} exist(s): give another --to directory or --as name")
     nvram = next((f for f in run.vm.files if f.role == "nvram"), None)
     nvram_path = to_dir / f"{name}_VARS.fd" if nvram is not None else None
-    new_uuid = str(uuidlib.uuid4())
-    rewritten = vmxml.as_new_domain(xml, name, targets, to_dir, nvram_path, new_uuid)
-    result = RestoredVm(name, new_uuid, run.vm.run, dropped=rewritten.dropped)
+    rewritten = vmxml.as_new_domain(xml, name, targets, to_dir, nvram_path, str(uuidlib.uuid4()))
+    return _NewDomain(rewritten, pairs, targets, nvram, nvram_path)
+
+
+def _restore_files_as(repo: AnyRepository, run: Run, plan: _NewDomain, made: list[Path],
+                      result: RestoredVm) -> None:
+    """The run's NVRAM and TPM state, copied for the new domain."""
+    if plan.nvram is not None and plan.nvram_path is not None:
+        made.append(plan.nvram_path)
+        restore_file(repo, plan.nvram, plan.nvram_path)
+        result.files.append(str(plan.nvram_path))
+    tpm = [f for f in run.vm.files if f.role == "tpm"]
+    if tpm:
+        state_dir = SWTPM_STATE / plan.rewritten.uuid
+        made.append(state_dir)
+        for stored in tpm:
+            path = tpm_path(state_dir, stored)
+            restore_file(repo, stored, path)
+            result.files.append(str(path))
+
+
+def restore_as(conn: Any, repo: AnyRepository, run: Run, name: str, to_dir: Path, fmt: str = "raw",
+               progress_for: ProgressFor = _no_progress, materialize: Materialize = materialize_disk,
+               start: bool = False) -> RestoredVm:
+    """Define a new domain ``name`` from the run: new UUID and MACs, its disks restored into
+    ``to_dir``, its NVRAM and TPM state copied. Refuses a name libvirt already knows."""
+    started = time.monotonic()
+    conn = hypervisor.guard(conn)
+    plan = _plan_as(conn, repo, run, name, to_dir, fmt)
+    result = RestoredVm(name, plan.rewritten.uuid, run.vm.run, dropped=plan.rewritten.dropped)
     with _undo_on_failure() as made:
         to_dir.mkdir(parents=True, exist_ok=True)
-        for disk, snap in pairs:
-            target = targets[disk.dev]
+        for disk, snap in plan.pairs:
+            target = plan.targets[disk.dev]
             made.append(target.path)
             materialize(repo, snap, target.path, fmt, progress_for(f"restore {disk.dev}"))
             result.disks.append({"dev": disk.dev, "path": str(target.path), "format": fmt,
                                  "snapshot": snap.id})
-        if nvram is not None and nvram_path is not None:
-            made.append(nvram_path)
-            restore_file(repo, nvram, nvram_path)
-            result.files.append(str(nvram_path))
-        tpm = [f for f in run.vm.files if f.role == "tpm"]
-        if tpm:
-            made.append(SWTPM_STATE / new_uuid)
-            for stored in tpm:
-                path = tpm_path(SWTPM_STATE / new_uuid, stored)
-                restore_file(repo, stored, path)
-                result.files.append(str(path))
-        dom = _define(conn, rewritten.xml, name)
+        _restore_files_as(repo, run, plan, made, result)
+        dom = _define(conn, plan.rewritten.xml, name)
     if start:
         _start(dom, name)
         result.started = True
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def restore_instant(conn: Any, repo: AnyRepository, run: Run, name: str, to_dir: Path, run_dir: Path,
+                    fmt: str = "raw", bandwidth: int = 0) -> tuple[instant.InstantRecovery, RestoredVm]:
+    """A one-disk run as a new domain ``name`` (as :func:`restore_as` defines it), started at once on
+    its snapshot (instant recovery: an overlay over the snapshot's export) while the disk is copied
+    to ``to_dir``. Returns the recovery, its copy started: ``finish()`` follows it to the pivot and
+    ``close()`` always. Its NVRAM and TPM files are in place before it starts."""
+    started = time.monotonic()
+    conn = hypervisor.guard(conn)
+    if len(run.disks) != 1:
+        raise errors.UsageError(
+            f"--instant recovers a VM with one disk; run {run.vm.run} backed up {len(run.disks)} "
+            f"({', '.join(run.serial(s) for s in run.disks)}): restore it without --instant")
+    plan = _plan_as(conn, repo, run, name, to_dir, fmt)
+    ((disk, snap),) = plan.pairs
+    target = plan.targets[disk.dev].path
+    request = instant.Request(plan.rewritten.xml, disk.dev, target, fmt, bandwidth, persistent=True)
+    result = RestoredVm(name, plan.rewritten.uuid, run.vm.run, dropped=plan.rewritten.dropped)
+    with _undo_on_failure() as made:
+        to_dir.mkdir(parents=True, exist_ok=True)
+        _restore_files_as(repo, run, plan, made, result)
+        # the domain is defined and started by the recovery (undefined again if it cannot start)
+        recovery = instant.instant_restore(conn, repo, snap.id, request, run_dir)
+    result.disks.append({"dev": disk.dev, "path": str(target), "format": fmt, "snapshot": snap.id})
+    result.started = True
+    result.seconds = round(time.monotonic() - started, 3)
+    return recovery, result
 
 
 def _refuse_taken(conn: Any, name: str) -> None:

@@ -61,3 +61,20 @@ def test_mistakes_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run(*base, "--in-place", "--yes-i-want-to-replace-the-disks", job, check=False), 2,
                           "--as NAME")
     assert_one_line_error(run("restore-vm", "--repo", repo, job, check=False), 2, "--as")
+
+
+def test_instant_mistakes_are_one_line(tmp_path: Path) -> None:
+    """--instant's arguments and refusals, said before anything starts (its real run:
+    tests/test_restore_vm.py on the test driver, tests/test_instant_vm.py with QEMU)."""
+    repo, job, _disk = backed_up(tmp_path)
+    base = ("restore-vm", "--repo", repo, "--connect", "test:///default")
+    assert_one_line_error(run(*base, "--in-place", "--yes-i-want-to-replace-the-disks", "--instant", job,
+                              check=False), 2, "--instant goes with --as")
+    assert_one_line_error(run(*base, "--as", "x", "--bandwidth", "1000", job, check=False), 2,
+                          "go with --instant")
+    assert_one_line_error(run(*base, "--as", "x", "--instant", "--bandwidth", "-1", job, check=False), 2,
+                          "bytes per second")
+    assert_one_line_error(run(*base, "--as", "test", "--instant", "--to", tmp_path / "o", "--run-dir",
+                              tmp_path / "run", job, check=False), 2, "exists")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
+    assert "--instant" in run("restore-vm", "--help").stdout
