@@ -26,7 +26,7 @@ from host_agent.agent.instant import (
     new_identity,
 )
 from host_agent.cli.agentapi import add_agent_argument, call, operator
-from host_agent.cli.progress import Bar, bar_for, human
+from host_agent.cli.progress import bar_for, human
 from host_agent.storage.repository import Repository
 
 WATCH_TIMEOUT = 7 * 24 * 3600.0  # a copy of many TiB at a low cap: the watch is not what limits it
@@ -108,12 +108,7 @@ def _run_here(args: argparse.Namespace, request: Request) -> int:
     if not args.json:
         print(f"{args.name} runs on snapshot {args.snapshot} after {started:.1f} s; "
               f"copying to {request.target}")
-    bar = bar_for("copy", args.json)
-    try:
-        status = recovery.finish(drawing(bar))
-    finally:
-        if bar is not None:
-            bar.close()
+    status = follow_copy(recovery, args.json)
     result = {"domain": args.name, "phase": str(status.phase), "target": str(request.target),
               "running_after_seconds": round(started, 3), "message": status.message}
     if status.phase is Phase.PIVOTED:
@@ -124,11 +119,18 @@ def _run_here(args: argparse.Namespace, request: Request) -> int:
     return errors.EnvironmentProblem.exit_code
 
 
-def drawing(bar: Bar | None) -> Any:
+def follow_copy(recovery: InstantRecovery, as_json: bool) -> Status:
+    """Follow the background copy to its pivot or failure, with a progress bar on a terminal."""
+    bar = bar_for("copy", as_json)
+
     def show(status: Status) -> None:
         if bar is not None and status.bytes_total:
             bar(status.bytes_done, status.bytes_total)
-    return show
+    try:
+        return recovery.finish(show)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def serve_until_stopped(recovery: InstantRecovery, name: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from host_agent import config, errors, hypervisor
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.instant import Phase
-from host_agent.cli.instant_restore_cmd import drawing, serve_until_stopped
+from host_agent.cli.instant_restore_cmd import follow_copy, serve_until_stopped
 from host_agent.cli.progress import Bar, bar_for
 from host_agent.restore import vm as restore_vm
 from host_agent.storage.repository import ProgressFn, Repository
@@ -148,12 +148,7 @@ def _instant(args: argparse.Namespace, conn: hypervisor.Guarded, repo: AnyReposi
     if not args.json:
         print(f"{result.name} ({result.uuid}) runs on snapshot {result.disks[0]['snapshot']} after "
               f"{running:.1f} s; copying to {path}")
-    bar = bar_for("copy", args.json)
-    try:
-        status = recovery.finish(drawing(bar))
-    finally:
-        if bar is not None:
-            bar.close()
+    status = follow_copy(recovery, args.json)
     doc = {**result.to_json(), "phase": str(status.phase), "message": status.message,
            "running_after_seconds": round(running, 3)}
     if status.phase is Phase.PIVOTED:
