@@ -74,7 +74,7 @@ def main() -> int:
         repo.backup(str(make_disk(base, args.size_mib)), "bench/vdb")
         runs = []
         for i in range(args.runs):
-            times = one_run(repo, base / "run", ReaderSettings(tcg=args.tcg))
+            times = one_run(repo, base / "run", ReaderSettings(tcg=True if args.tcg else None))
             runs.append(times)
             print(f"run {i + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
         print("median: " + "  ".join(f"{k} {statistics.median(r[k] for r in runs):.2f}" for k in runs[0]))

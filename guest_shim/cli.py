@@ -110,6 +110,16 @@ class BackupOptions:
     policy: Policy | None
     quiesce: bool | None
     timeout: float | None
+    paths: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RestorePathsOptions:
+    paths: tuple[str, ...]
+    to: str
+    snapshot: str
+    destination: str | None
+    timeout: float | None
 
 
 @dataclass(frozen=True)
@@ -198,12 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("backup", parents=[common], help="back up disks of this VM",
-                       description="Back up disks of this VM (by serial) and wait for the result.")
+    p = sub.add_parser("backup", parents=[common], help="back up disks, or paths, of this VM",
+                       description="Back up disks of this VM (by serial), or with --paths only those "
+                       "paths of one file system (a file-level snapshot), and wait for the result.")
     p.add_argument(
         "targets", nargs="*", metavar="SERIAL", help="disk serials (default: from the config, else all)"
     )
     p.add_argument("--all", action="store_true", help="every disk of this VM")
+    p.add_argument("--paths", nargs="+", metavar="PATH",
+                   help="only these files and folders (all on one file system of a disk with a serial); "
+                        "always stored whole, unchanged files deduplicated")
     p.add_argument("-d", "--destination", metavar="NAME", help="a destination the host knows")
     p.add_argument("-p", "--policy", choices=[x.value for x in Policy], help="default: from the config")
     p.add_argument("--no-quiesce", dest="quiesce", action="store_false", default=None,
@@ -217,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="SERIAL", help="the disk to restore")
     p.add_argument("-s", "--snapshot", default=LATEST, metavar="ID", help="snapshot id (default: latest)")
     p.add_argument("--mode", choices=[x.value for x in RestoreMode], default=RestoreMode.NEW_DISK.value)
+    p.add_argument("-d", "--destination", metavar="NAME", help="the destination holding the snapshot")
+    p.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this long")
+
+    p = sub.add_parser("restore-paths", parents=[common], help="restore paths from a backup of paths",
+                       description="Restore files and folders from a backup of paths (`backup --paths`) "
+                       "of their file system, below a folder, each at its path in this VM (--to / "
+                       "puts them back in place, replacing what is there). The host attaches the "
+                       "snapshot read-only for the call; nothing else crosses the VM's boundary.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders, as this VM names them")
+    p.add_argument("--to", required=True, metavar="DIR", help="write below this folder")
+    p.add_argument("-s", "--snapshot", default=LATEST, metavar="ID",
+                   help="a snapshot of paths (from `list`; default: the latest of their file system)")
     p.add_argument("-d", "--destination", metavar="NAME", help="the destination holding the snapshot")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this long")
 
@@ -275,9 +301,14 @@ def _options(args: argparse.Namespace) -> tuple[Common, str, Any]:
     if cmd == "backup":
         if args.all and args.targets:
             raise _UsageError("give disk serials or --all, not both")
+        if args.paths and (args.all or args.targets):
+            raise _UsageError("give --paths alone: the disk is the one that holds them")
         targets: str | tuple[str, ...] | None = ALL if args.all else (tuple(args.targets) or None)
         policy = parse_policy(args.policy) if args.policy else None
-        opts = BackupOptions(targets, args.destination, policy, args.quiesce, args.timeout)
+        paths = tuple(args.paths) if args.paths else None
+        opts = BackupOptions(targets, args.destination, policy, args.quiesce, args.timeout, paths)
+    elif cmd == "restore-paths":
+        opts = RestorePathsOptions(tuple(args.paths), args.to, args.snapshot, args.destination, args.timeout)
     elif cmd == "restore":
         mode = RestoreMode(args.mode)
         opts = RestoreOptions(args.target, args.snapshot, mode, args.destination, args.timeout)
@@ -338,7 +369,8 @@ def _print_status(st: client_mod.JobStatus) -> None:
 def _print_snapshots(snaps: client_mod.SnapshotList) -> None:
     rows = [("ID", "DISK", "CREATED (UTC)", "POLICY", "SIZE", "DESTINATION")]
     for s in snaps:
-        rows.append((s.id, s.serial, _utc(s), s.policy.value, _size(s.bytes), s.destination))
+        kind = s.policy.value if s.partition is None else f"paths (partition {s.partition})"
+        rows.append((s.id, s.serial, _utc(s), kind, _size(s.bytes), s.destination))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
@@ -388,6 +420,14 @@ def _progress_logger(status: client_mod.JobStatus) -> None:
 
 
 def _run(common: Common, cmd: str, opts: Any, config: ShimConfig) -> int:
+    if isinstance(opts, BackupOptions) and opts.paths is not None:
+        from . import paths as paths_mod
+
+        result = paths_mod.backup_paths(opts.paths, opts.destination, quiesce=opts.quiesce,
+                                        timeout=opts.timeout, on_progress=_progress_logger, config=config)
+        return _output(common, result.to_dict(), lambda: _print_result(result))
+    if isinstance(opts, RestorePathsOptions):
+        return _restore_paths(common, opts, config)
     if isinstance(opts, BackupOptions):
         result = client_mod.backup(
             opts.targets, opts.destination, opts.policy, quiesce=opts.quiesce, timeout=opts.timeout,
@@ -446,6 +486,21 @@ def _see(common: Common, opts: SeeOptions, config: ShimConfig) -> int:
         print(f"give it back with `{PROG} release {got.serial}`; the host takes it back at {until}")
 
     return _output(common, got.to_dict(), show)
+
+
+def _restore_paths(common: Common, opts: RestorePathsOptions, config: ShimConfig) -> int:
+    from . import paths as paths_mod
+
+    done = paths_mod.restore_paths(opts.paths, opts.to, opts.snapshot, destination=opts.destination,
+                                   timeout=opts.timeout, config=config)
+
+    def show() -> None:
+        print(f"restored {done.files} file(s), {done.directories} folder(s), {done.links} link(s), "
+              f"{_size(done.bytes)} below {opts.to}")
+        for line in done.skipped:
+            print(f"  skipped {line}")
+
+    return _output(common, done.to_dict(), show)
 
 
 def _release(common: Common, opts: ReleaseOptions, config: ShimConfig) -> int:

@@ -441,9 +441,13 @@ class Client:
         quiesce: bool | None = None,
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
+        paths: Sequence[str] | None = None,
+        partition: int | None = None,
     ) -> JobResult:
         """Back up ``targets`` (disk serials, or "all"; default from the configuration) and
-        wait for the result.  Raises Failed if the job failed."""
+        wait for the result.  With ``paths`` (inside the file system on ``partition`` of the one
+        target disk: see ``guest_shim.paths.backup_paths``), only those paths, as a file-level
+        snapshot.  Raises Failed if the job failed."""
         dflt = self.config.defaults
         wire_targets: str | tuple[str, ...]
         if targets is None:
@@ -460,6 +464,8 @@ class Client:
             dflt.policy if policy is None else policy,
             dflt.destination if destination is None else destination,
             dflt.quiesce if quiesce is None else quiesce,
+            None if paths is None else tuple(paths),
+            partition,
         )
         return self._run_job(msg, deadline, seconds, on_progress)
 
@@ -511,12 +517,14 @@ class Client:
         *,
         destination: str | None = None,
         timeout: float | None = None,
+        partition: int | None = None,
     ) -> SeenSnapshot:
         """Ask the host to attach ``snapshot`` (an id or "latest") of this VM's disk ``target`` as
-        a read-only disk; its serial is ``.serial``.  Give it back with :meth:`release`."""
+        a read-only disk; its serial is ``.serial``.  With ``partition``, a file-level snapshot of
+        that partition's file system (its archive).  Give it back with :meth:`release`."""
         deadline, _ = self._deadline(timeout, self.config.connect_timeout + self.config.reply_timeout)
         dest = self.config.defaults.destination if destination is None else destination
-        msg = _build(See, self._new_id(), target, snapshot, dest)
+        msg = _build(See, self._new_id(), target, snapshot, dest, partition)
         reply = self._request(msg, deadline)
         if isinstance(reply, Seeing):
             return SeenSnapshot(reply.target, reply.snapshot, reply.serial, reply.bytes, reply.expires)

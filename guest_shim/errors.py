@@ -15,6 +15,7 @@
      +-- TimedOut                  a deadline passed while waiting for the host, exit 5
      +-- FreezeError               FIFREEZE/FITHAW failed (the wire reply is "freeze-failed")
  +-- MountError                a seen snapshot's disk did not appear, or could not be (un)mounted
+     +-- RestoreError              paths could not be restored from a file-level snapshot, exit 1
      +-- ConfigError               the configuration file or an option is wrong, exit 2
      +-- InvalidArgument           an argument is not valid on the wire (also a ValueError), exit 2
 
@@ -142,6 +143,13 @@ class FreezeError(ShimError):
 class MountError(ShimError):
     """The disk of a seen snapshot did not appear in time, or could not be mounted or unmounted
     (``mount``/``umount`` said why)."""
+
+
+class RestoreError(ShimError):
+    """Paths could not be written from a file-level snapshot's archive (something in the way, the
+    archive unreadable); what was written before stays."""
+
+    exit_code = 1
 
 
 class ConfigError(ShimError):

@@ -78,6 +78,7 @@ class Mount:
     fstype: str
     source: str
     read_only: bool
+    root: str = "/"  # the file system's folder mounted here (a bind mount's is not "/")
 
 
 def _unescape(field: bytes) -> str:
@@ -115,6 +116,7 @@ def parse_mountinfo(data: bytes) -> list[Mount]:
                     fstype=_unescape(fstype),
                     source=_unescape(source),
                     read_only=b"ro" in mount_opts or b"ro" in super_opts,
+                    root=_unescape(parts[3]),
                 )
             )
         except (ValueError, IndexError):

@@ -97,6 +97,7 @@ __all__ = [
     "ThawCause",
     "Thawed",
     "UnsupportedVersion",
+    "check_guest_path",
     "clean_text",
     "decode",
     "encode",
@@ -118,6 +119,8 @@ MAX_SAFE_INT = 2**53 - 1  # integers beyond this do not survive every JSON imple
 MAX_TEXT = 1024  # characters in an error message
 MAX_PATH = 256  # characters in a reported mount point
 MAX_DISKS = 64  # serials per request, outcomes per result
+MAX_PATHS = 64  # paths per path-level backup
+MAX_PARTITION = 128  # partitions of a disk (GPT's usual table)
 MAX_FILESYSTEMS = 64  # entries in frozen/thawed lists
 MAX_SNAPSHOTS = 256  # entries in a snapshots reply
 MAX_SECONDS = 1e7
@@ -317,6 +320,23 @@ def _check_text(value: object, where: str, limit: int = MAX_TEXT, min_len: int =
 
 def _check_path(value: object, where: str) -> str:
     return _check_text(value, where, MAX_PATH, 1)
+
+
+def check_guest_path(value: object, where: str = "path") -> str:
+    """A path inside a guest's file system, in its one plain form: absolute, no empty, ``.`` or
+    ``..`` component, no trailing ``/`` (except ``/`` itself), at most ``MAX_PATH`` characters."""
+    path = _check_path(value, where)
+    parts = path.split("/")[1:]
+    if not path.startswith("/") or (path != "/" and any(p in ("", ".", "..") for p in parts)):
+        raise _bad(where, f"{_show(path)} is not a plain absolute path (no '//', '.', '..' or trailing '/')")
+    return path
+
+
+def _check_partition(value: object, where: str) -> int:
+    number = _check_count(value, where)
+    if number > MAX_PARTITION:
+        raise _bad(where, f"out of range 0..{MAX_PARTITION}")
+    return number
 
 
 def _check_count(value: object, where: str) -> int:
@@ -525,6 +545,7 @@ class SnapshotInfo(_Value):
     policy: Policy
     bytes: int
     destination: str
+    partition: int | None = None  # present: a backup of paths of that partition's file system
 
     def __post_init__(self) -> None:
         check_snapshot_id(self.id, "id")
@@ -534,6 +555,8 @@ class SnapshotInfo(_Value):
         _check_count(self.bytes, "bytes")
         if check_destination(self.destination, "destination") is None:
             raise _bad("destination", "must be a destination name")
+        if self.partition is not None:
+            _check_partition(self.partition, "partition")
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -602,7 +625,8 @@ class Hello(_Message):
 
 @dataclass(frozen=True)
 class Backup(_Message):
-    """guest -> host: back up ``targets`` (serials, or ``"all"``)."""
+    """guest -> host: back up ``targets`` (serials, or ``"all"``); with ``paths``, only those paths
+    of the file system on ``partition`` (0: the disk formatted whole) of the one target disk."""
 
     TYPE: ClassVar[str] = "backup"
     DIRECTION: ClassVar[Direction] = Direction.TO_HOST
@@ -613,6 +637,8 @@ class Backup(_Message):
     policy: Policy
     destination: str | None = None
     quiesce: bool = True
+    paths: tuple[str, ...] | None = None
+    partition: int | None = None
 
     def __post_init__(self) -> None:
         check_request_id(self.id)
@@ -620,6 +646,16 @@ class Backup(_Message):
         _set(self, "policy", _check_enum(Policy, self.policy, "policy"))
         check_destination(self.destination)
         _check_bool(self.quiesce, "quiesce")
+        if self.paths is None:
+            if self.partition is not None:
+                raise _bad("partition", "only a backup of paths names a partition")
+            return
+        if self.targets == ALL or len(self.targets) != 1:
+            raise _bad("targets", "a backup of paths names exactly one disk")
+        _set(self, "paths", _check_array(self.paths, "paths", check_guest_path, max_len=MAX_PATHS,
+                                         min_len=1, distinct=True))
+        _set(self, "partition", _check_partition(0 if self.partition is None else self.partition,
+                                                 "partition"))
 
 
 @dataclass(frozen=True)
@@ -682,7 +718,8 @@ class ListSnapshots(_Message):
 @dataclass(frozen=True)
 class See(_Message):
     """guest -> host: show ``snapshot`` (an id or ``"latest"``) of this VM's disk ``target`` as
-    a read-only disk (section 5.6)."""
+    a read-only disk (section 5.6); with ``partition``, one of the disk's file-level snapshots of
+    that partition's file system instead (its archive, section 5.7)."""
 
     TYPE: ClassVar[str] = "see"
     DIRECTION: ClassVar[Direction] = Direction.TO_HOST
@@ -692,12 +729,15 @@ class See(_Message):
     target: str
     snapshot: str
     destination: str | None = None
+    partition: int | None = None
 
     def __post_init__(self) -> None:
         check_request_id(self.id)
         check_serial(self.target, "target")
         check_snapshot_id(self.snapshot, "snapshot", allow_latest=True)
         check_destination(self.destination)
+        if self.partition is not None:
+            _check_partition(self.partition, "partition")
 
 
 @dataclass(frozen=True)

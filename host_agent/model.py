@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 __all__ = ["STRENGTH", "ApplianceFootprint", "ChangeDetection", "DiskRef", "DiskResult", "Instruction",
-           "InstructionKind", "Outcome", "Placement", "Plan", "Policy", "RequestId", "UnitKind",
-           "VmFootprint", "WorkUnit", "base_name", "normalize_path"]
+           "InstructionKind", "Outcome", "PathSelection", "Placement", "Plan", "Policy", "RequestId",
+           "UnitKind", "VmFootprint", "WorkUnit", "base_name", "normalize_path"]
 
 RequestId = int | str
 """A guest's request id, of the JSON type the guest chose: its answer carries it back unchanged."""
@@ -67,6 +67,7 @@ class InstructionKind(enum.StrEnum):
 class UnitKind(enum.StrEnum):
     BACKUP_DISK = "backup-disk"    # one disk of one domain, as the guest sees it
     BACKUP_BASE = "backup-base"    # a backing image shared by several disks, read once
+    BACKUP_PATHS = "backup-paths"  # chosen paths of one file system of one disk (a file-level snapshot)
     RESTORE_DISK = "restore-disk"
 
 
@@ -124,6 +125,23 @@ class DiskRef:
         """The repository name of this disk's snapshots: one per domain and serial."""
         return f"{self.domain_uuid}/{self.serial}"
 
+    def paths_snapshot_name(self, partition: int) -> str:
+        """The repository name of the file-level snapshots of one file system of this disk."""
+        return f"{self.domain_uuid}/{self.serial}/paths-{partition}"
+
+
+@dataclass(frozen=True)
+class PathSelection:
+    """What a path-level backup stores: paths of the file system on one partition of a disk (0: the
+    disk formatted whole). The paths are absolute in that file system, plain (no ``.``/``..``),
+    distinct, checked once at intake (``host_agent.agent.paths.checked_paths``)."""
+
+    partition: int
+    paths: tuple[str, ...]
+
+    def covers(self, other: PathSelection) -> bool:
+        return self.partition == other.partition and set(other.paths) <= set(self.paths)
+
 
 @dataclass(frozen=True)
 class Instruction:
@@ -137,6 +155,18 @@ class Instruction:
     snapshot: str = ""               # restore: snapshot id or "latest"
     received_at: float = 0.0         # time.time() when the host accepted it
     placement: Placement = Placement.AUTO  # an operator's forced choice; guests cannot set it
+    paths: PathSelection | None = None     # a path-level backup of the one disk's file system
+
+    @property
+    def unit_kind(self) -> UnitKind:
+        """The kind of unit that serves each of its disks."""
+        if self.kind is InstructionKind.RESTORE:
+            return UnitKind.RESTORE_DISK
+        return UnitKind.BACKUP_PATHS if self.paths is not None else UnitKind.BACKUP_DISK
+
+    def snapshot_name(self, disk: DiskRef) -> str:
+        """The repository name its unit for ``disk`` writes or reads."""
+        return disk.snapshot_name if self.paths is None else disk.paths_snapshot_name(self.paths.partition)
 
 
 @dataclass(frozen=True)
@@ -156,6 +186,7 @@ class WorkUnit:
     target_host: str = ""            # MIGRATE / COLD_MOVE: where the VM goes; STREAM: the media host
     predicted_stream_bytes: int = 0  # LAN bytes the colocate policy predicts for streaming...
     predicted_move_bytes: int = 0    # ... and for moving the VM there and back
+    paths: PathSelection | None = None  # BACKUP_PATHS: what it stores
 
 
 @dataclass(frozen=True)

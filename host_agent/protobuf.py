@@ -27,6 +27,7 @@ from host_agent.model import (
     DiskRef,
     Instruction,
     InstructionKind,
+    PathSelection,
     Placement,
     Policy,
     UnitKind,
@@ -44,7 +45,7 @@ _KIND: Final[Mapping[InstructionKind, pb.InstructionKind.ValueType]] = {
     InstructionKind.INSTANT_RESTORE: pb.INSTRUCTION_KIND_INSTANT_RESTORE}
 _UNIT_KIND: Final[Mapping[UnitKind, pb.UnitKind.ValueType]] = {
     UnitKind.BACKUP_DISK: pb.UNIT_KIND_BACKUP_DISK, UnitKind.BACKUP_BASE: pb.UNIT_KIND_BACKUP_BASE,
-    UnitKind.RESTORE_DISK: pb.UNIT_KIND_RESTORE_DISK}
+    UnitKind.RESTORE_DISK: pb.UNIT_KIND_RESTORE_DISK, UnitKind.BACKUP_PATHS: pb.UNIT_KIND_BACKUP_PATHS}
 _PLACEMENT: Final[Mapping[Placement, pb.Placement.ValueType]] = {
     Placement.AUTO: pb.PLACEMENT_UNSPECIFIED, Placement.LOCAL: pb.PLACEMENT_LOCAL,
     Placement.STREAM: pb.PLACEMENT_STREAM, Placement.MIGRATE: pb.PLACEMENT_MIGRATE,
@@ -114,12 +115,27 @@ def disk_from_pb(m: pb.DiskRef) -> DiskRef:
                    allocated=m.allocated)
 
 
+def paths_to_pb(selection: PathSelection | None) -> pb.PathSelection | None:
+    if selection is None:
+        return None
+    return pb.PathSelection(partition=selection.partition, paths=selection.paths)
+
+
+def paths_from_pb(m: pb.Instruction | pb.WorkUnit, where: str) -> PathSelection | None:
+    if not m.HasField("paths"):
+        return None
+    if not m.paths.paths:
+        raise MalformedMessage(f"{where}: paths names no path")
+    return PathSelection(m.paths.partition, tuple(m.paths.paths))
+
+
 def instruction_to_pb(i: Instruction) -> pb.Instruction:
     """The optimizer sees a guest's request id as text: it only names it in reasons."""
     return pb.Instruction(id=i.id, domain_uuid=i.domain_uuid, request_id=str(i.request_id),
                           kind=_KIND[i.kind], disks=[disk_to_pb(d) for d in i.disks],
                           destination=i.destination, policy=_POLICY[i.policy], snapshot=i.snapshot,
-                          received_at=i.received_at, placement=_PLACEMENT[i.placement])
+                          received_at=i.received_at, placement=_PLACEMENT[i.placement],
+                          paths=paths_to_pb(i.paths))
 
 
 def instruction_from_pb(m: pb.Instruction, where: str) -> Instruction:
@@ -128,7 +144,8 @@ def instruction_from_pb(m: pb.Instruction, where: str) -> Instruction:
                        disks=tuple(disk_from_pb(d) for d in m.disks), destination=m.destination,
                        policy=policy_from_pb(m.policy, where), snapshot=m.snapshot,
                        received_at=time_from_pb(m.received_at, where, "received_at"),
-                       placement=placement_from_pb(m.placement, where, Placement.AUTO))
+                       placement=placement_from_pb(m.placement, where, Placement.AUTO),
+                       paths=paths_from_pb(m, where))
 
 
 def unit_to_pb(u: WorkUnit) -> pb.WorkUnit:
@@ -137,7 +154,7 @@ def unit_to_pb(u: WorkUnit) -> pb.WorkUnit:
                        disk=disk_to_pb(u.disk) if u.disk else None, depends_on=u.depends_on,
                        not_before=u.not_before, reason=u.reason, placement=_PLACEMENT[u.placement],
                        target_host=u.target_host, predicted_stream_bytes=u.predicted_stream_bytes,
-                       predicted_move_bytes=u.predicted_move_bytes)
+                       predicted_move_bytes=u.predicted_move_bytes, paths=paths_to_pb(u.paths))
 
 
 def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
@@ -150,7 +167,7 @@ def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
                     not_before=time_from_pb(m.not_before, where, "not_before"),
                     reason=m.reason, placement=placement_from_pb(m.placement, where, Placement.LOCAL),
                     target_host=m.target_host, predicted_stream_bytes=m.predicted_stream_bytes,
-                    predicted_move_bytes=m.predicted_move_bytes)
+                    predicted_move_bytes=m.predicted_move_bytes, paths=paths_from_pb(m, where))
 
 
 def footprint_to_pb(f: VmFootprint) -> pb.VmFootprint:

@@ -24,7 +24,7 @@ from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
 from host_agent.errors import OptimizerConfigError, OptimizerRejected, OptimizerUnavailable
-from host_agent.model import DiskRef, Instruction, InstructionKind, Plan, Policy, UnitKind
+from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Plan, Policy, UnitKind
 from host_agent.planning.chain import HostContext, Planner, PlanningPolicy, PlanResult, build_chain
 from host_agent.planning.hostload import HostLoad, HostLoadReader
 from host_agent.planning.service import (
@@ -86,6 +86,16 @@ async def plan_once(target: str, batch: Sequence[Instruction] = BATCH, context: 
 def test_a_request_survives_the_wire_unchanged() -> None:
     wire = pb.PlanRequest.FromString(request_to_pb(BATCH, CONTEXT).SerializeToString())
     assert request_from_pb(wire, default_now=0.0) == (BATCH, CONTEXT)
+
+
+def test_a_path_level_backup_and_its_unit_survive_the_wire_unchanged() -> None:
+    batch = [*BATCH, replace(backup("p", disk("db")), paths=PathSelection(2, ("/usr/lib", "/etc")))]
+    wire = pb.PlanRequest.FromString(request_to_pb(batch, CONTEXT).SerializeToString())
+    assert request_from_pb(wire, default_now=0.0) == (batch, CONTEXT)
+    result = Planner(build_chain(["merge", "timing"])).plan(batch, CONTEXT)
+    [unit] = [u for u in result.plan.units if u.kind is UnitKind.BACKUP_PATHS]
+    assert unit.paths == PathSelection(2, ("/usr/lib", "/etc"))
+    assert result_from_pb(pb.PlanResponse.FromString(result_to_pb(result).SerializeToString())) == result
 
 
 def test_a_host_context_without_clock_or_load_gets_the_optimizers_clock() -> None:

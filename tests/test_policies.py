@@ -17,6 +17,7 @@ from host_agent.model import (
     DiskRef,
     Instruction,
     InstructionKind,
+    PathSelection,
     Plan,
     Policy,
     UnitKind,
@@ -90,14 +91,15 @@ def assert_every_instruction_served_or_rejected(batch: Sequence[Instruction], re
     for instruction in batch:
         served = [u for u in units if instruction.id in u.satisfies]
         assert bool(served) != (instruction.id in rejected), instruction
-        restoring = instruction.kind is InstructionKind.RESTORE
-        wanted = UnitKind.RESTORE_DISK if restoring else UnitKind.BACKUP_DISK
+        wanted = instruction.unit_kind
         for d in instruction.disks if served else ():
             mine = [u for u in served if u.kind is wanted and u.disk is not None
-                    and u.disk.snapshot_name == d.snapshot_name and u.destination == instruction.destination]
+                    and u.snapshot_name == instruction.snapshot_name(d) and u.destination == instruction.destination]
             assert mine, f"{instruction.id}: no unit for disk {d.serial}"
             if wanted is UnitKind.BACKUP_DISK:
                 assert max(STRENGTH[u.policy] for u in mine) >= STRENGTH[instruction.policy]
+            if instruction.paths is not None:
+                assert any(u.paths is not None and u.paths.covers(instruction.paths) for u in mine)
 
 
 DOMAINS = ("web1", "web2", "db")
@@ -115,11 +117,16 @@ def batches(draw: st.DrawFn) -> list[Instruction]:
         serials = draw(st.lists(st.sampled_from(["s1", "s2"]), max_size=2, unique=True))
         kind = draw(st.sampled_from(InstructionKind))
         snapshot = draw(st.sampled_from(["", "latest", "snap-1"])) if kind is InstructionKind.RESTORE else ""
+        paths = None
+        if kind is InstructionKind.BACKUP and draw(st.booleans()):
+            paths = PathSelection(draw(st.sampled_from([0, 2])),
+                                  tuple(draw(st.lists(st.sampled_from(["/usr/lib", "/etc", "/srv"]), min_size=1,
+                                                      unique=True))))
         batch.append(Instruction(
             id=f"i{n}", domain_uuid=f"uuid-{domain}", request_id=f"r{n}", kind=kind,
             disks=tuple(disk(domain, s, f"vd{s[-1]}", chain_of[(domain, s)]) for s in serials),
             destination=draw(st.sampled_from(["default", "offsite"])), policy=draw(st.sampled_from(Policy)),
-            snapshot=snapshot,
+            snapshot=snapshot, paths=paths,
             received_at=draw(st.sampled_from([0.0, NOW - 7200, NOW - MAX_DEFER, NOW - 60, NOW]))))
     return batch
 
@@ -229,6 +236,37 @@ def test_merge_collapses_duplicate_requests_and_the_strongest_policy_wins() -> N
     assert default.satisfies == ("a", "b", "c") and default.policy is Policy.FULL
     assert "one unit for 3 requests (a, b, c)" in default.reason
     assert offsite.satisfies == ("d",) and offsite.policy is Policy.INCREMENTAL
+
+
+def test_merge_folds_path_requests_of_one_file_system_into_one_unit_storing_every_path() -> None:
+    web = disk("web1")
+    lib, etc = PathSelection(2, ("/usr/lib",)), PathSelection(2, ("/etc", "/usr/lib"))
+    batch = [replace(backup("a", web), paths=lib), replace(backup("b", web), paths=etc),
+             replace(backup("c", web), paths=PathSelection(1, ("/boot",))), backup("d", web)]
+    result = plan(batch, "merge")
+    second, first = units_of(result, UnitKind.BACKUP_PATHS)
+    assert second.satisfies == ("a", "b") and second.paths == PathSelection(2, ("/usr/lib", "/etc"))
+    assert second.snapshot_name == "uuid-web1/s1/paths-2" and "/usr/lib, /etc" in second.reason
+    assert first.satisfies == ("c",) and first.snapshot_name == "uuid-web1/s1/paths-1"
+    [whole] = units_of(result, UnitKind.BACKUP_DISK)
+    assert whole.satisfies == ("d",) and whole.snapshot_name == "uuid-web1/s1"
+
+
+def test_a_plan_that_drops_a_path_asked_for_is_caught() -> None:
+    class DropsPaths(Passthrough):
+        def apply(self, plan: Plan, batch: Sequence[Instruction], context: HostContext) -> Plan:
+            return replace(plan, units=tuple(replace(u, paths=replace(u.paths, paths=u.paths.paths[:1]))
+                                             if u.paths else u for u in plan.units))
+
+    asked = replace(backup("a", disk("web1")), paths=PathSelection(0, ("/usr/lib", "/etc")))
+    with pytest.raises(PolicyError, match="asked for paths /usr/lib, /etc"):
+        plan([asked], [DropsPaths()])
+
+
+def test_a_path_request_for_several_disks_is_rejected() -> None:
+    asked = replace(backup("a", disk("web1"), disk("web1", "s2")), paths=PathSelection(0, ("/etc",)))
+    assert [r.reason for r in plan([asked]).rejections] == [
+        "a path-level backup names one disk and at least one path"]
 
 
 def test_merge_reads_a_base_shared_by_two_clones_once() -> None:

@@ -38,12 +38,17 @@ class Destinations:
         """The destination a request names: the default one when it names none."""
         return asked or self.config.default_destination
 
+    def is_local(self, destination: str) -> bool:
+        """Its media are on this host (its repository is opened here, not through a media service)."""
+        media = self.config.media(destination)
+        return media is None or media.host == self.config.inventory.host_name
+
     def repository(self, destination: str) -> AnyRepository:
         """The destination's repository: opened here, or reached through its media service when the
         media sit on another host. Blocking (it may reach another host): call it from a thread."""
         if destination not in self._open:
             media = self.config.media(destination)
-            if media is not None and media.host != self.config.inventory.host_name:
+            if media is not None and not self.is_local(destination):
                 self._open[destination] = self._remote(destination, media.service, media.appliance)
             else:
                 self._open[destination] = self._local(destination)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from host_agent import errors
-from host_agent.agent import views, vmdefinition
+from host_agent.agent import paths, views, vmdefinition
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
@@ -33,6 +33,7 @@ from host_agent.agent.offline import offline_view
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.appliance import Visit as ApplianceVisit
 from host_agent.colocation.visits import Colocator, VisitResult
+from host_agent.guestfiles.reader import ReaderSettings
 from host_agent.model import (
     ChangeDetection,
     DiskResult,
@@ -48,6 +49,7 @@ from host_agent.model import (
 from host_agent.storage import qcow2
 from host_agent.storage.cancel import CancelToken
 from host_agent.storage.extents import Extent, Layout
+from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import BackupResult, Snapshot, VmRef
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,8 @@ class Executor:
     """Runs plans, one at a time; every instruction is answered through ``guests``."""
 
     def __init__(self, destinations: Destinations, domains: Domains, guests: GuestDoor, jobs: Jobs,
-                 work_dir: Path, colocator: Colocator | None = None, porter: Porter | None = None) -> None:
+                 work_dir: Path, colocator: Colocator | None = None, porter: Porter | None = None,
+                 reader: ReaderSettings | None = None) -> None:
         self._destinations = destinations
         self._domains = domains           # views of their disks; restored disks hot-plugged
         self._guests = guests
@@ -115,6 +118,7 @@ class Executor:
         self._work_dir = work_dir         # restored images and fallback conversions
         self._colocator = colocator
         self._porter = porter
+        self._reader = reader or ReaderSettings()  # the appliance reading paths of guests' file systems
         self._lock = asyncio.Lock()
         self.reads: dict[str, int] = {}  # source path -> times read, for operators and tests
         self.visits: list[VisitResult] = []  # co-located backups done, for operators and tests
@@ -287,6 +291,13 @@ class Executor:
                 if i in outcomes:
                     outcomes[i].disks.append(disk_result)
             return
+        if unit.kind is UnitKind.BACKUP_PATHS:
+            freeze, thaw = self._guest_hooks(unit)
+            disk_result = await asyncio.to_thread(self._backup_paths, repo, unit, freeze, thaw)
+            for i in unit.satisfies:
+                if i in outcomes:
+                    outcomes[i].disks.append(disk_result)
+            return
         if unit.kind is UnitKind.RESTORE_DISK:
             assert unit.disk is not None
             disk_result = await asyncio.to_thread(self._restore_disk, repo, unit)
@@ -330,13 +341,11 @@ class Executor:
             source = qcow2.chain_layout(info.path, repo.config.chunk_size, label=info.path)
         return repo.backup(source, unit.snapshot_name, Policy.FULL).snapshot
 
-    async def _backup_disk(self, repo: AnyRepository, unit: WorkUnit,
-                           shared: dict[str, Snapshot], vm: VmRef | None
-                           ) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
+    def _guest_hooks(self, unit: WorkUnit) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Freeze and thaw the unit's guest, callable from a worker thread (the view's instant)."""
         disk = unit.disk
         assert disk is not None
         loop = asyncio.get_running_loop()
-
         job = unit.satisfies[0]
 
         def freeze() -> None:
@@ -346,8 +355,38 @@ class Executor:
         def thaw() -> None:
             asyncio.run_coroutine_threadsafe(self._guests.thaw(disk.domain_uuid, job), loop).result()
 
-        return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(disk.serial), freeze, thaw,
-                                       self._cancel_token(unit), vm)
+        return freeze, thaw
+
+    async def _backup_disk(self, repo: AnyRepository, unit: WorkUnit,
+                           shared: dict[str, Snapshot], vm: VmRef | None
+                           ) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
+        assert unit.disk is not None
+        freeze, thaw = self._guest_hooks(unit)
+        return await asyncio.to_thread(self._backup_view, repo, unit, shared.get(unit.disk.serial), freeze,
+                                       thaw, self._cancel_token(unit), vm)
+
+    def _backup_paths(self, repo: AnyRepository, unit: WorkUnit, freeze: Callable[[], None],
+                      thaw: Callable[[], None]) -> DiskResult:
+        """Store the unit's paths from the disk's point-in-time view (no checkpoint: a file-level
+        snapshot is no base for the disk's incrementals)."""
+        disk, selection = unit.disk, unit.paths
+        assert disk is not None and selection is not None
+        if not isinstance(repo, Repository):
+            raise errors.UsageError(f"destination {unit.destination!r} is on another host; a backup of paths "
+                                    "goes to a destination whose media are on this host")
+        with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
+                                 chunk_size=repo.config.chunk_size, freeze=freeze, thaw=thaw,
+                                 checkpoint=False) as taken:
+            view = taken[disk.serial]
+            self.reads[view.image] = self.reads.get(view.image, 0) + 1
+            result, skipped = paths.back_up_paths(repo, Path(view.image), view.format, selection.partition,
+                                                  selection.paths, unit.snapshot_name, self._work_dir,
+                                                  self._reader)
+        snap = result.snapshot
+        note = "; ".join(f"skipped {path}: {why}" for path, why in skipped[:8])
+        return DiskResult(disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
+                          snap.stats.seconds, ChangeDetection.NONE, note,
+                          bytes_stored=snap.stats.bytes_stored)
 
     def _backup_view(self, repo: AnyRepository, unit: WorkUnit, shared_base: Snapshot | None,
                      freeze: Callable[[], None], thaw: Callable[[], None],

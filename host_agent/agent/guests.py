@@ -67,7 +67,8 @@ def snapshots_message(request_id: RequestId, snaps: Iterable[tuple[str, str, Sna
     """A snapshot list for a guest, newest first: (disk serial, destination, snapshot) each. The
     guest learns what it stored, not what other VMs store (``bytes_new`` is its own snapshot's)."""
     infos = [p.SnapshotInfo(snap.id, serial, snap.time.timestamp(), p.Policy(snap.policy.value),
-                            snap.stats.bytes_new, destination) for serial, destination, snap in snaps]
+                            snap.stats.bytes_new, destination, snap.files.partition if snap.files else None)
+             for serial, destination, snap in snaps]
     infos.sort(key=lambda i: i.created, reverse=True)
     return p.fit_snapshots(request_id, infos)
 

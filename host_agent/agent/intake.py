@@ -32,9 +32,15 @@ from host_agent.errors import (
     UnknownJob,
     UsageError,
 )
-from host_agent.model import Instruction, InstructionKind, Policy
+from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Policy
 
 log = logging.getLogger(__name__)
+
+
+def _of_disk(name: str, disk: DiskRef) -> bool:
+    """A snapshot name of the disk: its disk snapshots' or one of its file-level snapshots'."""
+    return name == disk.snapshot_name or (name.startswith(f"{disk.snapshot_name}/paths-")
+                                          and name.removeprefix(f"{disk.snapshot_name}/paths-").isdigit())
 
 
 class Intake:
@@ -125,7 +131,18 @@ class Intake:
                                   f"this VM already has {self.limits.pending_per_vm} jobs waiting; "
                                   "ask again when one has finished", retry_after=30.0)
         destination = self.destinations.named(msg.destination)
-        if isinstance(msg, p.Backup):
+        if isinstance(msg, p.Backup) and msg.paths is not None:
+            if not self.destinations.is_local(destination):
+                return p.ErrorMessage(msg.id, p.ErrorCode.UNSUPPORTED,
+                                      f"destination {destination!r} is on another host; a backup of paths "
+                                      "goes to a destination whose media are on this host")
+            # a path-level snapshot is always whole files: unchanged ones cost only their dedup lookup
+            instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,
+                                      destination, Policy.FULL, "", time.time(),
+                                      paths=PathSelection(msg.partition or 0, msg.paths))
+            if msg.quiesce:
+                self.guests.expect_quiesce(instruction.id)
+        elif isinstance(msg, p.Backup):
             instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,
                                       destination, Policy(msg.policy.value), "", time.time())
             if msg.quiesce:
@@ -142,7 +159,7 @@ class Intake:
             return refused
         try:
             lease = await self.snapshot_disks.see(uuid, msg.target, msg.snapshot,
-                                                  self.destinations.named(msg.destination))
+                                                  self.destinations.named(msg.destination), msg.partition)
         except UnknownDisk as e:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
         except SnapshotNotFound as e:
@@ -182,6 +199,6 @@ class Intake:
             disks = self.domains.disks_by_serial(uuid, [msg.target] if msg.target else None)
         except UnknownDisk as e:
             return p.ErrorMessage(msg.id, p.ErrorCode.UNKNOWN_DISK, p.clean_text(str(e)))
-        repo = self.destinations.repository(destination)
+        snaps = self.destinations.repository(destination).snapshots()
         return snapshots_message(msg.id, ((disk.serial, destination, snap) for disk in disks
-                                                  for snap in repo.snapshots(disk.snapshot_name)))
+                                          for snap in snaps if _of_disk(snap.name, disk)))

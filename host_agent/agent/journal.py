@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from host_agent.agent.jobs import Origin
-from host_agent.model import DiskRef, Instruction, InstructionKind, Placement, Policy
+from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Placement, Policy
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def instruction_from_json(doc: dict[str, Any]) -> Instruction:
     disks = tuple(DiskRef(**{**d, "backing_chain": tuple(d["backing_chain"])}) for d in doc["disks"])
     return Instruction(doc["id"], doc["domain_uuid"], doc["request_id"], InstructionKind(doc["kind"]), disks,
                        doc["destination"], Policy(doc["policy"]), doc["snapshot"], doc["received_at"],
-                       Placement(doc.get("placement", Placement.AUTO)))
+                       Placement(doc.get("placement", Placement.AUTO)),
+                       PathSelection(doc["paths"]["partition"], tuple(doc["paths"]["paths"]))
+                       if doc.get("paths") else None)
 
 
 def pending_from_json(doc: dict[str, Any]) -> Pending:

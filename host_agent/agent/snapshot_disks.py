@@ -78,15 +78,18 @@ class Lease:
     expires: float = 0.0  # time.time()
 
 
-def own_snapshot(repo: AnyRepository, disk: DiskRef, asked: str) -> Snapshot:
+def own_snapshot(repo: AnyRepository, disk: DiskRef, asked: str, partition: int | None = None) -> Snapshot:
     """The snapshot ``asked`` (an id, a unique prefix of one, or ``latest``) among this disk's own
-    snapshots; SnapshotNotFound naming the disk otherwise. Another VM's snapshot is never found:
-    it is not among them, whatever its id."""
-    own = repo.snapshots(disk.snapshot_name)
+    snapshots (with ``partition``: its file-level snapshots of that partition's file system);
+    SnapshotNotFound naming the disk otherwise. Another VM's snapshot is never found: it is not
+    among them, whatever its id."""
+    name = disk.snapshot_name if partition is None else disk.paths_snapshot_name(partition)
+    own = repo.snapshots(name)
     if asked == p.LATEST:
         if own:
             return own[-1]
-        raise errors.SnapshotNotFound(f"disk {disk.serial} has no snapshot yet: back it up first")
+        what = "snapshot" if partition is None else f"backup of paths on partition {partition}"
+        raise errors.SnapshotNotFound(f"disk {disk.serial} has no {what} yet: back it up first")
     found = [s for s in own if s.id == asked] or [s for s in own if len(asked) >= 8
                                                   and s.id.startswith(asked)]
     if len(found) != 1:
@@ -118,7 +121,8 @@ class SnapshotDisks:
 
     # ---------- asked by the guest ----------
 
-    async def see(self, uuid: str, disk: str, snapshot: str, destination: str) -> Lease:
+    async def see(self, uuid: str, disk: str, snapshot: str, destination: str,
+                  partition: int | None = None) -> Lease:
         """Attach snapshot ``snapshot`` of the domain's disk ``disk`` read-only; the lease.  Raises
         UnknownDisk, SnapshotNotFound, UsageError (too many), or an EnvironmentProblem."""
         started = time.monotonic()
@@ -126,7 +130,7 @@ class SnapshotDisks:
             if len(self.of(uuid)) >= self.per_vm:
                 raise errors.UsageError(f"this VM already sees {self.per_vm} snapshot(s), the most it may: "
                                         "release one first ('hyperback-shim release SERIAL')")
-            lease, export = await asyncio.to_thread(self._open, uuid, disk, snapshot, destination)
+            lease, export = await asyncio.to_thread(self._open, uuid, disk, snapshot, destination, partition)
         self.leases[lease.serial] = lease
         self._exports[lease.serial] = export
         delay = max(0.0, lease.expires - time.time())
@@ -197,10 +201,11 @@ class SnapshotDisks:
         tmp.write_text(json.dumps(asdict(lease)))
         tmp.replace(self._state(lease.serial))
 
-    def _open(self, uuid: str, disk_serial: str, asked: str, destination: str) -> tuple[Lease, Export]:
+    def _open(self, uuid: str, disk_serial: str, asked: str, destination: str,
+              partition: int | None) -> tuple[Lease, Export]:
         (disk,) = self.domains.disks_by_serial(uuid, [disk_serial])
         repo = self.destinations.repository(destination)
-        snap = own_snapshot(repo, disk, asked)
+        snap = own_snapshot(repo, disk, asked, partition)
         serial = f"{SERIAL_PREFIX}{secrets.token_hex(4)}"
         lease = Lease(uuid, serial, disk.serial, snap.id, destination, str(self.dir / serial))
         self._write(lease)  # before anything runs: a crash from here on is cleaned up by recover()

@@ -36,8 +36,9 @@ def _common(p: argparse.ArgumentParser, default: object) -> None:
                    help="the file system to read, as 'ls' without a path names it (/dev/sda1); needed "
                         "when the disk has several")
     p.add_argument("--tcg", action="store_true", default=default,
-                   help="run the reader's appliance under TCG emulation: for hosts without usable KVM "
-                        "(a nested guest); slower to start")
+                   help="run the reader's appliance under TCG emulation at once: for hosts without "
+                        "usable KVM (a nested guest), where the default tries KVM first and then falls "
+                        "back to TCG")
     p.add_argument("--json", action="store_true", default=default, help="ls: print JSON for scripts")
 
 
@@ -82,7 +83,7 @@ def _guest(args: argparse.Namespace, mount: bool) -> Iterator[GuestFiles | FileS
         return
     with (tempfile.TemporaryDirectory(prefix="hyperback-files-") as run_dir,
           SnapshotExport(repo, snapshot.id, Path(run_dir), exit_with_parent=True) as export,
-          GuestFiles(export.socket_path, ReaderSettings(tcg=bool(args.tcg))) as guest):
+          GuestFiles(export.socket_path, ReaderSettings(tcg=True if args.tcg else None)) as guest):
         if mount:
             guest.mount(args.fs)
         yield guest

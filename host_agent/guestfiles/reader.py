@@ -43,11 +43,12 @@ DAMAGE_ERRNOS: Final = frozenset({errno.EIO, errno.EUCLEAN, errno.EBADMSG})
 
 @dataclass(frozen=True)
 class ReaderSettings:
-    """How the appliance runs. ``tcg``: emulate instead of KVM (hosts without usable KVM, such as a
-    nested guest whose KVM aborts); ``memory_mib``: the appliance's RAM (reading needs little; the
-    libguestfs default of 1280 MiB crowds a small host)."""
+    """How the appliance runs. ``tcg``: True emulates instead of using KVM; None (auto) tries KVM
+    and falls back to emulation if the appliance does not start (a nested host's KVM may abort);
+    ``memory_mib``: the appliance's RAM (reading needs little; the libguestfs default of 1280 MiB
+    crowds a small host)."""
 
-    tcg: bool = False
+    tcg: bool | None = None
     memory_mib: int = 512
 
 
@@ -147,6 +148,17 @@ class GuestFiles:
 
     def launch(self) -> None:
         """Boot the appliance with the NBD export as its only drive, read-only."""
+        if self.settings.tcg is not None:
+            self._launch(self.settings.tcg)
+            return
+        try:
+            self._launch(tcg=False)
+        except errors.ReaderError as e:
+            log.warning("the reader's appliance did not start under KVM; trying TCG emulation (pass --tcg "
+                        "to skip the attempt): %s", e)
+            self._launch(tcg=True)
+
+    def _launch(self, tcg: bool) -> None:
         try:
             import guestfs
         except ImportError as e:
@@ -156,7 +168,7 @@ class GuestFiles:
         self._g = g
         try:
             g.set_backend("direct")  # no libvirtd between us and the appliance: nothing left behind
-            if self.settings.tcg:
+            if tcg:
                 g.set_backend_settings(["force_tcg"])
             g.set_memsize(self.settings.memory_mib)
             g.set_network(False)
@@ -169,7 +181,7 @@ class GuestFiles:
             g.launch()
         except RuntimeError as e:
             self.close()
-            hint = "" if self.settings.tcg else "; where KVM is absent or broken (a nested guest), pass --tcg"
+            hint = "" if tcg else "; where KVM is absent or broken (a nested guest), pass --tcg"
             raise errors.ReaderError(f"libguestfs could not start its appliance: {e} (run "
                                      f"libguestfs-test-tool to see why{hint})") from e
 

@@ -10,8 +10,8 @@ How a batch is planned
    destination, a disk without serial or path, a disk of another domain than the instruction's, one
    serial twice in an instruction, a ``received_at`` that is not a finite non-negative number, more
    than ``max_batch`` instructions. What is well formed but cannot be done is **rejected**, one
-   instruction at a time, with a reason: an instruction that names no disk, a restore that names no
-   snapshot, a restore of a disk that an earlier instruction of the batch restores from another
+   instruction at a time, with a reason: an instruction that names no disk, a path-level backup that
+   names several disks, a restore that names no snapshot, a restore of a disk that an earlier instruction of the batch restores from another
    snapshot or destination.
 2. **Baseline.** One unit per disk per accepted instruction, in batch order; this is the plan the
    ``passthrough`` policy returns unchanged. Where a disk is both written (restored) and read in one
@@ -207,6 +207,9 @@ def _rejection_reason(instruction: Instruction,
                       restores: Mapping[tuple[str, str], tuple[Instruction, str, str]]) -> str:
     if not instruction.disks:
         return f"the {instruction.kind.value} request names no disk"
+    if instruction.paths is not None and (len(instruction.disks) != 1 or not instruction.paths.paths
+                                          or instruction.kind is not InstructionKind.BACKUP):
+        return "a path-level backup names one disk and at least one path"
     if instruction.kind is not InstructionKind.RESTORE:
         return ""
     if not instruction.snapshot:
@@ -235,15 +238,16 @@ def baseline_plan(batch: Sequence[Instruction], chain: str) -> Plan:
             last[key] = unit_id
             units.append(WorkUnit(
                 id=unit_id,
-                kind=UnitKind.RESTORE_DISK if restore else UnitKind.BACKUP_DISK,
+                kind=instruction.unit_kind,
                 source=instruction.snapshot if restore else disk.path,
-                snapshot_name=disk.snapshot_name,
+                snapshot_name=instruction.snapshot_name(disk),
                 destination=instruction.destination,
                 policy=instruction.policy,
                 satisfies=(instruction.id,),
                 disk=disk,
                 depends_on=after,
-                reason="after the batch's earlier request for the same disk" if after else ""))
+                reason="after the batch's earlier request for the same disk" if after else "",
+                paths=instruction.paths))
     return Plan(tuple(units), chain)
 
 
@@ -285,12 +289,13 @@ def check_plan(plan: Plan, batch: Sequence[Instruction]) -> None:
     for unit in plan.units:
         if unit.disk is not None:
             for instruction_id in unit.satisfies:
-                serving.setdefault((instruction_id, unit.kind.value, unit.disk.snapshot_name,
+                serving.setdefault((instruction_id, unit.kind.value, unit.snapshot_name,
                                     unit.destination), []).append(unit)
     for instruction in batch:
-        kind = UnitKind.RESTORE_DISK if instruction.kind is InstructionKind.RESTORE else UnitKind.BACKUP_DISK
+        kind = instruction.unit_kind
         for disk in instruction.disks:
-            units = serving.get((instruction.id, kind.value, disk.snapshot_name, instruction.destination), [])
+            units = serving.get((instruction.id, kind.value, instruction.snapshot_name(disk),
+                                 instruction.destination), [])
             if not units:
                 raise broken(f"no {kind.value} unit serves disk {describe_disk(disk)} of instruction "
                              f"{instruction.id}")
@@ -298,6 +303,10 @@ def check_plan(plan: Plan, batch: Sequence[Instruction]) -> None:
                     STRENGTH[u.policy] >= STRENGTH[instruction.policy] for u in units):
                 raise broken(f"instruction {instruction.id} asked for a {instruction.policy.value} backup "
                              f"of {describe_disk(disk)}; its units are weaker")
+            asked = instruction.paths
+            if asked is not None and not any(u.paths is not None and u.paths.covers(asked) for u in units):
+                raise broken(f"instruction {instruction.id} asked for paths {listing(asked.paths)} of "
+                             f"{describe_disk(disk)}; its unit stores others")
             if kind is UnitKind.RESTORE_DISK and not any(u.source == instruction.snapshot for u in units):
                 raise broken(f"instruction {instruction.id} restores {describe_disk(disk)} from "
                              f"{instruction.snapshot!r}; its unit restores another snapshot")

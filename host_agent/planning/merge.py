@@ -3,8 +3,9 @@
 *Duplicates.* Backup units of the same disk (domain uuid and serial, same image path) for the same
 destination collapse into one unit that satisfies all their instructions, with the strongest policy
 asked for (full > differential > incremental) and the earliest ``not_before``. Restore units of the
-same disk from the same snapshot spec and destination collapse likewise. A disk that the batch both
-backs up and restores is left alone, so its units keep the batch order.
+same disk from the same snapshot spec and destination collapse likewise, and path-level backup units
+of the same file system (disk and partition) and destination into one that stores the union of their
+paths. A disk that the batch both backs up and restores is left alone, so its units keep the batch order.
 
 *Shared bases.* Backing images are compared by path after lexical normalization
 (``posixpath.normpath``): the optimizer may run on another machine and cannot resolve symlinks,
@@ -52,6 +53,11 @@ from host_agent.planning.chain import (
 )
 
 
+def _restored_and_more(kinds: set[UnitKind]) -> bool:
+    """A disk the batch restores and also backs up: its units keep the batch order."""
+    return UnitKind.RESTORE_DISK in kinds and len(kinds) > 1
+
+
 class Merge(PlanningPolicy):
     """Read the same data once: collapse duplicate requests, back up shared backing images once."""
 
@@ -76,10 +82,12 @@ class Merge(PlanningPolicy):
         groups: dict[tuple[str, ...], list[WorkUnit]] = {}
         for unit in units:
             disk = unit.disk
-            if disk is None or len(kinds[disk_key(disk)]) > 1 or unit.kind is UnitKind.BACKUP_BASE:
+            if disk is None or unit.kind is UnitKind.BACKUP_BASE or _restored_and_more(kinds[disk_key(disk)]):
                 key: tuple[str, ...] = ("unit", unit.id)
             elif unit.kind is UnitKind.BACKUP_DISK:
                 key = ("backup", unit.destination, *disk_key(disk), normalize_path(disk.path))
+            elif unit.kind is UnitKind.BACKUP_PATHS:
+                key = ("paths", unit.destination, *disk_key(disk), unit.snapshot_name)
             else:
                 key = ("restore", unit.destination, *disk_key(disk), unit.source)
             groups.setdefault(key, []).append(unit)
@@ -99,11 +107,15 @@ class Merge(PlanningPolicy):
                       f"{describe_disk(first.disk)} to {first.destination!r}")
             if first.kind is UnitKind.BACKUP_DISK:
                 reason += f"; the strongest policy asked for ({policy.value}) applies to all"
+            paths = first.paths
+            if paths is not None:
+                paths = replace(paths, paths=ordered_union(m.paths.paths for m in members if m.paths))
+                reason += f"; it stores every path asked for ({listing(paths.paths)})"
             earlier = [m.reason for m in members if m.reason]
             merged.append(replace(
                 first, policy=policy, satisfies=satisfies,
                 depends_on=tuple(d for d in ordered_union(m.depends_on for m in members) if d not in ids),
-                not_before=min(m.not_before for m in members),
+                not_before=min(m.not_before for m in members), paths=paths,
                 reason="; ".join(dict.fromkeys([*earlier, reason]))))
         if renamed:
             merged = [replace(u, depends_on=tuple(dict.fromkeys(renamed.get(d, d) for d in u.depends_on)))
