@@ -93,8 +93,8 @@ def assert_every_instruction_served_or_rejected(batch: Sequence[Instruction], re
         assert bool(served) != (instruction.id in rejected), instruction
         wanted = instruction.unit_kind
         for d in instruction.disks if served else ():
-            mine = [u for u in served if u.kind is wanted and u.disk is not None
-                    and u.snapshot_name == instruction.snapshot_name(d) and u.destination == instruction.destination]
+            mine = [u for u in served if u.kind is wanted and u.disk is not None and u.destination ==
+                    instruction.destination and u.snapshot_name == instruction.snapshot_name(d)]
             assert mine, f"{instruction.id}: no unit for disk {d.serial}"
             if wanted is UnitKind.BACKUP_DISK:
                 assert max(STRENGTH[u.policy] for u in mine) >= STRENGTH[instruction.policy]
@@ -119,9 +119,8 @@ def batches(draw: st.DrawFn) -> list[Instruction]:
         snapshot = draw(st.sampled_from(["", "latest", "snap-1"])) if kind is InstructionKind.RESTORE else ""
         paths = None
         if kind is InstructionKind.BACKUP and draw(st.booleans()):
-            paths = PathSelection(draw(st.sampled_from([0, 2])),
-                                  tuple(draw(st.lists(st.sampled_from(["/usr/lib", "/etc", "/srv"]), min_size=1,
-                                                      unique=True))))
+            asked = draw(st.lists(st.sampled_from(["/usr/lib", "/etc", "/srv"]), min_size=1, unique=True))
+            paths = PathSelection(draw(st.sampled_from([0, 2])), tuple(asked))
         batch.append(Instruction(
             id=f"i{n}", domain_uuid=f"uuid-{domain}", request_id=f"r{n}", kind=kind,
             disks=tuple(disk(domain, s, f"vd{s[-1]}", chain_of[(domain, s)]) for s in serials),

@@ -108,13 +108,9 @@ class Intake:
 
     async def _accept(self, channel: GuestChannel, msg: p.Backup | p.Restore) -> p.Message:
         uuid = channel.domain_uuid
-        refused = self._unknown_destination(msg)
+        refused = self._unknown_destination(msg) or self._unsupported(msg)
         if refused is not None:
             return refused
-        if isinstance(msg, p.Restore) and msg.mode is p.RestoreMode.IN_PLACE:
-            return p.ErrorMessage(msg.id, p.ErrorCode.UNSUPPORTED,
-                                  "a running VM cannot restore over its own disk: restore with mode "
-                                  "new-disk, or shut the VM down and run 'hyperback restore' on the host")
         serials = ([msg.target] if isinstance(msg, p.Restore) else
                    None if msg.targets == p.ALL else list(msg.targets))
         try:
@@ -131,27 +127,31 @@ class Intake:
                                   f"this VM already has {self.limits.pending_per_vm} jobs waiting; "
                                   "ask again when one has finished", retry_after=30.0)
         destination = self.destinations.named(msg.destination)
-        if isinstance(msg, p.Backup) and msg.paths is not None:
-            if not self.destinations.is_local(destination):
-                return p.ErrorMessage(msg.id, p.ErrorCode.UNSUPPORTED,
-                                      f"destination {destination!r} is on another host; a backup of paths "
-                                      "goes to a destination whose media are on this host")
-            # a path-level snapshot is always whole files: unchanged ones cost only their dedup lookup
-            instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,
-                                      destination, Policy.FULL, "", time.time(),
-                                      paths=PathSelection(msg.partition or 0, msg.paths))
-            if msg.quiesce:
-                self.guests.expect_quiesce(instruction.id)
-        elif isinstance(msg, p.Backup):
-            instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,
-                                      destination, Policy(msg.policy.value), "", time.time())
-            if msg.quiesce:
-                self.guests.expect_quiesce(instruction.id)
-        else:
+        if isinstance(msg, p.Restore):
             instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.RESTORE, disks,
                                       destination, Policy.FULL, msg.snapshot, time.time())
+        else:
+            paths = None if msg.paths is None else PathSelection(msg.partition or 0, msg.paths)
+            # a path-level snapshot is always whole files: unchanged ones cost only their dedup lookup
+            policy = Policy.FULL if paths else Policy(msg.policy.value)
+            instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,
+                                      destination, policy, "", time.time(), paths=paths)
+            if msg.quiesce:
+                self.guests.expect_quiesce(instruction.id)
         self.submit(instruction, Origin.GUEST, channel.domain_name)
         return p.Accepted(msg.id, instruction.id)
+
+    def _unsupported(self, msg: p.Backup | p.Restore) -> p.ErrorMessage | None:
+        if isinstance(msg, p.Restore) and msg.mode is p.RestoreMode.IN_PLACE:
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNSUPPORTED,
+                                  "a running VM cannot restore over its own disk: restore with mode "
+                                  "new-disk, or shut the VM down and run 'hyperback restore' on the host")
+        destination = self.destinations.named(msg.destination)
+        if isinstance(msg, p.Backup) and msg.paths and not self.destinations.is_local(destination):
+            return p.ErrorMessage(msg.id, p.ErrorCode.UNSUPPORTED,
+                                  f"destination {destination!r} is on another host; a backup of paths "
+                                  "goes to a destination whose media are on this host")
+        return None
 
     async def _see(self, uuid: str, msg: p.See) -> p.Message:
         refused = self._unknown_destination(msg)

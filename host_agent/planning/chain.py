@@ -11,8 +11,8 @@ How a batch is planned
    serial twice in an instruction, a ``received_at`` that is not a finite non-negative number, more
    than ``max_batch`` instructions. What is well formed but cannot be done is **rejected**, one
    instruction at a time, with a reason: an instruction that names no disk, a path-level backup that
-   names several disks, a restore that names no snapshot, a restore of a disk that an earlier instruction of the batch restores from another
-   snapshot or destination.
+   names several disks, a restore that names no snapshot, a restore of a disk that an earlier
+   instruction of the batch restores from another snapshot or destination.
 2. **Baseline.** One unit per disk per accepted instruction, in batch order; this is the plan the
    ``passthrough`` policy returns unchanged. Where a disk is both written (restored) and read in one
    batch, each of its units depends on the one before, so the batch order holds.

@@ -141,7 +141,7 @@ def crafted(entries: list[tarfile.TarInfo]) -> io.BytesIO:
     return out
 
 
-def test_a_hostile_archive_writes_nothing_outside_the_target_and_nothing_through_a_link(tmp_path: Path) -> None:
+def test_a_hostile_archive_writes_nothing_outside_the_target_nor_through_a_link(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "outside").mkdir()
     link = tarfile.TarInfo("srv/a")

@@ -12,6 +12,8 @@ from guest_shim.errors import FrameTooLong, MessageTooLarge, ProtocolError, Unsu
 
 SNAP = p.SnapshotInfo("0123456789abcdef", "hb-disk-1", 1_700_000_000.5, p.Policy.FULL, 4096, "nightly")
 
+PATHS = b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full",'  # the rest follows
+
 SAMPLES: list[p.Message] = [
     p.Sync(0),
     p.Sync(2**53 - 1),
@@ -51,7 +53,7 @@ SAMPLES: list[p.Message] = [
     p.Result("b", "job-3", p.Op.BACKUP, False, (), 0, 0.5, False, p.ErrorInfo(p.ErrorCode.QUOTA, "full")),
     p.Snapshots(4, (SNAP,), False),
     p.Snapshots("l", (), True),
-    p.Snapshots("m", (SNAP, p.SnapshotInfo("fedcba9876543210", "hb-disk-1", 1.0, p.Policy.FULL, 1, "n", 2)), False),
+    p.Snapshots("m", (SNAP, p.SnapshotInfo("fedcba9876543210", "d", 1.0, p.Policy.FULL, 1, "n", 2)), False),
     p.Freeze("f1", "job-1", ("hb-disk-1",), 30),
     p.Freeze(9, "job-1", ("a", "b"), 0.5),
     p.Thaw("t1", "job-1"),
@@ -227,16 +229,16 @@ MALFORMED = [
     # paths: plain absolute paths inside one file system of one disk, never a way out of it
     (b'{"v":1,"type":"backup","id":1,"targets":"all","policy":"full","paths":["/etc"]}', "exactly one disk"),
     (b'{"v":1,"type":"backup","id":1,"targets":["a","b"],"policy":"full","paths":["/etc"]}', "exactly one"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":[]}', "backup.paths"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":["etc"]}', "not a plain absolute"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":["/usr/../etc"]}', "backup.paths[0]"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":["/a//b"]}', "backup.paths[0]"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":["/a/"]}', "backup.paths[0]"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":["/a\\nb"]}', "control"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":["/a","/a"]}', "not distinct"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","paths":["/a"],"partition":129}',
+    (PATHS + b'"paths":[]}', "backup.paths"),
+    (PATHS + b'"paths":["etc"]}', "not a plain absolute"),
+    (PATHS + b'"paths":["/usr/../etc"]}', "backup.paths[0]"),
+    (PATHS + b'"paths":["/a//b"]}', "backup.paths[0]"),
+    (PATHS + b'"paths":["/a/"]}', "backup.paths[0]"),
+    (PATHS + b'"paths":["/a\\nb"]}', "control"),
+    (PATHS + b'"paths":["/a","/a"]}', "not distinct"),
+    (PATHS + b'"paths":["/a"],"partition":129}',
      "backup.partition"),
-    (b'{"v":1,"type":"backup","id":1,"targets":["a"],"policy":"full","partition":1}', "only a backup of paths"),
+    (PATHS + b'"partition":1}', "only a backup of paths"),
     (b'{"v":1,"type":"see","id":1,"target":"d","snapshot":"latest","partition":-1}', "see.partition"),
     (b'{"v":1,"type":"release","id":1}', "missing member"),
     (b'{"v":1,"type":"seeing","id":1,"target":"d","snapshot":"latest","serial":"s","bytes":1,"expires":1}',
