@@ -147,16 +147,20 @@ class GuestFiles:
         self.close()
 
     def launch(self) -> None:
-        """Boot the appliance with the NBD export as its only drive, read-only."""
-        if self.settings.tcg is not None:
-            self._launch(self.settings.tcg)
-            return
-        try:
-            self._launch(tcg=False)
-        except errors.ReaderError as e:
-            log.warning("the reader's appliance did not start under KVM; trying TCG emulation (pass --tcg "
-                        "to skip the attempt): %s", e)
-            self._launch(tcg=True)
+        """Boot the appliance with the NBD export as its only drive, read-only: under KVM, else
+        (``tcg`` None) under TCG; a start that fails is tried once more before giving up (a QEMU
+        helper that dies at start must not fail a whole backup)."""
+        modes = [False, True, True] if self.settings.tcg is None else [self.settings.tcg] * 2
+        for attempt, tcg in enumerate(modes, 1):
+            try:
+                self._launch(tcg)
+                return
+            except errors.ReaderError as e:
+                if attempt == len(modes):
+                    raise
+                then = "trying TCG emulation (--tcg skips KVM)" if tcg != modes[attempt] else "trying again"
+                log.warning("the reader's appliance did not start under %s; %s: %s",
+                            "TCG" if tcg else "KVM", then, " ".join(str(e).split())[:400])
 
     def _launch(self, tcg: bool) -> None:
         try:
