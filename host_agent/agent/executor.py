@@ -374,6 +374,7 @@ class Executor:
         if not isinstance(repo, Repository):
             raise errors.UsageError(f"destination {unit.destination!r} is on another host; a backup of paths "
                                     "goes to a destination whose media are on this host")
+        self._work_dir.mkdir(parents=True, exist_ok=True)  # the archive is spooled there
         with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
                                  chunk_size=repo.config.chunk_size, freeze=freeze, thaw=thaw,
                                  checkpoint=False) as taken:
