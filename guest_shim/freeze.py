@@ -124,12 +124,19 @@ def parse_mountinfo(data: bytes) -> list[Mount]:
     return mounts
 
 
-def _read_text(path: str) -> str | None:
+def read_sysfs(path: str) -> str | None:
+    """A sysfs attribute's text, stripped; None if it cannot be read."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read().strip()
     except OSError:
         return None
+
+
+def disk_serial(disk: str, sys_root: str = "/sys") -> str | None:
+    """The serial of block device ``disk`` (virtio-blk: ``serial``; SCSI: ``device/serial``)."""
+    block = os.path.join(sys_root, "block", disk)
+    return read_sysfs(os.path.join(block, "serial")) or read_sysfs(os.path.join(block, "device", "serial"))
 
 
 def _parse_dev(text: str | None) -> int | None:
@@ -158,10 +165,7 @@ def disk_devices(serial: str, sys_root: str = "/sys") -> DiskDevices | None:
     except OSError:
         return None
     for disk in disks:
-        found = _read_text(os.path.join(block, disk, "serial"))
-        if found is None:
-            found = _read_text(os.path.join(block, disk, "device", "serial"))
-        if found != serial:
+        if disk_serial(disk, sys_root) != serial:
             continue
         names: set[str] = set()
         devices: set[int] = set()
@@ -175,7 +179,7 @@ def _collect(block: str, sysdir: str, name: str, names: set[str], devices: set[i
     if name in names or len(names) > 1024:
         return
     names.add(name)
-    dev = _parse_dev(_read_text(os.path.join(sysdir, "dev")))
+    dev = _parse_dev(read_sysfs(os.path.join(sysdir, "dev")))
     if dev is not None:
         devices.add(dev)
     try:

@@ -30,7 +30,7 @@ from typing import BinaryIO
 from .client import Client, JobResult, ProgressCallback
 from .config import ShimConfig
 from .errors import InvalidArgument, ProtocolError, RestoreError, ShimError
-from .freeze import Mount, parse_mountinfo
+from .freeze import Mount, disk_serial, parse_mountinfo, read_sysfs
 from .protocol import LATEST, MAX_PATH, MAX_PATHS, check_guest_path
 from .seen import wait_for_disk
 
@@ -59,14 +59,6 @@ def _join(base: str, absolute: str) -> str:
     return base.rstrip("/") + absolute if absolute != "/" else (base or "/")
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def _block_device(dev: int, sys_root: str) -> tuple[str, int]:
     """The disk (its sysfs name) and partition number of block device ``dev``."""
     link = os.path.join(sys_root, "dev", "block", f"{os.major(dev)}:{os.minor(dev)}")
@@ -77,7 +69,7 @@ def _block_device(dev: int, sys_root: str) -> tuple[str, int]:
         raise InvalidArgument("the path is on a device-mapper or RAID volume: the host reads plain "
                               "partitions and disks only; back up the whole disks instead")
     real = os.path.realpath(link)
-    partition = _read(os.path.join(real, "partition"))
+    partition = read_sysfs(os.path.join(real, "partition"))
     if partition is None:
         return os.path.basename(real), 0
     return os.path.basename(os.path.dirname(real)), int(partition)
@@ -113,8 +105,7 @@ def locate(paths: Sequence[str], *, sys_root: str = "/sys",
             raise InvalidArgument(f"{asked} does not exist in this guest")
         mount = _mount_of(path, mounts)
         disk, partition = _block_device(mount.device, sys_root)
-        serial = _read(os.path.join(sys_root, "block", disk, "serial")) or _read(
-            os.path.join(sys_root, "block", disk, "device", "serial"))
+        serial = disk_serial(disk, sys_root)
         if not serial:
             raise InvalidArgument(f"{asked} is on disk {disk}, which has no serial: the host backs up "
                                   "only disks it gave a serial (hyperback vm enable)")

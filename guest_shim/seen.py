@@ -15,20 +15,12 @@ import time
 from collections.abc import Sequence
 
 from .errors import MountError
-from .freeze import disk_devices, parse_mountinfo
+from .freeze import disk_devices, disk_serial, parse_mountinfo, read_sysfs
 
 # tried in order: a snapshot of a mounted journalling file system needs its journal replayed,
 # which a read-only disk cannot take; "noload" (ext3/4) and "norecovery" (xfs) skip it
 MOUNT_OPTIONS = ("ro", "ro,noload", "ro,norecovery")
 _POLL = 0.1
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def disk_name(serial: str, sys_root: str = "/sys") -> str | None:
@@ -39,10 +31,7 @@ def disk_name(serial: str, sys_root: str = "/sys") -> str | None:
     except OSError:
         return None
     for name in names:
-        found = _read(os.path.join(block, name, "serial")) or _read(
-            os.path.join(block, name, "device", "serial")
-        )
-        if found == serial:
+        if disk_serial(name, sys_root) == serial:
             return name
     return None
 
@@ -80,9 +69,8 @@ def filesystem_device(
     partition number ``partition``."""
     parts = partitions(name, sys_root)
     if partition is not None:
-        wanted = [
-            p for p in parts if _read(os.path.join(sys_root, "block", name, p, "partition")) == str(partition)
-        ]
+        disk = os.path.join(sys_root, "block", name)
+        wanted = [p for p in parts if read_sysfs(os.path.join(disk, p, "partition")) == str(partition)]
         if not wanted:
             raise MountError(
                 f"disk {name} has no partition {partition} (it has: {', '.join(parts) or 'none'})"
