@@ -115,10 +115,14 @@ def test_a_guests_paths_come_back_bit_identical_through_files_and_through_the_gu
         touch -h -d '2021-02-03 04:05:06.123456789' {lib}/app/* {lib}/app/plugins/empty {conf}
         sync
         echo "BEFORE $({show} {lib} {conf})"
+        t0=$(date +%s%N)
         out=$({SHIM} backup --json --paths {lib} {conf}); echo "BACKUP $out"
+        echo "BACKUP-MS $(( ($(date +%s%N) - t0) / 1000000 ))"
         rm -rf {lib}/app && echo changed > {conf}
         mkdir /tmp/r
+        t0=$(date +%s%N)
         out=$({SHIM} restore-paths --json {lib} {conf} --to /tmp/r); echo "RESTORE $out"
+        echo "RESTORE-MS $(( ($(date +%s%N) - t0) / 1000000 ))"
         echo "AFTER $({show} /tmp/r{lib} /tmp/r{conf})"
         {SHIM} backup --json --paths /proc/version > /dev/null; echo "PROC $?"
     """
@@ -148,3 +152,7 @@ def test_a_guests_paths_come_back_bit_identical_through_files_and_through_the_gu
     assert line_json(console, "AFTER") == before
     assert re.search(r"^PROC 2$", console, re.M), console[-2000:]
     assert agent.call(lambda: list(agent.agent.snapshot_disks.leases)) == []
+    timings = dict(re.findall(r"^(BACKUP|RESTORE)-MS (\d+)$", console, re.M))
+    print(f"guest-timed: backup of paths {timings.get('BACKUP')} ms (view, appliance, archive, commit), "
+          f"restore-paths {timings.get('RESTORE')} ms (see, hotplug, read, release); snapshot {snap.size} "
+          f"bytes, {len(before)} entries")
