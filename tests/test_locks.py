@@ -136,3 +136,37 @@ def test_the_gc_lock_excludes_and_a_dead_collectors_is_taken_over(repo: Reposito
          "time": time.time()}))
     collect_garbage(repo)
     assert files_in(repo.path / "locks") == set()
+
+
+@pytest.mark.root
+def test_on_a_file_system_without_hard_links_the_gc_lock_still_excludes(tmp_path: Path) -> None:
+    from system_helpers import attach_loop, detach_loop, unmount
+
+    from host_agent import errors
+    from host_agent.storage.locks import GC_LOCK
+
+    backing = tmp_path / "exfat.img"  # a USB stick as it comes: exFAT (through FUSE), no hard links
+    with open(backing, "wb") as f:
+        f.truncate(64 * MIB)
+    subprocess.run(["mkfs.exfat", str(backing)], check=True, capture_output=True)
+    media = tmp_path / "usb"
+    media.mkdir()
+    device = attach_loop(backing)  # exfat-fuse mounts block devices only
+    subprocess.run(["mount.exfat-fuse", device, str(media)], check=True, capture_output=True)
+    try:
+        (media / "a").touch()
+        with pytest.raises(OSError):  # what the gc lock is otherwise claimed with
+            os.link(media / "a", media / "b")
+        repo = Repository.init(media / "repo")
+        repo.backup(write_random_image(tmp_path / "a.img", 2 * MIB, seed=1), "vm1/vda")
+        with Lock(repo.path / "locks", "gc", 0, GC_LOCK).acquire(exclusive=True):
+            (info,) = read_locks(repo.path / "locks")
+            assert info.readable and info.pid == os.getpid()
+            with pytest.raises(errors.RepositoryBusy):
+                Lock(repo.path / "locks", "gc", 0, GC_LOCK).acquire(exclusive=True)
+        repo.forget([s.id for s in repo.snapshots()])
+        assert collect_garbage(repo).packs_deleted == 1
+        assert files_in(repo.path / "locks") == set()
+    finally:
+        unmount(media)
+        detach_loop(device)

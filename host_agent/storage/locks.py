@@ -200,15 +200,12 @@ class Lock:
 
     def _publish(self, pending: Path, exclusive: bool) -> None:
         """Give the whole creation file the lock's name: a rename (names are random), or for the
-        exclusive lock a link, which fails if the name exists."""
+        exclusive lock a claim that fails if a live holder has the name (a stale one is taken over)."""
         if not exclusive:
             os.rename(pending, self.path)
             return
-        try:
-            os.link(pending, self.path)
+        if self._claim(pending):
             return
-        except FileExistsError:
-            pass
         holder = next((lk for lk in read_locks(self.path.parent) if lk.name == self.path.name), None)
         why = holder.stale_because() if holder is not None else "it is gone"
         if holder is not None and why is None:
@@ -217,11 +214,31 @@ class Lock:
                 "wait for it to finish")
         log.warning("taking over stale lock %s: %s", self.path, why)
         self.path.unlink(missing_ok=True)
+        if not self._claim(pending):
+            raise errors.RepositoryBusy(f"another process took {self.path} meanwhile; wait for it to finish")
+
+    def _claim(self, pending: Path) -> bool:
+        """Give the lock's name to the creation file unless the name exists: a hard link; on file
+        systems without hard links (FAT, exFAT), an exclusive create written in place, where a
+        kill in between leaves an unreadable lock (stale after UNREADABLE_GRACE)."""
         try:
             os.link(pending, self.path)
+            return True
         except FileExistsError:
-            raise errors.RepositoryBusy(f"another process took {self.path} meanwhile; wait for it to "
-                                        "finish") from None
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):  # ENOSYS: through FUSE
+                raise
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, pending.read_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
