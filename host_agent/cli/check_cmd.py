@@ -60,7 +60,7 @@ def _repair(repo: Repository, apply: bool, as_json: bool) -> int:
     verb = {"rebuild": "rebuilt", "trim": "cut down", "drop": "deleted"} if apply else \
         {"rebuild": "would rebuild", "trim": "would cut down", "drop": "would delete"}
     for fix in report.fixes:
-        removed = f", {len(fix.removed)} unreadable entr(ies) removed" if fix.removed else ""
+        removed = f", {len(fix.removed)} unreadable entries removed" if fix.removed else ""
         print(f"{verb[fix.action]} index {fix.pack} ({fix.reason}): {fix.entries} entries{removed}")
     for bad in report.lost:
         print(f"LOST chunk {bad.id} used by {', '.join(bad.snapshots)}")
