@@ -121,17 +121,14 @@ def _creation_file_gone(path: Path, now: float) -> str | None:
     try:
         host, pid, start = path.name[1:].split(".", 1)[1].rsplit(".", 2)
         return _gone(host, int(pid), None if start == "none" else start, path.stat().st_mtime, now)
-    except (ValueError, IndexError):
-        return None  # not named as hyperback names them: not ours to judge
-    except FileNotFoundError:
-        return None
+    except (ValueError, IndexError, FileNotFoundError):
+        return None  # not named as hyperback names them (not ours to judge), or gone meanwhile
 
 
-def clear_stale(locks_dir: Path) -> list[str]:
+def clear_stale(locks_dir: Path) -> None:
     """Delete stale locks and creation files (not ``gc``: a collector taking it over does), each
-    with a warning; return the warnings."""
+    with a warning: clearing is never silent."""
     now = time.time()
-    said = []
     stale = [(locks_dir / lk.name, f"stale lock {lk.name} of a {lk.kind}: {why}")
              for lk in read_locks(locks_dir) if lk.name != GC_LOCK and (why := lk.stale_because(now))]
     stale += [(path, f"unfinished lock {path.name} (killed while creating it): {why}")
@@ -143,8 +140,6 @@ def clear_stale(locks_dir: Path) -> list[str]:
             log.warning("cannot remove %s: %s", message, e.strerror)
             continue
         log.warning("removed %s", message)
-        said.append(f"removed {message}")
-    return said
 
 
 class Lock:
