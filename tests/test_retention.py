@@ -62,3 +62,10 @@ def test_a_kept_disk_snapshot_keeps_the_definition_it_names_though_its_own_rule_
     keep, remove = select([*definitions, nvram, *disks], KeepPolicy(last=1))
     assert ids(keep) == [20, 30, 21, 1]
     assert ids(remove) == []
+
+
+def test_a_protected_snapshot_is_kept_and_the_rules_still_count_every_snapshot() -> None:
+    snaps = [snap(i, T0 + timedelta(hours=i)) for i in range(5)]
+    keep, remove = select(snaps, KeepPolicy(last=2), protected={snaps[0].id, snaps[4].id})
+    assert ids(keep) == [0, 3, 4]  # the newest is protected and fills one of the two places too
+    assert ids(remove) == [1, 2]

@@ -46,6 +46,7 @@ from host_agent.agent.journal import new_job_id
 from host_agent.config import Schedule
 from host_agent.errors import HypervisorError
 from host_agent.model import Instruction, InstructionKind
+from host_agent.storage.annotations import Annotations
 from host_agent.storage.files import write_atomic
 from host_agent.storage.gc import collect_garbage
 from host_agent.storage.repository import Repository
@@ -309,7 +310,8 @@ class Scheduler:
             raise errors.UsageError(f"retention on {destination} runs on its media host")
         policy = KeepPolicy(schedule.keep_last, schedule.keep_daily, schedule.keep_weekly,
                             schedule.keep_monthly)
-        _, remove = select((s for s in repo.snapshots() if s.name in names), policy)
+        _, remove = select((s for s in repo.snapshots() if s.name in names), policy,
+                           Annotations(repo.path).protected_ids())
         if not remove:
             return []
         repo.forget([s.id for s in remove])

@@ -23,15 +23,18 @@ from host_agent.cli import (
     demo_cmd,
     export_cmd,
     files_cmd,
+    forget_cmd,
     init_cmd,
     instant_restore_cmd,
     job_cmd,
     list_cmd,
+    protect_cmd,
     prune_cmd,
     restore_cmd,
     restorevm_cmd,
     schedule_cmd,
     shim_cmd,
+    tag_cmd,
     units_cmd,
     verify_boot_cmd,
     verify_cmd,
@@ -39,8 +42,8 @@ from host_agent.cli import (
 )
 
 COMMANDS = (init_cmd, backup_cmd, restore_cmd, restorevm_cmd, instant_restore_cmd, export_cmd, files_cmd,
-            list_cmd, verify_cmd, verify_boot_cmd, check_cmd, prune_cmd, vm_cmd, job_cmd, schedule_cmd,
-            units_cmd, demo_cmd, shim_cmd)
+            list_cmd, tag_cmd, protect_cmd, forget_cmd, verify_cmd, verify_boot_cmd, check_cmd, prune_cmd,
+            vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

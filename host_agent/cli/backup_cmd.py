@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--changes", type=Path, metavar="FILE",
                    help="changed extents since the base snapshot, one 'OFFSET LENGTH' (bytes) per line; "
                         "only these are read (without it, everything is read and compared)")
+    p.add_argument("--label", action="append", default=[], metavar="LABEL",
+                   help="label the snapshot (repeatable; 'hyperback tag' changes labels later)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: cores)")
     p.add_argument("--json", action="store_true", help="print one JSON result for scripts")
     p.add_argument("source", metavar="SOURCE", help="image file or block device")
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     changes = parse_change_file(args.changes) if args.changes else None
     bar = bar_for(f"backup {args.name}", args.json)
     try:
-        result = repo.backup(args.source, args.name, Policy(args.policy), changes, bar, args.threads)
+        result = repo.backup(args.source, args.name, Policy(args.policy), changes, bar, args.threads,
+                             labels=args.label)
     finally:
         if bar:
             bar.close()

@@ -12,7 +12,8 @@ from host_agent.storage.repository import REPACK_THRESHOLD, Repository
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "prune", help="remove old snapshots and unreferenced data",
-        description="Keep the snapshots any --keep rule selects (per source name), forget the rest, "
+        description="Keep the snapshots any --keep rule selects (per source name) and the protected ones "
+                    "(hyperback protect), forget the rest, "
                     "then delete data no snapshot uses. Safe while backups run: data they may use "
                     "waits for the next prune.")
     p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
@@ -28,12 +29,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from host_agent.storage.annotations import Annotations
     from host_agent.storage.gc import collect_garbage
     from host_agent.storage.retention import KeepPolicy, select
 
     policy = KeepPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     repo = Repository.open(args.repo)
-    keep, remove = select(repo.snapshots(), policy)
+    keep, remove = select(repo.snapshots(), policy, Annotations(repo.path).protected_ids())
     if not args.dry_run:
         repo.forget([s.id for s in remove])
         gc = collect_garbage(repo, args.repack_threshold)

@@ -8,9 +8,16 @@ collector uses ``saw_gen`` to decide when the packs named by a tombstone may be
 deleted: only once no live lock has a ``saw_gen`` below the tombstone's
 generation (see docs/repository-format.md, "Garbage collection").
 
-A lock is stale when its process is gone (same host: no such pid, or a pid
-with another start time) or, for another host, when its heartbeat is older
-than ``STALE_AFTER`` seconds.
+A lock file appears whole: its document is written to a *creation file*
+``locks/.<id>.<host>.<pid>.<start>`` first, then linked (``gc``) or renamed to
+its name. So a process killed between creating and writing leaves a creation
+file whose name says whose it was, never a lock that nobody can judge.
+
+A lock is stale when its holder is gone (same host: no such pid, or a pid with
+another start time; another host: no heartbeat for ``STALE_AFTER`` seconds).
+A lock file that cannot be parsed was left half-written by a hyperback from
+before creation files; it is stale once ``UNREADABLE_GRACE`` old. Whoever takes
+a lock first clears the stale ones, saying so for each (format section 7).
 """
 from __future__ import annotations
 
@@ -29,7 +36,14 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = 60.0
 STALE_AFTER = 30 * 60.0
+# A process of an older hyperback creates its lock file, then writes it: an empty file younger
+# than this may be one being written this instant.
+UNREADABLE_GRACE = 60.0
 GC_LOCK = "gc"
+
+
+def _host() -> str:
+    return os.uname().nodename
 
 
 def _process_start(pid: int) -> str | None:
@@ -38,6 +52,18 @@ def _process_start(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _gone(host: str, pid: int, start: str | None, mtime: float, now: float) -> str | None:
+    """Why the holder ``pid`` of ``host`` is gone, or None while it may live."""
+    if host == _host():
+        if _process_start(pid) != start:
+            return f"pid {pid} on {host} is gone"
+        return None
+    if now - mtime > STALE_AFTER:
+        return f"no heartbeat from {host} for {(now - mtime) / 60:.0f} minutes (the limit is " \
+               f"{STALE_AFTER / 60:.0f})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -49,29 +75,71 @@ class LockInfo:
     start: str | None
     saw_gen: int
     mtime: float
+    readable: bool = True  # False: empty or cut short, left by a process killed while writing it
+
+    def stale_because(self, now: float | None = None) -> str | None:
+        """Why the lock is stale, or None while its holder may be at work."""
+        now = now or time.time()
+        if not self.readable:
+            age = now - self.mtime
+            return None if age <= UNREADABLE_GRACE else (
+                f"it cannot be read ({age:.0f} s old): its process was killed while writing it")
+        return _gone(self.host, self.pid, self.start, self.mtime, now)
 
     def is_stale(self, now: float | None = None) -> bool:
-        if self.host == os.uname().nodename:
-            return _process_start(self.pid) != self.start
-        return (now or time.time()) - self.mtime > STALE_AFTER
+        return self.stale_because(now) is not None
 
 
 def read_locks(locks_dir: Path) -> list[LockInfo]:
-    """Every lock file, unreadable ones (being written) treated as live and old."""
+    """Every lock file; unreadable ones live (saw_gen -1: older than any tombstone) until their
+    grace has passed."""
     out = []
     for path in sorted(locks_dir.iterdir()):
-        if path.name.startswith("."):
+        if path.name.startswith("."):  # a creation file: not a lock yet
+            continue
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:  # released since listed
             continue
         try:
             doc = json.loads(path.read_text())
-            mtime = path.stat().st_mtime
             out.append(LockInfo(path.name, str(doc["kind"]), str(doc["host"]), int(doc["pid"]),
                                 doc.get("start"), int(doc["saw_gen"]), mtime))
         except FileNotFoundError:
             continue
         except (OSError, ValueError, KeyError, TypeError):
-            out.append(LockInfo(path.name, "unknown", "", 0, None, -1, time.time()))
+            out.append(LockInfo(path.name, "unknown", "", 0, None, -1, mtime, readable=False))
     return out
+
+
+def _creation_file(locks_dir: Path, name: str, pid: int, start: str | None) -> Path:
+    return locks_dir / f".{name}.{_host()}.{pid}.{start or 'none'}"
+
+
+def _creation_file_gone(path: Path, now: float) -> str | None:
+    """Why the process that was creating lock ``path`` (a creation file) is gone, or None."""
+    try:
+        host, pid, start = path.name[1:].split(".", 1)[1].rsplit(".", 2)
+        return _gone(host, int(pid), None if start == "none" else start, path.stat().st_mtime, now)
+    except (ValueError, IndexError, FileNotFoundError):
+        return None  # not named as hyperback names them (not ours to judge), or gone meanwhile
+
+
+def clear_stale(locks_dir: Path) -> None:
+    """Delete stale locks and creation files (not ``gc``: a collector taking it over does), each
+    with a warning: clearing is never silent."""
+    now = time.time()
+    stale = [(locks_dir / lk.name, f"stale lock {lk.name} of a {lk.kind}: {why}")
+             for lk in read_locks(locks_dir) if lk.name != GC_LOCK and (why := lk.stale_because(now))]
+    stale += [(path, f"unfinished lock {path.name} (killed while creating it): {why}")
+              for path in sorted(locks_dir.glob(".*")) if (why := _creation_file_gone(path, now))]
+    for path, message in stale:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot remove %s: %s", message, e.strerror)
+            continue
+        log.warning("removed %s", message)
 
 
 class Lock:
@@ -91,40 +159,81 @@ class Lock:
                            "time": time.time()}).encode()
 
     def acquire(self, exclusive: bool = False) -> Lock:
-        """Create the lock file; with exclusive, fail if a live holder has it (a stale one is taken over)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        """Create the lock file whole, after clearing stale ones; with exclusive, fail if a live
+        holder has it (a stale one is taken over)."""
+        clear_stale(self.path.parent)
+        pending = self._write_creation_file()
         try:
-            fd = os.open(self.path, flags, 0o644)
-        except FileExistsError:
-            if not exclusive:
-                raise
-            holder = next((lk for lk in read_locks(self.path.parent) if lk.name == self.path.name), None)
-            if holder is not None and not holder.is_stale():
-                raise errors.RepositoryBusy(
-                    f"another {holder.kind} (pid {holder.pid} on {holder.host}) holds {self.path}; "
-                    "wait for it to finish") from None
-            log.warning("taking over stale lock %s", self.path)
-            self.path.unlink(missing_ok=True)
-            fd = os.open(self.path, flags, 0o644)
+            self._publish(pending, exclusive)
         except OSError as e:
             raise errors.RepositoryIOError(f"cannot create lock {self.path}: {e.strerror}") from e
+        finally:
+            pending.unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._beat, name=f"lock-{self.kind}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _write_creation_file(self) -> Path:
+        pid = os.getpid()
+        path = _creation_file(self.path.parent, self.path.name, pid, _process_start(pid))
         try:
-            doc = self._document()
-            if os.write(fd, doc) != len(doc):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                doc = self._document()
+                if os.write(fd, doc) != len(doc):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
-            # An empty or partial lock file would read as live forever and block every sweep.
-            os.close(fd)
-            self.path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise errors.RepositoryFull(f"the backup media is full writing lock {self.path.name}: "
                                             "free space or prune, then run again") from e
             raise errors.RepositoryIOError(f"cannot write lock {self.path}: {e.strerror}") from e
-        os.close(fd)
-        self._thread = threading.Thread(target=self._beat, name=f"lock-{self.kind}", daemon=True)
-        self._thread.start()
-        return self
+        return path
+
+    def _publish(self, pending: Path, exclusive: bool) -> None:
+        """Give the whole creation file the lock's name: a rename (names are random), or for the
+        exclusive lock a claim that fails if a live holder has the name (a stale one is taken over)."""
+        if not exclusive:
+            os.rename(pending, self.path)
+            return
+        if self._claim(pending):
+            return
+        holder = next((lk for lk in read_locks(self.path.parent) if lk.name == self.path.name), None)
+        why = holder.stale_because() if holder is not None else "it is gone"
+        if holder is not None and why is None:
+            raise errors.RepositoryBusy(
+                f"another {holder.kind} (pid {holder.pid} on {holder.host}) holds {self.path}; "
+                "wait for it to finish")
+        log.warning("taking over stale lock %s: %s", self.path, why)
+        self.path.unlink(missing_ok=True)
+        if not self._claim(pending):
+            raise errors.RepositoryBusy(f"another process took {self.path} meanwhile; wait for it to finish")
+
+    def _claim(self, pending: Path) -> bool:
+        """Give the lock's name to the creation file unless the name exists: a hard link; on file
+        systems without hard links (FAT, exFAT), an exclusive create written in place, where a
+        kill in between leaves an unreadable lock (stale after UNREADABLE_GRACE)."""
+        try:
+            os.link(pending, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):  # ENOSYS: through FUSE
+                raise
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, pending.read_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):

@@ -32,6 +32,7 @@ from typing import Any
 from host_agent import errors
 from host_agent.model import ChangeDetection, Policy
 from host_agent.storage import copier
+from host_agent.storage.annotations import Annotations, check_labels
 from host_agent.storage.cancel import CancelToken
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
@@ -288,13 +289,20 @@ class Repository:
                      self._dir("tmp"))
 
     def forget(self, snapshot_ids: Sequence[str]) -> None:
-        """Delete snapshot documents (their data goes at the next garbage collection)."""
+        """Delete snapshot documents (their data goes at the next garbage collection); a protected
+        one is refused, its protection read just before (docs/repository-format.md, 5.5)."""
+        notes = Annotations(self.path)
         for sid in snapshot_ids:
             if not SNAPSHOT_ID.fullmatch(sid):
                 raise errors.UsageError(f"{sid!r} is not a snapshot id")
+            if notes.protected(sid):
+                raise errors.UsageError(f"snapshot {sid} is protected; 'hyperback unprotect --repo "
+                                        f"{self.path} {sid}' first if it really must go")
+        for sid in snapshot_ids:
             (self._dir("snapshots") / sid).unlink(missing_ok=True)
         fsync_dir(self._dir("snapshots"))
         self._forget_verifications(snapshot_ids)
+        notes.remove(snapshot_ids)
 
     # ---------- boot verification records (docs/repository-format.md, 5.4) ----------
 
@@ -361,7 +369,8 @@ class Repository:
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
                checkpoint: str | None = None, cancel: CancelToken | None = None,
-               files: FilesRef | None = None, vm: VmRef | None = None) -> BackupResult:
+               files: FilesRef | None = None, vm: VmRef | None = None,
+               labels: Sequence[str] = ()) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -372,7 +381,8 @@ class Repository:
         taken from ``base``. ``checkpoint`` names the hypervisor checkpoint taken at the
         instant the source shows, which the snapshot records for the next backup to start from.
         ``cancel`` stops it: nothing is published unless it comes after the commit. ``vm`` ties
-        the snapshot to its domain's stored definition (docs/repository-format.md, 5.3).
+        the snapshot to its domain's stored definition (docs/repository-format.md, 5.3); ``labels``
+        are committed with it (5.5).
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
@@ -380,6 +390,7 @@ class Repository:
                 "'.', '_', '-' (64 at most, not starting with a punctuation mark), e.g. vm1/vda")
         policy = Policy(policy)
         self.check_vm(vm)
+        labels = check_labels(labels)
         threads = threads or os.cpu_count() or 1
         started = time.monotonic()
         notes: list[str] = []
@@ -410,7 +421,7 @@ class Repository:
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats, checkpoint, files, vm)
+                                detection, stats, checkpoint, files, vm, labels)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:

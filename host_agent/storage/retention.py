@@ -3,14 +3,16 @@
 Rules follow restic's and borg's: ``keep_last`` keeps the N newest snapshots;
 ``keep_daily`` the newest snapshot of each of the N newest days that have one,
 likewise ``keep_weekly`` (ISO weeks) and ``keep_monthly``. A snapshot is kept
-if any rule keeps it. Rules apply to each source name on its own; a kept disk snapshot also
-keeps the snapshots of its domain's definition that its ``vm`` field names. Every
+if any rule keeps it, or if it is protected (docs/repository-format.md, 5.5: the rules still
+apply to all snapshots, so a protected one among the newest fills a ``keep_last`` place too). Rules
+apply to each source name on its own; a kept disk snapshot also keeps the snapshots of its domain's
+definition that its ``vm`` field names. Every
 snapshot restores on its own (its map is complete), so removing any of them
 never breaks another.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -55,12 +57,13 @@ def _newest_per_period(snaps: Sequence[Snapshot], count: int,
     return kept
 
 
-def select(snapshots: Iterable[Snapshot], policy: KeepPolicy) -> tuple[list[Snapshot], list[Snapshot]]:
-    """Split snapshots into (keep, remove), each oldest first."""
+def select(snapshots: Iterable[Snapshot], policy: KeepPolicy,
+           protected: Collection[str] = ()) -> tuple[list[Snapshot], list[Snapshot]]:
+    """Split snapshots into (keep, remove), each oldest first; the ``protected`` ids are kept."""
     by_name: dict[str, list[Snapshot]] = {}
     for snap in snapshots:
         by_name.setdefault(snap.name, []).append(snap)
-    keep_ids: set[str] = set()
+    keep_ids = {s.id for snaps in by_name.values() for s in snaps if s.id in protected}
     for snaps in by_name.values():
         newest_first = sorted(snaps, key=lambda s: s.time, reverse=True)
         keep_ids.update(s.id for s in newest_first[:policy.last])

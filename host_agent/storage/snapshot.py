@@ -126,6 +126,7 @@ class Snapshot:
     checkpoint: str | None = None   # the hypervisor checkpoint taken with it: where the next one starts
     files: FilesRef | None = None   # a file-level snapshot: what its image holds
     vm: VmRef | None = None         # a disk of a domain: the domain's definition stored with it
+    labels: tuple[str, ...] = ()    # given at backup; an annotation record replaces them (format 5.5)
 
     def to_json(self) -> dict[str, Any]:
         doc = {
@@ -139,6 +140,8 @@ class Snapshot:
         }
         if self.files is not None:  # only file-level snapshots carry it: image documents are as before
             doc["files"] = self.files.to_json()
+        if self.labels:  # absent when none: documents without labels are as before
+            doc["labels"] = list(self.labels)
         return doc
 
     @classmethod
@@ -154,7 +157,8 @@ class Snapshot:
             stats=SnapshotStats(**doc["stats"]),
             checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]),
             files=FilesRef.from_json(doc["files"]) if doc.get("files") else None,
-            vm=VmRef.from_json(doc["vm"]) if doc.get("vm") else None)
+            vm=VmRef.from_json(doc["vm"]) if doc.get("vm") else None,
+            labels=tuple(map(str, doc.get("labels", ()))))
 
 
 def _legacy_checkpoint(source: str) -> str | None:
