@@ -1,0 +1,322 @@
+"""Copying snapshots from one repository into another (``hyperback copy``; docs/repository-format.md,
+section 6.2).
+
+Each snapshot goes over with every blob its tree reaches that the target lacks, and nothing else:
+the copier walks the tree in the source, asks the target which of the ids it lacks, reads those
+(the native reader checks each one against its id: damage is never copied), and stores them in the
+target through its native writer, which hashes them again. Then the snapshot's document, unchanged
+(same id), is committed. The target's write order is the format's: packs, then their indexes, then
+the document; so a copy killed at any moment leaves the target valid, and a rerun sends only what is
+still missing (the packs published before the kill are indexed) and skips snapshots already there.
+
+A target is anything with the small interface of :class:`CopyTarget`: a local repository
+(:class:`LocalTarget`, here) or a media service (``host_agent.media.copies``), so this module knows
+nothing of the network.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from host_agent import errors
+from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
+from host_agent.storage.maptree import TreeReader
+from host_agent.storage.repository import ProgressFn, RepoConfig, Repository
+from host_agent.storage.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 256  # chunks read from the source per native call (8 MiB of 32 KiB chunks)
+
+
+class SnapshotWriter(Protocol):
+    """Where one snapshot's blobs go, then its document."""
+
+    def missing(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Those of ``ids`` the target lacks (or holds only in packs garbage collection will delete)."""
+
+    def store(self, data: bytes, blob_type: int) -> bytes:
+        """Store one blob; return its id (the SHA-256 of ``data``)."""
+
+    def commit(self, snap: Snapshot) -> None:
+        """Make every blob stored durable and indexed, then commit the document: the snapshot exists."""
+
+
+class CopyTarget(Protocol):
+    """A repository snapshots are copied into."""
+
+    config: RepoConfig
+
+    def snapshots(self, name: str | None = None) -> list[Snapshot]: ...
+
+    def writer(self, snap: Snapshot) -> AbstractContextManager[SnapshotWriter]:
+        """A writer for ``snap`` (under the target's writer lock): what it stored and did not
+        commit is garbage once the context ends."""
+
+
+class LocalTarget:
+    """A repository on this host: one writer session (lock and index) for the whole copy."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.config = repo.config
+        self._native: NativeRepository | None = None
+
+    def __str__(self) -> str:
+        return str(self.repo.path)
+
+    def snapshots(self, name: str | None = None) -> list[Snapshot]:
+        return self.repo.snapshots(name)
+
+    @contextmanager
+    def session(self) -> Iterator[LocalTarget]:
+        """Hold the target's writer lock while copying (taken before its indexes are read)."""
+        with self.repo.session("copy", writer=True) as native:
+            self._native = native
+            try:
+                yield self
+            finally:
+                self._native = None
+
+    @contextmanager
+    def writer(self, snap: Snapshot) -> Iterator[SnapshotWriter]:
+        if self._native is None:
+            raise errors.HyperbackError("LocalTarget.writer outside its session")
+        yield _LocalWriter(self.repo, self._native)
+
+
+class _LocalWriter:
+    def __init__(self, repo: Repository, native: NativeRepository) -> None:
+        self._repo, self._native = repo, native
+
+    def missing(self, ids: Sequence[bytes]) -> set[bytes]:
+        return {cid for cid in ids if cid not in self._native}
+
+    def store(self, data: bytes, blob_type: int) -> bytes:
+        return self._native.store_blob(data, blob_type)[0]
+
+    def commit(self, snap: Snapshot) -> None:
+        self._native.flush()
+        self._repo.commit_copy(snap)
+
+
+# ---------- what to copy ----------
+
+def select(source: Repository, specs: Sequence[str], name: str | None, latest: bool) -> list[Snapshot]:
+    """The snapshots a selection names, with the snapshots their ``vm`` fields name (a domain's
+    definition, NVRAM and TPM files) before them, each once, in the order to copy them."""
+    if specs and (name or latest):
+        raise errors.UsageError("give snapshots, or --name/--latest, not both")
+    if specs:
+        chosen = [source.resolve(spec) for spec in specs]
+    else:
+        chosen = source.snapshots(name)
+        if name and not chosen:
+            raise errors.SnapshotNotFound(f"no snapshot of {name!r} in {source.path}; "
+                                          f"'hyperback list --repo {source.path}' shows them")
+        if latest:
+            newest = {s.name: s for s in chosen}  # oldest first: the last one of each name wins
+            chosen = sorted(newest.values(), key=lambda s: (s.time, s.id))
+    by_id = {s.id: s for s in source.snapshots()}
+    named: dict[str, Snapshot] = {}
+    for snap in chosen:
+        for sid in _vm_snapshots(snap):
+            if sid in by_id:
+                named[sid] = by_id[sid]
+    rest = [s for s in chosen if s.id not in named]
+    ordered = sorted(named.values(), key=lambda s: (s.time, s.id)) + rest
+    return list({s.id: s for s in ordered}.values())
+
+
+def _vm_snapshots(snap: Snapshot) -> list[str]:
+    return [] if snap.vm is None else [snap.vm.definition, *(f.snapshot for f in snap.vm.files)]
+
+
+# ---------- the copy ----------
+
+@dataclass
+class CopySummary:
+    """What a copy did. Bytes are raw (decompressed) blob bytes: data chunks and tree pages."""
+
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # snapshot id: why
+    chunks_sent: int = 0
+    bytes_sent: int = 0
+    chunks_present: int = 0
+    bytes_present: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_json(self) -> dict[str, object]:
+        return {"copied": self.copied, "skipped": self.skipped, "failed": self.failed,
+                "chunks_sent": self.chunks_sent, "bytes_sent": self.bytes_sent,
+                "chunks_present": self.chunks_present, "bytes_present": self.bytes_present,
+                "seconds": self.seconds, "ok": self.ok}
+
+
+Report = Callable[[str], None]
+"""Called with one line per snapshot: copied, skipped or failed."""
+
+
+def check_compatible(source: RepoConfig, target: RepoConfig) -> None:
+    if source.repo_id == target.repo_id:
+        raise errors.UsageError("--from and --to are the same repository: nothing to copy")
+    if source.chunk_size != target.chunk_size:
+        raise errors.UsageError(
+            f"the source's chunk size is {source.chunk_size} bytes, the target's {target.chunk_size}: a "
+            "copy keeps chunks as they are, so copy into a repository made with "
+            f"'hyperback init --chunk-size {source.chunk_size}'")
+
+
+def copy_snapshots(source: Repository, target: CopyTarget, snaps: Sequence[Snapshot],
+                   report: Report, progress: ProgressFn | None = None,
+                   threads: int | None = None) -> CopySummary:
+    """Copy ``snaps`` (in order) from ``source`` into ``target``; the caller holds the target's
+    session. A snapshot that cannot be copied whole (a damaged or missing blob in the source, a
+    domain definition the target lacks) is reported, left out, and the others go on."""
+    check_compatible(source.config, target.config)
+    summary = CopySummary()
+    present = {s.id: s for s in target.snapshots()}
+    ticker = _Ticker(progress, sum(s.size for s in snaps))
+    with source.session("copy-source", writer=False) as native:
+        copier = _SnapshotCopier(native, summary, threads or os.cpu_count() or 1)
+        for snap in snaps:
+            if snap.id in present:
+                _skip(snap, present[snap.id], summary, report)
+            else:
+                why = _copy_one(copier, target, snap, present, ticker)
+                if why is None:
+                    summary.copied.append(snap.id)
+                    present[snap.id] = snap
+                    report(f"copied {snap.id} {snap.name}")
+                else:
+                    summary.failed[snap.id] = why
+                    report(f"FAILED {snap.id} {snap.name}: {why}")
+            ticker.next_snapshot(snap.size)
+    return summary
+
+
+def _copy_one(copier: _SnapshotCopier, target: CopyTarget, snap: Snapshot, present: dict[str, Snapshot],
+              ticker: _Ticker) -> str | None:
+    """Copy one snapshot; None if it is committed, else why not (nothing of it is committed)."""
+    lacking = [sid for sid in _vm_snapshots(snap) if sid not in present]
+    if lacking:
+        return (f"the domain definition it names ({', '.join(lacking)}) is neither in the source nor in "
+                "the target")
+    try:
+        with target.writer(snap) as writer:
+            copier.copy(snap, writer, ticker.within)
+    except errors.IntegrityError as e:
+        return f"{e}; the snapshot was not committed in the target"
+    return None
+
+
+class _Ticker:
+    """Progress over every selected snapshot's image bytes."""
+
+    def __init__(self, fn: ProgressFn | None, total: int) -> None:
+        self._fn, self._total, self._done = fn, total, 0
+
+    def within(self, done: int) -> None:
+        """``done`` bytes into the snapshot being copied."""
+        if self._fn is not None:
+            self._fn(self._done + done, self._total)
+
+    def next_snapshot(self, size: int) -> None:
+        self._done += size
+        self.within(0)
+
+
+def _skip(snap: Snapshot, there: Snapshot, summary: CopySummary, report: Report) -> None:
+    if (there.name, there.tree, there.size) != (snap.name, snap.tree, snap.size):
+        summary.failed[snap.id] = "the target holds another snapshot under this id"
+        report(f"FAILED {snap.id} {snap.name}: {summary.failed[snap.id]}")
+        return
+    summary.skipped.append(snap.id)
+    report(f"skipped {snap.id} {snap.name}: already in the target")
+
+
+class _SnapshotCopier:
+    """Walks snapshots' trees in the source and stores what the target lacks. Ids seen in this run
+    are remembered, so a blob shared by several snapshots crosses once; those of a snapshot that
+    failed are forgotten, as a target may drop what it stored for it."""
+
+    def __init__(self, native: NativeRepository, summary: CopySummary, threads: int) -> None:
+        self._native, self._summary, self._threads = native, summary, threads
+        self._seen: set[bytes] = set()  # of committed snapshots
+        self._pending: set[bytes] = set()  # of the snapshot being copied
+
+    def copy(self, snap: Snapshot, writer: SnapshotWriter, progress: Callable[[int], None]) -> None:
+        """Store the snapshot's blobs the target lacks and commit it."""
+        self._pending = set()
+        self._copy_blobs(snap, writer, progress)
+        writer.commit(snap)
+        self._seen |= self._pending
+
+    def _copy_blobs(self, snap: Snapshot, writer: SnapshotWriter, progress: Callable[[int], None]) -> None:
+        reader = TreeReader(self._native, snap.tree)
+        cs = snap.chunk_size
+        pages = list(reader.pages())  # each one read and verified on the way
+        self._send_pages(pages, reader, writer)
+        chunk = 0
+        for leaf in reader.chunk_ids():
+            ids = [leaf[i:i + ID_LEN] for i in range(0, len(leaf), ID_LEN)]
+            last = chunk + len(ids) == snap.tree.entries and snap.size % cs
+            self._send_chunks(ids, writer, short_last=bool(last), last_len=snap.size % cs)
+            chunk += len(ids)
+            progress(min(chunk * cs, snap.size))
+        if chunk != snap.tree.entries:
+            raise errors.CorruptChunk(f"snapshot {snap.id}'s tree holds {chunk} chunks, not "
+                                      f"{snap.tree.entries}")
+
+    def _new(self, ids: Sequence[bytes], writer: SnapshotWriter,
+             length: Callable[[bytes], int]) -> list[bytes]:
+        """Those of ``ids`` to send: not zero, not sent in this run, lacking in the target; the
+        others count as present."""
+        fresh = list(dict.fromkeys(cid for cid in ids if cid != ZERO_ID and cid not in self._seen
+                                   and cid not in self._pending))
+        lacking = writer.missing(fresh) if fresh else set()
+        for cid in fresh:
+            self._pending.add(cid)
+            if cid not in lacking:
+                self._summary.chunks_present += 1
+                self._summary.bytes_present += length(cid)
+        return [cid for cid in fresh if cid in lacking]
+
+    def _send_pages(self, pages: list[bytes], reader: TreeReader, writer: SnapshotWriter) -> None:
+        contents: dict[bytes, bytes] = {}
+
+        def length(pid: bytes) -> int:
+            contents.setdefault(pid, reader.leaf(pid))
+            return len(contents[pid])
+
+        for pid in self._new(pages, writer, length):
+            self._put(contents.pop(pid) if pid in contents else reader.leaf(pid), pid, BLOB_TREE, writer)
+
+    def _send_chunks(self, ids: list[bytes], writer: SnapshotWriter, short_last: bool, last_len: int) -> None:
+        cs = self._native.chunk_size
+        short = ids[-1] if short_last else None
+        send = self._new(ids, writer, lambda cid: last_len if cid == short else cs)
+        whole = [cid for cid in send if cid != short]
+        for at in range(0, len(whole), READ_BATCH):
+            batch = whole[at:at + READ_BATCH]
+            data = self._native.read_segment(0, len(batch) * cs, b"".join(batch), self._threads)
+            for i, cid in enumerate(batch):
+                self._put(data[i * cs:(i + 1) * cs], cid, BLOB_DATA, writer)
+        if short is not None and short in send:
+            self._put(self._native.read_blob(short), short, BLOB_DATA, writer)
+
+    def _put(self, data: bytes, blob_id: bytes, blob_type: int, writer: SnapshotWriter) -> None:
+        # the source's reader checked the bytes against the id; the target's writer hashes them again
+        if writer.store(data, blob_type) != blob_id:
+            raise errors.CorruptChunk(f"blob {blob_id.hex()} changed on its way to the target", blob_id.hex())
+        self._summary.chunks_sent += 1
+        self._summary.bytes_sent += len(data)
