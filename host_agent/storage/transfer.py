@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,7 +31,7 @@ from host_agent.storage.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-READ_BATCH = 256  # chunks read from the source per native call (8 MiB of 32 KiB chunks)
+READ_BATCH = 256  # chunks read from the source per native call (8 MiB of 32 KiB chunks), two in memory
 
 
 class SnapshotWriter(Protocol):
@@ -264,15 +265,21 @@ class _SnapshotCopier:
     def _copy_blobs(self, snap: Snapshot, writer: SnapshotWriter, progress: Callable[[int], None]) -> None:
         reader = TreeReader(self._native, snap.tree)
         cs = snap.chunk_size
-        pages = list(reader.pages())  # each one read and verified on the way
-        self._send_pages(pages, reader, writer)
+        short = snap.size % cs  # the length of the image's last chunk, if it is short
+        self._send_pages(list(reader.pages()), reader, writer)  # interior pages read and verified here
         chunk = 0
-        for leaf in reader.chunk_ids():
-            ids = [leaf[i:i + ID_LEN] for i in range(0, len(leaf), ID_LEN)]
-            last = chunk + len(ids) == snap.tree.entries and snap.size % cs
-            self._send_chunks(ids, writer, short_last=bool(last), last_len=snap.size % cs)
-            chunk += len(ids)
-            progress(min(chunk * cs, snap.size))
+        with _Reads(self._native, self._threads, lambda data, cid: self._put(data, cid, BLOB_DATA, writer)) \
+                as reads:
+            for leaf in reader.chunk_ids():
+                ids = [leaf[i:i + ID_LEN] for i in range(0, len(leaf), ID_LEN)]
+                last = ids[-1] if short and chunk + len(ids) == snap.tree.entries else None
+                for cid in self._new(ids, writer, _lengths(cs, last, short)):
+                    if cid == last:
+                        self._put(self._native.read_blob(cid), cid, BLOB_DATA, writer)
+                    else:
+                        reads.add(cid)
+                chunk += len(ids)
+                progress(min(chunk * cs, snap.size))
         if chunk != snap.tree.entries:
             raise errors.CorruptChunk(f"snapshot {snap.id}'s tree holds {chunk} chunks, not "
                                       f"{snap.tree.entries}")
@@ -301,22 +308,62 @@ class _SnapshotCopier:
         for pid in self._new(pages, writer, length):
             self._put(contents.pop(pid) if pid in contents else reader.leaf(pid), pid, BLOB_TREE, writer)
 
-    def _send_chunks(self, ids: list[bytes], writer: SnapshotWriter, short_last: bool, last_len: int) -> None:
-        cs = self._native.chunk_size
-        short = ids[-1] if short_last else None
-        send = self._new(ids, writer, lambda cid: last_len if cid == short else cs)
-        whole = [cid for cid in send if cid != short]
-        for at in range(0, len(whole), READ_BATCH):
-            batch = whole[at:at + READ_BATCH]
-            data = self._native.read_segment(0, len(batch) * cs, b"".join(batch), self._threads)
-            for i, cid in enumerate(batch):
-                self._put(data[i * cs:(i + 1) * cs], cid, BLOB_DATA, writer)
-        if short is not None and short in send:
-            self._put(self._native.read_blob(short), short, BLOB_DATA, writer)
-
     def _put(self, data: bytes, blob_id: bytes, blob_type: int, writer: SnapshotWriter) -> None:
         # the source's reader checked the bytes against the id; the target's writer hashes them again
         if writer.store(data, blob_type) != blob_id:
             raise errors.CorruptChunk(f"blob {blob_id.hex()} changed on its way to the target", blob_id.hex())
         self._summary.chunks_sent += 1
         self._summary.bytes_sent += len(data)
+
+
+def _lengths(chunk_size: int, last: bytes | None, last_len: int) -> Callable[[bytes], int]:
+    """The length of a chunk by its id: the chunk size, or ``last_len`` for the image's last one."""
+    return lambda cid: last_len if cid == last else chunk_size
+
+
+class _Reads:
+    """Reads whole chunks from the source in batches, each batch by the native reader's threads
+    (which check every chunk against its id) while the previous one is being stored: reading and
+    storing overlap. ``store`` is called with each chunk's bytes and id, in order, in the caller's
+    thread."""
+
+    def __init__(self, native: NativeRepository, threads: int, store: Callable[[bytes, bytes], None]) -> None:
+        self._native, self._threads, self._store = native, threads, store
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="copy-read")
+        self._queue: list[bytes] = []
+        self._ahead: tuple[list[bytes], Future[bytes]] | None = None
+
+    def __enter__(self) -> _Reads:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if kind is None:
+                self._submit()
+                self._settle()
+        finally:
+            # a read in flight uses the source's native handle: it must end before the handle does
+            self._pool.shutdown(wait=True)
+
+    def add(self, chunk_id: bytes) -> None:
+        self._queue.append(chunk_id)
+        if len(self._queue) >= READ_BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        batch, self._queue = self._queue, []
+        cs = self._native.chunk_size
+        future = self._pool.submit(self._native.read_segment, 0, len(batch) * cs, b"".join(batch),
+                                   self._threads) if batch else None
+        self._settle()
+        if future is not None:
+            self._ahead = (batch, future)
+
+    def _settle(self) -> None:
+        if self._ahead is None:
+            return
+        (batch, future), self._ahead = self._ahead, None
+        data = future.result()
+        cs = self._native.chunk_size
+        for i, cid in enumerate(batch):
+            self._store(data[i * cs:(i + 1) * cs], cid)
