@@ -5,11 +5,11 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from host_agent import errors
-from host_agent.cli.progress import bar_for, human
+from host_agent.cli.progress import Bar, bar_for, human
 from host_agent.media.copies import MEDIA_SCHEME, MediaTarget
 from host_agent.storage.repository import Repository
 from host_agent.storage.transfer import CopySummary, CopyTarget, LocalTarget, copy_snapshots, select
@@ -56,10 +56,9 @@ def run(args: argparse.Namespace) -> int:
     source = Repository.open(args.source)
     snaps = select(source, args.snapshots, args.name, args.latest)
     bar = bar_for("copy", args.json)
-    report = (lambda line: None) if args.json else print
     try:
         with _target(args.target) as target:
-            summary = copy_snapshots(source, target, snaps, lambda line: report(line), bar, args.threads)
+            summary = copy_snapshots(source, target, snaps, _reporter(bar, args.json), bar, args.threads)
     finally:
         if bar:
             bar.close()
@@ -71,9 +70,15 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else errors.IntegrityError.exit_code
 
 
+def _reporter(bar: Bar | None, quiet: bool) -> Callable[[str], None]:
+    """Each snapshot's outcome on stderr, as progress (the JSON summary says it all for scripts)."""
+    def report(line: str) -> None:
+        if not quiet:
+            print(("\r" if bar else "") + line, file=sys.stderr)
+    return report
+
+
 def _print_summary(s: CopySummary) -> None:
     print(f"{len(s.copied)} snapshot(s) copied, {len(s.skipped)} skipped (already there), "
           f"{len(s.failed)} failed; sent {s.chunks_sent} chunk(s), {human(s.bytes_sent)}; "
           f"{s.chunks_present} chunk(s), {human(s.bytes_present)} already present; {s.seconds:.2f}s")
-    if s.failed:
-        print("some snapshots were not copied: see the FAILED lines above", file=sys.stderr)
