@@ -17,13 +17,17 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
 from checkpoints import Checkpoints, Moment, opened
 from conftest import MIB, mutate, sha256_file, write_image
 from system_helpers import index_files, snapshot_ids, start_cli
 
 from host_agent import errors
+from host_agent._proto.hyperback.v1 import media_pb2 as pb
+from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
 from host_agent.media.copies import MediaTarget
+from host_agent.protobuf import policy_to_pb
 from host_agent.storage.packfile import RECORD_HEADER, IndexEntry, read_index
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot, VmRef
@@ -138,7 +142,9 @@ def test_a_copy_sends_only_the_blobs_the_target_lacks_and_restores_bit_identical
     assert summary.bytes_sent < sum(s.size for s in rest) / 2
 
     assert_valid(target)
-    assert [s.to_json() for s in target.snapshots()] == [s.to_json() for s in snaps]  # documents unchanged
+    for snap in snaps:  # documents unchanged, byte for byte
+        assert (target.path / "snapshots" / snap.id).read_bytes() == \
+            (source.path / "snapshots" / snap.id).read_bytes()
     assert_restores(target, digests(source, images), tmp_path / "out")
 
     again, _ = copy(source, target)
@@ -301,11 +307,17 @@ def test_a_copy_to_a_media_service_sends_only_what_it_lacks(
     assert_restores(offsite, digests(source, images), tmp_path / "out")
 
 
-def test_a_media_copy_session_keeps_the_document_and_still_checks_its_references(
+def test_a_media_copy_session_takes_no_base_and_still_checks_the_references_of_what_it_commits(
         source: Repository, media_process: tuple[str, Repository]) -> None:
     address, offsite = media_process
     snap = source.snapshots()[1]  # an incremental: its parent is not in the target
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.MediaStub(channel).OpenBackup(pb.OpenBackupRequest(
+                destination="offsite", name=snap.name, policy=policy_to_pb(snap.policy), base_id=snap.id,
+                copy=True), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with MediaTarget.connect(f"media://{address}/offsite") as remote, remote.writer(snap) as writer, \
             pytest.raises(errors.MissingChunk):
-        writer.commit(snap)  # nothing uploaded: the server refuses a document naming what it lacks
+        writer.commit(snap, b"")  # nothing uploaded: the server refuses a document naming what it lacks
     assert not snapshot_ids(offsite.path)

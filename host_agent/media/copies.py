@@ -77,7 +77,8 @@ class _MediaWriter:
             self._uploader.wait_for_room()  # the spool stays small whatever the snapshot's size
         return self._native.store_blob(data, blob_type)[0]
 
-    def commit(self, snap: Snapshot) -> None:
+    def commit(self, snap: Snapshot, document: bytes) -> None:
+        """The server parses and writes the document itself: it keeps the fields it knows."""
         self._native.flush()
         self._uploader.finish()
         self._session.commit(snap)

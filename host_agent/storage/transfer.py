@@ -15,6 +15,7 @@ nothing of the network.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -43,8 +44,9 @@ class SnapshotWriter(Protocol):
     def store(self, data: bytes, blob_type: int) -> bytes:
         """Store one blob; return its id (the SHA-256 of ``data``)."""
 
-    def commit(self, snap: Snapshot) -> None:
-        """Make every blob stored durable and indexed, then commit the document: the snapshot exists."""
+    def commit(self, snap: Snapshot, document: bytes) -> None:
+        """Make every blob stored durable and indexed, then commit the document (the source's
+        ``document`` of ``snap``, as it is): the snapshot exists."""
 
 
 class CopyTarget(Protocol):
@@ -100,9 +102,9 @@ class _LocalWriter:
     def store(self, data: bytes, blob_type: int) -> bytes:
         return self._native.store_blob(data, blob_type)[0]
 
-    def commit(self, snap: Snapshot) -> None:
+    def commit(self, snap: Snapshot, document: bytes) -> None:
         self._native.flush()
-        self._repo.commit_copy(snap)
+        self._repo.commit_copy(snap, document)
 
 
 # ---------- what to copy ----------
@@ -193,7 +195,7 @@ def copy_snapshots(source: Repository, target: CopyTarget, snaps: Sequence[Snaps
             if snap.id in present:
                 _skip(snap, present[snap.id], summary, report)
             else:
-                why = _copy_one(copier, target, snap, present, ticker)
+                why = _copy_one(source, copier, target, snap, present, ticker)
                 if why is None:
                     summary.copied.append(snap.id)
                     present[snap.id] = snap
@@ -205,19 +207,36 @@ def copy_snapshots(source: Repository, target: CopyTarget, snaps: Sequence[Snaps
     return summary
 
 
-def _copy_one(copier: _SnapshotCopier, target: CopyTarget, snap: Snapshot, present: dict[str, Snapshot],
-              ticker: _Ticker) -> str | None:
+def _copy_one(source: Repository, copier: _SnapshotCopier, target: CopyTarget, snap: Snapshot,
+              present: dict[str, Snapshot], ticker: _Ticker) -> str | None:
     """Copy one snapshot; None if it is committed, else why not (nothing of it is committed)."""
     lacking = [sid for sid in _vm_snapshots(snap) if sid not in present]
     if lacking:
         return (f"the domain definition it names ({', '.join(lacking)}) is neither in the source nor in "
                 "the target")
     try:
+        document = _document(source, snap)
         with target.writer(snap) as writer:
-            copier.copy(snap, writer, ticker.within)
-    except errors.IntegrityError as e:
+            copier.copy(snap, document, writer, ticker.within)
+    except (errors.IntegrityError, errors.SnapshotNotFound) as e:
         return f"{e}; the snapshot was not committed in the target"
     return None
+
+
+def _document(source: Repository, snap: Snapshot) -> bytes:
+    """The source's document of ``snap`` as it is on disk: a copy keeps every field, those this
+    version does not know too (docs/repository-format.md, 5.1 and 6.2)."""
+    path = source.path / "snapshots" / snap.id
+    try:
+        raw = path.read_bytes()
+        same = Snapshot.from_json(json.loads(raw)) == snap
+    except FileNotFoundError:
+        raise errors.SnapshotNotFound(f"snapshot {snap.id} was forgotten in the source meanwhile") from None
+    except OSError as e:
+        raise errors.RepositoryIOError(f"cannot read {path}: {e.strerror}") from e
+    if not same:
+        raise errors.RepositoryError(f"{path} changed while it was being copied")
+    return raw
 
 
 class _Ticker:
@@ -255,11 +274,12 @@ class _SnapshotCopier:
         self._seen: set[bytes] = set()  # of committed snapshots
         self._pending: set[bytes] = set()  # of the snapshot being copied
 
-    def copy(self, snap: Snapshot, writer: SnapshotWriter, progress: Callable[[int], None]) -> None:
-        """Store the snapshot's blobs the target lacks and commit it."""
+    def copy(self, snap: Snapshot, document: bytes, writer: SnapshotWriter,
+             progress: Callable[[int], None]) -> None:
+        """Store the snapshot's blobs the target lacks and commit its document."""
         self._pending = set()
         self._copy_blobs(snap, writer, progress)
-        writer.commit(snap)
+        writer.commit(snap, document)
         self._seen |= self._pending
 
     def _copy_blobs(self, snap: Snapshot, writer: SnapshotWriter, progress: Callable[[int], None]) -> None:
