@@ -23,7 +23,7 @@ from host_agent.media.client import _BackupSession as BackupSession  # the clien
 from host_agent.media.client import _Spool as Spool
 from host_agent.media.client import _Uploader as Uploader
 from host_agent.storage.copier import NativeRepository
-from host_agent.storage.repository import RepoConfig
+from host_agent.storage.repository import RepoConfig, Repository
 from host_agent.storage.snapshot import Snapshot
 from host_agent.storage.transfer import SnapshotWriter
 
@@ -53,6 +53,10 @@ class MediaTarget:
 
     def snapshots(self, name: str | None = None) -> list[Snapshot]:
         return self.remote.snapshots(name)
+
+    def holds(self, repo: Repository) -> bool:
+        """Not known from here; a copy into the source itself would find every snapshot present."""
+        return False
 
     @contextmanager
     def writer(self, snap: Snapshot) -> Iterator[SnapshotWriter]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -56,6 +57,9 @@ class CopyTarget(Protocol):
 
     def snapshots(self, name: str | None = None) -> list[Snapshot]: ...
 
+    def holds(self, repo: Repository) -> bool:
+        """Whether this target is ``repo`` itself (a copy into it would skip everything)."""
+
     def writer(self, snap: Snapshot) -> AbstractContextManager[SnapshotWriter]:
         """A writer for ``snap`` (under the target's writer lock): what it stored and did not
         commit is garbage once the context ends."""
@@ -74,6 +78,9 @@ class LocalTarget:
 
     def snapshots(self, name: str | None = None) -> list[Snapshot]:
         return self.repo.snapshots(name)
+
+    def holds(self, repo: Repository) -> bool:
+        return (self.repo.path / "config").samefile(repo.path / "config")
 
     @contextmanager
     def session(self) -> Iterator[LocalTarget]:
@@ -169,14 +176,16 @@ Report = Callable[[str], None]
 """Called with one line per snapshot: copied, skipped or failed."""
 
 
-def check_compatible(source: RepoConfig, target: RepoConfig) -> None:
-    if source.repo_id == target.repo_id:
+def check_compatible(source: Repository, target: CopyTarget) -> None:
+    """A copy keeps chunk ids and tree pages: both sides must cut images the same way. A repository
+    copied by other means (same ``repo_id``) is a fine target: what it holds is skipped."""
+    if target.holds(source):
         raise errors.UsageError("--from and --to are the same repository: nothing to copy")
-    if source.chunk_size != target.chunk_size:
+    if source.config.chunk_size != target.config.chunk_size:
         raise errors.UsageError(
-            f"the source's chunk size is {source.chunk_size} bytes, the target's {target.chunk_size}: a "
-            "copy keeps chunks as they are, so copy into a repository made with "
-            f"'hyperback init --chunk-size {source.chunk_size}'")
+            f"the source's chunk size is {source.config.chunk_size} bytes, the target's "
+            f"{target.config.chunk_size}: a copy keeps chunks as they are, so copy into a repository made "
+            f"with 'hyperback init --chunk-size {source.config.chunk_size}'")
 
 
 def copy_snapshots(source: Repository, target: CopyTarget, snaps: Sequence[Snapshot],
@@ -185,7 +194,7 @@ def copy_snapshots(source: Repository, target: CopyTarget, snaps: Sequence[Snaps
     """Copy ``snaps`` (in order) from ``source`` into ``target``; the caller holds the target's
     session. A snapshot that cannot be copied whole (a damaged or missing blob in the source, a
     domain definition the target lacks) is reported, left out, and the others go on."""
-    check_compatible(source.config, target.config)
+    check_compatible(source, target)
     summary = CopySummary()
     present = {s.id: s for s in target.snapshots()}
     ticker = _Ticker(progress, sum(s.size for s in snaps))
@@ -240,19 +249,24 @@ def _document(source: Repository, snap: Snapshot) -> bytes:
 
 
 class _Ticker:
-    """Progress over every selected snapshot's image bytes."""
+    """Progress over every selected snapshot's image bytes, a few times a second."""
+
+    EVERY = 0.2  # seconds
 
     def __init__(self, fn: ProgressFn | None, total: int) -> None:
         self._fn, self._total, self._done = fn, total, 0
+        self._last = 0.0
 
-    def within(self, done: int) -> None:
+    def within(self, done: int, force: bool = False) -> None:
         """``done`` bytes into the snapshot being copied."""
-        if self._fn is not None:
+        now = time.monotonic()
+        if self._fn is not None and (force or now - self._last >= self.EVERY):
+            self._last = now
             self._fn(self._done + done, self._total)
 
     def next_snapshot(self, size: int) -> None:
         self._done += size
-        self.within(0)
+        self.within(0, force=True)
 
 
 def _skip(snap: Snapshot, there: Snapshot, summary: CopySummary, report: Report) -> None:

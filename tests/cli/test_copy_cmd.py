@@ -81,7 +81,7 @@ def test_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     for args, code, words in [
             (["--from", src], 2, ["--to"]),
             (["--from", src, "--to", tmp_path / "small"], 2, ["chunk size is 32768", "--chunk-size 32768"]),
-            (["--from", src, "--to", tmp_path / "twin"], 2, ["same repository"]),
+            (["--from", src, "--to", src], 2, ["same repository"]),
             (["--from", tmp_path / "nowhere", "--to", tmp_path / "dst"], 2, ["nowhere"]),
             (["--from", src, "--to", tmp_path / "dst", "ffffffff"], 2, ["no snapshot 'ffffffff'"]),
             (["--from", src, "--to", tmp_path / "dst", "--name", "vm9/vda"], 2, ["vm9/vda"]),
@@ -90,3 +90,5 @@ def test_mistakes_are_one_line_errors(tmp_path: Path) -> None:
             (["--from", "media://127.0.0.1:1/x", "--to", tmp_path / "dst"], 2, ["--from"])]:
         assert_one_line_error(run("copy", *args, check=False), code, *map(str, words))
     assert json.loads(run("list", "--repo", tmp_path / "dst", "--json").stdout) == []
+    # a repository copied by other means (rsync) is a target like any other: it holds everything
+    assert run_json("copy", "--from", src, "--to", tmp_path / "twin")["skipped"] == ids
