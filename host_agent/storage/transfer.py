@@ -33,6 +33,7 @@ from host_agent.storage.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
+LOOKUP_BATCH = 1024  # chunk ids the target is asked about at once (16 leaves)
 READ_BATCH = 256  # chunks read from the source per native call (8 MiB of 32 KiB chunks), two in memory
 
 
@@ -299,24 +300,31 @@ class _SnapshotCopier:
     def _copy_blobs(self, snap: Snapshot, writer: SnapshotWriter, progress: Callable[[int], None]) -> None:
         reader = TreeReader(self._native, snap.tree)
         cs = snap.chunk_size
-        short = snap.size % cs  # the length of the image's last chunk, if it is short
         self._send_pages(list(reader.pages()), reader, writer)  # interior pages read and verified here
         chunk = 0
+        group: list[bytes] = []  # chunk ids looked up in the target together (one call to a media service)
         with _Reads(self._native, self._threads, lambda data, cid: self._put(data, cid, BLOB_DATA, writer)) \
                 as reads:
             for leaf in reader.chunk_ids():
-                ids = [leaf[i:i + ID_LEN] for i in range(0, len(leaf), ID_LEN)]
-                last = ids[-1] if short and chunk + len(ids) == snap.tree.entries else None
-                for cid in self._new(ids, writer, _lengths(cs, last, short)):
-                    if cid == last:
-                        self._put(self._native.read_blob(cid), cid, BLOB_DATA, writer)
-                    else:
-                        reads.add(cid)
-                chunk += len(ids)
-                progress(min(chunk * cs, snap.size))
+                group += [leaf[i:i + ID_LEN] for i in range(0, len(leaf), ID_LEN)]
+                chunk += len(leaf) // ID_LEN
+                if len(group) >= LOOKUP_BATCH or chunk == snap.tree.entries:
+                    self._send_chunks(group, chunk == snap.tree.entries and snap.size % cs, writer, reads)
+                    group = []
+                    progress(min(chunk * cs, snap.size))
         if chunk != snap.tree.entries:
             raise errors.CorruptChunk(f"snapshot {snap.id}'s tree holds {chunk} chunks, not "
                                       f"{snap.tree.entries}")
+
+    def _send_chunks(self, ids: list[bytes], short: int, writer: SnapshotWriter, reads: _Reads) -> None:
+        """Send those of consecutive chunks ``ids`` the target lacks; the last one is ``short``
+        bytes long if that is not 0 (the image's last chunk), the others whole."""
+        last = ids[-1] if short else None
+        for cid in self._new(ids, writer, _lengths(self._native.chunk_size, last, short)):
+            if cid == last:
+                self._put(self._native.read_blob(cid), cid, BLOB_DATA, writer)
+            else:
+                reads.add(cid)
 
     def _new(self, ids: Sequence[bytes], writer: SnapshotWriter,
              length: Callable[[bytes], int]) -> list[bytes]:
