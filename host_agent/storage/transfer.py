@@ -229,7 +229,7 @@ def _copy_one(source: Repository, copier: _SnapshotCopier, target: CopyTarget, s
         with target.writer(snap) as writer:
             copier.copy(snap, document, writer, ticker.within)
     except (errors.IntegrityError, errors.SnapshotNotFound) as e:
-        log.warning("snapshot %s not copied: %s", snap.id, e)
+        log.info("snapshot %s not copied: %s", snap.id, e)  # the report says it to the user
         return f"{e}; the snapshot was not committed in the target"
     return None
 
