@@ -261,6 +261,51 @@ def test_a_copy_killed_half_way_leaves_the_target_valid_and_a_rerun_sends_only_w
     assert_restores(target, digests(source, images), tmp_path / "out")
 
 
+@pytest.fixture
+def ctrl_c_reaches_the_cli() -> Iterator[None]:
+    """SIGINT at its default in the CLI, as a terminal starts it (a background test run ignores it,
+    and a child would inherit that: see test_crash.py)."""
+    old = signal.getsignal(signal.SIGINT)
+    if old is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("ctrl_c_reaches_the_cli")
+def test_ctrl_c_stops_a_copy_with_one_line_leaving_what_it_committed(
+        source: Repository, images: dict[str, Path], checkpoints: Callable[[Path], Checkpoints],
+        tmp_path: Path) -> None:
+    target = Repository.init(tmp_path / "target")
+    snaps = source.snapshots()
+    cps = checkpoints(target.path)
+    cps.watch_opens(target.path / "tmp")
+    proc = start_cli("copy", "--from", str(source.path), "--to", str(target.path))
+    try:
+        cps.hold_at(proc, opened("tmp/*.pack", nth=2))  # the second snapshot's first blob
+        # The held thread is the main one, asleep in open() until released: the signal is pending
+        # (kill() makes it so at once) and is taken when a thread of it next leaves the kernel, the
+        # released open() at the latest; Python raises KeyboardInterrupt in the main thread at its
+        # next instruction, with the second snapshot's blobs still ahead.
+        proc.send_signal(signal.SIGINT)
+        cps.release()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1].startswith("hyperback: interrupted") and "Traceback" not in err
+    assert snapshot_ids(target.path) == {snaps[0].id}
+    assert not list((target.path / "locks").iterdir()), "the interrupted copy left its lock"
+    assert not list((target.path / "tmp").iterdir()), "the interrupted copy left files in tmp/"
+    assert_valid(target)
+    summary, _ = copy(source, target)
+    assert summary.skipped == [snaps[0].id] and summary.copied == [s.id for s in snaps[1:]]
+    assert_restores(target, digests(source, images), tmp_path / "out")
+
+
 # ---------- a media service's repository ----------
 
 @pytest.fixture
