@@ -74,7 +74,7 @@ def _reporter(bar: Bar | None, quiet: bool) -> Callable[[str], None]:
     """Each snapshot's outcome on stderr, as progress (the JSON summary says it all for scripts)."""
     def report(line: str) -> None:
         if not quiet:
-            print(("\r" if bar else "") + line, file=sys.stderr)
+            print(("\r\x1b[K" if bar else "") + line, file=sys.stderr)  # over the bar, which comes back
     return report
 
 
