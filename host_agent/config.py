@@ -61,8 +61,11 @@ class Schedule:
     catch_up: bool = True
     # "backup", or "verify": boot the latest snapshot of each covered domain's boot disk in the
     # destination in a sandbox and record the verdict (hyperback verify-boot; policy and keep_*
-    # do not apply)
+    # do not apply), or "copy": copy the covered domains' snapshots in the destination (a
+    # repository of this host) that `copy_to` lacks into it (hyperback copy; policy and keep_* do
+    # not apply)
     kind: str = "backup"
+    copy_to: str = ""                # copy schedules: the destination the snapshots are copied into
 
     @property
     def selector(self) -> str:
@@ -167,7 +170,7 @@ class AgentConfig:
 
 _ENV_PREFIX = "HYPERBACK_"
 _TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules", "boot_checks")
-SCHEDULE_KINDS = ("backup", "verify")
+SCHEDULE_KINDS = ("backup", "verify", "copy")
 
 
 def _schedule(index: int, doc: Any) -> Schedule:
@@ -186,7 +189,7 @@ def _schedule(index: int, doc: Any) -> Schedule:
         raise errors.UsageError(f"{where}: calendar {calendar!r} is not a cron expression "
                                 "(e.g. '30 1 * * *' for 01:30 every night)")
     values: dict[str, Any] = {"name": name, "calendar": calendar}
-    for key in ("match", "group", "destination"):
+    for key in ("match", "group", "destination", "copy_to"):
         if key in doc:
             if not isinstance(doc[key], str):
                 raise errors.UsageError(f"{where}: {key} must be a string")
@@ -220,6 +223,13 @@ def _schedule(index: int, doc: Any) -> Schedule:
         if doc["kind"] == "verify" and backup_only:
             raise errors.UsageError(f"{where}: {backup_only[0]} is a backup schedule's setting; a verify "
                                     "schedule boots the latest snapshot and keeps every one")
+        if doc["kind"] == "copy" and backup_only:
+            raise errors.UsageError(f"{where}: {backup_only[0]} is a backup schedule's setting; a copy "
+                                    "schedule copies what the destination holds (prune the copy_to "
+                                    "destination with a schedule or 'hyperback prune' of its own)")
+    if (values.get("kind") == "copy") != bool(values.get("copy_to")):
+        raise errors.UsageError(f"{where}: copy_to (the destination to copy into) goes with kind = "
+                                "\"copy\", and a copy schedule needs it")
     return Schedule(**values)
 
 
@@ -378,7 +388,14 @@ def _check_schedule_destinations(config: AgentConfig) -> None:
         if destination not in config.destinations:
             raise errors.UsageError(f"config schedule {schedule.name!r}: no destination named "
                                     f"{destination!r}; known: {', '.join(sorted(config.destinations))}")
+        if schedule.copy_to and schedule.copy_to not in config.destinations - {destination}:
+            known = ", ".join(sorted(config.destinations))
+            raise errors.UsageError(f"config schedule {schedule.name!r}: copy_to {schedule.copy_to!r} is "
+                                    f"not another destination; known: {known}")
         media = config.media(destination)
+        if schedule.copy_to and media is not None and media.host != config.inventory.host_name:
+            raise errors.UsageError(f"config schedule {schedule.name!r}: it copies from {destination!r}, "
+                                    f"media of host {media.host}: run the copy schedule on that host")
         if schedule.retention and media is not None and media.host != config.inventory.host_name:
             raise errors.UsageError(
                 f"config schedule {schedule.name!r}: retention on {destination!r}, media of host "

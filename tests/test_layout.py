@@ -27,8 +27,9 @@ MAY_IMPORT = {
     "guestfiles": set(),  # it reads an NBD socket, whoever serves it
     "agent": {"storage", "media", "planning", "colocation", "guestfiles"},
     "restore": {"storage", "media", "agent"},  # whole VMs: the stored definition, views' image locks
-    # vm enable/status, jobs and schedules: the agent's parts and its API; files: the reader
-    "cli": {"storage", "lab", "agent", "guestfiles", "restore"},
+    # vm enable/status, jobs and schedules: the agent's parts and its API; files: the reader;
+    # copy: a media service's repository by its address
+    "cli": {"storage", "lab", "agent", "guestfiles", "restore", "media"},
     "lab": {"agent", "storage", "colocation", "media"},
 }
 

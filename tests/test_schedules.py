@@ -24,6 +24,7 @@ from host_agent.agent.jobs import Origin
 from host_agent.agent.schedules import Firing, missed_run, next_run
 from host_agent.config import load
 from host_agent.planning.service import OptimizerClient
+from host_agent.storage.repository import Repository
 
 NS = "https://hyperback.dev/xmlns/wiring/1"
 
@@ -90,6 +91,14 @@ def test_schedules_are_read_from_the_config_with_defaults(tmp_path: Path) -> Non
     ('[[schedules]]\nname = "n"\ncalendar = "@daily"\nmatch = "*"\ndestination = "usb"\n', "'usb'"),
     ('[[schedules]]\nname = "n"\ncalendar = "@daily"\nmatch = "*"\n'
      '[[schedules]]\nname = "n"\ncalendar = "@weekly"\nmatch = "*"\n', "defined twice"),
+    ('[[schedules]]\nname = "n"\ncalendar = "@daily"\nmatch = "*"\nkind = "copy"\n', "needs it"),
+    ('[[schedules]]\nname = "n"\ncalendar = "@daily"\nmatch = "*"\ncopy_to = "default"\n', "goes with"),
+    ('[[schedules]]\nname = "n"\ncalendar = "@daily"\nmatch = "*"\nkind = "copy"\ncopy_to = "usb"\n',
+     "copy_to 'usb' is not another destination"),
+    ('[[schedules]]\nname = "n"\ncalendar = "@daily"\nmatch = "*"\nkind = "copy"\ncopy_to = "default"\n',
+     "copy_to 'default' is not another destination"),
+    ('[[schedules]]\nname = "n"\ncalendar = "@daily"\nmatch = "*"\nkind = "copy"\ncopy_to = "x"\n'
+     'keep_last = 3\n', "keep_last is a backup schedule's setting"),
 ])
 def test_a_bad_schedule_is_refused_naming_what_is_wrong(tmp_path: Path, body: str, says: str) -> None:
     with pytest.raises(errors.UsageError, match=says):
@@ -176,3 +185,41 @@ def test_a_group_schedule_covers_the_domains_tagged_with_it(agent: tuple[Agent, 
     gold = by_schedule["gold"]
     (job,) = [a.jobs.get(j) for j in gold.jobs]
     assert job is not None and job.domain_name == "db-1" and job.instruction.policy.value == "full"
+
+
+def test_a_copy_schedule_copies_the_covered_domains_snapshots_the_target_lacks(tmp_path: Path) -> None:
+    domains = Domains("test:///default")
+    try:
+        for xml in (domain_xml("web-1"), domain_xml("db-1")):
+            domains.conn.defineXML(xml)
+        web, db = (domains.conn.lookupByName(n).UUIDString() for n in ("web-1", "db-1"))
+        config = load(write_config(tmp_path / "agent.toml", f"""offsite = "{tmp_path}/offsite"
+
+[[schedules]]
+name = "offsite"
+calendar = "0 4 * * *"
+match = "web-*"
+kind = "copy"
+copy_to = "offsite"
+"""), env={})
+        config = agent_config_for(tmp_path, repositories=config.repositories, schedules=config.schedules)
+        source, offsite = Repository.open(tmp_path / "repo"), Repository.init(tmp_path / "offsite")
+        image = tmp_path / "disk.img"
+        image.write_bytes(b"web data " * 100_000)
+        ours = [source.backup(image, f"{web}/data").snapshot.id for _ in range(2)]
+        source.backup(image, f"{db}/data")  # a domain the schedule does not cover
+        clock = ManualClock(local(2026, 12, 7, 12, 0))
+        agent = Agent(config, domains, OptimizerClient(f"unix:{tmp_path}/no-optimizer.sock"), clock)
+
+        async def fire() -> Firing:
+            firing = await agent.scheduler.run_now("offsite")
+            await agent.scheduler.drain()
+            return firing
+
+        offsite_lines = [asyncio.run(fire()).copied for _ in range(2)]
+        assert [line.split()[:2] for line in offsite_lines[0]] == [["copied", sid] for sid in ours]
+        assert [line.split()[:2] for line in offsite_lines[1]] == [["skipped", sid] for sid in ours]
+        assert {s.id for s in offsite.snapshots()} == set(ours)
+        assert offsite.check().ok
+    finally:
+        domains.close()

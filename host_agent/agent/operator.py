@@ -277,7 +277,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                 domains=sorted(i.name for i in enabled if covers(s, i)), policy=policy_to_pb(s.policy),
                 destination=s.destination or scheduler.default_destination,
                 last_run_at=scheduler.last_run(name), next_run_at=scheduler.next_run(name),
-                retention=s.retention, kind=s.kind))
+                retention=s.retention, kind=s.kind, copy_to=s.copy_to))
         return pb.ListSchedulesResponse(schedules=out)
 
     async def RunSchedule(self, request: pb.RunScheduleRequest,

@@ -12,7 +12,10 @@ unreferenced data is collected.
 
 A schedule of ``kind = "verify"`` backs nothing up: each firing boots the latest snapshot of each
 covered domain's boot disk in the destination in a sandbox, one after another
-(``host_agent.agent.bootverify``), and records the verdicts on the snapshots.
+(``host_agent.agent.bootverify``), and records the verdicts on the snapshots. One of ``kind =
+"copy"`` copies the covered domains' snapshots in the destination (their disks' and their stored
+definitions) that its ``copy_to`` destination lacks into it (``host_agent.storage.transfer``, as
+``hyperback copy``): the offsite copy of the 3-2-1 rule.
 
 When each schedule last fired is kept in ``<state_dir>/schedules.json``. At start, a schedule that
 should have fired while the agent was down fires once (systemd's ``Persistent=``); one never seen
@@ -45,7 +48,9 @@ from host_agent.agent.jobs import Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
 from host_agent.config import Schedule
 from host_agent.errors import HypervisorError
+from host_agent.media.copies import MediaTarget
 from host_agent.model import Instruction, InstructionKind
+from host_agent.storage import transfer
 from host_agent.storage.annotations import Annotations
 from host_agent.storage.files import write_atomic
 from host_agent.storage.gc import collect_garbage
@@ -112,6 +117,7 @@ class Firing:
     skipped: list[str] = field(default_factory=list)   # domains it could not back up, and why
     pruned: list[str] = field(default_factory=list)    # snapshot ids retention removed
     verified: list[str] = field(default_factory=list)  # a verify schedule's verdicts, one line each
+    copied: list[str] = field(default_factory=list)    # a copy schedule's snapshots, one line each
     finished_at: float = 0.0
 
 
@@ -227,6 +233,8 @@ class Scheduler:
         destination = schedule.destination or self.default_destination
         if schedule.kind == "verify":
             return self._start(schedule, firing, self._verify(firing, covered, destination))
+        if schedule.kind == "copy":
+            return self._start(schedule, firing, self._copy(firing, covered, destination, schedule.copy_to))
         for info in covered:
             if not info.disks:
                 firing.skipped.append(f"{info.name}: no disk with a serial (run `hyperback vm enable`, "
@@ -283,6 +291,32 @@ class Scheduler:
                                    chosen.source)
         record = await bootverify.verify_boot(repo, snapshots[-1].id, spec, conn, self.verifying.work_dir)
         return f"{info.name}: snapshot {record.snapshot} {record.result}: {record.reason}"
+
+    async def _copy(self, firing: Firing, covered: Sequence[DomainInfo], source: str, target: str) -> None:
+        """Copy the covered domains' snapshots that the target lacks; one line per snapshot."""
+        log.info("schedule %s fired: copy of %d domain(s) from %s to %s", firing.schedule, len(covered),
+                 source, target)
+        try:
+            summary = await asyncio.to_thread(self._copy_now, {d.uuid for d in covered}, source, target,
+                                              firing.copied.append)
+            log.info("schedule %s: %d snapshot(s) copied to %s, %d bytes sent", firing.schedule,
+                     len(summary.copied), target, summary.bytes_sent)
+        except (errors.HyperbackError, OSError) as e:
+            firing.skipped.append(f"not copied to {target}: {e}")
+            log.error("schedule %s: copy to %s failed: %s", firing.schedule, target, e)
+        firing.finished_at = self.clock.now()
+
+    def _copy_now(self, uuids: set[str], source: str, target: str,
+                  report: transfer.Report) -> transfer.CopySummary:
+        repo = self.destinations.repository(source)
+        if not isinstance(repo, Repository):  # refused by the config already; kept for type safety
+            raise errors.UsageError(f"a copy from {source} runs on its media host")
+        snaps = [s for s in transfer.select(repo, [], None, False) if s.name.split("/", 1)[0] in uuids]
+        into = self.destinations.repository(target)
+        if isinstance(into, Repository):
+            with transfer.LocalTarget(into).session() as local:
+                return transfer.copy_snapshots(repo, local, snaps, report)
+        return transfer.copy_snapshots(repo, MediaTarget(into), snaps, report)
 
     async def _finish(self, schedule: Schedule, firing: Firing) -> None:
         """Wait for the firing's jobs, then apply retention to what they backed up."""

@@ -42,8 +42,10 @@ def run_list(args: argparse.Namespace) -> int:
     if not schedules:
         print("no schedules: add [[schedules]] tables to the agent's config (docs/agent.md)")
     for s in schedules:
-        policy = "boot verification" if s.kind == "verify" else policy_from_pb(s.policy, "Schedule").value
-        print(f"{s.name}: '{s.calendar}' {policy} to {s.destination}; {s.selector} "
+        what = {"verify": f"boot verification to {s.destination}",
+                "copy": f"copy from {s.destination} to {s.copy_to}"}.get(
+            s.kind, f"{policy_from_pb(s.policy, 'Schedule').value} to {s.destination}")
+        print(f"{s.name}: '{s.calendar}' {what}; {s.selector} "
               f"({', '.join(s.domains) or 'no domain now'}); last {when(s.last_run_at)}, "
               f"next {when(s.next_run_at)}; {s.retention or 'keeps everything'}")
     return 0

@@ -283,11 +283,12 @@ def _wanted_leaves(base: Snapshot, size: int, changes: Sequence[Extent] | None,
 class _BackupSession:
     """An open backup session, kept alive by a heartbeat until it is committed or aborted."""
 
-    def __init__(self, remote: RemoteRepository, name: str, policy: Policy, base: Snapshot | None) -> None:
+    def __init__(self, remote: RemoteRepository, name: str, policy: Policy, base: Snapshot | None,
+                 copy: bool = False) -> None:
         self.remote = remote
         opened = remote.unary(remote.stub.OpenBackup, pb.OpenBackupRequest(
             destination=remote.destination, name=name, policy=policy_to_pb(policy),
-            base_id=base.id if base else ""))
+            base_id=base.id if base else "", copy=copy))
         remote.count(received=len(opened.base))
         self.id = opened.session_id
         self.writer_id = bytes.fromhex(opened.writer_id)

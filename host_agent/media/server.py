@@ -179,9 +179,9 @@ class MediaServicer(pb_grpc.MediaServicer):
             if not NAME.fullmatch(request.name):
                 raise errors.UsageError(f"snapshot name {request.name!r} is malformed (e.g. vm1/vda)")
             policy = policy_from_pb(request.policy, "OpenBackupRequest")
-            session = self.sessions.open(repo, request.name, policy, request.base_id)
-            log.info("backup session %s of %s (%s) to %s opened by %s", session.id, session.name,
-                     session.policy.value, request.destination, context.peer())
+            session = self.sessions.open(repo, request.name, policy, request.base_id, request.copy)
+            log.info("%s session %s of %s (%s) to %s opened by %s", "copy" if request.copy else "backup",
+                     session.id, session.name, session.policy.value, request.destination, context.peer())
             return pb.OpenBackupResponse(
                 session_id=session.id, config=config_to_pb(repo.config), writer_id=session.writer_id.hex(),
                 base=snapshot_document(session.base) if session.base else "",
@@ -320,7 +320,8 @@ def _base_pages(session: Session, base: Snapshot,
 
 
 def _check_document(session: Session, snap: Snapshot) -> None:
-    """The document is one this session may commit: its name, base, chunk size and shape."""
+    """The document is one this session may commit: its name, base (not for a copy, which keeps the
+    source's), chunk size and shape."""
     repo, base = session.repo, session.base
     if not SNAPSHOT_ID.fullmatch(snap.id) or (repo.path / "snapshots" / snap.id).exists():
         raise errors.UsageError(f"snapshot id {snap.id!r} is malformed or taken")
@@ -332,7 +333,7 @@ def _check_document(session: Session, snap: Snapshot) -> None:
     expected_parent = base.id if base else None
     detection_ok = (snap.change_detection is ChangeDetection.NONE) == (base is None)
     policy_ok = base is not None or snap.policy is Policy.FULL
-    if snap.parent != expected_parent or not detection_ok or not policy_ok:
+    if not session.copy and (snap.parent != expected_parent or not detection_ok or not policy_ok):
         raise errors.UsageError(f"the snapshot's parent, policy or change detection do not match the "
                                 f"session's base ({expected_parent})")
     entries = -(-snap.size // snap.chunk_size)

@@ -34,8 +34,10 @@ class Session:
     expiry never closes the handle under a running call.
     """
 
-    def __init__(self, session_id: str, repo: Repository, name: str, policy: Policy, base_id: str) -> None:
+    def __init__(self, session_id: str, repo: Repository, name: str, policy: Policy, base_id: str,
+                 copy: bool = False) -> None:
         self.id, self.repo, self.name, self.policy = session_id, repo, name, policy
+        self.copy = copy  # commits another repository's document unchanged (media-protocol.md, 2.3)
         self.writer_id = os.urandom(16)
         self.last_seen = time.monotonic()
         self.ended: str | None = None  # why, once ended
@@ -45,7 +47,10 @@ class Session:
             # The lock first, then the base: a base seen under the lock is one the sweep protects.
             self.native = self._stack.enter_context(
                 repo.session("media-backup", writer=True, writer_id=self.writer_id))
-            self.base = explicit_base(repo, base_id) if base_id else repo.base_for(name, policy)
+            if copy and base_id:
+                raise errors.UsageError("a copy session takes no base")
+            self.base = (explicit_base(repo, base_id) if base_id else
+                         None if copy else repo.base_for(name, policy))
             # The base's pages are in the repository (it is committed): the commit check trusts them.
             self.base_pages = set(TreeReader(self.native, self.base.tree).pages()) if self.base else set()
         except BaseException:
@@ -99,8 +104,8 @@ class Sessions:
         self._reaper = threading.Thread(target=self._reap_loop, name="media-reaper", daemon=True)
         self._reaper.start()
 
-    def open(self, repo: Repository, name: str, policy: Policy, base_id: str) -> Session:
-        session = Session(os.urandom(16).hex(), repo, name, policy, base_id)
+    def open(self, repo: Repository, name: str, policy: Policy, base_id: str, copy: bool = False) -> Session:
+        session = Session(os.urandom(16).hex(), repo, name, policy, base_id, copy)
         with self._lock:
             self._live[session.id] = session
         return session

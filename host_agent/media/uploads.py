@@ -176,7 +176,8 @@ class Upload:
             try:
                 (root / "index").mkdir()
                 (root / "packs" / self.name[:2]).mkdir(parents=True)
-                (root / "packs" / self.name[:2] / self.name).symlink_to(self.tmp)
+                # absolute: a repository served by a relative path (--repo main=backups) has a relative tmp/
+                (root / "packs" / self.name[:2] / self.name).symlink_to(self.tmp.absolute())
                 (root / "index" / self.name).write_bytes(index)
             except OSError as e:
                 raise errors.EnvironmentProblem(f"cannot check pack {self.name} in {root}: "

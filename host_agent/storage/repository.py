@@ -288,6 +288,14 @@ class Repository:
         write_atomic(self._dir("snapshots") / snap.id, json.dumps(snap.to_json(), indent=1).encode(),
                      self._dir("tmp"))
 
+    def commit_copy(self, snap: Snapshot, document: bytes) -> None:
+        """Commit another repository's document of ``snap`` byte for byte, its blobs already indexed
+        here (``transfer``; docs/repository-format.md, 6.2)."""
+        if snap.chunk_size != self.config.chunk_size or (self._dir("snapshots") / snap.id).exists():
+            raise errors.UsageError(f"snapshot {snap.id} has another chunk size or is already in {self.path}")
+        self.check_vm(snap.vm)
+        write_atomic(self._dir("snapshots") / snap.id, document, self._dir("tmp"))
+
     def forget(self, snapshot_ids: Sequence[str]) -> None:
         """Delete snapshot documents (their data goes at the next garbage collection); a protected
         one is refused, its protection read just before (docs/repository-format.md, 5.5)."""
