@@ -279,7 +279,9 @@ class _Run:
     data: list[Extent]
 
 
-def _runs(ranges: Sequence[MapRange], chain: Sequence[ImageInfo], max_depth: int | None) -> list[_Run]:
+def _runs(ranges: Sequence[MapRange], chain: Sequence[ImageInfo], max_depth: int | None,
+          compressed: list[MapRange] | None = None) -> list[_Run]:
+    """The in-place runs of ``ranges``; compressed clusters go to ``compressed`` if given, else raise."""
     runs: list[_Run] = []
     last: _Run | None = None
     for r in ranges:
@@ -289,6 +291,10 @@ def _runs(ranges: Sequence[MapRange], chain: Sequence[ImageInfo], max_depth: int
         if r.depth >= len(chain):
             raise ImageError(f"qemu-img map reported depth {r.depth} of a chain of {len(chain)} images")
         image = chain[r.depth]
+        if r.data and not r.zero and r.offset is None and compressed is not None:
+            compressed.append(r)
+            last = None
+            continue
         if r.data and not r.zero and r.offset is None:
             raise NotReadableInPlace(
                 f"{image.path}: the cluster at guest offset {r.start} has no file offset (a compressed "
@@ -353,6 +359,37 @@ def chain_layout(path: str | os.PathLike[str], chunk_size: int, fmt: str | None 
     mappings = _mappings(_runs(ranges, chain, None), chain, size, chunk_size)
     log.debug("%s: %d mappings over %d files", path, len(mappings), len(chain))
     return Layout(tuple(i.data_path for i in chain), tuple(mappings), size, label or chain[0].path)
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """A chain's guest-visible content split in two: what the copier reads in place (``layout``) and
+    the compressed clusters it cannot (``compressed``, merged guest ranges), to be read through QEMU."""
+
+    layout: Layout
+    compressed: tuple[Extent, ...]
+    chain: tuple[ImageInfo, ...]
+
+
+def split_layout(path: str | os.PathLike[str], chunk_size: int, fmt: str | None = None,
+                 label: str | None = None) -> SplitLayout:
+    """Like :func:`chain_layout`, but compressed clusters are set aside instead of refused. Raises
+    NotReadableInPlace for anything else the copier cannot read (small clusters, encryption, ...)."""
+    _check_chunk_size(chunk_size)
+    chain = image_chain(path, fmt)
+    _check_chain(chain, chunk_size, len(chain))
+    ranges = image_map(path, fmt)
+    size = chain[0].virtual_size
+    compressed: list[MapRange] = []
+    mappings = _mappings(_runs(ranges, chain, None, compressed), chain, size, chunk_size)
+    merged: list[Extent] = []
+    for r in compressed:
+        if merged and merged[-1][0] + merged[-1][1] == r.start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + r.length)
+        else:
+            merged.append((r.start, r.length))
+    layout = Layout(tuple(i.data_path for i in chain), tuple(mappings), size, label or chain[0].path)
+    return SplitLayout(layout, tuple(merged), chain)
 
 
 def top_layout(path: str | os.PathLike[str], chunk_size: int, fmt: str | None = None,
