@@ -1,4 +1,4 @@
-"""hyperback backup: back up an image file or block device as a snapshot (a qcow2 image as its guest sees it)."""
+"""hyperback backup: an image file or block device as a snapshot (a qcow2 image as its guest sees it)."""
 from __future__ import annotations
 
 import argparse
