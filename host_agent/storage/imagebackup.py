@@ -24,7 +24,7 @@ from host_agent.storage import imagebitmaps
 from host_agent.storage.extents import Extent, validate_changes
 from host_agent.storage.guestview import FORMATS, detect_format, guest_view
 from host_agent.storage.repository import ProgressFn, Repository
-from host_agent.storage.snapshot import BackupResult
+from host_agent.storage.snapshot import BackupResult, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +63,17 @@ def _backup_qcow2(repo: Repository, path: str, name: str, policy: Policy, change
                   progress: ProgressFn | None, threads: int | None,
                   scratch_dir: str | os.PathLike[str] | None) -> ImageBackup:
     notes: list[str] = []
-    bitmap_changes = False
     base = repo.base_for(name, policy)
-    if changes is None and base is not None and base.checkpoint:
-        since = imagebitmaps.dirty_since(path, base.checkpoint)
-        if isinstance(since, imagebitmaps.Fallback):
-            notes.append(f"{since.reason}: every chunk compared with the base")
-        else:
-            changes, bitmap_changes = since, True
+    # The new bitmap first, the base's after: a write in between is in both (read twice), never in
+    # neither (docs/changed-block-tracking.md, "Why this order is correct").
     tracking = imagebitmaps.start_tracking(path)
     if isinstance(tracking, imagebitmaps.Fallback):
         notes.append(f"{tracking.reason}: the next incremental compares every chunk")
     checkpoint = tracking if isinstance(tracking, str) else None
-    needed = None
-    if changes is not None and base is not None:
-        # also whatever lies past the base's last whole chunk: a grown image reads it all
-        cs = repo.config.chunk_size
-        needed = validate_changes([*changes, (base.size // cs * cs, MAX_SIZE)], MAX_SIZE * 2)
     try:
+        marked = _marked_since(path, base, notes) if changes is None else None
+        changes = marked if marked is not None else changes
+        needed = _needed(changes, base, repo.config.chunk_size)
         with guest_view(path, repo.config.chunk_size, scratch_dir, needed) as view:
             result = repo.backup(view.source, name, policy, changes, progress, threads, checkpoint=checkpoint)
     except BaseException:
@@ -90,6 +83,25 @@ def _backup_qcow2(repo: Repository, path: str, name: str, policy: Policy, change
     starts = (repo.base_for(name, p) for p in (Policy.INCREMENTAL, Policy.DIFFERENTIAL))
     imagebitmaps.keep_only(path, {s.checkpoint for s in starts if s is not None and s.checkpoint})
     detection = result.snapshot.change_detection
-    if bitmap_changes and detection is ChangeDetection.CHANGE_LIST:
+    if marked is not None and detection is ChangeDetection.CHANGE_LIST:
         detection = ChangeDetection.DIRTY_BITMAP
     return ImageBackup(result, "qcow2", detection, view.through_qemu, (*view.notes, *notes, *result.notes))
+
+
+def _marked_since(path: str, base: Snapshot | None, notes: list[str]) -> list[Extent] | None:
+    """What the base's bitmap marks as written since; None (and a note why) if it cannot tell."""
+    if base is None or not base.checkpoint:
+        return None
+    since = imagebitmaps.dirty_since(path, base.checkpoint)
+    if isinstance(since, imagebitmaps.Fallback):
+        notes.append(f"{since.reason}: every chunk compared with the base")
+        return None
+    return since
+
+
+def _needed(changes: Sequence[Extent] | None, base: Snapshot | None, chunk_size: int) -> list[Extent] | None:
+    """The guest ranges an incremental will read: its changes, and whatever lies past the base's
+    last whole chunk (a grown image reads that all); None: everything."""
+    if changes is None or base is None:
+        return None
+    return validate_changes([*changes, (base.size // chunk_size * chunk_size, MAX_SIZE)], 2 * MAX_SIZE)
