@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 NBDCOPY = "nbdcopy"
 QEMU_NBD = "qemu-nbd"
+REQUEST_SIZE = 1 << 20  # nbdcopy's default 256 KiB took 4.2 s where 1 MiB took 3.0 s (1 GiB, 512 MiB data)
 
 
 def target_format(target: str | os.PathLike[str], fmt: str | None) -> str:
@@ -102,7 +103,7 @@ def _copy(uri: str, image: Path, snap: Snapshot, progress: ProgressFn | None, th
           sync: bool) -> None:
     """nbdcopy from the export into the image, served by a qemu-nbd that nbdcopy starts itself."""
     read_end, write_end = os.pipe()
-    cmd = [NBDCOPY, "--destination-is-zero", f"--progress={write_end}",
+    cmd = [NBDCOPY, "--destination-is-zero", f"--request-size={REQUEST_SIZE}", f"--progress={write_end}",
            *(["--flush"] if sync else []), *([f"--threads={threads}"] if threads else []),
            uri, "--", "[", QEMU_NBD, "-f", "qcow2", str(image), "]"]
     ticker = threading.Thread(target=_tick, args=(read_end, snap.size, progress), daemon=True)
