@@ -189,3 +189,18 @@ def test_only_the_chunks_needed_are_decompressed() -> None:
     assert restrict(compressed, [(250 * KIB, 300 * KIB)], 32 * KIB) == [(224 * KIB, 32 * KIB),
                                                                         (512 * KIB, 64 * KIB)]
     assert restrict(compressed, [(300 * KIB, 10)], 32 * KIB) == []
+
+
+def test_a_damaged_chunk_fails_a_qcow2_restore_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    run("init", tmp_path / "r")
+    image = write_image(tmp_path / "d.img", 4 * MIB, 5)
+    run("backup", "--repo", tmp_path / "r", "--name", "vm1/vda", image)
+    pack = next(p for p in (tmp_path / "r" / "packs").rglob("*") if p.is_file())
+    with open(pack, "r+b") as f:  # flip a page in the middle of the pack: some chunk fails its checks
+        f.seek(pack.stat().st_size // 2)
+        page = f.read(4096)
+        f.seek(pack.stat().st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in page))
+    assert_one_line_error(run("restore", "--repo", tmp_path / "r", "vm1/vda@latest", tmp_path / "out.qcow2",
+                              check=False), 4, "hyperback verify")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.img", "r"]
