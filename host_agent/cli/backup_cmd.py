@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     "A qcow2 image (detected by its magic bytes) is backed up as the disk its guest sees, "
                     "what 'qemu-img convert -O raw' gives: backing chain resolved, compressed clusters "
                     "decompressed, zero clusters and holes never read; it gets a dirty bitmap "
-                    "(hyperback-cli-...) so that the next incremental reads only what was written since. "
+                    "(hyperback-cli-...) so that the next incremental reads only what was written since; "
+                    "no one may write the image while it is read (back a running VM's disk up through "
+                    "the agent). "
                     "full reads everything; incremental stores what changed since the latest snapshot "
                     "of NAME, differential since the latest full one.")
     p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
@@ -29,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="default: full")
     p.add_argument("--changes", type=Path, metavar="FILE",
                    help="changed extents since the base snapshot, one 'OFFSET LENGTH' (bytes) per line; "
-                        "only these are read (without it, everything is read and compared)")
+                        "only these are read (without it, everything is read and compared, unless a "
+                        "qcow2 image's bitmap tells)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="how to read SOURCE (default: detected): raw stores a qcow2 file's own bytes, "
                         "qcow2 the disk its guest sees")
