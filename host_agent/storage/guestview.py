@@ -145,8 +145,8 @@ def _slice_mappings(compressed: Sequence[Extent], slices: Sequence[Extent], file
 def _image_opts(path: str, start: int, length: int) -> str:
     """One guest range of the qcow2 chain at ``path`` as an image of its own (QEMU's raw ``offset``)."""
     escaped = path.replace(",", ",,")
-    return (f"driver=raw,offset={start},size={length},file.driver=qcow2,"
-            f"file.file.driver=file,file.file.filename={escaped}")
+    # no file.file.driver: QEMU picks "file" or "host_device" (a qcow2 image on an LV) by itself
+    return f"driver=raw,offset={start},size={length},file.driver=qcow2,file.file.filename={escaped}"
 
 
 def _convert_slices(path: str, slices: Sequence[Extent], scratch: Path) -> None:
