@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,12 +34,14 @@ from pathlib import Path
 from host_agent import errors
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent, Layout, Mapping, overlapping
+from host_agent.storage.repository import ProgressFn
 
 log = logging.getLogger(__name__)
 
 QCOW2_MAGIC = b"QFI\xfb"
 FORMATS = ("raw", "qcow2")
 MAX_SLICES = 32
+PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
 @dataclass(frozen=True)
@@ -64,21 +67,24 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 @contextmanager
 def guest_view(path: str | os.PathLike[str], chunk_size: int,
                scratch_dir: str | os.PathLike[str] | None = None,
-               needed: Sequence[Extent] | None = None) -> Iterator[GuestView]:
+               needed: Sequence[Extent] | None = None,
+               progress: ProgressFn | None = None) -> Iterator[GuestView]:
     """The guest-visible disk of the qcow2 image at ``path``; the scratch file goes on exit.
 
     ``needed`` (sorted, disjoint; None: all) are the only guest ranges the backup will read, e.g. an
-    incremental's changes: compressed clusters outside them are not decompressed, nor mapped."""
+    incremental's changes: compressed clusters outside them are not decompressed, nor mapped.
+    ``progress`` hears how far qemu-img has got with them."""
     path = os.path.abspath(path)
     fd, scratch = tempfile.mkstemp(prefix=".hyperback-", suffix=".raw", dir=scratch_dir)
     os.close(fd)
     try:
-        yield _view(path, chunk_size, Path(scratch), needed)
+        yield _view(path, chunk_size, Path(scratch), needed, progress)
     finally:
         Path(scratch).unlink(missing_ok=True)
 
 
-def _view(path: str, chunk_size: int, scratch: Path, needed: Sequence[Extent] | None) -> GuestView:
+def _view(path: str, chunk_size: int, scratch: Path, needed: Sequence[Extent] | None,
+          progress: ProgressFn | None) -> GuestView:
     try:
         split = qcow2.split_layout(path, chunk_size, "qcow2", label=path)
     except errors.NotReadableInPlace as e:
@@ -90,7 +96,7 @@ def _view(path: str, chunk_size: int, scratch: Path, needed: Sequence[Extent] | 
     if not wanted:
         return GuestView(split.layout, 0, ())
     slices = merge_slices(wanted, MAX_SLICES)
-    _convert_slices(path, slices, scratch)
+    _convert_slices(path, slices, scratch, progress)
     layout = split.layout
     mappings = [*layout.mappings, *_slice_mappings(wanted, slices, len(layout.files))]
     mappings.sort(key=lambda m: m.offset)
@@ -149,14 +155,34 @@ def _image_opts(path: str, start: int, length: int) -> str:
     return f"driver=raw,offset={start},size={length},file.driver=qcow2,file.file.filename={escaped}"
 
 
-def _convert_slices(path: str, slices: Sequence[Extent], scratch: Path) -> None:
-    cmd = [qcow2.QEMU_IMG, "convert", "-U", "-O", "raw", "--image-opts",
+def _convert_slices(path: str, slices: Sequence[Extent], scratch: Path, progress: ProgressFn | None) -> None:
+    """qemu-img convert -p: its "(12.34/100%)" reports become progress calls, the rest is its error."""
+    cmd = [qcow2.QEMU_IMG, "convert", "-p", "-U", "-O", "raw", "--image-opts",
            *(_image_opts(path, s, n) for s, n in slices), str(scratch)]
+    total = sum(n for _, n in slices)
     log.debug("decompressing %d slices of %s into %s", len(slices), path, scratch)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except FileNotFoundError as e:
         raise errors.ImageError(f"{qcow2.QEMU_IMG} is not installed (Debian: apt install qemu-utils)") from e
-    if out.returncode != 0:
+    assert proc.stdout is not None
+    said: list[str] = []
+
+    def hear(piece: bytes) -> None:
+        text = piece.decode(errors="replace").strip()
+        percent = PERCENT.search(text)
+        if percent and progress is not None:
+            progress(int(total * float(percent.group(1)) / 100), total)
+        elif not percent and text:
+            said.append(text)
+
+    with proc:
+        pending = b""
+        while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]  # a BufferedReader's
+            *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+            for piece in pieces:
+                hear(piece)
+        hear(pending)
+    if proc.returncode != 0:
         raise errors.ImageError(f"cannot decompress the compressed clusters of {path} into {scratch}: "
-                                f"{out.stderr.strip()}")
+                                f"{'; '.join(said) or f'exit status {proc.returncode}'}")

@@ -74,7 +74,8 @@ def _backup_qcow2(repo: Repository, path: str, name: str, policy: Policy, change
         marked = _marked_since(path, base, notes) if changes is None else None
         changes = marked if marked is not None else changes
         needed = _needed(changes, base, repo.config.chunk_size)
-        with guest_view(path, repo.config.chunk_size, scratch_dir, needed) as view:
+        # one progress line for both stages: qemu-img's decompression, then the copy
+        with guest_view(path, repo.config.chunk_size, scratch_dir, needed, progress) as view:
             result = repo.backup(view.source, name, policy, changes, progress, threads, checkpoint=checkpoint)
     except BaseException:
         if checkpoint:
