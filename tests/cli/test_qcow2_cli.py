@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error, run, run_json
+from checkpoints import Checkpoints, opened
+from cli_helpers import HYPERBACK, assert_one_line_error, run, run_json
 from conftest import MIB, sha256_file, write_image
 
 from host_agent.storage.guestview import detect_format, merge_slices, restrict
@@ -204,3 +207,38 @@ def test_a_damaged_chunk_fails_a_qcow2_restore_and_leaves_nothing_behind(tmp_pat
     assert_one_line_error(run("restore", "--repo", tmp_path / "r", "vm1/vda@latest", tmp_path / "out.qcow2",
                               check=False), 4, "hyperback verify")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.img", "r"]
+
+
+@pytest.mark.root
+def test_a_backup_killed_before_its_commit_leaves_a_bitmap_the_next_backup_removes(
+        tmp_path: Path, chain: Chain, checkpoints: Callable[[Path], Checkpoints]) -> None:
+    run("init", tmp_path / "r")
+    backup(tmp_path / "r", chain.top)
+    (full,) = bitmaps(chain.top)
+    qemu_io(chain.top, "write -P 0x73 2M 128k")
+    cps = checkpoints(tmp_path / "r")
+    cps.watch_opens(tmp_path / "r" / "tmp")
+    proc = subprocess.Popen([*HYPERBACK, "backup", "--repo", str(tmp_path / "r"), "--name", "vm1/vda",
+                             "--policy", "incremental", str(chain.top)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        cps.hold_at(proc, opened("tmp/*.tmp"))  # every chunk stored, the snapshot document next
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    cps.release()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(run_json("list", "--repo", tmp_path / "r")) == 1  # nothing published
+    orphan = set(bitmaps(chain.top)) - {full}
+    assert len(orphan) == 1
+
+    out = backup(tmp_path / "r", chain.top, "--policy", "incremental")
+    assert out["change_detection"] == "dirty-bitmap"  # the full's bitmap still marks the write
+    assert int(str(out["bytes_read"])) <= 256 * KIB
+    assert not orphan & set(bitmaps(chain.top)) and full in bitmaps(chain.top)
+    run("restore", "--repo", tmp_path / "r", "vm1/vda@latest", tmp_path / "out.raw")
+    assert sha256_file(tmp_path / "out.raw") == guest_digest(chain.top)
+    run("check", "--repo", tmp_path / "r")
