@@ -21,7 +21,8 @@ How ``qemu-img map --output=json`` (QEMU 7.2) turns into a :class:`~host_agent.s
 * ``"zero": true`` ranges, and ranges no image of the chain allocates, read as zeros: no mapping.
 * ``"data": true`` with an ``"offset"``: read ``files[depth]`` at that offset.
 * ``"data": true`` without an ``"offset"`` is a compressed cluster (QEMU 7.2's map has no
-  ``compressed`` key; this is how it shows): not readable in place.
+  ``compressed`` key; this is how it shows): not readable in place. :func:`split_layout` sets
+  such clusters aside for QEMU to decompress (:mod:`host_agent.storage.guestview`).
 * ``"data": true, "zero": true`` with an offset is an allocated cluster over a hole of the file
   (QEMU asks the file layer for sparse images, e.g. after ``preallocation=metadata`` or clusters
   QEMU zeroed with fallocate): no mapping of its own, but a chunk that is part data, part such
@@ -279,7 +280,9 @@ class _Run:
     data: list[Extent]
 
 
-def _runs(ranges: Sequence[MapRange], chain: Sequence[ImageInfo], max_depth: int | None) -> list[_Run]:
+def _runs(ranges: Sequence[MapRange], chain: Sequence[ImageInfo], max_depth: int | None,
+          compressed: list[MapRange] | None = None) -> list[_Run]:
+    """The in-place runs of ``ranges``; compressed clusters go to ``compressed`` if given, else raise."""
     runs: list[_Run] = []
     last: _Run | None = None
     for r in ranges:
@@ -289,6 +292,10 @@ def _runs(ranges: Sequence[MapRange], chain: Sequence[ImageInfo], max_depth: int
         if r.depth >= len(chain):
             raise ImageError(f"qemu-img map reported depth {r.depth} of a chain of {len(chain)} images")
         image = chain[r.depth]
+        if r.data and not r.zero and r.offset is None and compressed is not None:
+            compressed.append(r)
+            last = None
+            continue
         if r.data and not r.zero and r.offset is None:
             raise NotReadableInPlace(
                 f"{image.path}: the cluster at guest offset {r.start} has no file offset (a compressed "
@@ -341,18 +348,50 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise errors.UsageError(f"chunk size {chunk_size} is not a power of two")
 
 
-def chain_layout(path: str | os.PathLike[str], chunk_size: int, fmt: str | None = None,
-                 label: str | None = None) -> Layout:
-    """The guest-visible content of ``path`` (through its backing chain) as a Layout over the chain's
-    files, for ``Repository.backup``. Raises NotReadableInPlace where the copier cannot read it."""
+def _chain_mappings(path: str | os.PathLike[str], chunk_size: int, fmt: str | None,
+                    compressed: list[MapRange] | None) -> tuple[tuple[ImageInfo, ...], list[Mapping]]:
     _check_chunk_size(chunk_size)
     chain = image_chain(path, fmt)
     _check_chain(chain, chunk_size, len(chain))
     ranges = image_map(path, fmt)
-    size = chain[0].virtual_size
-    mappings = _mappings(_runs(ranges, chain, None), chain, size, chunk_size)
+    mappings = _mappings(_runs(ranges, chain, None, compressed), chain, chain[0].virtual_size, chunk_size)
     log.debug("%s: %d mappings over %d files", path, len(mappings), len(chain))
-    return Layout(tuple(i.data_path for i in chain), tuple(mappings), size, label or chain[0].path)
+    return chain, mappings
+
+
+def chain_layout(path: str | os.PathLike[str], chunk_size: int, fmt: str | None = None,
+                 label: str | None = None) -> Layout:
+    """The guest-visible content of ``path`` (through its backing chain) as a Layout over the chain's
+    files, for ``Repository.backup``. Raises NotReadableInPlace where the copier cannot read it."""
+    chain, mappings = _chain_mappings(path, chunk_size, fmt, None)
+    return Layout(tuple(i.data_path for i in chain), tuple(mappings), chain[0].virtual_size,
+                  label or chain[0].path)
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """A chain's guest-visible content split in two: what the copier reads in place (``layout``) and
+    the compressed clusters it cannot (``compressed``, merged guest ranges), to be read through QEMU."""
+
+    layout: Layout
+    compressed: tuple[Extent, ...]
+
+
+def split_layout(path: str | os.PathLike[str], chunk_size: int, fmt: str | None = None,
+                 label: str | None = None) -> SplitLayout:
+    """Like :func:`chain_layout`, but compressed clusters are set aside instead of refused. Raises
+    NotReadableInPlace for anything else the copier cannot read (small clusters, encryption, ...)."""
+    compressed: list[MapRange] = []
+    chain, mappings = _chain_mappings(path, chunk_size, fmt, compressed)
+    merged: list[Extent] = []
+    for r in compressed:
+        if merged and merged[-1][0] + merged[-1][1] == r.start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + r.length)
+        else:
+            merged.append((r.start, r.length))
+    layout = Layout(tuple(i.data_path for i in chain), tuple(mappings), chain[0].virtual_size,
+                    label or chain[0].path)
+    return SplitLayout(layout, tuple(merged))
 
 
 def top_layout(path: str | os.PathLike[str], chunk_size: int, fmt: str | None = None,
