@@ -499,8 +499,15 @@ def _restore_paths(common: Common, opts: RestorePathsOptions, config: ShimConfig
               f"{_size(done.bytes)} below {opts.to}")
         for line in done.skipped:
             print(f"  skipped {line}")
+        for line in done.in_the_way:
+            print(f"  NOT restored: {line}")
 
-    return _output(common, done.to_dict(), show)
+    if not done.in_the_way:
+        return _output(common, done.to_dict(), show)
+    if not common.json:
+        show()
+    return _fail(common, 1, f"{len(done.in_the_way)} entries were not restored: something else is where "
+                 "they go (listed above); move it, or restore elsewhere", "RestoreError")
 
 
 def _release(common: Common, opts: ReleaseOptions, config: ShimConfig) -> int:

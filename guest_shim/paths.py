@@ -10,16 +10,20 @@ guest's view of it.
 A file-level snapshot's image is a POSIX pax archive (docs/repository-format.md, the ``files``
 field). To restore, the host attaches it as a read-only disk (``see`` with ``partition``), and the
 archive is read from that disk with :mod:`tarfile`: entries under the asked paths are written below
-a target folder, at their guest paths, with their modes and times to the nanosecond. The archive
-is the host's word about this guest's own data; it is still written out defensively: no name with
-``..`` or an absolute link escapes the target, nothing is written through a symbolic link, no
-device or FIFO is created.
+a target folder, at their guest paths, with their modes and times to the nanosecond (owners are not
+kept by the archive: the restorer owns what it writes, so setuid and setgid bits are dropped). The
+archive is the host's word about this guest's own data; it is still written out defensively: no
+name with ``..`` escapes the target, no write goes through a symbolic link (every step is taken
+from a folder's descriptor opened without following links, so swapping a folder for a link
+meanwhile does not help), no device or FIFO is created, and each file replaces the old one by a
+rename, so an interrupted restore leaves either version, never neither.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 import tarfile
 import time
@@ -87,10 +91,10 @@ def _mount_of(path: str, mounts: Iterable[Mount]) -> Mount:
     return best
 
 
-def locate(paths: Sequence[str], *, sys_root: str = "/sys",
-           mountinfo: str = "/proc/self/mountinfo") -> FileSystemPaths:
-    """Where guest ``paths`` are, as the host names them; InvalidArgument unless they exist and
-    are all on one file system of one disk with a serial."""
+def locate(paths: Sequence[str], *, sys_root: str = "/sys", mountinfo: str = "/proc/self/mountinfo",
+           existing: bool = True) -> FileSystemPaths:
+    """Where guest ``paths`` are, as the host names them; InvalidArgument unless they are all on
+    one file system of one disk with a serial, and (``existing``: for a backup) exist."""
     if not 1 <= len(paths) <= MAX_PATHS:
         raise InvalidArgument(f"give 1 to {MAX_PATHS} paths, not {len(paths)}")
     with open(mountinfo, "rb") as f:
@@ -101,7 +105,7 @@ def locate(paths: Sequence[str], *, sys_root: str = "/sys",
         if not asked.startswith("/"):
             raise InvalidArgument(f"{asked!r} is not an absolute path")
         path = os.path.realpath(asked)
-        if not os.path.lexists(path):
+        if existing and not os.path.lexists(path):
             raise InvalidArgument(f"{asked} does not exist in this guest")
         mount = _mount_of(path, mounts)
         disk, partition = _block_device(mount.device, sys_root)
@@ -138,10 +142,11 @@ class Restored:
     links: int = 0
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)  # archive names not written, and why
+    in_the_way: list[str] = field(default_factory=list)  # entries not written: something else is there
 
     def to_dict(self) -> dict[str, object]:
         return {"files": self.files, "directories": self.directories, "links": self.links,
-                "bytes": self.bytes, "skipped": self.skipped}
+                "bytes": self.bytes, "skipped": self.skipped, "in_the_way": self.in_the_way}
 
 
 def _ns(member: tarfile.TarInfo, key: str) -> int | None:
@@ -156,84 +161,126 @@ def _ns(member: tarfile.TarInfo, key: str) -> int | None:
         return None
 
 
+class _InTheWay(Exception):
+    """Something that is not a folder where one is needed, or a folder where a file goes."""
+
+
+KEPT_MODE = 0o1777  # owners are not restored: a setuid or setgid bit would hand the restorer's rights on
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
 class _Writer:
-    """Writes archive entries below ``to``; never through a symbolic link, never outside it."""
+    """Writes archive entries below ``to``. Every step goes through a folder's file descriptor
+    opened without following links, so nothing can steer a write outside ``to`` by swapping a
+    folder for a link meanwhile; each file or link is written under a temporary name and renamed
+    over the old entry, so an interrupted restore leaves the old version or the new, never neither."""
 
     def __init__(self, to: str) -> None:
         self.to = os.path.realpath(to)
         self.done = Restored()
-        self.dir_times: list[tuple[str, int, int, int]] = []
+        self.dir_times: list[tuple[list[str], int, int, int]] = []
 
-    def target(self, guest_path: str) -> str:
+    def _parts(self, guest_path: str) -> list[str]:
         parts = [p for p in guest_path.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise RestoreError(f"archive entry {guest_path!r} is not a plain path")
-        here = self.to
-        for part in parts[:-1]:
-            here = os.path.join(here, part)
-            try:
-                st = os.lstat(here)
-            except FileNotFoundError:
-                os.mkdir(here, 0o700)  # its own entry, if the archive has one, sets mode and times
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise RestoreError(f"{here} is in the way (not a folder): move it, or restore elsewhere")
-        return os.path.join(here, parts[-1]) if parts else self.to
+        return parts
+
+    def _open_dir(self, parts: list[str], create: bool) -> int:
+        """A descriptor of folder ``to``/``parts``, made (mode 0700 until its own entry says
+        otherwise) where missing if ``create``; RestoreError if a component is not a folder."""
+        fd = os.open(self.to, _OPEN_DIR)
+        try:
+            for n, part in enumerate(parts):
+                try:
+                    if create:
+                        with contextlib.suppress(FileExistsError):
+                            os.mkdir(part, 0o700, dir_fd=fd)
+                    child = os.open(part, _OPEN_DIR, dir_fd=fd)
+                except OSError as e:  # ELOOP: a link; ENOTDIR: a file; ENOENT: gone meanwhile
+                    where = os.path.join(self.to, *parts[: n + 1])
+                    raise _InTheWay(f"{where} is in the way (not a folder to enter: {e.strerror})") from e
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def write(self, archive: tarfile.TarFile, member: tarfile.TarInfo, guest_path: str) -> None:
-        path = self.target(guest_path)
+        parts = self._parts(guest_path)
         exact_mtime, exact_atime = _ns(member, "mtime"), _ns(member, "atime")
         mtime = int(member.mtime * 1_000_000_000) if exact_mtime is None else exact_mtime
         atime = mtime if exact_atime is None else exact_atime
-        mode = stat.S_IMODE(member.mode)
+        mode = stat.S_IMODE(member.mode) & KEPT_MODE
         if member.isdir():
-            os.makedirs(path, 0o700, exist_ok=True)
-            if os.path.islink(path) or not os.path.isdir(path):
-                raise RestoreError(f"{path} is in the way (not a folder): move it, or restore elsewhere")
-            self.dir_times.append((path, mode, atime, mtime))
+            os.close(self._open_dir(parts, create=True))
+            self.dir_times.append((parts, mode, atime, mtime))
             self.done.directories += 1
-        elif member.issym():
-            self._replace(path)
-            os.symlink(member.linkname, path)
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            return
+        if not (member.issym() or member.isfile()) or not parts:
+            self.done.skipped.append(f"{guest_path}: not a file, folder or link")
+            return
+        parent = self._open_dir(parts[:-1], create=True)
+        try:
+            self._put(archive, member, parent, parts, mode, (atime, mtime))
+        finally:
+            os.close(parent)
+        if member.issym():
             self.done.links += 1
-        elif member.isfile():
-            self._replace(path)
-            self._copy(archive, member, path)
-            os.chmod(path, mode)
-            os.utime(path, ns=(atime, mtime))
+        else:
             self.done.files += 1
             self.done.bytes += member.size
-        else:
-            self.done.skipped.append(f"{guest_path}: not a file, folder or link")
 
-    @staticmethod
-    def _replace(path: str) -> None:
+    def _put(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parent: int, parts: list[str],
+             mode: int, times: tuple[int, int]) -> None:
+        name = parts[-1]
+        temp = f".{name[:200]}.hyperback-{secrets.token_hex(4)}"
         try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                raise RestoreError(f"{path} is a folder where the snapshot has a file: move it, or "
-                                   "restore elsewhere")
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            if member.issym():
+                os.symlink(member.linkname, temp, dir_fd=parent)
+                os.utime(temp, ns=times, dir_fd=parent, follow_symlinks=False)
+            else:
+                self._copy(archive, member, parent, temp, mode, times)
+            try:
+                os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except IsADirectoryError as e:
+                where = os.path.join(self.to, *parts)
+                raise _InTheWay(f"{where} is a folder where the snapshot has a file") from e
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=parent)
+            raise
 
     @staticmethod
-    def _copy(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> None:
+    def _copy(archive: tarfile.TarFile, member: tarfile.TarInfo, parent: int, temp: str, mode: int,
+              times: tuple[int, int]) -> None:
         source = archive.extractfile(member)
         assert source is not None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent)
         with os.fdopen(fd, "wb") as out:
             while True:
                 block = source.read(COPY_BUFFER)
                 if not block:
                     break
                 out.write(block)
+            out.flush()
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=times)
 
     def finish(self) -> None:
         # folders last, deepest first: writing their entries changed their times
-        for path, mode, atime, mtime in reversed(self.dir_times):
-            os.chmod(path, mode)
-            os.utime(path, ns=(atime, mtime))
+        for parts, mode, atime, mtime in reversed(self.dir_times):
+            try:
+                fd = self._open_dir(parts, create=False)
+            except _InTheWay as e:
+                self.done.in_the_way.append(str(e))
+                continue
+            try:
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(atime, mtime))
+            finally:
+                os.close(fd)
 
 
 def restore_archive(stream: BinaryIO, where: FileSystemPaths, to: str) -> Restored:
@@ -255,7 +302,10 @@ def restore_archive(stream: BinaryIO, where: FileSystemPaths, to: str) -> Restor
                 if guest is None:
                     writer.done.skipped.append(f"{name}: outside the mount at {where.mountpoint}")
                     continue
-                writer.write(archive, member, guest)
+                try:
+                    writer.write(archive, member, guest)
+                except _InTheWay as e:
+                    writer.done.in_the_way.append(str(e))
     except (tarfile.TarError, EOFError) as e:
         raise RestoreError(f"the snapshot's archive cannot be read ({e}): is it a backup of paths?") from e
     except OSError as e:
@@ -287,7 +337,7 @@ def restore_paths(paths: Sequence[str], to: str, snapshot: str = LATEST, *, dest
     their file system) below folder ``to``, each at its guest path; the snapshot's archive is read
     from a read-only disk the host attaches for the call, and given back after."""
     with Client(config) as client:
-        where = locate(paths, sys_root=client.config.sysfs)
+        where = locate(paths, sys_root=client.config.sysfs, existing=False)  # deleted ones above all
         seen = client.see(where.serial, snapshot, destination=destination, timeout=timeout,
                           partition=where.partition)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,7 @@ def test_restored_paths_are_bit_identical_with_modes_and_nanosecond_times(tmp_pa
 
     restored = snapshot_of_tree(tmp_path / "out" / "mnt" / "data")
     want = {k: v for k, v in snapshot_of_tree(tree).items() if k not in ("data/pipe", "etc")}
+    want["data/tool"] = replace(want["data/tool"], mode=0o100755)  # owners are not kept: never setuid
     assert {k: v for k, v in restored.items() if k != "etc"} == want
     assert (done.files, done.links, done.skipped) == (6, 3, [])
     assert (tmp_path / "out/mnt/data/etc/app/app.conf").stat().st_mtime_ns == 1_700_000_000_123_456_789
@@ -130,6 +132,37 @@ def test_only_the_asked_paths_are_restored_and_a_missing_one_is_named(tmp_path: 
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
         "etc", "etc/app", "etc/app/conf.d", "etc/app/conf.d/10-local.conf"]
     assert done.skipped == ["/usr/lib: not in the snapshot"]
+
+
+def test_a_restore_in_place_replaces_files_and_leaves_a_folder_in_the_way_alone(tmp_path: Path) -> None:
+    tree = guest_tree(tmp_path / "tree")
+    image = archive_image(tree, tmp_path / "image", "/etc/app")
+    live = tmp_path / "live"
+    (live / "etc" / "app" / "app.conf").mkdir(parents=True)  # a folder where the snapshot has a file
+    (live / "etc" / "app" / "conf.d").mkdir()
+    (live / "etc" / "app" / "conf.d" / "10-local.conf").write_text("changed since\n")
+    where = FileSystemPaths("hb-data", 2, "/", "/", ("/etc/app",))
+
+    with open(image, "rb") as stream:
+        done = restore_archive(stream, where, str(live))
+
+    assert done.in_the_way == [f"{live}/etc/app/app.conf is a folder where the snapshot has a file"]
+    assert (live / "etc/app/app.conf").is_dir()
+    assert (live / "etc/app/conf.d/10-local.conf").read_text() == "debug = false\n"  # the rest restored
+    assert [p.name for p in (live / "etc" / "app").iterdir() if ".hyperback-" in p.name] == []
+
+
+def test_paths_that_no_longer_exist_are_located_for_a_restore(tmp_path: Path) -> None:
+    sys_root, data = tmp_path / "sys", tmp_path / "data"
+    data.mkdir()
+    sysfs_partition(sys_root, "vdb", 1, "254:17", "hb-data")
+    info = mountinfo(tmp_path / "mountinfo", ("254:17", "/", str(data)))
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        locate([f"{data}/gone/file"], sys_root=str(sys_root), mountinfo=str(info))
+
+    where = locate([f"{data}/gone/file"], sys_root=str(sys_root), mountinfo=str(info), existing=False)
+
+    assert (where.serial, where.partition, where.paths) == ("hb-data", 1, ("/gone/file",))
 
 
 def crafted(entries: list[tarfile.TarInfo]) -> io.BytesIO:
@@ -150,8 +183,8 @@ def test_a_hostile_archive_writes_nothing_outside_the_target_nor_through_a_link(
     through.size = 6
     where = FileSystemPaths("hb-data", 0, "/", "/", ("/srv",))
 
-    with pytest.raises(RestoreError, match="in the way"):
-        restore_archive(crafted([link, through]), where, str(tmp_path / "out"))
+    done = restore_archive(crafted([link, through]), where, str(tmp_path / "out"))
+    assert len(done.in_the_way) == 1 and "srv/a is in the way" in done.in_the_way[0]
     assert list((tmp_path / "outside").iterdir()) == []
 
     dotdot = tarfile.TarInfo("srv/../../outside/x")
