@@ -17,10 +17,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "backup", help="back up an image or block device",
         description="Back up SOURCE (an image file or a block device) as a new snapshot of NAME. "
-                    "A qcow2 image (detected by its magic bytes) is backed up as the disk its guest sees, "
-                    "what 'qemu-img convert -O raw' gives: backing chain resolved, compressed clusters "
-                    "decompressed, zero clusters and holes never read; it gets a dirty bitmap "
-                    "(hyperback-cli-...) so that the next incremental reads only what was written since; "
+                    "A qcow2 image is backed up as the disk its guest sees, what 'qemu-img convert -O "
+                    "raw' gives: backing chain resolved, compressed clusters decompressed, zero clusters "
+                    "and holes never read; with --format qcow2 it gets a dirty bitmap (hyperback-cli-...) "
+                    "so that the next incremental reads only what was written since. A qcow2 only "
+                    "detected by its magic bytes gets no bitmap and is refused if it names a backing or "
+                    "data file (a guest can write such a header into its raw disk): give --format. "
                     "no one may write the image while it is read (back a running VM's disk up through "
                     "the agent). "
                     "full reads everything; incremental stores what changed since the latest snapshot "

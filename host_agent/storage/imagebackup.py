@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from host_agent import errors
 from host_agent.model import ChangeDetection, Policy
-from host_agent.storage import imagebitmaps
+from host_agent.storage import imagebitmaps, qcow2
 from host_agent.storage.extents import Extent, validate_changes
 from host_agent.storage.guestview import FORMATS, detect_format, guest_view
 from host_agent.storage.repository import ProgressFn, Repository
@@ -53,22 +53,39 @@ def backup_image(repo: Repository, source: str | os.PathLike[str], name: str, po
     overrides detection."""
     if fmt is not None and fmt not in FORMATS:
         raise errors.UsageError(f"format must be raw or qcow2, not {fmt!r}")
+    guessed = fmt is None
     fmt = fmt or detect_format(source)
+    if guessed and fmt == "qcow2":
+        _refuse_references(source)
     if fmt == "raw":
         result = repo.backup(source, name, policy, changes, progress, threads, labels=labels)
         return ImageBackup(result, "raw", result.snapshot.change_detection, 0, result.notes)
     return _backup_qcow2(repo, os.path.abspath(source), name, policy, changes, progress, threads,
-                         scratch_dir, labels)
+                         scratch_dir, labels, track=not guessed)
+
+
+def _refuse_references(source: str | os.PathLike[str]) -> None:
+    """A qcow2 header that was only detected may have been written by a guest into its raw disk:
+    followed, its backing or data file would make hyperback store a host file as that disk."""
+    info = qcow2.image_info(source, "qcow2")
+    named = info.backing or info.data_file
+    if named:
+        raise errors.UsageError(f"{source} looks like a qcow2 image that reads {named}; a guest can write "
+                                "such a header into its raw disk, so hyperback follows it only when told: "
+                                "pass --format qcow2 for an image you trust, or --format raw for its bytes")
 
 
 def _backup_qcow2(repo: Repository, path: str, name: str, policy: Policy, changes: Sequence[Extent] | None,
                   progress: ProgressFn | None, threads: int | None,
-                  scratch_dir: str | os.PathLike[str] | None, labels: Sequence[str]) -> ImageBackup:
+                  scratch_dir: str | os.PathLike[str] | None, labels: Sequence[str],
+                  track: bool) -> ImageBackup:
     notes: list[str] = []
     base = repo.base_for(name, policy)
     # The new bitmap first, the base's after: a write in between is in both (read twice), never in
-    # neither (docs/changed-block-tracking.md, "Why this order is correct").
-    tracking = imagebitmaps.start_tracking(path)
+    # neither (docs/changed-block-tracking.md, "Why this order is correct"). A format only detected
+    # gets no bitmap: writing into what may be a guest's raw disk would corrupt it.
+    tracking = imagebitmaps.start_tracking(path) if track else imagebitmaps.Fallback(
+        "the format was detected, not given (--format qcow2 lets hyperback add a dirty bitmap)")
     if isinstance(tracking, imagebitmaps.Fallback):
         notes.append(f"{tracking.reason}: the next incremental compares every chunk")
     checkpoint = tracking if isinstance(tracking, str) else None

@@ -90,8 +90,24 @@ def chain(tmp_path: Path) -> Chain:
 
 
 def backup(repo: Path, image: Path, *options: object) -> dict[str, object]:
-    out: dict[str, object] = run_json("backup", "--repo", repo, "--name", "vm1/vda", *options, image)
+    """A backup of an image the test trusts: ``--format qcow2`` given (a later ``--format`` wins)."""
+    out: dict[str, object] = run_json("backup", "--repo", repo, "--name", "vm1/vda", "--format", "qcow2",
+                                      *options, image)
     return out
+
+
+def test_a_detected_qcow2_header_naming_another_file_is_not_followed(tmp_path: Path) -> None:
+    # what a guest can write at the start of its raw disk: a qcow2 header whose backing file is a host file
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"host only\n" * 100)
+    disk = tmp_path / "guest-raw-disk.img"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", disk, str(SIZE))
+    run("init", tmp_path / "r")
+    refused = run("backup", "--repo", tmp_path / "r", "--name", "vm1/vda", disk, check=False)
+    assert_one_line_error(refused, 2, f"reads {secret}", "--format")
+    assert bitmaps(disk) == []  # nothing written into what may be a guest's disk
+    out = run_json("backup", "--repo", tmp_path / "r", "--name", "vm1/vda", "--format", "raw", disk)
+    assert out["format"] == "raw" and out["size"] == disk.stat().st_size  # the disk's own bytes
 
 
 def test_a_qcow2_chain_is_backed_up_as_its_guest_sees_it_and_restored_to_raw_and_qcow2(
