@@ -103,12 +103,27 @@ class Annotations:
 
     def protected_ids(self) -> set[str]:
         """The snapshots whose record protects them (retention counts them as kept)."""
-        return {sid for sid, record in self.all().items() if record.protected}
+        if not self.folder.is_dir():
+            return set()
+        return {path.name for path in self.folder.iterdir()
+                if SNAPSHOT_ID.fullmatch(path.name) and self._protects(path)}
 
     def protected(self, snapshot_id: str) -> bool:
         """Read just before a document is deleted (section 5.5): whether it must not be."""
-        record = self._read(self.folder / snapshot_id)
-        return record is not None and record.protected
+        return self._protects(self.folder / snapshot_id)
+
+    @staticmethod
+    def _protects(path: Path) -> bool:
+        """Protection fails closed: a record that exists but cannot be read protects its snapshot."""
+        try:
+            record = Annotation.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError, errors.UsageError) as e:
+            log.warning("annotation record %s cannot be read (%s): its snapshot counts as protected until "
+                        "the record is fixed or removed", path, e)
+            return True
+        return record.protected or record.snapshot != path.name
 
     def _read(self, path: Path) -> Annotation | None:
         try:

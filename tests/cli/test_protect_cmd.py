@@ -22,3 +22,15 @@ def test_prune_keeps_a_protected_snapshot_until_it_is_unprotected(tmp_path: Path
     run("unprotect", "--repo", tmp_path / "r", ids[0])
     assert run_json("list", "--repo", tmp_path / "r")[0]["protected"] is False
     assert run_json("prune", "--repo", tmp_path / "r", "--keep-last", "1")["removed"] == [ids[0]]
+
+
+def test_a_damaged_protection_record_protects_its_snapshot(tmp_path: Path) -> None:
+    run("init", tmp_path / "r")
+    ids = [run_json("backup", "--repo", tmp_path / "r", "--name", "vm1/vda",
+                    write_image(tmp_path / f"d{i}.img", MIB, i))["snapshot"] for i in range(2)]
+    run("protect", "--repo", tmp_path / "r", ids[0])
+    (tmp_path / "r" / "annotations" / ids[0]).write_text('{"snapshot": "')  # torn by a failing disk
+
+    assert run("forget", "--repo", tmp_path / "r", ids[0], check=False).returncode != 0
+    assert run_json("prune", "--repo", tmp_path / "r", "--keep-last", "1")["removed"] == []
+    assert {s["id"] for s in run_json("list", "--repo", tmp_path / "r")} == set(ids)
