@@ -15,11 +15,12 @@ import enum
 import hashlib
 import posixpath
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["STRENGTH", "ApplianceFootprint", "ChangeDetection", "DiskRef", "DiskResult", "Instruction",
-           "InstructionKind", "Outcome", "PathSelection", "Placement", "Plan", "Policy", "RequestId",
-           "UnitKind", "VmFootprint", "WorkUnit", "base_name", "normalize_path"]
+__all__ = ["MAX_PATHS", "STRENGTH", "ApplianceFootprint", "ChangeDetection", "DiskRef", "DiskResult",
+           "Instruction", "InstructionKind", "Outcome", "PathSelection", "Placement", "Plan", "Policy",
+           "RequestId", "UnitKind", "VmFootprint", "WorkUnit", "base_name", "normalize_path", "outermost"]
 
 RequestId = int | str
 """A guest's request id, of the JSON type the guest chose: its answer carries it back unchanged."""
@@ -130,6 +131,16 @@ class DiskRef:
         return f"{self.domain_uuid}/{self.serial}/paths-{partition}"
 
 
+MAX_PATHS = 64
+"""Paths one path-level backup stores at most (the wire protocol's bound, and a merged unit's)."""
+
+
+def outermost(paths: Iterable[str]) -> tuple[str, ...]:
+    """``paths`` without those inside another of them (``/usr`` covers ``/usr/lib``), in order."""
+    unique = list(dict.fromkeys(paths))
+    return tuple(p for p in unique if not any(q != p and (q == "/" or p.startswith(q + "/")) for q in unique))
+
+
 @dataclass(frozen=True)
 class PathSelection:
     """What a path-level backup stores: paths of the file system on one partition of a disk (0: the
@@ -140,7 +151,10 @@ class PathSelection:
     paths: tuple[str, ...]
 
     def covers(self, other: PathSelection) -> bool:
-        return self.partition == other.partition and set(other.paths) <= set(self.paths)
+        """It stores every path ``other`` asks for (each, or a folder above it)."""
+        return self.partition == other.partition and all(
+            any(mine == "/" or path == mine or path.startswith(mine + "/") for mine in self.paths)
+            for path in other.paths)
 
 
 @dataclass(frozen=True)

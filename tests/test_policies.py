@@ -251,6 +251,19 @@ def test_merge_folds_path_requests_of_one_file_system_into_one_unit_storing_ever
     assert whole.satisfies == ("d",) and whole.snapshot_name == "uuid-web1/s1"
 
 
+def test_merged_path_units_store_each_path_once_and_never_more_than_the_limit() -> None:
+    web = disk("web1")
+    nested = [replace(backup("a", web), paths=PathSelection(0, ("/usr/lib", "/etc"))),
+              replace(backup("b", web), paths=PathSelection(0, ("/usr",)))]
+    [unit] = units_of(plan(nested, "merge"), UnitKind.BACKUP_PATHS)
+    assert unit.paths == PathSelection(0, ("/etc", "/usr")) and unit.satisfies == ("a", "b")
+
+    many = [replace(backup(f"m{n}", web), paths=PathSelection(0, tuple(f"/d{n}/{i}" for i in range(40))))
+            for n in range(3)]
+    units = units_of(plan(many, "merge"), UnitKind.BACKUP_PATHS)
+    assert [u.satisfies for u in units] == [("m0",), ("m1",), ("m2",)]  # 80 paths would pass the limit
+
+
 def test_a_plan_that_drops_a_path_asked_for_is_caught() -> None:
     class DropsPaths(Passthrough):
         def apply(self, plan: Plan, batch: Sequence[Instruction], context: HostContext) -> Plan:

@@ -119,6 +119,9 @@ class Executor:
         self._colocator = colocator
         self._porter = porter
         self._reader = reader or ReaderSettings()  # the appliance reading paths of guests' file systems
+        for stale in work_dir.glob("paths-*.spool"):  # a path backup's archive, left by a killed agent
+            log.info("removing %s, left by an agent that stopped during a backup of paths", stale)
+            stale.unlink(missing_ok=True)
         self._lock = asyncio.Lock()
         self.reads: dict[str, int] = {}  # source path -> times read, for operators and tests
         self.visits: list[VisitResult] = []  # co-located backups done, for operators and tests

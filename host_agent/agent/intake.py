@@ -32,7 +32,7 @@ from host_agent.errors import (
     UnknownJob,
     UsageError,
 )
-from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Policy
+from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Policy, outermost
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ class Intake:
             instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.RESTORE, disks,
                                       destination, Policy.FULL, msg.snapshot, time.time())
         else:
-            paths = None if msg.paths is None else PathSelection(msg.partition or 0, msg.paths)
+            # a folder and a path inside it would store that path twice
+            paths = None if msg.paths is None else PathSelection(msg.partition or 0, outermost(msg.paths))
             # a path-level snapshot is always whole files: unchanged ones cost only their dedup lookup
             policy = Policy.FULL if paths else Policy(msg.policy.value)
             instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.BACKUP, disks,

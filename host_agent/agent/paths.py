@@ -18,14 +18,13 @@ from typing import Final
 
 from host_agent import errors
 from host_agent.guestfiles.reader import GuestFiles, ReaderSettings
-from host_agent.model import Policy
+from host_agent.model import MAX_PATHS, Policy, outermost
 from host_agent.storage.filesnap import spool
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import BackupResult
 
 log = logging.getLogger(__name__)
 
-MAX_PATHS: Final = 64
 MAX_PATH_LEN: Final = 256
 
 
@@ -41,7 +40,7 @@ def checked_paths(paths: Sequence[str]) -> tuple[str, ...]:
             raise errors.UsageError(f"path {path!r} is not a plain absolute path of at most {MAX_PATH_LEN} "
                                     "printable characters without '.' or '..'")
         out.append("/" + "/".join(p for p in parts if p))
-    return tuple(dict.fromkeys(out))
+    return outermost(out)  # a folder and a path inside it would store that path twice
 
 
 def partition_device(partition: int) -> str:

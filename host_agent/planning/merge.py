@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from host_agent.model import (
+    MAX_PATHS,
     STRENGTH,
     DiskRef,
     Instruction,
@@ -41,6 +42,7 @@ from host_agent.model import (
     WorkUnit,
     base_name,
     normalize_path,
+    outermost,
 )
 from host_agent.planning.chain import (
     HostContext,
@@ -56,6 +58,22 @@ from host_agent.planning.chain import (
 def _restored_and_more(kinds: set[UnitKind]) -> bool:
     """A disk the batch restores and also backs up: its units keep the batch order."""
     return UnitKind.RESTORE_DISK in kinds and len(kinds) > 1
+
+
+def _fitting(units: list[WorkUnit]) -> list[list[WorkUnit]]:
+    """Units to fold together, path units split so that none stores more than MAX_PATHS paths."""
+    if units[0].kind is not UnitKind.BACKUP_PATHS:
+        return [units]
+    parts: list[list[WorkUnit]] = []
+    for unit in units:
+        fits = (part for part in parts
+                if len(outermost(p for u in (*part, unit) if u.paths for p in u.paths.paths)) <= MAX_PATHS)
+        part = next(fits, None)
+        if part is None:
+            parts.append([unit])
+        else:
+            part.append(unit)
+    return parts
 
 
 class Merge(PlanningPolicy):
@@ -93,7 +111,7 @@ class Merge(PlanningPolicy):
             groups.setdefault(key, []).append(unit)
         renamed: dict[str, str] = {}
         merged: list[WorkUnit] = []
-        for members in groups.values():
+        for members in (part for group in groups.values() for part in _fitting(group)):
             first = members[0]
             if len(members) == 1:
                 merged.append(first)
@@ -109,7 +127,7 @@ class Merge(PlanningPolicy):
                 reason += f"; the strongest policy asked for ({policy.value}) applies to all"
             paths = first.paths
             if paths is not None:
-                paths = replace(paths, paths=ordered_union(m.paths.paths for m in members if m.paths))
+                paths = replace(paths, paths=outermost(p for m in members if m.paths for p in m.paths.paths))
                 reason += f"; it stores every path asked for ({listing(paths.paths)})"
             earlier = [m.reason for m in members if m.reason]
             merged.append(replace(
