@@ -58,7 +58,14 @@ def restore_qcow2(repo: Repository, spec: str, target: str | os.PathLike[str], o
     path = Path(target)
     _check_target(path, overwrite)
     started = time.monotonic()
-    partial = path.parent / f".{path.name}.hyperback-partial"
+    try:
+        # a name of our own, made 0600 before qemu-img writes into it (it keeps the mode): a restored
+        # disk is as private as a raw restore's, and nothing planted at a fixed name is followed
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".hyperback-partial", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise errors.TargetError(f"cannot write into {path.parent}: {e.strerror}") from e
+    partial = Path(name)
     try:
         _create(partial, snap.size)
         with tempfile.TemporaryDirectory(prefix="hyperback-restore-") as run_dir:

@@ -124,6 +124,7 @@ def test_a_qcow2_chain_is_backed_up_as_its_guest_sees_it_and_restored_to_raw_and
 
     run("restore", "--repo", tmp_path / "r", "vm1/vda@latest", tmp_path / "out.qcow2")
     assert detect_format(tmp_path / "out.qcow2") == "qcow2"
+    assert (tmp_path / "out.qcow2").stat().st_mode & 0o777 == 0o600  # a disk's data: private, as a raw one
     assert guest_digest(tmp_path / "out.qcow2") == want
     assert "identical" in sh("qemu-img", "compare", tmp_path / "out.qcow2", chain.top)
     restored = json.loads(sh("qemu-img", "info", "--output=json", tmp_path / "out.qcow2"))
