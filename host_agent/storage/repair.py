@@ -182,20 +182,30 @@ class _Repairer:
         fsync_dir(self.repo.path / "index")
 
 
+def _refuse_if_busy(repo: Repository, then: str) -> None:
+    busy = [lk for lk in read_locks(repo.path / "locks") if lk.name != GC_LOCK and not lk.is_stale()]
+    if busy:
+        raise errors.RepositoryBusy(f"{len(busy)} other process(es) work on {repo.path} (e.g. a "
+                                    f"{busy[0].kind}, pid {busy[0].pid} on {busy[0].host}); {then}")
+
+
 def repair(repo: Repository, apply: bool = False, threads: int | None = None) -> RepairReport:
     """Plan (and with ``apply``, write) the index repairs; report what snapshots lose after them."""
     with Lock(repo.path / "locks", "repair", 0, GC_LOCK).acquire(exclusive=True):
-        busy = [lk for lk in read_locks(repo.path / "locks") if lk.name != GC_LOCK and not lk.is_stale()]
-        if busy:
-            raise errors.RepositoryBusy(
-                f"{len(busy)} other process(es) work on {repo.path} (e.g. a {busy[0].kind}, pid "
-                f"{busy[0].pid} on {busy[0].host}); repair when they have finished")
+        _refuse_if_busy(repo, "repair when they have finished")
         snaps = repo.snapshots()
-        with tempfile.TemporaryDirectory(prefix="hyperback-repair-") as scratch:
-            repairer = _Repairer(repo, Path(scratch), threads or os.cpu_count() or 1)
-            repairer.plan()
-            lost, unreadable = repairer.losses(snaps)
-            if apply:
-                repairer.apply()
+        try:
+            with tempfile.TemporaryDirectory(prefix="hyperback-repair-") as scratch:
+                repairer = _Repairer(repo, Path(scratch), threads or os.cpu_count() or 1)
+                repairer.plan()
+                lost, unreadable = repairer.losses(snaps)
+                # a writer that started during the plan may have loaded an index about to change
+                _refuse_if_busy(repo, "nothing was changed: repair again when they have finished")
+                if apply:
+                    repairer.apply()
+        except OSError as e:  # the medium fails: what repair is for; say where, never a traceback
+            raise errors.RepositoryIOError(f"repair stopped at {e.filename or repo.path}: {e.strerror}; "
+                                           "every index replaced so far is whole (each is written aside "
+                                           "and renamed)") from e
     fixes = tuple(sorted(repairer.fixes, key=lambda f: f.pack))
     return RepairReport(apply, fixes, lost, unreadable, len(snaps))
