@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from host_agent.cli.options import add_threads
 from host_agent.cli.progress import bar_for, human
 from host_agent.model import Policy
 from host_agent.storage.extents import parse_change_file
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="where qemu-img decompresses compressed qcow2 clusters (default: $TMPDIR or /tmp)")
     p.add_argument("--label", action="append", default=[], metavar="LABEL",
                    help="label the snapshot (repeatable; 'hyperback tag' changes labels later)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: cores)")
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="print one JSON result for scripts")
     p.add_argument("source", metavar="SOURCE", help="image file or block device")
     p.set_defaults(run=run)

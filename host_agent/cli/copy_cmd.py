@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from host_agent import errors
+from host_agent.cli.options import add_threads
 from host_agent.cli.progress import Bar, bar_for, human
 from host_agent.media.copies import MEDIA_SCHEME, MediaTarget
 from host_agent.storage.repository import Repository
@@ -31,8 +32,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--name", metavar="NAME", help="only snapshots of this source name")
     p.add_argument("--latest", action="store_true",
                    help="only the latest snapshot of each name (of --name's, if given)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="threads reading the source (default: cores)")
+    add_threads(p, "threads reading the source")
     p.add_argument("--json", action="store_true", help="print one JSON summary for scripts")
     p.add_argument("snapshots", nargs="*", metavar="SNAPSHOT", help="snapshot id, prefix, or NAME@latest")
     p.set_defaults(run=run)

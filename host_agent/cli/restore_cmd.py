@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from host_agent.cli.options import add_threads
 from host_agent.cli.progress import bar_for, human
 from host_agent.storage.qcow2restore import restore_qcow2, target_format
 from host_agent.storage.repository import Repository
@@ -23,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="raw, or qcow2 (a file, streamed through nbdcopy and qemu-nbd; needs qemu-utils, "
                         "libnbd-bin, nbdkit and nbdkit-plugin-python). Default: qcow2 if TARGET ends in "
                         ".qcow2, else raw")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: cores)")
+    add_threads(p)
     p.add_argument("--no-sync", action="store_true",
                    help="return before the data reaches stable storage (faster; a crash may lose the "
                         "restored data, as with restic and borg, which never sync)")
