@@ -236,8 +236,8 @@ def test_a_backup_killed_before_its_commit_leaves_a_bitmap_the_next_backup_remov
     cps = checkpoints(tmp_path / "r")
     cps.watch_opens(tmp_path / "r" / "tmp")
     proc = subprocess.Popen([*HYPERBACK, "backup", "--repo", str(tmp_path / "r"), "--name", "vm1/vda",
-                             "--policy", "incremental", str(chain.top)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--format", "qcow2", "--policy", "incremental", str(chain.top)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         cps.hold_at(proc, opened("tmp/*.tmp"))  # every chunk stored, the snapshot document next
         proc.send_signal(signal.SIGKILL)
