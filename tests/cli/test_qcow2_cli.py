@@ -245,7 +245,7 @@ def test_a_backup_killed_before_its_commit_leaves_a_bitmap_the_next_backup_remov
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()  # its pipes closed whatever happened: no unclosed file for a later test
     cps.release()
     assert proc.returncode == -signal.SIGKILL
     assert len(run_json("list", "--repo", tmp_path / "r")) == 1  # nothing published
