@@ -5,6 +5,7 @@ import argparse
 import json
 
 from host_agent import errors
+from host_agent.cli.options import add_snapshot_specs, chosen_snapshots
 from host_agent.storage.annotations import Annotations
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
@@ -21,13 +22,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
     p.add_argument("--dry-run", action="store_true", help="only say what would be forgotten")
     p.add_argument("--json", action="store_true", help="print one JSON result")
-    p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT", help="snapshot id, prefix, or NAME@latest")
+    add_snapshot_specs(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
-    chosen = list({s.id: s for s in map(repo.resolve, args.snapshots)}.values())
+    chosen = chosen_snapshots(repo, args.snapshots)
     _refuse_protected(repo, chosen)
     if not args.dry_run:
         repo.forget([s.id for s in chosen])

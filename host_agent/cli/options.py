@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+
+from host_agent.storage.repository import Repository
+from host_agent.storage.snapshot import Snapshot
 
 
 def positive_int(text: str) -> int:
@@ -16,3 +20,12 @@ def positive_int(text: str) -> int:
 
 def add_threads(p: argparse.ArgumentParser, what: str = "worker threads") -> None:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help=f"{what} (default: cores)")
+
+
+def add_snapshot_specs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT", help="snapshot id, prefix, or NAME@latest")
+
+
+def chosen_snapshots(repo: Repository, specs: Sequence[str]) -> list[Snapshot]:
+    """The snapshots ``specs`` name, each once, in the order first named."""
+    return list({s.id: s for s in map(repo.resolve, specs)}.values())

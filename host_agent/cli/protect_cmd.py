@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from host_agent.cli.options import add_snapshot_specs, chosen_snapshots
 from host_agent.cli.tag_cmd import describe
 from host_agent.storage.annotations import Annotations, edit
 from host_agent.storage.repository import Repository
@@ -24,15 +25,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                          "other again."))
         p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
         p.add_argument("--json", action="store_true", help="print a JSON array of the snapshot ids")
-        p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT",
-                       help="snapshot id, prefix, or NAME@latest")
+        add_snapshot_specs(p)
         p.set_defaults(run=run, protect=protect)
 
 
 def run(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     notes = Annotations(repo.path)
-    chosen = list({s.id: s for s in map(repo.resolve, args.snapshots)}.values())
+    chosen = chosen_snapshots(repo, args.snapshots)
     for snap in chosen:
         record = notes.get(snap)
         if record.protected != args.protect:

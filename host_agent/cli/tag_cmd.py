@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from host_agent.cli.options import add_snapshot_specs, chosen_snapshots
 from host_agent.storage.annotations import Annotation, Annotations, edit
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="remove a label (repeatable)")
     p.add_argument("--note", metavar="TEXT", help="set the note ('' clears it)")
     p.add_argument("--json", action="store_true", help="print a JSON array of the annotations")
-    p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT", help="snapshot id, prefix, or NAME@latest")
+    add_snapshot_specs(p)
     p.set_defaults(run=run)
 
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     notes = Annotations(repo.path)
     changing = bool(args.add or args.remove or args.note is not None)
-    chosen = list({s.id: s for s in map(repo.resolve, args.snapshots)}.values())
+    chosen = chosen_snapshots(repo, args.snapshots)
     # every change is checked before any is written: a bad label changes nothing
     edited = [(s, edit(notes.get(s), args.add, args.remove, args.note)) for s in chosen]
     if changing:
