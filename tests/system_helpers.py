@@ -9,6 +9,7 @@ of the concurrency stress test in a process of its own::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -83,6 +84,18 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
     """Start ``hyperback ARGS`` in a session of its own (so a signal can go to its process group)."""
     return subprocess.Popen([str(HYPERBACK), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+
+
+@contextlib.contextmanager
+def cli_process(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``start_cli``, ended on leaving whatever happened: killed if it still runs, reaped, its pipes
+    closed (an unclosed pipe's ResourceWarning fails whichever later test the collector runs in)."""
+    with start_cli(*args) as proc:  # Popen's own exit closes the pipes and waits
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], exit_code: int) -> str:

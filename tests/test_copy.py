@@ -21,7 +21,7 @@ import grpc
 import pytest
 from checkpoints import Checkpoints, Moment, opened
 from conftest import MIB, mutate, sha256_file, write_image
-from system_helpers import index_files, snapshot_ids, start_cli
+from system_helpers import cli_process, index_files, snapshot_ids
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
@@ -230,15 +230,10 @@ def test_a_copy_killed_half_way_leaves_the_target_valid_and_a_rerun_sends_only_w
     snaps = source.snapshots()
     cps = checkpoints(target.path)
     cps.watch_opens(*(target.path / d for d in ("tmp", "packs", "index", "snapshots")))
-    proc = start_cli("copy", "--from", str(source.path), "--to", str(target.path))
-    try:
+    with cli_process("copy", "--from", str(source.path), "--to", str(target.path)) as proc:
         cps.hold_at(proc, step())
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     cps.release()
     assert proc.returncode == -signal.SIGKILL
     assert snapshot_ids(target.path) == {snaps[0].id}
@@ -281,8 +276,7 @@ def test_ctrl_c_stops_a_copy_with_one_line_leaving_what_it_committed(
     snaps = source.snapshots()
     cps = checkpoints(target.path)
     cps.watch_opens(target.path / "tmp")
-    proc = start_cli("copy", "--from", str(source.path), "--to", str(target.path))
-    try:
+    with cli_process("copy", "--from", str(source.path), "--to", str(target.path)) as proc:
         cps.hold_at(proc, opened("tmp/*.pack", nth=2))  # the second snapshot's first blob
         # The held thread is the main one, asleep in open() until released: the signal is pending
         # (kill() makes it so at once) and is taken when a thread of it next leaves the kernel, the
@@ -291,10 +285,6 @@ def test_ctrl_c_stops_a_copy_with_one_line_leaving_what_it_committed(
         proc.send_signal(signal.SIGINT)
         cps.release()
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err
     assert err.splitlines()[-1].startswith("hyperback: interrupted") and "Traceback" not in err
     assert snapshot_ids(target.path) == {snaps[0].id}

@@ -23,13 +23,13 @@ from checkpoints import Checkpoints, Moment, opened, reads, signal_handled
 from system_helpers import (
     MIB,
     assert_one_line_error,
+    cli_process,
     files_in,
     index_files,
     overwrite,
     pack_files,
     sha256_file,
     snapshot_ids,
-    start_cli,
     wait_for,
     write_random_image,
 )
@@ -150,15 +150,10 @@ def test_backup_killed_at_any_moment_leaves_earlier_snapshots_intact_and_is_coll
     cps = checkpoints(repo.path)
     cps.watch_opens(*(repo.path / d for d in ("tmp", "packs", "index", "snapshots")))
     cps.watch_reads(images["big"])
-    proc = start_cli(*args)
-    try:
+    with cli_process(*args) as proc:
         cps.hold_at(proc, step())
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     cps.release()
     assert proc.returncode == -signal.SIGKILL
     for state in reached:
@@ -236,15 +231,10 @@ def test_ctrl_c_exits_130_with_one_line_and_publishes_no_snapshot(
     cps = checkpoints(repo.path)
     cps.watch_opens(repo.path / "tmp")
     cps.watch_reads(images["big"])
-    proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
-    try:
+    with cli_process("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"])) as proc:
         steps = cps.hold_at(proc, reads(MID_COPY_READS))
         press_ctrl_c(proc, cps)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert any(s.kind == "open" and s.path.endswith(".pack") for s in steps), "no pack was opened"
 
     line = assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130)
@@ -267,16 +257,11 @@ def test_ctrl_c_stops_the_copy_at_once_instead_of_finishing_it(
     before = index_files(repo.path)
     cps = checkpoints(repo.path)
     cps.watch_reads(images["big"])
-    proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"]))
-    try:
+    with cli_process("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(images["big"])) as proc:
         cps.hold_at(proc, reads(MID_COPY_READS))
         assert not index_files(repo.path) - before, "too slow to catch the first pack"
         press_ctrl_c(proc, cps)
         proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130
     published = index_files(repo.path) - before
     assert len(published) <= 1, (

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 from checkpoints import Checkpoints, opened
-from cli_helpers import HYPERBACK, assert_one_line_error, run, run_json
+from cli_helpers import assert_one_line_error, run, run_json
 from conftest import MIB, sha256_file, write_image
+from system_helpers import cli_process
 
 from host_agent.storage.guestview import detect_format, merge_slices, restrict
 
@@ -235,17 +236,11 @@ def test_a_backup_killed_before_its_commit_leaves_a_bitmap_the_next_backup_remov
     qemu_io(chain.top, "write -P 0x73 2M 128k")
     cps = checkpoints(tmp_path / "r")
     cps.watch_opens(tmp_path / "r" / "tmp")
-    proc = subprocess.Popen([*HYPERBACK, "backup", "--repo", str(tmp_path / "r"), "--name", "vm1/vda",
-                             "--format", "qcow2", "--policy", "incremental", str(chain.top)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with cli_process("backup", "--repo", str(tmp_path / "r"), "--name", "vm1/vda", "--format", "qcow2",
+                     "--policy", "incremental", str(chain.top)) as proc:
         cps.hold_at(proc, opened("tmp/*.tmp"))  # every chunk stored, the snapshot document next
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()  # its pipes closed whatever happened: no unclosed file for a later test
     cps.release()
     assert proc.returncode == -signal.SIGKILL
     assert len(run_json("list", "--repo", tmp_path / "r")) == 1  # nothing published
