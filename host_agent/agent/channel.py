@@ -5,7 +5,7 @@ connects to it and speaks ``guest_shim.protocol`` (docs/wire-protocol.md). The
 VM's identity is this channel: whatever a message says, it is handled as coming
 from the domain whose socket it arrived on.
 
-Connection states: DISCONNECTED -> CONNECTED -> (EOF, error) -> DISCONNECTED,
+Connection states: DISCONNECTED -> CONNECTED -> (EOF, reset) -> DISCONNECTED,
 reconnecting with backoff while the domain runs. Bytes are parsed by a bounded
 :class:`MessageReader` (64 KiB per frame); malformed requests get ``error``
 replies, everything else malformed is dropped. Requests are rate-limited per
@@ -104,6 +104,9 @@ class GuestChannel:
             self.log.info("connected to channel %s", self.path)
             try:
                 await self._serve(reader)
+            except (ConnectionError, ChannelClosed) as e:
+                # QEMU resets the socket when the guest dies under it: a disconnect like EOF
+                self.log.info("channel reset: %s", e)
             finally:
                 self._drop(writer)
 
@@ -148,8 +151,11 @@ class GuestChannel:
         if writer is None:
             raise ChannelClosed(f"channel of {self.domain_name} is not connected")
         async with self._write_lock:
-            writer.write(data)
-            await writer.drain()
+            try:
+                writer.write(data)
+                await writer.drain()
+            except ConnectionError as e:
+                raise ChannelClosed(f"channel of {self.domain_name} was reset: {e}") from e
 
     # ---------- receiving ----------
 
