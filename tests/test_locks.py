@@ -170,3 +170,26 @@ def test_on_a_file_system_without_hard_links_the_gc_lock_still_excludes(tmp_path
     finally:
         unmount(media)
         detach_loop(device)
+
+
+def test_a_collector_that_judged_the_gc_lock_stale_late_leaves_its_successors_lock_alone(
+        repo: Repository) -> None:
+    """Two collectors judge one dead collector's lock stale; the first takes it over; the second,
+    acting on its old judgment, must not remove the first's live lock."""
+    from host_agent import errors
+    from host_agent.storage.locks import GC_LOCK
+
+    locks = repo.path / "locks"
+    (locks / GC_LOCK).write_text(json.dumps(
+        {"kind": "gc", "host": os.uname().nodename, "pid": 2 ** 22 + 1, "start": "1", "saw_gen": 0,
+         "time": time.time()}))
+    (judged,) = read_locks(locks)
+    assert judged.is_stale()
+    with Lock(locks, "gc", 0, GC_LOCK).acquire(exclusive=True):
+        successor = (locks / GC_LOCK).read_bytes()
+        late = Lock(locks, "gc", 0, GC_LOCK)
+        with pytest.raises(errors.RepositoryBusy, match="took over"):
+            late.remove_stale(judged, "its pid is gone")
+        assert (locks / GC_LOCK).read_bytes() == successor
+        assert files_in(locks) == {GC_LOCK}
+    assert files_in(locks) == set()

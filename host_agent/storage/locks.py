@@ -76,6 +76,7 @@ class LockInfo:
     saw_gen: int
     mtime: float
     readable: bool = True  # False: empty or cut short, left by a process killed while writing it
+    inode: int = 0         # which file was judged: a takeover removes that one, never a successor
 
     def stale_because(self, now: float | None = None) -> str | None:
         """Why the lock is stale, or None while its holder may be at work."""
@@ -98,17 +99,20 @@ def read_locks(locks_dir: Path) -> list[LockInfo]:
         if path.name.startswith("."):  # a creation file: not a lock yet
             continue
         try:
-            mtime = path.stat().st_mtime
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                text = f.read()
         except FileNotFoundError:  # released since listed
             continue
-        try:
-            doc = json.loads(path.read_text())
-            out.append(LockInfo(path.name, str(doc["kind"]), str(doc["host"]), int(doc["pid"]),
-                                doc.get("start"), int(doc["saw_gen"]), mtime))
-        except FileNotFoundError:
+        except OSError:
             continue
-        except (OSError, ValueError, KeyError, TypeError):
-            out.append(LockInfo(path.name, "unknown", "", 0, None, -1, mtime, readable=False))
+        try:
+            doc = json.loads(text)
+            out.append(LockInfo(path.name, str(doc["kind"]), str(doc["host"]), int(doc["pid"]),
+                                doc.get("start"), int(doc["saw_gen"]), st.st_mtime, inode=st.st_ino))
+        except (ValueError, KeyError, TypeError):
+            out.append(LockInfo(path.name, "unknown", "", 0, None, -1, st.st_mtime, readable=False,
+                                inode=st.st_ino))
     return out
 
 
@@ -202,18 +206,39 @@ class Lock:
         if self._claim(pending):
             return
         holder = next((lk for lk in read_locks(self.path.parent) if lk.name == self.path.name), None)
-        why = holder.stale_because() if holder is not None else "it is gone"
-        if holder is not None and why is None:
-            raise errors.RepositoryBusy(
-                f"another {holder.kind} (pid {holder.pid} on {holder.host}) holds {self.path}; "
-                "wait for it to finish")
-        log.warning("taking over stale lock %s: %s", self.path, why)
-        self.path.unlink(missing_ok=True)
+        if holder is not None:
+            why = holder.stale_because()
+            if why is None:
+                raise errors.RepositoryBusy(
+                    f"another {holder.kind} (pid {holder.pid} on {holder.host}) holds {self.path}; "
+                    "wait for it to finish")
+            self.remove_stale(holder, why)
         if not self._claim(pending):
             raise errors.RepositoryBusy(f"another process took {self.path} meanwhile; wait for it to finish")
 
+    def remove_stale(self, judged: LockInfo, why: str) -> None:
+        """Remove the lock file judged stale, and only that one. Another process may have taken
+        it over since it was judged: so the name is renamed aside (atomic: whatever holds the name
+        now moves) and the moved file is compared with the judged one; a successor's lock is put
+        back and this process is told the lock is busy."""
+        pid = os.getpid()  # named as a creation file: if this process dies, it is cleared as one
+        aside = _creation_file(self.path.parent, f"{self.path.name}-aside-{os.urandom(8).hex()}", pid,
+                               _process_start(pid))
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # someone removed it already; the claim that follows decides
+        try:
+            if os.stat(aside).st_ino != judged.inode:
+                self._claim(aside)
+                raise errors.RepositoryBusy(f"another process took over {self.path} meanwhile; "
+                                            "wait for it to finish")
+            log.warning("taking over stale lock %s: %s", self.path, why)
+        finally:
+            aside.unlink(missing_ok=True)
+
     def _claim(self, pending: Path) -> bool:
-        """Give the lock's name to the creation file unless the name exists: a hard link; on file
+        """Give the lock's name to ``pending``'s document unless the name exists: a hard link; on file
         systems without hard links (FAT, exFAT), an exclusive create written in place, where a
         kill in between leaves an unreadable lock (stale after UNREADABLE_GRACE)."""
         try:
