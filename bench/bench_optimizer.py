@@ -9,6 +9,15 @@ process without gRPC, for comparison.
 
     bench/bench_optimizer.py                      # 1,000 instructions, 30 runs per chain
     bench/bench_optimizer.py --instructions 5000 --runs 10 --chains merge,timing
+    bench/bench_optimizer.py --fleet 100x100 --runs 5  # 100 hosts of 100 VMs flush at once, over TCP
+
+``--fleet HOSTSxVMS`` is the fleet case: one optimizer process listening on TCP (loopback) with mutual
+TLS (a throw-away CA and certificates made with ``openssl``), one gRPC channel per simulated host,
+each host's agent flushing one instruction for each of its VMs (their disks are clones of a few base
+images on shared storage; each batch is planned on its own, as PlanBatch does today); all hosts
+flush at the same instant, ``--runs`` times. It prints the per-host plan latency (median, p95, max)
+and the wall time of a round. The simulated hosts share this one client process, so the figures
+include their own conversion work, serialized by its GIL: an upper bound for real, separate hosts.
 """
 from __future__ import annotations
 
@@ -16,12 +25,14 @@ import argparse
 import asyncio
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import grpc.aio
@@ -30,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from host_agent.model import DiskRef, Instruction, InstructionKind, Policy
 from host_agent.planning.chain import HostContext, Planner, build_chain, parse_chain
 from host_agent.planning.hostload import HostLoad
-from host_agent.planning.service import OptimizerClient
+from host_agent.planning.service import ClientTls, OptimizerClient, TlsFiles
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHAINS = ("passthrough", "merge", "timing", "merge,timing")
@@ -68,9 +79,18 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-async def wait_serving(target: str, proc: subprocess.Popen[bytes], limit: float = 30.0) -> None:
+def _channel(target: str, tls: ClientTls | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(target)
+    assert tls.ca and tls.cert and tls.key
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(
+        tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()))
+
+
+async def wait_serving(target: str, proc: subprocess.Popen[bytes], tls: ClientTls | None = None,
+                       limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with _channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:
@@ -122,6 +142,92 @@ def bench(chain: str, batch: list[Instruction], context: HostContext, runs: int,
             f"{statistics.median(local) * 1000:.1f}", str(units), str(rejected)]
 
 
+def fleet_batch(host: int, vms: int, seed: int) -> list[Instruction]:
+    """One host's flush: one backup per VM, ids unique across the fleet."""
+    def ours(uuid: str) -> str:
+        return f"{host:08d}{uuid[8:]}"
+
+    def disk(d: DiskRef) -> DiskRef:
+        return replace(d, domain_uuid=ours(d.domain_uuid), path=d.path.replace("/vm", f"/h{host}-vm"))
+
+    return [replace(i, id=f"h{host}-{i.id}", request_id=f"h{host}-{i.request_id}",
+                    domain_uuid=ours(i.domain_uuid), disks=tuple(map(disk, i.disks)))
+            for i in make_batch(vms, seed)]
+
+
+def make_certificates(folder: Path) -> tuple[TlsFiles, ClientTls]:
+    """A CA, the optimizer's certificate for 127.0.0.1 and one host certificate, all signed by it."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+            "-subj", "/CN=bench CA", "-keyout", "ca.key", "-out", "ca.pem")
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("host", "subjectAltName=DNS:host")):
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (folder / f"{name}.ext").write_text(extension + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    return (TlsFiles(folder / "server.pem", folder / "server.key", folder / "ca.pem"),
+            ClientTls(folder / "ca.pem", folder / "host.pem", folder / "host.key"))
+
+
+async def fleet_rounds(target: str, tls: ClientTls, hosts: int, vms: int,
+                       runs: int) -> tuple[list[float], list[float]]:
+    load = HostLoad(0.5, 0.5, 0.5, os.cpu_count() or 1, 2.0, 1.0)
+    batches = [fleet_batch(h, vms, seed=h) for h in range(hosts)]
+    clients = [OptimizerClient(target, timeout=120, tls=tls) for _ in range(hosts)]
+    latencies: list[float] = []
+    walls: list[float] = []
+
+    async def flush(client: OptimizerClient, host: int) -> None:
+        started = time.perf_counter()
+        await client.plan(batches[host], HostContext(f"host-{host}", time.time(), load))
+        latencies.append(time.perf_counter() - started)
+
+    try:
+        await asyncio.gather(*(flush(c, h) for h, c in enumerate(clients)))  # warm: connections up
+        latencies.clear()
+        for _ in range(runs):
+            started = time.perf_counter()
+            await asyncio.gather(*(flush(c, h) for h, c in enumerate(clients)))
+            walls.append(time.perf_counter() - started)
+    finally:
+        for client in clients:
+            await client.close()
+    return latencies, walls
+
+
+def bench_fleet(spec: str, chain: str, runs: int) -> int:
+    hosts, vms = (int(n) for n in spec.lower().split("x"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with tempfile.TemporaryDirectory(prefix="hyperback-bench-") as tmp:
+        server_tls, client_tls = make_certificates(Path(tmp))
+        proc = subprocess.Popen([sys.executable, "-m", "host_agent.planning.service", "--listen", target,
+                                 "--policies", chain, "--grace", "1", "--max-batch", str(max(vms, 1000)),
+                                 "--tls-cert", str(server_tls.cert), "--tls-key", str(server_tls.key),
+                                 "--tls-client-ca", str(server_tls.client_ca)],
+                                env=env, stderr=subprocess.DEVNULL)
+        try:
+            asyncio.run(wait_serving(target, proc, client_tls))
+            latencies, walls = asyncio.run(fleet_rounds(target, client_tls, hosts, vms, runs))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    ms = [s * 1000 for s in latencies]
+    print(f"{hosts} hosts x {vms} VMs flushing at once, chain {chain}, {runs} rounds, gRPC over TCP "
+          f"loopback, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(f"plan latency per host: median {statistics.median(ms):.0f} ms, p95 {percentile(ms, 95):.0f} ms, "
+          f"max {max(ms):.0f} ms")
+    print(f"round (all hosts answered): median {statistics.median(walls):.2f} s, max {max(walls):.2f} s, "
+          f"{hosts * vms / statistics.median(walls):.0f} instructions/s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chains", default=";".join(DEFAULT_CHAINS),
                         help="policy chains separated by ';' (default %(default)s)")
     parser.add_argument("--busy", action="store_true", help="send a busy load reading (timing defers)")
+    parser.add_argument("--fleet", metavar="HOSTSxVMS",
+                        help="the fleet case instead (e.g. 100x100): see above; uses the first chain")
     args = parser.parse_args(argv)
+    if args.fleet:
+        return bench_fleet(args.fleet, args.chains.split(";")[0].strip(), args.runs)
     batch = make_batch(args.instructions)
     load = HostLoad(0.5, 0.5, 0.5, os.cpu_count() or 1, 95.0 if args.busy else 2.0, 1.0)
     context = HostContext("bench-host", time.time(), load)
