@@ -169,6 +169,10 @@ class RepositoryBusy(EnvironmentProblem):
     pass
 
 
+class LockLost(EnvironmentProblem):
+    """A writer's lock file was removed (judged stale) while it worked: nothing was committed."""
+
+
 class RemoteError(EnvironmentProblem):
     pass
 

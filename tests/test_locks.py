@@ -193,3 +193,24 @@ def test_a_collector_that_judged_the_gc_lock_stale_late_leaves_its_successors_lo
         assert (locks / GC_LOCK).read_bytes() == successor
         assert files_in(locks) == {GC_LOCK}
     assert files_in(locks) == set()
+
+
+@pytest.mark.root
+def test_a_backup_whose_lock_another_process_removed_commits_nothing_and_says_why(
+        repo: Repository, tmp_path: Path, checkpoints: Callable[[Path], Checkpoints]) -> None:
+    image = write_random_image(tmp_path / "b.img", 2 * MIB, seed=2)
+    before = {s.id for s in repo.snapshots()}
+    # held while it writes its first index, before it commits: its lock is removed, as another
+    # host does with a lock that has had no heartbeat for STALE_AFTER
+    cps = checkpoints(repo.path)
+    cps.watch_opens(repo.path / "tmp")
+    proc = start_cli("backup", "--repo", str(repo.path), "--name", "vm1/vda", str(image))
+    cps.hold_at(proc, opened("tmp/*.idx"))
+    (lock,) = read_locks(repo.path / "locks")
+    (repo.path / "locks" / lock.name).unlink()
+    cps.release()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    assert "was removed while this backup ran" in stderr and "nothing was committed" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert {s.id for s in repo.snapshots()} == before

@@ -76,7 +76,7 @@ class LockInfo:
     saw_gen: int
     mtime: float
     readable: bool = True  # False: empty or cut short, left by a process killed while writing it
-    inode: int = 0         # which file was judged: a takeover removes that one, never a successor
+    document: bytes = b""  # what was judged: a takeover removes that lock, never a successor
 
     def stale_because(self, now: float | None = None) -> str | None:
         """Why the lock is stale, or None while its holder may be at work."""
@@ -99,20 +99,20 @@ def read_locks(locks_dir: Path) -> list[LockInfo]:
         if path.name.startswith("."):  # a creation file: not a lock yet
             continue
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                text = f.read()
+            mtime = path.stat().st_mtime
         except FileNotFoundError:  # released since listed
             continue
-        except OSError:
-            continue
+        text = b""
         try:
+            text = path.read_bytes()
             doc = json.loads(text)
             out.append(LockInfo(path.name, str(doc["kind"]), str(doc["host"]), int(doc["pid"]),
-                                doc.get("start"), int(doc["saw_gen"]), st.st_mtime, inode=st.st_ino))
-        except (ValueError, KeyError, TypeError):
-            out.append(LockInfo(path.name, "unknown", "", 0, None, -1, st.st_mtime, readable=False,
-                                inode=st.st_ino))
+                                doc.get("start"), int(doc["saw_gen"]), mtime, document=text))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append(LockInfo(path.name, "unknown", "", 0, None, -1, mtime, readable=False,
+                                document=text))
     return out
 
 
@@ -155,6 +155,7 @@ class Lock:
         self.saw_gen = saw_gen
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._document_written = b""
 
     def _document(self) -> bytes:
         pid = os.getpid()
@@ -183,7 +184,7 @@ class Lock:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                doc = self._document()
+                doc = self._document_written = self._document()
                 if os.write(fd, doc) != len(doc):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 os.fsync(fd)
@@ -219,8 +220,9 @@ class Lock:
     def remove_stale(self, judged: LockInfo, why: str) -> None:
         """Remove the lock file judged stale, and only that one. Another process may have taken
         it over since it was judged: so the name is renamed aside (atomic: whatever holds the name
-        now moves) and the moved file is compared with the judged one; a successor's lock is put
-        back and this process is told the lock is busy."""
+        now moves) and the moved file's document is compared with the judged one (documents are
+        unique: host, pid, start and time; inode numbers are not stable through FUSE); a
+        successor's lock is put back and this process is told the lock is busy."""
         pid = os.getpid()  # named as a creation file: if this process dies, it is cleared as one
         aside = _creation_file(self.path.parent, f"{self.path.name}-aside-{os.urandom(8).hex()}", pid,
                                _process_start(pid))
@@ -229,7 +231,7 @@ class Lock:
         except FileNotFoundError:
             return  # someone removed it already; the claim that follows decides
         try:
-            if os.stat(aside).st_ino != judged.inode:
+            if aside.read_bytes() != judged.document:
                 self._claim(aside)
                 raise errors.RepositoryBusy(f"another process took over {self.path} meanwhile; "
                                             "wait for it to finish")
@@ -259,6 +261,20 @@ class Lock:
         finally:
             os.close(fd)
         return True
+
+    def ensure_held(self) -> None:
+        """Raise LockLost unless this lock's own file still has its name: another process may
+        have judged it stale (no heartbeat for STALE_AFTER) and removed it, and a collector may then
+        have swept chunks this process relies on."""
+        try:
+            held = self.path.read_bytes() == self._document_written
+        except FileNotFoundError:
+            held = False
+        if not held:
+            raise errors.LockLost(
+                f"lock {self.path} was removed while this {self.kind} ran (another process judged it "
+                "stale), so a garbage collection may have deleted data it reuses; nothing was "
+                "committed: run it again")
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):

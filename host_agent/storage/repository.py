@@ -118,6 +118,7 @@ class Repository:
     def __init__(self, path: Path, config: RepoConfig) -> None:
         self.path = path
         self.config = config
+        self._held = threading.local()  # this thread's writer lock, checked before each commit
 
     # ---------- creating and opening ----------
 
@@ -213,6 +214,9 @@ class Repository:
         writer_id = writer_id or os.urandom(16)
         lock = Lock(self._dir("locks"), kind, self.generation() if writer else 0, writer_id.hex()).acquire()
         native = None
+        outer = getattr(self._held, "lock", None)
+        if writer:
+            self._held.lock = lock
         try:
             doomed = {p for packs in self.tombstones().values() for p in packs}
             native = NativeRepository(str(self.path), writer_id, self.config.chunk_size, PACK_TARGET,
@@ -230,6 +234,7 @@ class Repository:
         finally:
             if native is not None:
                 native.close()
+            self._held.lock = outer
             lock.release()
 
     # ---------- snapshots ----------
@@ -285,6 +290,7 @@ class Repository:
                                         "lacks: commit the definition's snapshots first")
 
     def _commit(self, snap: Snapshot) -> None:
+        self._ensure_lock_held()
         write_atomic(self._dir("snapshots") / snap.id, json.dumps(snap.to_json(), indent=1).encode(),
                      self._dir("tmp"))
 
@@ -294,7 +300,13 @@ class Repository:
         if snap.chunk_size != self.config.chunk_size or (self._dir("snapshots") / snap.id).exists():
             raise errors.UsageError(f"snapshot {snap.id} has another chunk size or is already in {self.path}")
         self.check_vm(snap.vm)
+        self._ensure_lock_held()
         write_atomic(self._dir("snapshots") / snap.id, document, self._dir("tmp"))
+
+    def _ensure_lock_held(self) -> None:
+        lock = getattr(self._held, "lock", None)
+        if lock is not None:
+            lock.ensure_held()
 
     def forget(self, snapshot_ids: Sequence[str]) -> None:
         """Delete snapshot documents (their data goes at the next garbage collection); a protected
