@@ -264,7 +264,8 @@ def test_tls_works_with_a_matching_ca_and_fails_with_another(pki: Pki) -> None:
             assert server.address.startswith("127.0.0.1:") and not server.address.endswith(":0")
             result = await plan_once(server.address, tls=ClientTls(ca=pki.ca))
             assert result.plan.units
-            with pytest.raises(OptimizerUnavailable):
+            # a TLS failure is not retried (the driver would retry OptimizerUnavailable forever)
+            with pytest.raises(OptimizerRejected, match="TLS handshake with the optimizer .* failed"):
                 await plan_once(server.address, tls=ClientTls(ca=pki.other_ca), timeout=5)
 
     asyncio.run(go())
@@ -274,7 +275,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(pki: Pki) -
     async def go() -> None:
         tls = replace(pki.server, client_ca=pki.ca)
         async with serving(ServerConfig("127.0.0.1:0", tls=tls)) as server:
-            with pytest.raises(OptimizerUnavailable):
+            with pytest.raises(OptimizerRejected, match="requires TLS with a client certificate"):
                 await plan_once(server.address, tls=ClientTls(ca=pki.ca), timeout=5)
             mine = ClientTls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
             assert (await plan_once(server.address, tls=mine)).plan.units

@@ -214,8 +214,8 @@ def tls_failure(code: grpc.StatusCode, details: str, address: str,
         if cert is not None:
             return errors.TlsError(f"{address} refused this end's certificate during the TLS handshake "
                                    f"(issued by another CA, expired, or revoked): check {cert}")
-        return errors.TlsError(f"{address} closed the connection at once: it requires TLS; configure "
-                               f"ca, cert and key (docs/tls.md)")
+        return errors.TlsError(f"{address} closed the connection at once: it requires TLS with a client "
+                               f"certificate; configure ca, cert and key (docs/tls.md)")
     return None
 
 
