@@ -19,10 +19,12 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tls_helpers import make_pki
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
+from host_agent.config import TlsConfig
 from host_agent.errors import OptimizerConfigError, OptimizerRejected, OptimizerUnavailable
 from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Plan, Policy, UnitKind
 from host_agent.planning.chain import HostContext, Planner, PlanningPolicy, PlanResult, build_chain
@@ -41,6 +43,7 @@ from host_agent.planning.service import (
     result_to_pb,
     start_server,
 )
+from host_agent.tls.identity import Role
 
 NOW = 1_700_000_000.0
 BASE = "/var/lib/libvirt/images/debian-12.qcow2"
@@ -279,6 +282,27 @@ def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(pki: Pki) -
                 await plan_once(server.address, tls=ClientTls(ca=pki.ca), timeout=5)
             mine = ClientTls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
             assert (await plan_once(server.address, tls=mine)).plan.units
+
+    asyncio.run(go())
+
+
+def test_the_clusters_certificates_secure_the_optimizer_over_tcp(tmp_path: Path) -> None:
+    cluster = make_pki(tmp_path / "cluster")
+    served = cluster.tls(Role.AGENT, "hostm")
+    assert served.cert and served.key and served.ca
+
+    def client(tls: TlsConfig) -> ClientTls:
+        return ClientTls(tls.ca, tls.cert, tls.key)
+
+    async def go() -> None:
+        config = ServerConfig("127.0.0.1:0", tls=TlsFiles(served.cert, served.key, served.ca))
+        async with serving(config) as server:
+            assert (await plan_once(server.address, tls=client(cluster.tls(Role.AGENT, "hosta")))).plan.units
+            started = time.monotonic()
+            with pytest.raises(OptimizerRejected, match="refused this end's certificate"):
+                stranger = cluster.tls(Role.AGENT, "hosta", ca=cluster.stranger)
+                await plan_once(server.address, tls=client(stranger), timeout=5)
+            assert time.monotonic() - started < 1.0
 
     asyncio.run(go())
 
