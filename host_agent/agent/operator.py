@@ -42,6 +42,7 @@ from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
 from host_agent.agent.schedules import Scheduler, covers
+from host_agent.media.access import Owners
 from host_agent.model import Instruction, InstructionKind, Placement, Policy, WorkUnit
 from host_agent.protobuf import (
     disk_to_pb,
@@ -52,6 +53,7 @@ from host_agent.protobuf import (
     policy_from_pb,
     policy_to_pb,
 )
+from host_agent.storage.repository import Repository
 from host_agent.storage.verification import Verification
 from host_agent.tls.identity import Role
 from host_agent.tls.roles import ALL, AioRoleInterceptor, Table
@@ -239,6 +241,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         destination = self.parts.destinations.named(request.destination)
         if destination not in self.parts.destinations.names:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {destination!r}")
+        await _record_visitor(self.parts.destinations, destination, info, context)
         disks = await asyncio.to_thread(self.parts.domains.disks_by_serial, info.uuid,
                                         list(request.serials) or None)
         policy = (policy_from_pb(request.policy, "TriggerBackupRequest", unspecified=Policy.INCREMENTAL)
@@ -352,6 +355,18 @@ async def _visitor_only(info: DomainInfo, context: grpc.aio.ServicerContext[Any,
         await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                             f"role agent ({identity.name}) may not call Trigger{kind.value.capitalize()} on "
                             f"domain {info.name}: it is not visiting from {identity.name}")
+
+
+async def _record_visitor(destinations: Destinations, destination: str, info: DomainInfo,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """A domain visiting from another host's agent, backed up here into local media, is that host's:
+    the media service's ledger says so, so that its agent may read it over the LAN (docs/tls.md)."""
+    identity = peer_identity(context)
+    if identity is None or identity.role is not Role.AGENT or not destinations.is_local(destination):
+        return
+    repo = await asyncio.to_thread(destinations.repository, destination)
+    if isinstance(repo, Repository):
+        await asyncio.to_thread(Owners(repo).adopt, info.uuid, identity.name)
 
 
 async def _next_event(job: Job, seen: int) -> None:

@@ -11,7 +11,10 @@ keeps a ledger, ``owners/KEY`` in the repository, holding the name of the host t
 the first agent to back a domain up claims it, if the destination holds no snapshot of it yet; any
 other agent is refused, for reading as for writing, and so is every agent on a domain with snapshots
 but no owner (written before TLS, or by a local ``hyperback backup``). An operator moves a domain to
-another host (it migrated for good) by writing that host's name into the file.
+another host (it migrated for good) by writing that host's name into the file. When the media
+host's own agent backs up a domain visiting from another host (co-location), it writes the
+repository directly and records the visitor's host as the owner (``Owners.adopt``), so that host's
+agent reads those snapshots over the LAN later.
 """
 from __future__ import annotations
 
@@ -65,6 +68,11 @@ class Owners:
         owner = self.owner(key)
         if owner is not None or any(domain_key(s.name) == key for s in self._repo.snapshots()):
             return owner
+        return self.adopt(key, host)
+
+    def adopt(self, key: str, host: str) -> str | None:
+        """Make ``host`` the owner of ``key`` if nobody owns it, whatever is stored (the media host's
+        agent backing up a domain visiting from ``host``); return the owner after."""
         try:
             self._dir.mkdir(exist_ok=True)
             fd = os.open(self._dir / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
