@@ -274,4 +274,4 @@ def cluster(hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...], *, age
         c.close()
 
 
-__all__ = ["BIN", "FINAL", "LAN_A_IF", "SERVICE_IP", "Cluster", "cluster"]
+__all__ = ["BIN", "FINAL", "LAN_A_IF", "MEDIA_PORT", "SERVICE_IP", "Cluster", "cluster"]
