@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Final
 
@@ -35,6 +36,7 @@ from host_agent.tls.roles import ALL, Table
 from host_agent.tls.transport import peer_identity
 
 OWNERS: Final = "owners"
+KEY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a snapshot name's first component
 MEDIA_ROLES: Final[Table] = {
     Role.OPERATOR: ALL,
     Role.AGENT: ALL,  # narrowed to the agent's own domains below
@@ -55,6 +57,8 @@ class Owners:
         self._dir = repo.path / OWNERS
 
     def owner(self, key: str) -> str | None:
+        if not KEY.fullmatch(key):  # names no file of the ledger: "", "..", a path
+            return None
         try:
             return (self._dir / key).read_text().strip() or None
         except FileNotFoundError:
@@ -73,6 +77,8 @@ class Owners:
     def adopt(self, key: str, host: str) -> str | None:
         """Make ``host`` the owner of ``key`` if nobody owns it, whatever is stored (the media host's
         agent backing up a domain visiting from ``host``); return the owner after."""
+        if not KEY.fullmatch(key):
+            return None
         try:
             self._dir.mkdir(exist_ok=True)
             fd = os.open(self._dir / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -94,6 +100,8 @@ class GuardedMediaServicer(MediaServicer):
 
     def _check(self, repo: Repository, host: str, name: str, method: str, claim: bool = False) -> None:
         key = domain_key(name)
+        if not KEY.fullmatch(key):
+            raise errors.UsageError(f"snapshot name {name[:80]!r} is malformed (e.g. UUID/vda)")
         owners = Owners(repo)
         owner = owners.claim(key, host) if claim else owners.owner(key)
         if owner != host:
