@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from croniter import croniter
 
@@ -26,6 +26,30 @@ from host_agent.model import Policy
 
 DEFAULT_PATH = Path("/etc/hyperback/agent.toml")
 DESTINATION = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca: Path | None = None        # the cluster's CA certificate (PEM): peers must be signed by it
+    cert: Path | None = None      # this end's certificate (PEM), from 'hyperback certs issue'
+    key: Path | None = None       # its private key (PEM)
+    allow_plaintext: bool = True  # plain TCP on a non-loopback address when there is no TLS (see docs/tls.md)
+    server_name: str = ""         # the name to check in a server's certificate, if not the address's host
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca is not None
+
+    def check(self, where: str = "tls") -> TlsConfig:
+        """Itself, if ``ca``, ``cert`` and ``key`` are all set or none is; else UsageError."""
+        given = [self.ca, self.cert, self.key]
+        if any(p is not None for p in given) and not all(p is not None for p in given):
+            raise errors.UsageError(f"{where}: ca, cert and key go together (the CA, and this end's "
+                                    f"certificate and key: see 'hyperback certs --help')")
+        return self
+
+
+NO_TLS: Final = TlsConfig()
 
 
 @dataclass(frozen=True)
@@ -141,6 +165,10 @@ class AgentConfig:
     # command's words, e.g. web1 = ["systemctl", "is-system-running"]; the guest must list it in its
     # shim.conf check_commands; it must exit 0 for the snapshot to pass
     boot_checks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # mutual TLS of the operator API on TCP, and of this agent as a client of media services and
+    # other hosts' agents: a [tls] table with ca, cert, key (PEM files from `hyperback certs`),
+    # allow_plaintext and server_name; every key is described in docs/tls.md
+    tls: TlsConfig = TlsConfig()
 
     @property
     def destinations(self) -> frozenset[str]:
@@ -169,7 +197,7 @@ class AgentConfig:
 
 
 _ENV_PREFIX = "HYPERBACK_"
-_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules", "boot_checks")
+_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules", "boot_checks", "tls")
 SCHEDULE_KINDS = ("backup", "verify", "copy")
 
 
@@ -333,11 +361,25 @@ def _parse_file(doc: dict[str, Any], config: AgentConfig) -> dict[str, Any]:
                                             f"(settings: {', '.join(limits)})")
                 _typed(f"limits.{name}", setting, getattr(config.limits, name))
             changes[key] = replace(config.limits, **table)
+        elif key == "tls":
+            changes[key] = _tls(_table_of(key, value))
         elif key in known:
             changes[key] = _typed(key, value, getattr(config, key))
         else:
             raise errors.UsageError(f"unknown setting {key!r}")
     return changes
+
+
+def _tls(table: dict[str, Any]) -> TlsConfig:
+    """The [tls] table: paths, a flag and a name, each checked."""
+    settings = {f.name: f for f in fields(TlsConfig)}
+    out: dict[str, Any] = {}
+    for name, setting in table.items():
+        if name not in settings:
+            raise errors.UsageError(f"tls: unknown setting {name!r} (settings: {', '.join(settings)})")
+        default = {"allow_plaintext": True, "server_name": ""}.get(name, Path())
+        out[name] = _typed(f"tls.{name}", setting, default)
+    return TlsConfig(**out).check()
 
 
 def source(path: Path | None = None, env: dict[str, str] | None = None) -> Path:

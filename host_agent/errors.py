@@ -28,6 +28,8 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── RepositoryBusy                   a lock is held by a live process
     │   ├── RemoteError                      a media service cannot be reached, or failed
     │   │   └── SessionExpired               it dropped a backup session (silent, aborted, restarted)
+    │   ├── TlsError                         a TLS handshake or certificate failed: not retried
+    │   ├── AccessDenied                     the peer's role may not do that (PERMISSION_DENIED)
     │   ├── HostLoadError                    /proc's load or pressure files are unreadable
     │   ├── HypervisorError                  libvirt refused (``code``: libvirt's error number)
     │   │   ├── HypervisorUnreachable        the libvirt daemon cannot be reached
@@ -179,6 +181,19 @@ class RemoteError(EnvironmentProblem):
 
 class SessionExpired(RemoteError):
     pass
+
+
+class TlsError(EnvironmentProblem):
+    """A TLS connection could not be made: this end's certificate is expired, from another CA or
+    refused by the server, or the server's is not one this end trusts. Retrying cannot help, so
+    nothing retries it (docs/tls.md)."""
+
+    retryable = False
+
+
+class AccessDenied(EnvironmentProblem):
+    """The service knows who is calling (its certificate) and that role may not make that call, or
+    not on that domain; the message names the role and the method (docs/tls.md, "Roles")."""
 
 
 class HostLoadError(EnvironmentProblem):

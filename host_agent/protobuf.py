@@ -202,6 +202,7 @@ _STATUS: Final[tuple[tuple[type[errors.HyperbackError], grpc.StatusCode], ...]] 
     (errors.UnknownJob, grpc.StatusCode.NOT_FOUND),
     (errors.UnknownSchedule, grpc.StatusCode.NOT_FOUND),
     (errors.JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.RepositoryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),

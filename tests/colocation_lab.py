@@ -8,7 +8,10 @@ its own network and mount namespaces, joined by the veth LAN.  ``Cluster`` adds:
 * the media service (``hyperback-media``) in B's namespaces, on the predefined service address
   10.77.0.100 that it claims on B's LAN interface;
 * one ``hyperback-agent`` per host, as separate processes (B's entered with nsenter), reading one
-  inventory that differs only in ``host_name``; B's operator API listens on B's LAN address.
+  inventory that differs only in ``host_name``; B's operator API listens on B's LAN address;
+* with ``tls`` (the default), a cluster CA and a certificate per host (its LAN address and the
+  service address in it), so that the media service, B's operator API and every client on the LAN
+  speak mutual TLS (docs/tls.md); the test itself calls as an operator.
 
 Every process is stopped, and every mount goes with B's namespace, when the ``Cluster`` closes.
 """
@@ -29,8 +32,12 @@ import grpc
 from host_agent._proto.hyperback.v1 import media_pb2, media_pb2_grpc
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as opb_grpc
+from host_agent.config import TlsConfig
 from host_agent.lab.twohosts import LAN_A_IF, LAN_B_IF, TwoHosts
 from host_agent.storage.repository import Repository
+from host_agent.tls import certs
+from host_agent.tls.identity import Identity, Role
+from host_agent.tls.transport import channel
 
 SERVICE_IP = "10.77.0.100"
 MEDIA_PORT = 7420
@@ -90,15 +97,37 @@ recheck = "2s"
 """
 
 
+def tls_table(tls: TlsConfig) -> str:
+    return f'\n[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+
+
 class Cluster:
     def __init__(self, hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...],
-                 inventory_extra: str = "") -> None:
+                 inventory_extra: str = "", tls: bool = True) -> None:
         self.hosts = hosts
+        self.tls: dict[str, TlsConfig] = self._certificates(root / "pki") if tls else {}
         self.inventory_extra = inventory_extra  # more inventory tables, e.g. appliances
         self.root = root
         self.shared = shared
         self.media_root = root / "media"      # a tmpfs in B's mount namespace only
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _certificates(self, pki: Path) -> dict[str, TlsConfig]:
+        """Each host's certificate (its LAN address, and the service address the media service may
+        move to), and the test's own operator certificate."""
+        ca = certs.init_ca(pki / "ca", "colocation lab CA").cert
+        out = {}
+        for name, ip in (("hosta", self.hosts.lan_ip_a), ("hostb", self.hosts.lan_ip_b)):
+            issued = certs.issue(pki / "ca", Identity(Role.AGENT, name), pki / name, ips=[ip, SERVICE_IP])
+            out[name] = TlsConfig(ca, issued.cert, issued.key)
+        issued = certs.issue(pki / "ca", Identity(Role.OPERATOR, "lab"), pki / "lab")
+        out["operator"] = TlsConfig(ca, issued.cert, issued.key)
+        return out
+
+    @property
+    def client_tls(self) -> TlsConfig:
+        """What the test calls the cluster's services with."""
+        return self.tls.get("operator", TlsConfig())
 
     # -- processes --
 
@@ -149,6 +178,9 @@ class Cluster:
                    "--host-name", host, "--service-ip", f"{SERVICE_IP}/24", "--service-dev", lan]
         for name, path in repos.items():
             command += ["--repo", f"{name}={path}"]
+        if self.tls:
+            mine = self.tls[host]
+            command += ["--tls-ca", str(mine.ca), "--tls-cert", str(mine.cert), "--tls-key", str(mine.key)]
         self._spawn(f"media-{host}", self.in_b(*command) if host == "hostb" else command)
 
     def start_agent(self, host: str, extra: str = "") -> None:
@@ -159,7 +191,8 @@ class Cluster:
         operator = (f"{self.hosts.lan_ip_b}:{AGENT_PORT}" if host == "hostb" else f"unix:{root}/agent.sock")
         config = root / "agent.toml"
         config.write_text(agent_config(root, host, self.shared, operator, extra)
-                          + inventory(self.hosts, self.media_root) + self.inventory_extra)
+                          + inventory(self.hosts, self.media_root) + self.inventory_extra
+                          + (tls_table(self.tls[host]) if self.tls else ""))
         command = [str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer", "-v"]
         self._spawn(f"agent-{host}", self.in_b(*command) if host == "hostb" else command)
         self.wait_operator(host)
@@ -170,8 +203,8 @@ class Cluster:
 
     @contextlib.contextmanager
     def operator(self, host: str = "hosta") -> Iterator[opb_grpc.OperatorStub]:
-        with grpc.insecure_channel(self.operator_target(host)) as channel:
-            yield opb_grpc.OperatorStub(channel)
+        with channel(self.operator_target(host), self.client_tls) as chan:
+            yield opb_grpc.OperatorStub(chan)
 
     def wait_operator(self, host: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -195,8 +228,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with grpc.insecure_channel(target) as channel:
-                    return media_pb2_grpc.MediaStub(channel).Describe(media_pb2.DescribeRequest(), timeout=3)
+                with channel(target, self.client_tls) as chan:
+                    return media_pb2_grpc.MediaStub(chan).Describe(media_pb2.DescribeRequest(), timeout=3)
             except grpc.RpcError:
                 if time.monotonic() > deadline:
                     raise
@@ -230,8 +263,8 @@ class Cluster:
 
 @contextlib.contextmanager
 def cluster(hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...], *, agent_a_extra: str = "",
-            inventory_extra: str = "") -> Iterator[Cluster]:
-    c = Cluster(hosts, root, shared, inventory_extra)
+            inventory_extra: str = "", tls: bool = True) -> Iterator[Cluster]:
+    c = Cluster(hosts, root, shared, inventory_extra, tls)
     try:
         c.start_media_b()
         c.start_agent("hostb")
@@ -241,4 +274,4 @@ def cluster(hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...], *, age
         c.close()
 
 
-__all__ = ["BIN", "FINAL", "LAN_A_IF", "SERVICE_IP", "Cluster", "cluster"]
+__all__ = ["BIN", "FINAL", "LAN_A_IF", "MEDIA_PORT", "SERVICE_IP", "Cluster", "cluster"]

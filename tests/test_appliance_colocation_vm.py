@@ -58,7 +58,8 @@ def lab_cluster_appliance(
         app = start_appliance(lab_b, root)
         try:
             # the appliance's system disk sits in the lab's cache, which both hosts see too
-            with cluster(hosts, root / "cluster", shared=(root, lab_b.cache_dir),
+            # tls=False: the appliance's own media service runs without certificates (not done yet)
+            with cluster(hosts, root / "cluster", shared=(root, lab_b.cache_dir), tls=False,
                          inventory_extra=appliance_inventory(app.name)) as c:
                 yield lab, c, app
         finally:

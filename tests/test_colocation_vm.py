@@ -21,10 +21,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from colocation_lab import BIN, SERVICE_IP, Cluster, cluster
+from colocation_lab import BIN, MEDIA_PORT, SERVICE_IP, Cluster, cluster
 from conftest import lab_or_fail
 from test_twohosts import state_on
 
+from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation.migration import METADATA_NS
@@ -32,6 +33,7 @@ from host_agent.colocation.serviceip import ServiceAddress
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.migratable import shim_command, start_migratable_vm
 from host_agent.lab.twohosts import LAN_A_IF
+from host_agent.media.client import RemoteRepository
 
 pytestmark = pytest.mark.vm
 
@@ -200,6 +202,9 @@ def test_the_service_address_answers_on_whichever_host_serves_it(
         lab_and_cluster: tuple[Lab, Cluster]) -> None:
     _, c = lab_and_cluster
     assert c.describe().host_name == "hostb"
+    # it speaks mutual TLS: a client without a certificate of the cluster's CA is refused
+    with pytest.raises(errors.TlsError):
+        RemoteRepository(f"{SERVICE_IP}:{MEDIA_PORT}", "media-b", timeout=5)
     on_a = ServiceAddress(SERVICE_IP, 24, LAN_A_IF)
     assert not on_a.held()
     # the appliance moves to A: B releases the address when it stops, A claims it when it starts

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from host_agent.agent import daemon
-from host_agent.config import Limits, load
+from host_agent.config import Limits, TlsConfig, load
 from host_agent.errors import UsageError
 
 BIN = Path(sys.executable).parent
@@ -114,3 +114,16 @@ def test_verify_schedules_and_boot_checks(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('[boot_checks]\nweb1 = "systemctl is-system-running"\n')
     with pytest.raises(UsageError, match="boot_checks.web1: expected the command's words"):
         load(tmp_path / "bad.toml", env={})
+
+
+def test_the_tls_table_sets_the_certificates_and_takes_all_three_or_none(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[tls]\nca = "/etc/hyperback/ca.pem"\ncert = "/etc/hyperback/a.pem"\n'
+                                  'key = "/etc/hyperback/a.key"\nallow_plaintext = false\n'), env={})
+    assert config.tls == TlsConfig(Path("/etc/hyperback/ca.pem"), Path("/etc/hyperback/a.pem"),
+                                   Path("/etc/hyperback/a.key"), allow_plaintext=False)
+    assert load(write(tmp_path, ""), env={}).tls == TlsConfig()
+    for text, names in (('[tls]\nca = "/x"', "tls: ca, cert and key go together"),
+                        ('[tls]\ncafile = "/x"', "tls: unknown setting 'cafile'"),
+                        ("[tls]\nallow_plaintext = 1", "tls.allow_plaintext: expected true or false")):
+        with pytest.raises(UsageError, match=names):
+            load(write(tmp_path, text), env={})

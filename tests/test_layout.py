@@ -21,16 +21,17 @@ GROUND = {"host_agent", "host_agent.errors", "host_agent.model", "host_agent.pro
           "host_agent.hypervisor", "host_agent.config", "host_agent.inventory", "host_agent._proto"}
 MAY_IMPORT = {
     "storage": set(),
-    "planning": set(),
-    "media": {"storage", "colocation"},  # the media service claims its moving address (serviceip)
-    "colocation": set(),
+    "tls": set(),  # certificates, credentials, roles: every network API's servers and clients
+    "planning": {"tls"},
+    "media": {"storage", "colocation", "tls"},  # the media service claims its moving address (serviceip)
+    "colocation": {"tls"},
     "guestfiles": set(),  # it reads an NBD socket, whoever serves it
-    "agent": {"storage", "media", "planning", "colocation", "guestfiles"},
+    "agent": {"storage", "media", "planning", "colocation", "guestfiles", "tls"},
     "restore": {"storage", "media", "agent"},  # whole VMs: the stored definition, views' image locks
     # vm enable/status, jobs and schedules: the agent's parts and its API; files: the reader;
     # copy: a media service's repository by its address
-    "cli": {"storage", "lab", "agent", "guestfiles", "restore", "media"},
-    "lab": {"agent", "storage", "colocation", "media"},
+    "cli": {"storage", "lab", "agent", "guestfiles", "restore", "media", "tls"},
+    "lab": {"agent", "storage", "colocation", "media", "tls"},
 }
 
 

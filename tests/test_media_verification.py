@@ -16,6 +16,7 @@ from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
 from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
+from host_agent.media.servicer import MAX_CONSOLE_UPLOAD
 from host_agent.storage.repository import Repository
 from host_agent.storage.verification import MAX_CONSOLE, Verification
 
@@ -52,7 +53,7 @@ def test_the_service_refuses_records_of_unknown_snapshots_and_malformed_ones(
         stub = pb_grpc.MediaStub(channel)
         for request in (pb.RecordVerificationRequest(destination="main", document="{}"),
                         pb.RecordVerificationRequest(destination="main", document="{}",
-                                                     console=bytes(media.MAX_CONSOLE_UPLOAD + 1))):
+                                                     console=bytes(MAX_CONSOLE_UPLOAD + 1))):
             with pytest.raises(grpc.RpcError) as e:
                 stub.RecordVerification(request)
             assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -19,10 +19,12 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tls_helpers import make_pki
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
+from host_agent.config import TlsConfig
 from host_agent.errors import OptimizerConfigError, OptimizerRejected, OptimizerUnavailable
 from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Plan, Policy, UnitKind
 from host_agent.planning.chain import HostContext, Planner, PlanningPolicy, PlanResult, build_chain
@@ -41,6 +43,7 @@ from host_agent.planning.service import (
     result_to_pb,
     start_server,
 )
+from host_agent.tls.identity import Role
 
 NOW = 1_700_000_000.0
 BASE = "/var/lib/libvirt/images/debian-12.qcow2"
@@ -264,7 +267,8 @@ def test_tls_works_with_a_matching_ca_and_fails_with_another(pki: Pki) -> None:
             assert server.address.startswith("127.0.0.1:") and not server.address.endswith(":0")
             result = await plan_once(server.address, tls=ClientTls(ca=pki.ca))
             assert result.plan.units
-            with pytest.raises(OptimizerUnavailable):
+            # a TLS failure is not retried (the driver would retry OptimizerUnavailable forever)
+            with pytest.raises(OptimizerRejected, match="TLS handshake with the optimizer .* failed"):
                 await plan_once(server.address, tls=ClientTls(ca=pki.other_ca), timeout=5)
 
     asyncio.run(go())
@@ -274,10 +278,31 @@ def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(pki: Pki) -
     async def go() -> None:
         tls = replace(pki.server, client_ca=pki.ca)
         async with serving(ServerConfig("127.0.0.1:0", tls=tls)) as server:
-            with pytest.raises(OptimizerUnavailable):
+            with pytest.raises(OptimizerRejected, match="requires TLS with a client certificate"):
                 await plan_once(server.address, tls=ClientTls(ca=pki.ca), timeout=5)
             mine = ClientTls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
             assert (await plan_once(server.address, tls=mine)).plan.units
+
+    asyncio.run(go())
+
+
+def test_the_clusters_certificates_secure_the_optimizer_over_tcp(tmp_path: Path) -> None:
+    cluster = make_pki(tmp_path / "cluster")
+    served = cluster.tls(Role.AGENT, "hostm")
+    assert served.cert and served.key and served.ca
+
+    def client(tls: TlsConfig) -> ClientTls:
+        return ClientTls(tls.ca, tls.cert, tls.key)
+
+    async def go() -> None:
+        config = ServerConfig("127.0.0.1:0", tls=TlsFiles(served.cert, served.key, served.ca))
+        async with serving(config) as server:
+            assert (await plan_once(server.address, tls=client(cluster.tls(Role.AGENT, "hosta")))).plan.units
+            started = time.monotonic()
+            with pytest.raises(OptimizerRejected, match="refused this end's certificate"):
+                stranger = cluster.tls(Role.AGENT, "hosta", ca=cluster.stranger)
+                await plan_once(server.address, tls=client(stranger), timeout=5)
+            assert time.monotonic() - started < 1.0
 
     asyncio.run(go())
 

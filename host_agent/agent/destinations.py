@@ -62,12 +62,12 @@ class Destinations:
             raise errors.NotARepository(f"destination {destination!r}: {e}") from e
 
     def _remote(self, destination: str, service: str, appliance: str) -> RemoteRepository:
-        remote = RemoteRepository(service, destination)
+        remote = RemoteRepository(service, destination, tls=self.config.tls)
         if remote.host_name not in (*self.config.inventory.hosts, appliance):
             remote.close()
             # the service may move between the cluster's hosts, never outside it: a stranger
             # answering at its address is a misconfiguration that must not get backups (this
-            # is a sanity check, not authentication: that needs TLS, not done yet)
+            # is a sanity check; with [tls] the service's certificate authenticates it)
             raise errors.EnvironmentProblem(
                 f"the media service at {service} says it runs on {remote.host_name!r}, which "
                 f"is not a host of the inventory; refusing to send backups there")

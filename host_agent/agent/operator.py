@@ -7,6 +7,10 @@ to gRPC status codes at this boundary: NOT_FOUND for unknown domains, disks and 
 INVALID_ARGUMENT for bad names and values, UNAVAILABLE when libvirt or a destination's media do
 not answer (``host_agent.protobuf.grpc_status``).
 
+On TCP with ``[tls]`` it requires client certificates (docs/tls.md): an operator may call everything,
+a monitor only the lists (``OPERATOR_ROLES``), and another host's agent only what a co-located
+backup needs, on the domains visiting from its own host.
+
 The servicer sees the agent through :class:`AgentParts`: the domains, the guests' channels, the
 destinations, the intake (the one way a request enters) and the jobs, never the agent itself.
 """
@@ -38,6 +42,7 @@ from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
 from host_agent.agent.schedules import Scheduler, covers
+from host_agent.media.access import Owners
 from host_agent.model import Instruction, InstructionKind, Placement, Policy, WorkUnit
 from host_agent.protobuf import (
     disk_to_pb,
@@ -48,11 +53,21 @@ from host_agent.protobuf import (
     policy_from_pb,
     policy_to_pb,
 )
+from host_agent.storage.repository import Repository
 from host_agent.storage.verification import Verification
+from host_agent.tls.identity import Role
+from host_agent.tls.roles import ALL, AioRoleInterceptor, Table
+from host_agent.tls.transport import NO_TLS, TlsConfig, add_port, peer_identity
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "hyperback.v1.Operator"
+OPERATOR_ROLES: Table = {
+    Role.OPERATOR: ALL,
+    Role.MONITOR: frozenset({"ListDomains", "ListSnapshots", "ListJobs", "WatchJob", "ListSchedules"}),
+    # what another host's agent asks of the media host's during a co-located backup (colocation.visits)
+    Role.AGENT: frozenset({"ListJobs", "WatchJob", "ListSnapshots", "TriggerBackup"}),
+}
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -218,6 +233,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
     async def _trigger(self, kind: InstructionKind, request: Any,
                        context: grpc.aio.ServicerContext[Any, Any]) -> Job:
         info = await self._domain(request.domain, context, shut_off=kind is InstructionKind.BACKUP)
+        await _visitor_only(info, context, kind)
         if request.request_id:
             earlier = self.parts.jobs.by_request(info.uuid, request.request_id)
             if earlier is not None:
@@ -225,6 +241,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         destination = self.parts.destinations.named(request.destination)
         if destination not in self.parts.destinations.names:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no destination {destination!r}")
+        await _record_visitor(self.parts.destinations, destination, info, context)
         disks = await asyncio.to_thread(self.parts.domains.disks_by_serial, info.uuid,
                                         list(request.serials) or None)
         policy = (policy_from_pb(request.policy, "TriggerBackupRequest", unspecified=Policy.INCREMENTAL)
@@ -330,6 +347,28 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             await _next_event(job, sent)
 
 
+async def _visitor_only(info: DomainInfo, context: grpc.aio.ServicerContext[Any, Any],
+                        kind: InstructionKind) -> None:
+    """Refuse another host's agent a domain that is not visiting from that host."""
+    identity = peer_identity(context)
+    if identity is not None and identity.role is Role.AGENT and info.visiting_from != identity.name:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"role agent ({identity.name}) may not call Trigger{kind.value.capitalize()} on "
+                            f"domain {info.name}: it is not visiting from {identity.name}")
+
+
+async def _record_visitor(destinations: Destinations, destination: str, info: DomainInfo,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """A domain visiting from another host's agent, backed up here into local media, is that host's:
+    the media service's ledger says so, so that its agent may read it over the LAN (docs/tls.md)."""
+    identity = peer_identity(context)
+    if identity is None or identity.role is not Role.AGENT or not destinations.is_local(destination):
+        return
+    repo = await asyncio.to_thread(destinations.repository, destination)
+    if isinstance(repo, Repository):
+        await asyncio.to_thread(Owners(repo).adopt, info.uuid, identity.name)
+
+
 async def _next_event(job: Job, seen: int) -> None:
     """Wait until the job has more than ``seen`` events."""
     async with job.changed:
@@ -337,27 +376,27 @@ async def _next_event(job: Job, seen: int) -> None:
 
 
 class OperatorServer:
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
+    def __init__(self, server: grpc.aio.Server, address: str) -> None:
+        self._server, self.address = server, address  # the address with the port resolved
 
     async def stop(self, grace: float | None = None) -> None:
         await self._server.stop(grace)
 
 
-async def start_operator_server(parts: AgentParts, listen: str) -> OperatorServer:
-    """Serve the operator API, health and reflection on ``listen`` (``unix:/path`` or host:port)."""
-    server = grpc.aio.server()
+async def start_operator_server(parts: AgentParts, listen: str, tls: TlsConfig = NO_TLS) -> OperatorServer:
+    """Serve the operator API, health and reflection on ``listen`` (``unix:/path`` or host:port;
+    with ``tls``, a TCP address requires client certificates and roles apply)."""
+    secure = tls.enabled and not listen.startswith("unix")
+    server = grpc.aio.server(interceptors=[AioRoleInterceptor(OPERATOR_ROLES)] if secure else [])
     pb_grpc.add_OperatorServicer_to_server(OperatorServicer(parts), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        server.add_insecure_port(listen)
-    except RuntimeError as e:
-        raise errors.EnvironmentProblem(f"cannot listen on {listen}: {e}") from e
+    port = add_port(server, listen, tls, "operator API")
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("operator API listening on %s", listen)
-    return OperatorServer(server)
+    log.info("operator API listening on %s%s", listen, " (mutual TLS)" if secure else "")
+    address = listen if listen.startswith("unix") else f"{listen.rpartition(':')[0]}:{port}"
+    return OperatorServer(server, address)

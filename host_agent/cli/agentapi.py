@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -17,6 +18,7 @@ import grpc
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
 from host_agent.config import load
+from host_agent.tls.transport import channel, tls_failure
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -32,9 +34,10 @@ def add_agent_argument(p: argparse.ArgumentParser) -> None:
 @contextmanager
 def operator(args: argparse.Namespace) -> Iterator[tuple[pb_grpc.OperatorStub, str]]:
     """A stub for the agent's operator API, and its address."""
-    address = args.agent or load().operator_listen
-    with grpc.insecure_channel(address) as channel:
-        yield pb_grpc.OperatorStub(channel), address
+    settings = load()
+    address = args.agent or settings.operator_listen
+    with channel(address, settings.tls) as chan:  # [tls] of the config: this host's certificate
+        yield pb_grpc.OperatorStub(chan), address
 
 
 def call(method: Callable[..., _Resp], request: _Req, address: str) -> _Resp:
@@ -42,7 +45,12 @@ def call(method: Callable[..., _Resp], request: _Req, address: str) -> _Resp:
     try:
         return method(request, timeout=TIMEOUT)
     except grpc.RpcError as e:
-        code, details = e.code(), e.details()
+        code, details = e.code(), e.details() or ""
+        handshake = tls_failure(code, details, f"the agent at {address}", _cert())
+        if handshake is not None:
+            raise handshake from None
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            raise errors.AccessDenied(f"the agent at {address} refused: {details}") from None
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise errors.EnvironmentProblem(
                 f"the agent at {address} does not answer ({details}); is hyperback-agent running? "
@@ -51,6 +59,12 @@ def call(method: Callable[..., _Resp], request: _Req, address: str) -> _Resp:
                     grpc.StatusCode.FAILED_PRECONDITION):
             raise errors.UsageError(details) from None
         raise errors.HyperbackError(f"the agent at {address} failed: {code.name}: {details}") from None
+
+
+def _cert() -> Path | None:
+    """This host's certificate if the config names one (how a refused handshake is explained)."""
+    tls = load().tls
+    return tls.cert if tls.enabled else None
 
 
 def when(t: float) -> str:

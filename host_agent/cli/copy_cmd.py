@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from host_agent import errors
 from host_agent.cli.options import add_threads
 from host_agent.cli.progress import Bar, bar_for, human
+from host_agent.config import load
 from host_agent.media.copies import MEDIA_SCHEME, MediaTarget
 from host_agent.storage.repository import Repository
 from host_agent.storage.transfer import CopySummary, CopyTarget, LocalTarget, copy_snapshots, select
@@ -41,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 @contextmanager
 def _target(spec: str) -> Iterator[CopyTarget]:
     if spec.startswith(MEDIA_SCHEME):
-        with MediaTarget.connect(spec) as remote:
+        with MediaTarget.connect(spec, load().tls) as remote:  # the agent config's [tls], if any
             yield remote
         return
     with LocalTarget(Repository.open(spec)).session() as local:

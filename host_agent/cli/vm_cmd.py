@@ -22,6 +22,7 @@ from host_agent._proto.hyperback.v1 import operator_pb2 as pb
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
 from host_agent.agent import wiring
 from host_agent.hypervisor import Guarded
+from host_agent.tls.transport import NO_TLS, TlsConfig, channel
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,10 +114,10 @@ class AgentView:
     next_backup_at: float
 
 
-def agent_domains(listen: str, timeout: float = 5.0) -> dict[str, AgentView] | None:
+def agent_domains(listen: str, timeout: float = 5.0, tls: TlsConfig = NO_TLS) -> dict[str, AgentView] | None:
     """The agent's domains by UUID, from its operator API; None if the agent does not answer."""
-    with grpc.insecure_channel(listen) as channel:
-        stub = pb_grpc.OperatorStub(channel)
+    with channel(listen, tls) as chan:
+        stub = pb_grpc.OperatorStub(chan)
         try:
             answer = stub.ListDomains(pb.ListDomainsRequest(include_without_channel=True), timeout=timeout)
         except grpc.RpcError:
@@ -180,7 +181,7 @@ def run_status(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     with _connection(args) as conn:
         wired = wiring.status(conn, [args.domain] if args.domain else None)
-    agent = agent_domains(settings.operator_listen)
+    agent = agent_domains(settings.operator_listen, tls=settings.tls)
     docs = [_status_doc(w, agent) for w in wired]
     if args.json:
         print(json.dumps(docs))

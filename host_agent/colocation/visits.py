@@ -27,6 +27,7 @@ from host_agent.config import AgentConfig
 from host_agent.errors import ColocationError, HypervisorError
 from host_agent.model import STRENGTH, Placement, WorkUnit
 from host_agent.protobuf import placement_to_pb, policy_to_pb
+from host_agent.tls.transport import aio_channel, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class Colocator:
         """Until the media host's agent holds no unfinished job on domain ``name`` (its disk views
         must be gone before the VM moves), at most ``visit_timeout``."""
         deadline = time.monotonic() + self.config.visit_timeout
-        async with grpc.aio.insecure_channel(agent) as channel:
+        async with aio_channel(agent, self.config.tls) as channel:
             stub = opb_grpc.OperatorStub(channel)
             while time.monotonic() < deadline:
                 try:
@@ -253,7 +254,7 @@ class Colocator:
                                            request_id=f"visit-{first.satisfies[0]}-{time.time_ns()}",
                                            placement=placement_to_pb(Placement.LOCAL))
         try:
-            async with grpc.aio.insecure_channel(agent) as channel:
+            async with aio_channel(agent, self.config.tls) as channel:
                 stub = opb_grpc.OperatorStub(channel)
                 started = await stub.TriggerBackup(request, timeout=60)
                 job = started.job
@@ -274,6 +275,11 @@ class Colocator:
                 snaps = await stub.ListSnapshots(opb.ListSnapshotsRequest(
                     destination=first.destination, domain=first.disk.domain_uuid), timeout=60)
         except grpc.aio.AioRpcError as e:
+            tls = self.config.tls
+            handshake = tls_failure(e.code(), e.details() or "", f"the media host's agent at {agent}",
+                                    tls.cert if tls.enabled else None)
+            if handshake is not None:
+                raise handshake from e
             raise ColocationError(f"the media host's agent at {agent}: {e.code().name}: {e.details()}") from e
         by_id = {s.id: s for s in snaps.snapshots}
         disks = tuple(VisitedDisk(s.serial, s.id, s.bytes_read, s.bytes_new)

@@ -41,6 +41,7 @@ from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
 from host_agent.media.codec import (
+    CHANNEL_OPTIONS,
     CLIENT_OPTIONS,
     MAX_IDS,
     PIECE,
@@ -69,6 +70,7 @@ from host_agent.storage.repository import (
     Repository,
 )
 from host_agent.storage.snapshot import BackupResult, RestoreResult, Snapshot, VmRef
+from host_agent.tls.transport import NO_TLS, TlsConfig, channel
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +92,22 @@ class RemoteRepository(VerificationCalls):
     ``bytes_sent`` and ``bytes_received`` count the payload this object moved (packs, index files,
     blob ids, tree pages, snapshot documents, restored chunks), not gRPC's framing. ``spool_dir``
     is where backups keep their temporary spool (default: the system's temporary directory); it
-    holds at most a few hundred MiB (``SPOOL_BACKLOG`` and one pack per copier thread).
+    holds at most a few hundred MiB (``SPOOL_BACKLOG`` and one pack per copier thread). ``tls``:
+    this end's certificate, for a service that requires one (docs/tls.md); a TLS failure raises
+    TlsError at once.
     """
 
     def __init__(self, address: str, destination: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 spool_dir: str | os.PathLike[str] | None = None) -> None:
-        self.address, self.destination, self.timeout = address, destination, timeout
+                 spool_dir: str | os.PathLike[str] | None = None, tls: TlsConfig = NO_TLS) -> None:
+        self.address, self.destination, self.timeout, self.tls = address, destination, timeout, tls
         self.bytes_sent = 0
         self.bytes_received = 0
         self._spool_dir = spool_dir
         self._count_lock = threading.Lock()
-        self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+        self._channel = channel(address, tls, CLIENT_OPTIONS)
         self.stub = pb_grpc.MediaStub(self._channel)
         try:
-            described = self.unary(self.stub.Describe, pb.DescribeRequest())
+            described = self._describe()
             served = {d.name: d.config for d in described.destinations}
             if destination not in served:
                 raise errors.UnknownDestination(
@@ -114,6 +118,14 @@ class RemoteRepository(VerificationCalls):
             raise
         self.host_name = described.host_name
         self.config: RepoConfig = config_from_pb(served[destination])
+
+    def _describe(self) -> pb.DescribeResponse:
+        """The service's answer to the first call. With TLS it goes over a channel without gRPC's
+        retries, which would hide a refused certificate behind seconds of UNAVAILABLE."""
+        if not self.tls.enabled:
+            return self.unary(self.stub.Describe, pb.DescribeRequest())
+        with channel(self.address, self.tls, CHANNEL_OPTIONS) as first:
+            return self.unary(pb_grpc.MediaStub(first).Describe, pb.DescribeRequest())
 
     def close(self) -> None:
         self._channel.close()
@@ -129,8 +141,10 @@ class RemoteRepository(VerificationCalls):
 
     def export_params(self) -> dict[str, str]:
         """How an export's plugin process reaches this destination (``host_agent.storage.export``)."""
+        tls = {k: str(v) for k, v in (("tls_ca", self.tls.ca), ("tls_cert", self.tls.cert),
+                                       ("tls_key", self.tls.key)) if v is not None}
         return {"opener": "host_agent.media.exports:open_remote", "address": self.address,
-                "destination": self.destination, "timeout": str(self.timeout)}
+                "destination": self.destination, "timeout": str(self.timeout), **tls}
 
     # ---------- calls ----------
 
@@ -145,14 +159,14 @@ class RemoteRepository(VerificationCalls):
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise remote_error(e, self.address) from None
+            raise remote_error(e, self.address, self.tls) from None
 
     def stream(self, responses: Iterator[_T]) -> Iterator[_T]:
         """A response stream, raising the exception a failure stands for."""
         try:
             yield from responses
         except grpc.RpcError as e:
-            raise remote_error(e, self.address) from None
+            raise remote_error(e, self.address, self.tls) from None
 
     # ---------- snapshots ----------
 
@@ -541,7 +555,7 @@ class _Uploader:
             try:
                 upload.call.result()
             except grpc.RpcError as e:
-                raise remote_error(e, self._session.remote.address) from None
+                raise remote_error(e, self._session.remote.address, self._session.remote.tls) from None
             self.bytes_new += sum(e.raw_len for e in upload.chosen if e.type == BLOB_DATA)
             self.bytes_stored += sum(e.record_len for e in upload.chosen)
         self._pack(upload.name).unlink()

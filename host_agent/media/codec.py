@@ -20,6 +20,7 @@ from host_agent.protobuf import grpc_status
 from host_agent.storage.copier import ID_LEN
 from host_agent.storage.repository import RepoConfig
 from host_agent.storage.snapshot import Snapshot
+from host_agent.tls.transport import TlsConfig, tls_failure
 
 _E = TypeVar("_E", bound=errors.HyperbackError)
 
@@ -100,15 +101,22 @@ def status_for(error: errors.HyperbackError) -> grpc.StatusCode:
     return override if override is not None else grpc_status(error)
 
 
-def remote_error(e: grpc.RpcError, address: str) -> errors.HyperbackError:
-    """The exception a failed call stands for: the class the server named, else RemoteError."""
+def remote_error(e: grpc.RpcError, address: str, tls: TlsConfig | None = None) -> errors.HyperbackError:
+    """The exception a failed call stands for: the class the server named, TlsError for a failed
+    handshake (never retried), AccessDenied for a refused role, else RemoteError."""
     if not isinstance(e, grpc.Call):
         return errors.RemoteError(f"the media service at {address} failed: {e}")
     details = e.details() or ""
+    cert = tls.cert if tls is not None and tls.enabled else None
+    handshake = tls_failure(e.code(), details, f"the media service at {address}", cert)
+    if handshake is not None:
+        return handshake
     name = next((str(v) for k, v in e.trailing_metadata() or () if k == ERROR_KEY), "")
     cls = getattr(errors, name, None) if name else None
     if isinstance(cls, type) and issubclass(cls, errors.HyperbackError):
         return cls(details)
+    if e.code() is grpc.StatusCode.PERMISSION_DENIED:
+        return errors.AccessDenied(f"the media service at {address} refused: {details}")
     if e.code() is grpc.StatusCode.ABORTED:
         return errors.SessionExpired(f"the media service at {address} ended the session: {details}")
     if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

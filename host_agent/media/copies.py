@@ -26,6 +26,7 @@ from host_agent.storage.copier import NativeRepository
 from host_agent.storage.repository import RepoConfig, Repository
 from host_agent.storage.snapshot import Snapshot
 from host_agent.storage.transfer import SnapshotWriter
+from host_agent.tls.transport import NO_TLS, TlsConfig
 
 MEDIA_SCHEME: Final = "media://"
 THROTTLE_EVERY: Final = 256  # blobs stored between looks at the spool's upload backlog
@@ -40,12 +41,12 @@ class MediaTarget:
 
     @classmethod
     @contextmanager
-    def connect(cls, spec: str) -> Iterator[MediaTarget]:
-        """``media://HOST:PORT/DESTINATION``, reached (UsageError if malformed)."""
+    def connect(cls, spec: str, tls: TlsConfig = NO_TLS) -> Iterator[MediaTarget]:
+        """``media://HOST:PORT/DESTINATION``, reached with ``tls`` (UsageError if malformed)."""
         address, _, destination = spec.removeprefix(MEDIA_SCHEME).partition("/")
         if not address or ":" not in address or not destination:
             raise errors.UsageError(f"{spec!r} is not {MEDIA_SCHEME}HOST:PORT/DESTINATION")
-        with RemoteRepository(address, destination) as remote:
+        with RemoteRepository(address, destination, tls=tls) as remote:
             yield cls(remote)
 
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ fails a read instead of serving wrong bytes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
@@ -19,6 +20,7 @@ from host_agent.storage import copier
 from host_agent.storage.copier import ID_LEN, ZERO_ID
 from host_agent.storage.maptree import FANOUT
 from host_agent.storage.snapshot import Snapshot
+from host_agent.tls.transport import NO_TLS, TlsConfig
 
 WINDOW_BYTES = 1 << 20
 
@@ -31,8 +33,8 @@ class RemoteChunks:
     window_bytes = WINDOW_BYTES
 
     def __init__(self, address: str, destination: str, snapshot_id: str,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.remote = RemoteRepository(address, destination, timeout=timeout)
+                 timeout: float = DEFAULT_TIMEOUT, tls: TlsConfig = NO_TLS) -> None:
+        self.remote = RemoteRepository(address, destination, timeout=timeout, tls=tls)
         try:
             self.snapshot: Snapshot = self.remote.resolve(snapshot_id)
         except BaseException:
@@ -101,5 +103,7 @@ class RemoteChunks:
 
 def open_remote(params: Mapping[str, str], snapshot_id: str) -> RemoteChunks:
     """The plugin's opener for ``RemoteRepository.export_params()``."""
+    ca, cert, key = (Path(params[k]) if k in params else None for k in ("tls_ca", "tls_cert", "tls_key"))
+    tls = TlsConfig(ca, cert, key)
     return RemoteChunks(params["address"], params["destination"], snapshot_id,
-                        float(params.get("timeout", DEFAULT_TIMEOUT)))
+                        float(params.get("timeout", DEFAULT_TIMEOUT)), tls)

@@ -89,6 +89,7 @@ from host_agent.protobuf import (
     unit_from_pb,
     unit_to_pb,
 )
+from host_agent.tls.transport import tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +344,7 @@ class OptimizerClient:
                 certificate_chain=_read(tls.cert, "TLS certificate") if tls.cert else None)
             if tls.server_name:
                 self._options.append(("grpc.ssl_target_name_override", tls.server_name))
+        self._cert = tls.cert if tls is not None else None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.OptimizerAsyncStub | None = None
 
@@ -363,6 +365,9 @@ class OptimizerClient:
         except grpc.aio.AioRpcError as e:
             code, details = e.code(), e.details() or ""
             message = f"optimizer at {self.target}: {code.name}: {details}"
+            handshake = tls_failure(code, details, f"the optimizer at {self.target}", self._cert)
+            if handshake is not None:  # retrying cannot help: the driver fails the batch, saying why
+                raise OptimizerRejected(str(handshake), code) from e
             if code in _RETRYABLE:
                 raise OptimizerUnavailable(message, code) from e
             raise OptimizerRejected(message, code) from e
