@@ -1053,9 +1053,10 @@ def default_hyperback() -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
-            "Benchmark the backup data path of hyperback against borg and restic on synthetic\n"
-            "VM disk images: full backup of 3 related images, an incremental after a 1% change,\n"
-            "and a restore; hot page cache, fresh repositories, same data for every tool."
+            "Benchmark the backup data path of hyperback against borg and restic (as they come and\n"
+            "as configured for disk images) on synthetic VM disk images: full backup of 3 related\n"
+            "images, an incremental after a 1% change, and a restore; hot page cache (or --cold),\n"
+            "fresh repositories, same data for every tool; and the machine's limits in the same run."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""\
@@ -1072,9 +1073,14 @@ per tool: init -> full backup of the 3 images -> mutate base.img ->
   incremental backup of base.img (hyperback: also with --changes, on a copy of
   the post-full repository) -> restore base.img, compared with cmp.
 Seconds are wall time of the tool processes; peak RSS is ru_maxrss from wait4.
+tools: hyperback, borg (defaults), borg-fixed-lz4 / borg-fixed-zstd (--chunker-params
+  fixed,4194304, --compression lz4 / zstd, extract --sparse), restic-auto / restic-off
+  (--compression auto / off). limits: qemu-img convert of the same images, SHA-256
+  and zstd -1 per core, the CPU-bound limit of a full backup (bench/README.md).
 
 targets (hyperback):
-  full backup >= {TARGET_FULL_SPEEDUP:g}x faster than the faster of borg/restic
+  full backup >= {TARGET_FULL_SPEEDUP:g}x faster than the fastest peer configuration
+  incremental without change list faster than the fastest peer configuration
   incremental without change list >= {TARGET_INCR_SPEEDUP:g}x faster than restic
   incremental with change list >= {TARGET_INCR_CL_SPEEDUP:g}x faster than restic
   repository growth for the 1% change <= {TARGET_GROWTH_RATIO:g}x the changed bytes
@@ -1085,7 +1091,8 @@ exit status: 0 all ran and all targets met, 1 a tool failed or a restore
   differed, 2 everything ran but a target was missed or skipped.
 
 examples:
-  bench/bench_datapath.py --tools borg,restic --size-mib 64
+  bench/bench_datapath.py --tools borg-fixed-lz4,restic-off --size-mib 64
+  bench/bench_datapath.py --size-mib 1024 --runs 3 --cold
   bench/bench_datapath.py --json-out /tmp/bench.json
   bench/bench_datapath.py --tools hyperback --chunk-size 4194304
 """,

@@ -15,13 +15,15 @@ import pytest
 from conftest import MIB, sha256_file, wait_until_settled, write_image
 from system_helpers import attach_loop, detach_loop
 
+from host_agent.media import server as media
+from host_agent.media.client import RemoteRepository
 from host_agent.model import ChangeDetection, Policy
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
 from host_agent.storage.sourcefile import RACY_MARGIN_NS, SourceFile, unchanged_since
 
 SIZE = 8 * MIB
-IMAGES = ("unchanged", "rewritten", "replaced", "device")
+IMAGES = ("unchanged", "rewritten", "replaced", "legacy", "remote", "device")
 
 
 def rchar() -> int:
@@ -39,13 +41,6 @@ def settled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     images = {name: write_image(folder / f"{name}.img", SIZE, seed=i + 1) for i, name in enumerate(IMAGES)}
     wait_until_settled(list(images.values()))
     return images
-
-
-def fresh_copy(source: Path, folder: Path) -> Path:
-    """A private hard link to a settled image: same inode and timestamps, its own name."""
-    link = folder / source.name
-    os.link(source, link)
-    return link
 
 
 def test_an_unchanged_file_is_not_read_and_its_snapshot_keeps_the_base_tree(
@@ -94,9 +89,9 @@ def test_a_write_that_keeps_size_and_mtime_changes_ctime_and_is_read(
 
 def test_a_copy_put_in_the_files_place_is_read(settled: dict[str, Path], tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "repo")
-    image = fresh_copy(settled["replaced"], tmp_path)
-    repo.backup(image, "vm1/vda")
-    copy = tmp_path / "copy.img"
+    image = settled["replaced"]
+    assert repo.backup(image, "vm1/vda").snapshot.source_file is not None
+    copy = image.with_name("copy.img")
     shutil.copy2(image, copy)  # same bytes, size and mtime; another inode
     copy.replace(image)
     snap = repo.backup(image, "vm1/vda", Policy.INCREMENTAL).snapshot
@@ -147,7 +142,7 @@ def test_records_missing_or_racy_mean_read() -> None:
 def test_a_document_without_the_record_still_reads(settled: dict[str, Path], tmp_path: Path) -> None:
     """Snapshots written before ``source_file`` existed: parsed without it, and the next backup reads."""
     repo = Repository.init(tmp_path / "repo")
-    image = fresh_copy(settled["unchanged"], tmp_path)
+    image = settled["legacy"]
     base = repo.backup(image, "vm1/vda").snapshot
     path = repo.path / "snapshots" / base.id
     doc = json.loads(path.read_text())
@@ -156,6 +151,27 @@ def test_a_document_without_the_record_still_reads(settled: dict[str, Path], tmp
     assert repo.resolve(base.id).source_file is None
     snap = repo.backup(image, "vm1/vda", Policy.INCREMENTAL).snapshot
     assert snap.stats.bytes_read > SIZE // 2
+
+
+def test_through_the_media_service_an_unchanged_file_is_neither_read_nor_sent(
+        settled: dict[str, Path], tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    server = media.start({"main": repo.path}, "127.0.0.1:0", "hostb", lease=10.0)
+    try:
+        with RemoteRepository(server.address, "main", timeout=10, spool_dir=spool) as remote:
+            base = remote.backup(settled["remote"], "vm1/vda").snapshot
+            sent = remote.bytes_sent
+            snap = remote.backup(settled["remote"], "vm1/vda", Policy.INCREMENTAL).snapshot
+            assert remote.bytes_sent - sent < 64 * 1024  # the session's messages, no data
+    finally:
+        server.stop(grace=0)
+    assert snap.stats.bytes_read == 0 and snap.tree == base.tree
+    stored = repo.resolve(snap.id)
+    assert stored.source_file is not None and stored.source_file.unchanged_since == base.id
+    repo.restore(snap.id, tmp_path / "out.img")
+    assert sha256_file(tmp_path / "out.img") == sha256_file(settled["remote"])
 
 
 @pytest.fixture
