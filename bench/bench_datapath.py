@@ -13,6 +13,7 @@ import platform
 import random
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import machine_limits
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -37,7 +40,12 @@ RANDOM_FRACTION = 0.35
 CLONE_CHANGE_FRACTION = 0.03
 MUTATION_FRACTION = 0.01
 
-ALL_TOOLS = ("hyperback", "borg", "restic")
+# The peers as a knowledgeable user configures them for disk images, besides their defaults: borg
+# with a fixed 4 MiB chunker (a disk image has no boundary shifts for a content-defined chunker to
+# find) and a fast compressor, extracting with --sparse; restic with compression off and auto.
+PEERS = ("borg", "borg-fixed-lz4", "borg-fixed-zstd", "restic-auto", "restic-off")
+ALL_TOOLS = ("hyperback", *PEERS)
+COPY_TOOL = "qemu-img"  # the machine's own limit: a plain copy (qemu-img convert), not a backup tool
 PHASE_LABELS = {
     "full": "full",
     "incr": "incr (no list)",
@@ -353,6 +361,7 @@ class Context:
     chunk_size: int | None
     hyperback_cmd: list[str]
     log_counter: int = 0
+    cold: bool = False  # drop the page cache before every timed step instead of reading the images
 
     @property
     def repos(self) -> Path:
@@ -404,6 +413,15 @@ def settle() -> None:
     os.sync()
 
 
+def prepare_cache(ctx: Context, paths: Sequence[Path]) -> None:
+    """Before a timed step: the images in the page cache (hot), or nothing cached at all (cold)."""
+    if ctx.cold:
+        machine_limits.drop_caches()
+        return
+    warm_cache(paths)
+    settle()
+
+
 def tree_size(path: Path) -> tuple[int, int]:
     """(apparent bytes, allocated bytes) of regular files under path, like du -sb / du -s."""
     apparent = allocated = 0
@@ -450,6 +468,7 @@ class Tool:
     """One backup program. Each method returns the commands it ran (all timed)."""
 
     name = ""
+    program = ""
     supports_change_list = False
 
     def __init__(self, ctx: Context) -> None:
@@ -482,12 +501,17 @@ class Tool:
 
 
 class Borg(Tool):
-    name = "borg"
+    program = "borg"
+
+    def __init__(self, ctx: Context, name: str = "borg", create: Sequence[str] = (),
+                 extract: Sequence[str] = ()) -> None:
+        super().__init__(ctx)
+        self.name, self.create_args, self.extract_args = name, list(create), list(extract)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            BORG_BASE_DIR=str(self.ctx.state / "borg"),
+            BORG_BASE_DIR=str(self.ctx.state / self.name),
             BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
             BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
         )
@@ -498,40 +522,41 @@ class Borg(Tool):
 
     def reset_state(self) -> None:
         # Files/chunks caches from an earlier run would make "full" incremental.
-        remove(self.ctx.state / "borg")
-        (self.ctx.state / "borg").mkdir(parents=True)
+        remove(self.ctx.state / self.name)
+        (self.ctx.state / self.name).mkdir(parents=True)
 
     def init(self, repo: Path) -> list[CmdResult]:
         return [self.run(["borg", "init", "--encryption=none", str(repo)], "init")]
 
     def backup_full(self, repo: Path, images: list[Path]) -> list[CmdResult]:
-        return [self.run(["borg", "create", f"{repo}::full", *map(str, images)], "full")]
+        return [self.run(["borg", "create", *self.create_args, f"{repo}::full", *map(str, images)], "full")]
 
     def backup_incremental(self, repo: Path, image: Path, changes: Path | None) -> list[CmdResult]:
-        return [self.run(["borg", "create", f"{repo}::incr", str(image)], "incr")]
+        return [self.run(["borg", "create", *self.create_args, f"{repo}::incr", str(image)], "incr")]
 
     def restore(self, repo: Path, image: Path, target_dir: Path) -> tuple[list[CmdResult], Path]:
-        cmd = self.run(["borg", "extract", f"{repo}::incr"], "restore", cwd=target_dir)
+        cmd = self.run(["borg", "extract", *self.extract_args, f"{repo}::incr"], "restore", cwd=target_dir)
         return [cmd], target_dir / image.relative_to("/")
 
 
 class Restic(Tool):
-    name = "restic"
+    program = "restic"
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, name: str = "restic-auto", compression: str = "auto") -> None:
         super().__init__(ctx)
+        self.name, self.compression = name, compression
         self._init_extra: list[str] | None = None
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(self.ctx.state / "restic-cache"))
+        env.update(RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(self.ctx.state / f"{self.name}-cache"))
         return env
 
     def version(self) -> str:
         return run_quiet(["restic", "version"]).stdout.strip()
 
     def reset_state(self) -> None:
-        remove(self.ctx.state / "restic-cache")
+        remove(self.ctx.state / f"{self.name}-cache")
 
     def init_extra(self) -> list[str]:
         # Format v2 is the one with compression; 0.14 still defaults to v1.
@@ -544,10 +569,12 @@ class Restic(Tool):
         return [self.run(["restic", "init", "--repo", str(repo), *self.init_extra()], "init")]
 
     def backup_full(self, repo: Path, images: list[Path]) -> list[CmdResult]:
-        return [self.run(["restic", "backup", "--repo", str(repo), *map(str, images)], "full")]
+        return [self.run(["restic", "--compression", self.compression, "backup", "--repo", str(repo),
+                          *map(str, images)], "full")]
 
     def backup_incremental(self, repo: Path, image: Path, changes: Path | None) -> list[CmdResult]:
-        return [self.run(["restic", "backup", "--repo", str(repo), str(image)], "incr")]
+        return [self.run(["restic", "--compression", self.compression, "backup", "--repo", str(repo),
+                          str(image)], "incr")]
 
     def restore(self, repo: Path, image: Path, target_dir: Path) -> tuple[list[CmdResult], Path]:
         argv = ["restic", "restore", "latest", "--repo", str(repo), "--target", str(target_dir)]
@@ -555,7 +582,7 @@ class Restic(Tool):
 
 
 class Hyperback(Tool):
-    name = "hyperback"
+    name = program = "hyperback"
     supports_change_list = True
 
     def env(self) -> dict[str, str]:
@@ -600,7 +627,16 @@ class Hyperback(Tool):
         return [self.run(argv, "restore")], target
 
 
-TOOL_CLASSES: dict[str, type[Tool]] = {"hyperback": Hyperback, "borg": Borg, "restic": Restic}
+FIXED = ["--chunker-params", "fixed,4194304"]
+TOOL_FACTORIES: dict[str, Callable[[Context], Tool]] = {
+    "hyperback": Hyperback,
+    "borg": Borg,
+    "borg-fixed-lz4": lambda ctx: Borg(ctx, "borg-fixed-lz4", [*FIXED, "--compression", "lz4"], ["--sparse"]),
+    "borg-fixed-zstd": lambda ctx: Borg(ctx, "borg-fixed-zstd", [*FIXED, "--compression", "zstd"],
+                                        ["--sparse"]),
+    "restic-auto": lambda ctx: Restic(ctx, "restic-auto", "auto"),
+    "restic-off": lambda ctx: Restic(ctx, "restic-off", "off"),
+}
 
 
 # --------------------------------------------------------------------------- phases
@@ -619,6 +655,7 @@ class PhaseResult:
     verified: bool | None = None
     error: str | None = None
     tool_reports: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)  # seconds of each run (--runs)
 
     @property
     def mib_per_s(self) -> float | None:
@@ -664,6 +701,8 @@ def do_restore(tool: Tool, repo: Path, phase: PhaseResult, target_name: str, syn
     ctx = tool.ctx
     target_dir = fresh_dir(ctx.restore_dir / target_name)
     settle()
+    if ctx.cold:
+        machine_limits.drop_caches()
     if isinstance(tool, Hyperback):
         cmds, restored = tool.restore(repo, ctx.dataset.base, target_dir, sync)
     else:
@@ -710,8 +749,7 @@ def bench_tool(tool: Tool) -> list[PhaseResult]:
         return skip_rest("init failed")
 
     print("  full backup ...", flush=True)
-    warm_cache(ds.images)
-    settle()
+    prepare_cache(ctx, ds.images)
     if not record(phases["full"], tool.backup_full(repo, ds.images)):
         return skip_rest("full backup failed")
     after_full = tree_size(repo)
@@ -723,16 +761,14 @@ def bench_tool(tool: Tool) -> list[PhaseResult]:
 
     apply_mutation(ds)
     print("  incremental backup ...", flush=True)
-    warm_cache([ds.base])
-    settle()
+    prepare_cache(ctx, [ds.base])
     if record(phases["incr"], tool.backup_incremental(repo, ds.base, None)):
         set_growth(phases["incr"], repo, after_full)
 
     cl_ok = False
     if tool.supports_change_list:
         print("  incremental backup with change list ...", flush=True)
-        warm_cache([ds.base])
-        settle()
+        prepare_cache(ctx, [ds.base])
         cl_ok = record(phases["incr-cl"], tool.backup_incremental(cl_repo, ds.base, ds.changes))
         if cl_ok:
             set_growth(phases["incr-cl"], cl_repo, after_full)
@@ -760,6 +796,94 @@ def bench_tool(tool: Tool) -> list[PhaseResult]:
         remove(repo)
         remove(cl_repo)
     return list(phases.values())
+
+
+def bench_copy(ctx: Context) -> list[PhaseResult]:
+    """The machine's own limit for the same bytes: a plain ``qemu-img convert`` of the 3 images (to
+    set against a full backup) and of base.img (against a restore), written where restores go."""
+    ds = ctx.dataset
+    print(f"\n=== {COPY_TOOL} (plain copy) ===", flush=True)
+    full = PhaseResult(COPY_TOOL, "full", logical_bytes=len(ds.images) * ds.size)
+    restore = PhaseResult(COPY_TOOL, "restore", logical_bytes=ds.size)
+    target_dir = fresh_dir(ctx.restore_dir / COPY_TOOL)
+
+    def convert(image: Path, tag: str) -> CmdResult:
+        target = target_dir / image.name
+        argv = ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(image), str(target)]
+        done = run_measured(ctx, argv, f"{COPY_TOOL}-{tag}")
+        remove(target)
+        return done
+
+    prepare_cache(ctx, ds.images)
+    record(full, [convert(image, f"full-{image.stem}") for image in ds.images])
+    settle()
+    if ctx.cold:
+        machine_limits.drop_caches()
+    record(restore, [convert(ds.base, "restore")])
+    remove(target_dir)
+    return [full, restore]
+
+
+def dataset_work(ds: Dataset, sample: Path) -> tuple[int, int]:
+    """(bytes a full backup must hash, bytes it must compress) of the data set, from its recipe;
+    writes some of the base's text regions to ``sample`` for the zstd measurement."""
+    kinds = region_layout(ds.size // REGION, random.Random(f"{ds.seed}/base"))  # as write_base draws it
+    data = sum(1 for k in kinds if k in ("random", "text")) * REGION
+    text = [i for i, k in enumerate(kinds) if k == "text"]
+    with open(ds.base_orig, "rb") as src, open(sample, "wb") as out:
+        for index in text[:16]:
+            src.seek(index * REGION)
+            out.write(src.read(REGION))
+    # every image's data is hashed (clones too: that is how they are found equal); only the base's
+    # text is compressible and unique (the clones' changes are random)
+    return len(ds.images) * data, len(text) * REGION
+
+
+def merge_runs(runs: list[list[PhaseResult]]) -> list[PhaseResult]:
+    """One result per tool and phase: the median seconds of the runs, the highest RSS, failed if any
+    run failed; ``samples`` keeps every run's seconds."""
+    merged: list[PhaseResult] = []
+    for same in zip(*runs, strict=True):
+        last = same[-1]
+        ok = all(p.ok for p in same)
+        times = [p.seconds for p in same if p.seconds is not None]
+        rss = [p.peak_rss_kib for p in same if p.peak_rss_kib]
+        bad = next((p.error for p in same if not p.ok), None)
+        merged.append(PhaseResult(
+            last.tool, last.phase, ok, statistics.median(times) if times else None, last.logical_bytes,
+            last.repo_bytes, last.repo_disk_bytes, max(rss) if rss else None,
+            all(p.verified for p in same) if last.verified is not None else None, bad, last.tool_reports,
+            [round(t, 3) for t in times]))
+    return merged
+
+
+# Each hyperback phase, and the peers' phase it is set against.
+COMPARED = {"full": "full", "incr": "incr", "incr-cl": "incr", "restore": "restore",
+            "restore-nosync": "restore"}
+
+
+def ratio_rows(results: list[PhaseResult], limits: machine_limits.Limits | None) -> list[list[str]]:
+    """hyperback against the fastest peer configuration (peer seconds / hyperback's: above 1 is
+    faster) and against the machine's limits (hyperback's seconds / the limit's: 1 is the limit)."""
+    rows = [["phase", "hyperback s", "fastest peer", "peer s", "x faster", "copy s", "/ copy",
+             "CPU limit s", "/ CPU limit"]]
+    for phase, peer_phase in COMPARED.items():
+        hb = lookup(results, "hyperback", phase)
+        if hb is None or not hb.ok or not hb.seconds:
+            continue
+        peers = [p for t in PEERS
+                 if (p := lookup(results, t, peer_phase)) is not None and p.ok and p.seconds]
+        best = min(peers, key=lambda p: p.seconds or 0.0) if peers else None
+        copy = lookup(results, COPY_TOOL, peer_phase) if peer_phase in ("full", "restore") else None
+        copy_s = copy.seconds if copy is not None and copy.ok else None
+        cpu = limits.full_seconds if limits is not None and phase == "full" else None
+        rows.append([
+            PHASE_LABELS[phase], fmt(hb.seconds), best.tool if best else "-",
+            fmt(best.seconds if best else None),
+            fmt((best.seconds or 0.0) / hb.seconds if best else None),
+            fmt(copy_s), fmt(hb.seconds / copy_s if copy_s else None),
+            fmt(cpu), fmt(hb.seconds / cpu if cpu else None)])
+    return rows
 
 
 # --------------------------------------------------------------------------- report
@@ -796,9 +920,8 @@ def table_rows(results: list[PhaseResult]) -> list[list[str]]:
     return rows
 
 
-def render_table(rows: list[list[str]]) -> str:
+def render_table(rows: list[list[str]], numeric: frozenset[int] = frozenset({2, 3, 4, 5, 6})) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    numeric = {2, 3, 4, 5, 6}
 
     def line(r: list[str]) -> str:
         pairs = enumerate(zip(r, widths, strict=True))
@@ -858,7 +981,7 @@ def rss_check(results: list[PhaseResult]) -> Check:
     peak = peak_rss_mib(results, "hyperback")
     if peak is None or not all(p.ok for p in hb):
         return Check("hyperback peak RSS", "FAIL", None, target_text, "some hyperback phases failed")
-    others = [f"{t} {rss:.0f}" for t in ("borg", "restic") if (rss := peak_rss_mib(results, t)) is not None]
+    others = [f"{t} {rss:.0f}" for t in PEERS if (rss := peak_rss_mib(results, t)) is not None]
     note = ("peak of others (MiB): " + ", ".join(others)) if others else ""
     status = "PASS" if peak <= TARGET_PEAK_RSS_MIB else "FAIL"
     return Check("hyperback peak RSS", status, peak, target_text, note)
@@ -870,18 +993,20 @@ def peak_rss_mib(results: list[PhaseResult], tool: str) -> float | None:
 
 
 def build_checks(results: list[PhaseResult], changed: int) -> list[Check]:
+    restic = ("restic-auto", "restic-off")
     return [
-        speedup_check("full backup vs best of borg/restic", results, "full", "full", ("borg", "restic"),
+        speedup_check("full backup vs fastest peer configuration", results, "full", "full", PEERS,
                       TARGET_FULL_SPEEDUP),
-        speedup_check("incremental (no list) vs restic", results, "incr", "incr", ("restic",),
+        speedup_check("incremental (no list) vs fastest peer", results, "incr", "incr", PEERS, 1.0),
+        speedup_check("incremental (no list) vs restic", results, "incr", "incr", restic,
                       TARGET_INCR_SPEEDUP),
-        speedup_check("incremental (change list) vs restic", results, "incr", "incr-cl", ("restic",),
+        speedup_check("incremental (change list) vs restic", results, "incr", "incr-cl", restic,
                       TARGET_INCR_CL_SPEEDUP),
         growth_check("repo growth, incr (no list)", results, "incr", changed),
         growth_check("repo growth, incr (change list)", results, "incr-cl", changed),
-        speedup_check("restore vs restic (neither syncs)", results, "restore", "restore-nosync", ("restic",),
+        speedup_check("restore vs restic (neither syncs)", results, "restore", "restore-nosync", restic,
                       TARGET_RESTORE_SPEEDUP),
-        speedup_check("restore, hyperback synced, vs restic", results, "restore", "restore", ("restic",),
+        speedup_check("restore, hyperback synced, vs restic", results, "restore", "restore", restic,
                       TARGET_RESTORE_SPEEDUP),
         rss_check(results),
     ]
@@ -928,9 +1053,10 @@ def default_hyperback() -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
-            "Benchmark the backup data path of hyperback against borg and restic on synthetic\n"
-            "VM disk images: full backup of 3 related images, an incremental after a 1% change,\n"
-            "and a restore; hot page cache, fresh repositories, same data for every tool."
+            "Benchmark the backup data path of hyperback against borg and restic (as they come and\n"
+            "as configured for disk images) on synthetic VM disk images: full backup of 3 related\n"
+            "images, an incremental after a 1% change, and a restore; hot page cache (or --cold),\n"
+            "fresh repositories, same data for every tool; and the machine's limits in the same run."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""\
@@ -947,9 +1073,14 @@ per tool: init -> full backup of the 3 images -> mutate base.img ->
   incremental backup of base.img (hyperback: also with --changes, on a copy of
   the post-full repository) -> restore base.img, compared with cmp.
 Seconds are wall time of the tool processes; peak RSS is ru_maxrss from wait4.
+tools: hyperback, borg (defaults), borg-fixed-lz4 / borg-fixed-zstd (--chunker-params
+  fixed,4194304, --compression lz4 / zstd, extract --sparse), restic-auto / restic-off
+  (--compression auto / off). limits: qemu-img convert of the same images, SHA-256
+  and zstd -1 per core, the CPU-bound limit of a full backup (bench/README.md).
 
 targets (hyperback):
-  full backup >= {TARGET_FULL_SPEEDUP:g}x faster than the faster of borg/restic
+  full backup >= {TARGET_FULL_SPEEDUP:g}x faster than the fastest peer configuration
+  incremental without change list faster than the fastest peer configuration
   incremental without change list >= {TARGET_INCR_SPEEDUP:g}x faster than restic
   incremental with change list >= {TARGET_INCR_CL_SPEEDUP:g}x faster than restic
   repository growth for the 1% change <= {TARGET_GROWTH_RATIO:g}x the changed bytes
@@ -960,7 +1091,8 @@ exit status: 0 all ran and all targets met, 1 a tool failed or a restore
   differed, 2 everything ran but a target was missed or skipped.
 
 examples:
-  bench/bench_datapath.py --tools borg,restic --size-mib 64
+  bench/bench_datapath.py --tools borg-fixed-lz4,restic-off --size-mib 64
+  bench/bench_datapath.py --size-mib 1024 --runs 3 --cold
   bench/bench_datapath.py --json-out /tmp/bench.json
   bench/bench_datapath.py --tools hyperback --chunk-size 4194304
 """,
@@ -984,9 +1116,18 @@ examples:
                         help="keep repositories and restored files for inspection")
     parser.add_argument("--regenerate", action="store_true", help="regenerate images even if reusable")
     parser.add_argument("--json-out", type=Path, default=None, help="also write all results as JSON here")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="run everything this many times and report medians (default: %(default)s)")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache (echo 3 > /proc/sys/vm/drop_caches) before every timed "
+                             "step instead of reading the images first (needs root)")
+    parser.add_argument("--no-limits", action="store_true",
+                        help="skip the machine's limits (qemu-img copy, SHA-256 and zstd per core)")
     args = parser.parse_args(argv)
     if args.size_mib < 16:
         parser.error("--size-mib must be at least 16")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = sorted(set(tools) - set(ALL_TOOLS))
     if unknown or not tools:
@@ -1010,6 +1151,7 @@ class Report:
     checks: list[Check]
     changed_bytes: int
     logs: Path
+    limits: machine_limits.Limits | None = None
 
     def exit_status(self) -> int:
         if any(not p.ok for p in self.results):
@@ -1028,8 +1170,18 @@ class Report:
             print(f"hyperback chunk size: {self.params['chunk_size']}")
         print(f"host: {platform.node()} {platform.release()}, {os.cpu_count()} CPUs; RSS floor of the "
               f"launcher: {self.rss_floor_mib:.1f} MiB (RSS values near it are upper bounds)")
+        runs = self.params["runs"]
+        print(f"page cache {'dropped before every step (cold)' if self.params['cold'] else 'hot'}; "
+              f"{'median of ' + str(runs) + ' runs' if runs > 1 else 'one run'}")
         print("full = 3 images; MiB/s = logical bytes / seconds; incr rows show repo growth (+)\n")
         print(render_table(table_rows(self.results)))
+        if self.limits is not None:
+            print(f"\nmachine: {self.limits.describe()}")
+        ratios = ratio_rows(self.results, self.limits)
+        if len(ratios) > 1:
+            print("\nhyperback against the fastest peer configuration (x faster: peer s / hyperback s) and "
+                  "the machine's limits (hyperback s / limit s; 1.00 = at the limit):")
+            print(render_table(ratios, frozenset({1, 3, 4, 5, 6, 7, 8})))
         extra = other_ratios(self.results, self.changed_bytes)
         if extra:
             print("\nother ratios:")
@@ -1052,6 +1204,8 @@ class Report:
             "results": [dict(asdict(p), label=PHASE_LABELS[p.phase], mib_per_s=p.mib_per_s)
                         for p in self.results],
             "checks": [asdict(c) for c in self.checks],
+            "limits": None if self.limits is None else dict(asdict(self.limits),
+                                                              full_seconds=self.limits.full_seconds),
         }
 
 
@@ -1059,14 +1213,23 @@ def run_benchmarks(ctx: Context, tool_names: Sequence[str]) -> tuple[list[PhaseR
     results: list[PhaseResult] = []
     versions: dict[str, str] = {}
     for name in tool_names:
-        tool = TOOL_CLASSES[name](ctx)
-        if name != "hyperback" and shutil.which(name) is None:
+        tool = TOOL_FACTORIES[name](ctx)
+        if name != "hyperback" and shutil.which(tool.program) is None:
             loud(f"{name} not found on PATH", "install it: apt-get install -y borgbackup restic")
             results += [PhaseResult(name, p, error="not installed") for p in ("full", "incr", "restore")]
             continue
         versions[name] = tool.version()
         results += bench_tool(tool)
     return results, versions
+
+
+def median_limits(measured: list[machine_limits.Limits]) -> machine_limits.Limits | None:
+    if not measured:
+        return None
+    first = measured[0]
+    return machine_limits.Limits(statistics.median(m.sha256_bps for m in measured),
+                                 statistics.median(m.zstd_bps for m in measured), first.zstd_ratio,
+                                 first.cores, first.hash_bytes, first.compress_bytes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1079,18 +1242,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         fresh_dir(path)
     ctx.repos.mkdir(parents=True, exist_ok=True)
 
+    ctx.cold = args.cold
     prepare_dataset(ds, args.regenerate)
     info = describe_dataset(ds)
     floor = launcher_rss_floor(ctx)
-    results, versions = run_benchmarks(ctx, args.tool_list)
+    runs: list[list[PhaseResult]] = []
+    measured: list[machine_limits.Limits] = []
+    versions: dict[str, str] = {}
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"\n##### run {run + 1} of {args.runs}", flush=True)
+        results, versions = run_benchmarks(ctx, args.tool_list)
+        if not args.no_limits:
+            sparse_copy(ds.base_orig, ds.base)
+            results += bench_copy(ctx)
+            sample = ctx.state / "text-sample"
+            measured.append(machine_limits.measure(sample, *dataset_work(ds, sample)))
+        runs.append(results)
+    results = merge_runs(runs)
+    limits = median_limits(measured)
     remove(ds.base)  # mutated; rebuilt from base.orig by the next run
 
     changed = int(info["mutation_bytes"])
     params = {"size_mib": args.size_mib, "seed": args.seed, "tools": args.tool_list,
-              "chunk_size": args.chunk_size, "workdir": str(workdir),
+              "chunk_size": args.chunk_size, "workdir": str(workdir), "runs": args.runs, "cold": args.cold,
               "hyperback": shlex.join(ctx.hyperback_cmd)}
     checks = build_checks(results, changed) if "hyperback" in args.tool_list else []
-    report = Report(params, info, floor, versions, results, checks, changed, ctx.logs)
+    report = Report(params, info, floor, versions, results, checks, changed, ctx.logs, limits)
     report.show()
     if args.json_out:
         args.json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")

@@ -6,6 +6,8 @@ import os
 import platform
 import random
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ from checkpoints import Checkpoints, Unavailable
 
 from host_agent.lab import HostNotReady, Lab
 from host_agent.storage.repository import Repository
+from host_agent.storage.sourcefile import RACY_MARGIN_NS
 
 MIB = 1024 * 1024
 WORDS = b"disk guest host chunk pack tree index snapshot restore backup volume ext4 inode".split()
@@ -70,6 +73,15 @@ def mutate(path: Path, seed: int, extents: int, length: int = 64 * 1024,
             f.write(rng.randbytes(n))
             changes.append((off, n))
     return changes
+
+
+def wait_until_settled(paths: list[Path]) -> None:
+    """Wait until every file's last change lies more than the racy margin in the past: only then
+    may a backup's record of it vouch for it later (host_agent/storage/sourcefile.py)."""
+    newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in paths)
+    tick = threading.Event()
+    while time.time_ns() - RACY_MARGIN_NS <= newest:
+        tick.wait(0.05)
 
 
 def sha256_file(path: Path) -> str:

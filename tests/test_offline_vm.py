@@ -17,7 +17,7 @@ import grpc
 import libvirt  # type: ignore[import-untyped]
 import pytest
 from agent_harness import RunningAgent, agent_config_for, running_agent
-from conftest import mutate, sha256_file, write_image
+from conftest import mutate, sha256_file, wait_until_settled, write_image
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
@@ -184,4 +184,39 @@ def test_a_second_offline_backup_builds_on_the_first_and_stores_only_what_change
     snap = repo.resolve(second.snapshot_ids[0])
     assert snap.parent == first.snapshot_ids[0] and snap.stats.bytes_new <= 4 * 64 * 1024 + 4 * 32768
     restored = repo.restore(snap.id, workdir / "second.restored").target
+    assert sha256_file(Path(restored)) == sha256_file(raw)
+
+
+def test_an_offline_disk_image_left_unchanged_is_not_read_again(
+        agent: RunningAgent, shut_off: tuple[libvirt.virDomain, Path, Path], workdir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent's executor backs a shut-off domain's raw image up as a file: an incremental of an
+    image whose identity matches the base's record reads nothing (repository-format.md, 5.1.1)."""
+    dom, _qcow, raw = shut_off
+    wait_until_settled([raw])  # written long enough before the base for its record to vouch for it
+    assert main(["vm", "enable", dom.name()]) == 0
+    capsys.readouterr()
+    serial = stable_serial(dom.UUIDString(), "vdb")
+    channel = grpc.insecure_channel(f"unix:{workdir}/agent/agent.sock")
+    stub = operator_pb2_grpc.OperatorStub(channel)
+
+    def backup(policy: int) -> operator_pb2.Job:
+        job = stub.TriggerBackup(operator_pb2.TriggerBackupRequest(domain=dom.name(), serials=[serial],
+                                                                   policy=policy), timeout=30).job
+        events = list(stub.WatchJob(operator_pb2.WatchJobRequest(job_id=job.id), timeout=300))
+        assert events[-1].state == operator_pb2.JOB_STATE_SUCCEEDED, events
+        return next(j for j in stub.ListJobs(operator_pb2.ListJobsRequest(domain=dom.name()), timeout=30).jobs
+                    if j.id == job.id)
+
+    try:
+        first = backup(optimizer_pb2.POLICY_FULL)
+        second = backup(optimizer_pb2.POLICY_INCREMENTAL)
+    finally:
+        channel.close()
+    assert first.offline and second.offline
+    repo = Repository.open(workdir / "agent" / "repo")
+    base, snap = repo.resolve(first.snapshot_ids[0]), repo.resolve(second.snapshot_ids[0])
+    assert base.stats.bytes_read > 0 and snap.stats.bytes_read == 0 and snap.tree == base.tree
+    assert snap.source_file is not None and snap.source_file.unchanged_since == base.id
+    restored = repo.restore(snap.id, workdir / "unchanged.restored").target
     assert sha256_file(Path(restored)) == sha256_file(raw)

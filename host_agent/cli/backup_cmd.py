@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     "no one may write the image while it is read (back a running VM's disk up through "
                     "the agent). "
                     "full reads everything; incremental stores what changed since the latest snapshot "
-                    "of NAME, differential since the latest full one.")
+                    "of NAME, differential since the latest full one; an image file whose size, mtime, "
+                    "ctime and inode are those the base recorded is not read at all.")
     p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
     p.add_argument("--name", required=True, metavar="NAME", help="source name, e.g. vm1/vda")
     p.add_argument("--policy", choices=[x.value for x in Policy], default=Policy.FULL.value,
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--changes", type=Path, metavar="FILE",
                    help="changed extents since the base snapshot, one 'OFFSET LENGTH' (bytes) per line; "
                         "only these are read (without it, everything is read and compared, unless a "
-                        "qcow2 image's bitmap tells)")
+                        "qcow2 image's bitmap tells or the image file is unchanged since the base)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="how to read SOURCE (default: detected): raw stores a qcow2 file's own bytes, "
                         "qcow2 the disk its guest sees")

@@ -60,11 +60,10 @@ from host_agent.storage.cancel import CancelToken
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, open_source, validate_changes
 from host_agent.storage.files import RestoreTarget
-from host_agent.storage.maptree import FANOUT, TreeBuilder, leaves_for
+from host_agent.storage.maptree import FANOUT, BaseLeaves, TreeBuilder, leaves_for
 from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, IndexEntry, read_index
 from host_agent.storage.repository import (
     PACK_TARGET,
-    BaseLeaves,
     ProgressFn,
     RepoConfig,
     Repository,

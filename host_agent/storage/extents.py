@@ -16,6 +16,7 @@ from pathlib import Path
 
 from host_agent import errors
 from host_agent.storage.copier import TODO_KEEP, TODO_READ, TODO_ZERO
+from host_agent.storage.sourcefile import SourceFile
 
 Extent = tuple[int, int]
 
@@ -52,6 +53,7 @@ class OpenSource:
     label: str
     layout: Layout | None = None
     layout_fds: tuple[int, ...] = ()
+    file: SourceFile | None = None  # a regular file's identity, taken before anything was read
 
     def data(self) -> list[Extent]:
         """The ranges that may hold data."""
@@ -101,7 +103,8 @@ def open_source(source: Path | Layout) -> OpenSource:
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
-            return OpenSource(fd, st.st_size, False, str(path))
+            file = SourceFile.of(fd)
+            return OpenSource(fd, file.size if file else st.st_size, False, str(path), file=file)
         if stat.S_ISBLK(st.st_mode):
             return OpenSource(fd, os.lseek(fd, 0, os.SEEK_END), True, str(path))
         raise errors.SourceError(f"source {path} is not a regular file or a block device")

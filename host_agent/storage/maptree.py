@@ -16,9 +16,10 @@ from collections.abc import Iterator
 
 from host_agent import errors
 from host_agent.storage.copier import BLOB_TREE, ID_LEN, NativeRepository
-from host_agent.storage.snapshot import TreeRef
+from host_agent.storage.snapshot import Snapshot, TreeRef
 
 FANOUT = 64
+SEGMENT_LEAVES = 1024  # leaves a backup plans and copies at once
 
 
 def leaves_for(entries: int) -> int:
@@ -165,3 +166,43 @@ class TreeReader:
         """Yield every leaf's content (ids of FANOUT chunks, fewer in the last leaf)."""
         for leaf_id in self.leaf_ids():
             yield self.leaf(leaf_id)
+
+
+class BaseLeaves:
+    """The base snapshot's leaves, read lazily in order (a backup walks the image once)."""
+
+    def __init__(self, native: NativeRepository, base: Snapshot | None) -> None:
+        self._native = native
+        self._base = base
+        self._reader = TreeReader(native, base.tree) if base else None
+        self._leaf_ids = self._reader.leaf_ids() if self._reader else iter(())
+        self._ids: dict[int, bytes] = {}
+        self._next = 0
+
+    def leaf_id(self, index: int) -> bytes:
+        """The id of base leaf ``index``; indexes must not go back more than one segment."""
+        while self._next <= index:
+            self._ids[self._next] = next(self._leaf_ids)
+            self._ids.pop(self._next - SEGMENT_LEAVES, None)  # keep memory flat for huge images
+            self._next += 1
+        return self._ids[index]
+
+    def reusable(self, lo: int, hi: int) -> bool:
+        """Whether base leaf lo//FANOUT covers exactly chunks [lo, hi)."""
+        if self._base is None or lo % FANOUT:
+            return False
+        return hi == min(lo + FANOUT, self._base.tree.entries)
+
+    def ids(self, lo: int, hi: int) -> bytes | None:
+        """Base ids of chunks [lo, hi), zero ids past the base's end; None without a base."""
+        if self._base is None:
+            return None
+        out = bytearray()
+        entries = self._base.tree.entries
+        for leaf_index in range(lo // FANOUT, -(-min(hi, entries) // FANOUT)):
+            leaf = self._reader.leaf(self.leaf_id(leaf_index)) if self._reader else b""
+            start = leaf_index * FANOUT
+            a, b = max(lo, start) - start, min(hi, start + FANOUT) - start
+            out += leaf[a * ID_LEN:b * ID_LEN]
+        out += bytes((hi - lo) * ID_LEN - len(out))
+        return bytes(out)

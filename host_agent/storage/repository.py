@@ -38,7 +38,7 @@ from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
 from host_agent.storage.files import RestoreTarget, fsync_dir, missing_repository, write_atomic
 from host_agent.storage.locks import Lock, read_locks
-from host_agent.storage.maptree import FANOUT, TreeBuilder, TreeReader, leaves_for
+from host_agent.storage.maptree import FANOUT, SEGMENT_LEAVES, BaseLeaves, TreeBuilder, TreeReader, leaves_for
 from host_agent.storage.snapshot import (
     FORMAT_VERSION,
     NAME,
@@ -53,6 +53,7 @@ from host_agent.storage.snapshot import (
     VerifyReport,
     VmRef,
 )
+from host_agent.storage.sourcefile import unchanged_since
 from host_agent.storage.verification import Verification, console_tail
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ DEFAULT_CHUNK_SIZE = 32 * 1024
 # level 1 for a 2.6% larger repository (docs/repository-format.md, section 2)
 DEFAULT_COMPRESSION_LEVEL = -1
 PACK_TARGET = 64 * 1024 * 1024
-SEGMENT_LEAVES = 1024
 REPACK_THRESHOLD = 0.25  # garbage collection rewrites a pack once this fraction of it is garbage
 PACK_NAME = re.compile(r"[0-9a-f]{32}")
 VERIFICATIONS = "verifications"  # boot verification records (format section 5.4); absent in old repositories
@@ -427,21 +427,34 @@ class Repository:
                 notes.append("change list ignored: a full backup reads everything")
                 changes = None
             checked = validate_changes(changes, src.size) if changes is not None else None
+            # Without a change list, an image file whose identity matches the base's record has not
+            # changed: an empty change list, and the base's tree kept whole (sourcefile's rule).
+            unchanged = unchanged_since(base, src.file) if checked is None else None
+            if unchanged is not None:
+                notes.append(unchanged)
+                checked = []
             detection = (ChangeDetection.NONE if base is None else
                          ChangeDetection.CHANGE_LIST if checked is not None else ChangeDetection.COMPARISON)
             with self.session("backup", writer=True) as native:
-                builder, counters = self._copy_in(native, src, base, checked, threads, progress, cancel)
-                tree = builder.finish()
+                if unchanged is not None and base is not None:
+                    tree, counted = base.tree, (0, 0, 0, 0)
+                    if progress is not None:
+                        progress(src.size, src.size)
+                else:
+                    builder, c = self._copy_in(native, src, base, checked, threads, progress, cancel)
+                    tree = builder.finish()
+                    counted = (c.bytes_read, c.bytes_new, c.bytes_stored + builder.bytes_stored,
+                               c.bytes_changed)
                 native.flush()
                 if cancel is not None:
                     cancel.check()
-                stats = SnapshotStats(counters.bytes_read, counters.bytes_new,
-                                      counters.bytes_stored + builder.bytes_stored,
-                                      counters.bytes_changed, round(time.monotonic() - started, 3))
+                stats = SnapshotStats(*counted, round(time.monotonic() - started, 3))
+                file = replace(src.file, unchanged_since=base.id if unchanged and base else None) \
+                    if src.file else None
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats, checkpoint, files, vm, labels)
+                                detection, stats, checkpoint, files, vm, labels, file)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:
@@ -617,42 +630,3 @@ class Repository:
     def locks(self) -> list[Any]:
         return read_locks(self._dir("locks"))
 
-
-class BaseLeaves:
-    """The base snapshot's leaves, read lazily in order (a backup walks the image once)."""
-
-    def __init__(self, native: NativeRepository, base: Snapshot | None) -> None:
-        self._native = native
-        self._base = base
-        self._reader = TreeReader(native, base.tree) if base else None
-        self._leaf_ids = self._reader.leaf_ids() if self._reader else iter(())
-        self._ids: dict[int, bytes] = {}
-        self._next = 0
-
-    def leaf_id(self, index: int) -> bytes:
-        """The id of base leaf ``index``; indexes must not go back more than one segment."""
-        while self._next <= index:
-            self._ids[self._next] = next(self._leaf_ids)
-            self._ids.pop(self._next - SEGMENT_LEAVES, None)  # keep memory flat for huge images
-            self._next += 1
-        return self._ids[index]
-
-    def reusable(self, lo: int, hi: int) -> bool:
-        """Whether base leaf lo//FANOUT covers exactly chunks [lo, hi)."""
-        if self._base is None or lo % FANOUT:
-            return False
-        return hi == min(lo + FANOUT, self._base.tree.entries)
-
-    def ids(self, lo: int, hi: int) -> bytes | None:
-        """Base ids of chunks [lo, hi), zero ids past the base's end; None without a base."""
-        if self._base is None:
-            return None
-        out = bytearray()
-        entries = self._base.tree.entries
-        for leaf_index in range(lo // FANOUT, -(-min(hi, entries) // FANOUT)):
-            leaf = self._reader.leaf(self.leaf_id(leaf_index)) if self._reader else b""
-            start = leaf_index * FANOUT
-            a, b = max(lo, start) - start, min(hi, start + FANOUT) - start
-            out += leaf[a * ID_LEN:b * ID_LEN]
-        out += bytes((hi - lo) * ID_LEN - len(out))
-        return bytes(out)

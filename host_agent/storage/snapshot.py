@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from host_agent.model import ChangeDetection, Policy
+from host_agent.storage.sourcefile import SourceFile
 
 FORMAT_VERSION = 1  # of the repository format; snapshot documents and the config carry it
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{16}")
@@ -127,6 +128,7 @@ class Snapshot:
     files: FilesRef | None = None   # a file-level snapshot: what its image holds
     vm: VmRef | None = None         # a disk of a domain: the domain's definition stored with it
     labels: tuple[str, ...] = ()    # given at backup; an annotation record replaces them (format 5.5)
+    source_file: SourceFile | None = None  # an image file's identity: the next backup may skip it
 
     def to_json(self) -> dict[str, Any]:
         doc = {
@@ -142,6 +144,8 @@ class Snapshot:
             doc["files"] = self.files.to_json()
         if self.labels:  # absent when none: documents without labels are as before
             doc["labels"] = list(self.labels)
+        if self.source_file is not None:  # absent for block devices and layouts: documents as before
+            doc["source_file"] = self.source_file.to_json()
         return doc
 
     @classmethod
@@ -158,7 +162,8 @@ class Snapshot:
             checkpoint=doc["checkpoint"] if "checkpoint" in doc else _legacy_checkpoint(doc["source"]),
             files=FilesRef.from_json(doc["files"]) if doc.get("files") else None,
             vm=VmRef.from_json(doc["vm"]) if doc.get("vm") else None,
-            labels=tuple(map(str, doc.get("labels", ()))))
+            labels=tuple(map(str, doc.get("labels", ()))),
+            source_file=SourceFile.from_json(doc["source_file"]) if doc.get("source_file") else None)
 
 
 def _legacy_checkpoint(source: str) -> str | None:
@@ -177,7 +182,8 @@ class BackupResult:
         s = self.snapshot
         return {"snapshot": s.id, "name": s.name, "policy": s.policy.value,
                 "change_detection": s.change_detection.value, "size": s.size,
-                **asdict(s.stats), "notes": list(self.notes)}
+                **asdict(s.stats), "notes": list(self.notes),
+                "unchanged_since": s.source_file.unchanged_since if s.source_file else None}
 
 
 @dataclass(frozen=True)
