@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 
 from guest_shim import protocol as p
 from host_agent.agent.channel import GuestChannel
@@ -57,6 +58,7 @@ class Intake:
         self.domains, self.destinations = domains, destinations
         self.jobs, self.journal, self.guests, self.driver = jobs, journal, guests, driver
         self.snapshot_disks = snapshot_disks
+        self._admitting: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per domain uuid
 
     def submit(self, instruction: Instruction, origin: Origin, domain_name: str, schedule: str = "") -> None:
         """Journal, register and queue an instruction (a guest's, an operator's or a schedule's)."""
@@ -135,8 +137,9 @@ class Intake:
             used = usage(self.destinations.repository(destination).snapshots(), channel.domain_uuid)
         except HyperbackError as e:
             log.warning("cannot count what domain %s keeps in %s: %s", channel.domain_name, destination, e)
-            return p.ErrorMessage(msg.id, p.ErrorCode.FAILED,
-                                  for_guest(f"the host cannot reach the destination: {e}"))
+            # the error names host paths and addresses: the operator's log has it, not the guest
+            return p.ErrorMessage(msg.id, p.ErrorCode.FAILED, "the host cannot count what this VM keeps in "
+                                  "the destination now; ask again later", retry_after=60.0)
         why = over_quota(quota, Usage(used.bytes, used.snapshots + waiting), disks)
         if why is None:
             return None
@@ -172,11 +175,20 @@ class Intake:
                                   f"this VM already has {self.limits.pending_per_vm} jobs waiting; "
                                   "ask again when one has finished", retry_after=30.0)
         destination = self.destinations.named(msg.destination)
-        if isinstance(msg, p.Backup):
-            waiting = self._waiting_snapshots(uuid, destination)
-            over = await asyncio.to_thread(self._over_quota, channel, msg, destination, len(disks), waiting)
-            if over is not None:
-                return over
+        # one request of a VM at a time from its quota check to its job: requests sent together
+        # must not each pass the check before any of them counts as waiting
+        async with self._admitting[uuid]:
+            if isinstance(msg, p.Backup):
+                over = await asyncio.to_thread(self._over_quota, channel, msg, destination, len(disks),
+                                               self._waiting_snapshots(uuid, destination))
+                if over is not None:
+                    return over
+            instruction = self._instruction(uuid, msg, disks, destination)
+            self.submit(instruction, Origin.GUEST, channel.domain_name)
+        return p.Accepted(msg.id, instruction.id)
+
+    def _instruction(self, uuid: str, msg: p.Backup | p.Restore, disks: tuple[DiskRef, ...],
+                     destination: str) -> Instruction:
         if isinstance(msg, p.Restore):
             instruction = Instruction(new_job_id(), uuid, msg.id, InstructionKind.RESTORE, disks,
                                       destination, Policy.FULL, msg.snapshot, time.time())
@@ -189,8 +201,7 @@ class Intake:
                                       destination, policy, "", time.time(), paths=paths)
             if msg.quiesce:
                 self.guests.expect_quiesce(instruction.id)
-        self.submit(instruction, Origin.GUEST, channel.domain_name)
-        return p.Accepted(msg.id, instruction.id)
+        return instruction
 
     def _unsupported(self, msg: p.Backup | p.Restore) -> p.ErrorMessage | None:
         if isinstance(msg, p.Restore) and msg.mode is p.RestoreMode.IN_PLACE:
