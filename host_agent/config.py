@@ -489,4 +489,4 @@ def summary(config: AgentConfig) -> str:
     return (f"libvirt {config.libvirt_uri}; destinations {', '.join(sorted(config.destinations))} "
             f"(default {config.default_destination}); operator API {config.operator_listen}; "
             f"optimizer {config.optimizer}; batches of {config.batch_size} or every {config.interval:g} s; "
-            f"{len(config.schedules)} schedule(s){cluster}")
+            f"{len(config.schedules)} schedule(s), {len(config.guests)} guest rule(s){cluster}")

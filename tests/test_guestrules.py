@@ -15,7 +15,7 @@ from guest_shim import protocol as p
 from host_agent.agent.domains import DomainInfo
 from host_agent.agent.guestrules import GuestRules, Quota, Usage, over_quota, own_snapshot, usage
 from host_agent.agent.guests import result_message, snapshots_message
-from host_agent.config import GuestRule, load
+from host_agent.config import GuestRule, load, summary
 from host_agent.errors import UsageError
 from host_agent.model import ChangeDetection, DiskResult, Instruction, InstructionKind, Outcome, Policy
 from host_agent.storage.repository import Repository
@@ -53,6 +53,11 @@ max_snapshots = 30
     assert config.guests == (
         GuestRule(match="web-*", destinations=("default",), max_bytes=1 << 30),
         GuestRule(domains=("db1",), group="gold", destinations=("offsite", "default"), max_snapshots=30))
+
+
+def test_check_config_counts_the_guest_rules(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[[guests]]\nmatch = "*"\nmax_snapshots = 5\n'), env={})
+    assert "1 guest rule(s)" in summary(config)
 
 
 def test_no_guests_table_keeps_every_destination_open_to_every_guest(tmp_path: Path) -> None:
