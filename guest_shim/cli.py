@@ -367,7 +367,7 @@ def _print_status(st: client_mod.JobStatus) -> None:
 
 
 def _print_snapshots(snaps: client_mod.SnapshotList) -> None:
-    rows = [("ID", "DISK", "CREATED (UTC)", "POLICY", "SIZE", "DESTINATION")]
+    rows = [("ID", "DISK", "CREATED (UTC)", "POLICY", "READ", "DESTINATION")]
     for s in snaps:
         kind = s.policy.value if s.partition is None else f"paths (partition {s.partition})"
         rows.append((s.id, s.serial, _utc(s), kind, _size(s.bytes), s.destination))

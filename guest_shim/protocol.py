@@ -537,7 +537,8 @@ class Skipped(_Value):
 
 @dataclass(frozen=True)
 class SnapshotInfo(_Value):
-    """One snapshot in a ``snapshots`` reply."""
+    """One snapshot in a ``snapshots`` reply. ``bytes`` is what its backup read from this disk,
+    never what the repository stored: that depends on other VMs' data."""
 
     id: str
     serial: str

@@ -107,6 +107,26 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class GuestRule:
+    """One ``[[guests]]`` table: what the guests of some domains may use (docs/agent.md, "Guests").
+    A guest's own requests only; operators and schedules are not limited by it."""
+
+    # the domains it covers, as a schedule's: names or UUIDs, a name pattern, a group
+    domains: tuple[str, ...] = ()
+    match: str = ""
+    group: str = ""
+    # the destinations they may back up to, restore, list and see from; () = every destination.
+    # A domain covered by rules that name some may use those (all such rules together); a domain
+    # no such rule covers may use every destination, as before this setting existed
+    destinations: tuple[str, ...] = ()
+    # per destination, what each covered domain may keep there: the bytes its snapshots read from
+    # its own disks (never what dedup stored: that would depend on other VMs), and its snapshots;
+    # 0 = no limit; with several rules, the smallest limit holds
+    max_bytes: int = 0
+    max_snapshots: int = 0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     libvirt_uri: str = "qemu:///system"
     # journal of pending instructions and results
@@ -169,6 +189,8 @@ class AgentConfig:
     # other hosts' agents: a [tls] table with ca, cert, key (PEM files from `hyperback certs`),
     # allow_plaintext and server_name; every key is described in docs/tls.md
     tls: TlsConfig = TlsConfig()
+    # guests' destination allow-lists and quotas: [[guests]] tables, see GuestRule above
+    guests: tuple[GuestRule, ...] = ()
 
     @property
     def destinations(self) -> frozenset[str]:
@@ -197,7 +219,8 @@ class AgentConfig:
 
 
 _ENV_PREFIX = "HYPERBACK_"
-_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules", "boot_checks", "tls")
+_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules", "boot_checks", "tls",
+           "guests")
 SCHEDULE_KINDS = ("backup", "verify", "copy")
 
 
@@ -270,6 +293,33 @@ def _schedules(value: Any) -> tuple[Schedule, ...]:
     if twice:
         raise errors.UsageError(f"config: schedule {twice[0]!r} is defined twice")
     return out
+
+
+def _guest_rule(index: int, doc: Any) -> GuestRule:
+    where = f"config guests[{index}]"
+    if not isinstance(doc, dict):
+        raise errors.UsageError(f"{where} must be a table")
+    known = {f.name: f for f in fields(GuestRule)}
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise errors.UsageError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
+    values = {name: _typed(f"{where}: {name}", value, known[name].default) for name, value in doc.items()}
+    if not (values.get("domains") or values.get("match") or values.get("group")):
+        raise errors.UsageError(f"{where}: say which domains it covers (domains, match or group)")
+    for limit in ("max_bytes", "max_snapshots"):
+        if values.get(limit, 0) < 0:
+            raise errors.UsageError(f"{where}: {limit} must be 0 (no limit) or more")
+    if not (values.get("destinations") or values.get("max_bytes") or values.get("max_snapshots")):
+        raise errors.UsageError(f"{where}: it limits nothing: give destinations, max_bytes or max_snapshots")
+    return GuestRule(**values)
+
+
+def _guest_rules(value: Any) -> tuple[GuestRule, ...]:
+    if not isinstance(value, list):
+        raise errors.UsageError("config guests must be an array of tables ([[guests]])")
+    return tuple(_guest_rule(i, doc) for i, doc in enumerate(value))
+
+
 _INVENTORY_KEYS = ("hosts", "media", "appliances", "shared_storage")
 
 
@@ -343,6 +393,8 @@ def _parse_file(doc: dict[str, Any], config: AgentConfig) -> dict[str, Any]:
             changes[key] = options
         elif key == "schedules":
             changes[key] = _schedules(value)
+        elif key == "guests":
+            changes[key] = _guest_rules(value)
         elif key == "boot_checks":
             checks = {}
             for domain, command in _table_of(key, value).items():
@@ -421,7 +473,16 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
             raise errors.UsageError(f"default_destination {config.default_destination!r} is not in "
                                     f"repositories or media")
         _check_schedule_destinations(config)
+        _check_guest_destinations(config)
     return config
+
+
+def _check_guest_destinations(config: AgentConfig) -> None:
+    for index, rule in enumerate(config.guests):
+        unknown = sorted(set(rule.destinations) - config.destinations)
+        if unknown:
+            raise errors.UsageError(f"config guests[{index}]: no destination named {unknown[0]!r}; "
+                                    f"known: {', '.join(sorted(config.destinations))}")
 
 
 def _check_schedule_destinations(config: AgentConfig) -> None:
@@ -471,4 +532,4 @@ def summary(config: AgentConfig) -> str:
     return (f"libvirt {config.libvirt_uri}; destinations {', '.join(sorted(config.destinations))} "
             f"(default {config.default_destination}); operator API {config.operator_listen}; "
             f"optimizer {config.optimizer}; batches of {config.batch_size} or every {config.interval:g} s; "
-            f"{len(config.schedules)} schedule(s){cluster}")
+            f"{len(config.schedules)} schedule(s), {len(config.guests)} guest rule(s){cluster}")

@@ -1,5 +1,6 @@
-"""Which snapshot a guest's ``see`` finds (host_agent.agent.snapshot_disks.own_snapshot), on a real
-repository holding two VMs' disks with the same serial: only the asking VM's own, ever."""
+"""Which snapshot a guest's ``see`` or ``restore`` finds (host_agent.agent.snapshot_disks.own_snapshot,
+which the executor's restore of a disk uses too), on a real repository holding two VMs' disks with
+the same serial: only the asking VM's own, ever."""
 from __future__ import annotations
 
 import os

@@ -31,6 +31,7 @@ from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.driver import BackupDriver
 from host_agent.agent.executor import Executor
+from host_agent.agent.guestrules import GuestRules
 from host_agent.agent.guests import Guests
 from host_agent.agent.instant import InstantJobs
 from host_agent.agent.intake import Intake
@@ -82,7 +83,7 @@ class Agent:
                                             per_vm=config.limits.snapshot_disks_per_vm,
                                             tell=self.guests.tell)
         self.intake = Intake(config.limits, domains, self.destinations, self.jobs, self.journal, self.guests,
-                             self.driver, self.snapshot_disks)
+                             self.driver, self.snapshot_disks, GuestRules(config.guests, config.destinations))
         verifying = BootVerifying(config.verify_dir, config.boot_timeout, config.boot_checks)
         self.scheduler = Scheduler(config.schedules, config.default_destination, domains, self.intake,
                                    self.guests, self.jobs, self.destinations, config.state_dir, clock,

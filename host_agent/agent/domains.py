@@ -8,10 +8,12 @@ XML too (libvirt may choose it).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import libvirt  # type: ignore[import-untyped]
 
@@ -45,6 +47,24 @@ class DomainInfo:
     enabled: bool = False         # its definition has the hyperback channel (`hyperback vm enable`)
     groups: tuple[str, ...] = ()  # the groups hyperback's metadata tags it with (schedules select by them)
     sandbox: bool = False         # a boot verification's sandbox (its channel is the verifier's)
+
+
+class Selector(Protocol):
+    """Which domains a schedule or a ``[[guests]]`` rule covers (host_agent.config)."""
+
+    @property
+    def domains(self) -> tuple[str, ...]: ...      # names or UUIDs
+    @property
+    def match(self) -> str: ...                    # a shell-style pattern on names
+    @property
+    def group(self) -> str: ...                    # a group of `hyperback vm enable --group`
+
+
+def covers(selector: Selector, info: DomainInfo) -> bool:
+    """Whether the selector takes this domain (any of its three ways)."""
+    return (info.name in selector.domains or info.uuid in selector.domains
+            or bool(selector.match and fnmatch.fnmatchcase(info.name, selector.match))
+            or bool(selector.group and selector.group in info.groups))
 
 
 def _disk_refs(root: ET.Element, uuid: str, name: str) -> tuple[DiskRef, ...]:

@@ -30,6 +30,7 @@ from host_agent.agent.domains import Domains
 from host_agent.agent.domainxml import is_active
 from host_agent.agent.jobs import Jobs, JobState
 from host_agent.agent.offline import offline_view
+from host_agent.agent.snapshot_disks import own_snapshot
 from host_agent.colocation.appliance import Porter
 from host_agent.colocation.appliance import Visit as ApplianceVisit
 from host_agent.colocation.visits import Colocator, VisitResult
@@ -313,15 +314,13 @@ class Executor:
     def _restore_disk(self, repo: AnyRepository, unit: WorkUnit) -> DiskResult:
         """Restore into a new image and hot-plug it as a new disk: the running disk is never touched.
 
-        A guest may restore only snapshots of its own disk: the snapshot must carry the
-        disk's snapshot name (domain uuid and serial), whatever id the guest gave.
+        A guest may restore only snapshots of its own disk, looked up among them alone as ``see``
+        does: an id of another VM's snapshot is not found, and a prefix is never "ambiguous"
+        because another VM's snapshot shares it (which would tell the guest that one exists).
         """
         disk = unit.disk
         assert disk is not None
-        spec = f"{disk.snapshot_name}@latest" if unit.source == "latest" else unit.source
-        snap = repo.resolve(spec)
-        if snap.name != disk.snapshot_name:
-            raise errors.SnapshotNotFound(f"no snapshot {unit.source!r} of disk {disk.serial}")
+        snap = own_snapshot(repo, disk, unit.source)
         self._work_dir.mkdir(parents=True, exist_ok=True)
         target = self._work_dir / f"{disk.domain_uuid}-{disk.serial}-{snap.id}.img"
         result = repo.restore(snap.id, target, overwrite=True)

@@ -52,6 +52,9 @@ def _detection(detection: ChangeDetection | None) -> p.ChangeDetection:
 
 
 def result_message(outcome: Outcome, request_id: RequestId | None, quiesced: bool) -> p.Result:
+    """A finished job as its guest may see it: only figures of its own disks (bytes read or
+    written, snapshot ids); what the repository stored depends on other VMs' data and stays with
+    the operator's job."""
     instruction = outcome.instruction
     op = p.Op.RESTORE if instruction.kind is InstructionKind.RESTORE else p.Op.BACKUP
     disks = tuple(p.DiskOutcome(d.serial, d.bytes_read, d.snapshot,
@@ -64,10 +67,13 @@ def result_message(outcome: Outcome, request_id: RequestId | None, quiesced: boo
 
 
 def snapshots_message(request_id: RequestId, snaps: Iterable[tuple[str, str, Snapshot]]) -> p.Message:
-    """A snapshot list for a guest, newest first: (disk serial, destination, snapshot) each. The
-    guest learns what it stored, not what other VMs store (``bytes_new`` is its own snapshot's)."""
+    """A snapshot list for a guest, newest first: (disk serial, destination, snapshot) each.
+
+    Each snapshot's ``bytes`` is what its backup read from the guest's own disk. Never
+    ``bytes_new`` or ``bytes_stored``: they count the chunks the repository lacked, so they would
+    tell a guest whether another VM had stored a block (docs/threat-model.md)."""
     infos = [p.SnapshotInfo(snap.id, serial, snap.time.timestamp(), p.Policy(snap.policy.value),
-                            snap.stats.bytes_new, destination, snap.files.partition if snap.files else None)
+                            snap.stats.bytes_read, destination, snap.files.partition if snap.files else None)
              for serial, destination, snap in snaps]
     infos.sort(key=lambda i: i.created, reverse=True)
     return p.fit_snapshots(request_id, infos)

@@ -35,13 +35,13 @@ from host_agent._proto.hyperback.v1 import operator_pb2 as pb
 from host_agent._proto.hyperback.v1 import operator_pb2_grpc as pb_grpc
 from host_agent.agent.channel import State
 from host_agent.agent.destinations import Destinations
-from host_agent.agent.domains import DomainInfo, Domains
+from host_agent.agent.domains import DomainInfo, Domains, covers
 from host_agent.agent.guests import Guests
 from host_agent.agent.instant import FORMATS, InstantJobs, Request
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.agent.journal import new_job_id
-from host_agent.agent.schedules import Scheduler, covers
+from host_agent.agent.schedules import Scheduler
 from host_agent.media.access import Owners
 from host_agent.model import Instruction, InstructionKind, Placement, Policy, WorkUnit
 from host_agent.protobuf import (

@@ -26,7 +26,6 @@ Time comes from a :class:`Clock`: the wall clock in service, a compressed one in
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import time
@@ -41,7 +40,7 @@ from croniter import croniter
 from host_agent import errors
 from host_agent.agent import bootverify, sandbox
 from host_agent.agent.destinations import Destinations
-from host_agent.agent.domains import DomainInfo, Domains
+from host_agent.agent.domains import DomainInfo, Domains, covers
 from host_agent.agent.guests import Guests
 from host_agent.agent.intake import Intake
 from host_agent.agent.jobs import Jobs, JobState, Origin
@@ -98,11 +97,6 @@ def missed_run(calendar: str, last: float, now: float) -> float | None:
     return previous if previous > last else None
 
 
-def covers(schedule: Schedule, info: DomainInfo) -> bool:
-    """Whether the schedule's selector takes this domain."""
-    return (info.name in schedule.domains or info.uuid in schedule.domains
-            or bool(schedule.match and fnmatch.fnmatchcase(info.name, schedule.match))
-            or bool(schedule.group and schedule.group in info.groups))
 
 
 @dataclass

@@ -169,7 +169,7 @@ def test_status_and_list_print(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     code, out, _ = _run(capsys, "list", "-c", str(h.config))
     h.runner.result()
     assert code == 0
-    assert out.splitlines()[0].split() == ["ID", "DISK", "CREATED", "(UTC)", "POLICY", "SIZE", "DESTINATION"]
+    assert out.splitlines()[0].split() == ["ID", "DISK", "CREATED", "(UTC)", "POLICY", "READ", "DESTINATION"]
     assert "0123456789abcdef  hb-disk-1  2023-11-14 22:13:20  full" in out
 
     def script2(host: FakeHost) -> None:
