@@ -19,7 +19,7 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from tls_helpers import make_pki
+from tls_helpers import QUICK, make_pki
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
@@ -302,7 +302,7 @@ def test_the_clusters_certificates_secure_the_optimizer_over_tcp(tmp_path: Path)
             with pytest.raises(OptimizerRejected, match="refused this end's certificate"):
                 stranger = cluster.tls(Role.AGENT, "hosta", ca=cluster.stranger)
                 await plan_once(server.address, tls=client(stranger), timeout=5)
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < QUICK
 
     asyncio.run(go())
 

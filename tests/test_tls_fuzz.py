@@ -206,6 +206,7 @@ class OperatorLab:
         scheduler = Scheduler([], "default", domains, cast(Intake, None), cast(Guests, None), jobs,
                               destinations, root)
         parts = AgentParts(domains, cast(Guests, None), destinations, cast(Intake, None), jobs, scheduler)
+        self.domains = domains
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="operator-lab", daemon=True)
         self.thread.start()
@@ -217,6 +218,7 @@ class OperatorLab:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
         self.loop.close()
+        self.domains.close()  # test:///default keeps its domains while any connection to it is open
 
 
 @pytest.fixture(scope="module")

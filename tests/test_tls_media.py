@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from system_helpers import MIB, sha256_file, write_random_image
-from tls_helpers import Pki, make_pki
+from tls_helpers import QUICK, Pki, make_pki
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
@@ -30,7 +30,6 @@ from host_agent.tls.identity import Identity, Role
 from host_agent.tls.transport import NO_TLS, TlsConfig
 
 SIZE = 4 * MIB
-QUICK = 1.0  # seconds: a refusal takes one handshake, not gRPC's retry loop (about 3 s)
 VM_A = "0a0a0a0a-0000-4000-8000-00000000000a"
 VM_B = "0b0b0b0b-0000-4000-8000-00000000000b"
 

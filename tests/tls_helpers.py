@@ -9,6 +9,10 @@ from host_agent.tls import certs
 from host_agent.tls.identity import Identity, Role
 from host_agent.tls.transport import TlsConfig
 
+# Seconds within which a TLS refusal must come: one handshake takes milliseconds, gRPC's retry loop
+# (what a refusal looked like before) about 3 s; the margin is for a loaded machine.
+QUICK = 2.0
+
 
 @dataclass(frozen=True)
 class Pki:
