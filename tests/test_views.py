@@ -114,6 +114,19 @@ def test_a_definition_on_an_overlay_is_pointed_back_at_the_image_below() -> None
     assert not overlays.pop_top_layer(disk, "/srv/d.raw.hb-overlay-0123456789ab")  # not on it any more
 
 
+def test_a_definition_on_the_overlay_of_a_block_device_is_pointed_back_at_the_device() -> None:
+    # the overlay (in overlay_dir) is a file; the disk below it a block device: type='block', dev=
+    disk = ET.fromstring(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        "<source file='/var/lib/hyperback/overlays/lv0.hb-overlay-0123456789ab'/>"
+        "<backingStore type='block'><format type='raw'/><source dev='/dev/vg/lv0'/></backingStore>"
+        "<target dev='vda' bus='virtio'/></disk>")
+    assert overlays.pop_top_layer(disk, "/var/lib/hyperback/overlays/lv0.hb-overlay-0123456789ab")
+    assert disk.get("type") == "block"
+    assert disk.find("source").attrib == {"dev": "/dev/vg/lv0"}  # type: ignore[union-attr]
+    assert disk.find("driver").get("type") == "raw"  # type: ignore[union-attr]
+
+
 # ---------- real VMs ----------
 
 class Guest:
