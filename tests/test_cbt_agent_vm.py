@@ -23,8 +23,9 @@ from conftest import lab_or_fail, sha256_file, write_image
 from system_helpers import attach_loop, detach_loop
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
+from host_agent.agent.checkpoints import list_checkpoints
 from host_agent.lab import Disk, Vm
-from host_agent.model import ChangeDetection
+from host_agent.model import ChangeDetection, Policy
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
 
@@ -187,3 +188,10 @@ def test_two_destinations_alternating_keep_each_other_s_chains(
         guest.write(serial, blocks)
         for d in written_since:
             written_since[d] |= set(blocks)
+    # what the domain keeps: for each destination, the checkpoints of its latest snapshot and of
+    # its latest full one (a differential's base), and nothing else
+    needed = set()
+    for destination in written_since:
+        snaps = open_repo(workdir, destination).snapshots(f"{guest.vm.domain.UUIDString()}/{serial}")
+        needed |= {snaps[-1].checkpoint, [s for s in snaps if s.policy is Policy.FULL][-1].checkpoint}
+    assert set(list_checkpoints(guest.vm.domain)) == needed and len(needed) == 4
