@@ -1,5 +1,5 @@
-"""Changed-block tracking under the real agent: block-device and raw-file disks, and one checkpoint
-chain per destination (docs/changed-block-tracking.md).
+"""Changed-block tracking under the real agent: block-device and raw-file disks (a bitmap for the
+VM's lifetime), and one checkpoint chain per destination (docs/changed-block-tracking.md).
 
 One lab guest serves the whole module: a loop device (vda), a raw file (vdb) and a qcow2 image
 (vdc). It writes only when the test asks -- a numbered script the test drops into a folder the
@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from system_helpers import attach_loop, detach_loop
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
 from host_agent.agent.checkpoints import list_checkpoints
 from host_agent.lab import Disk, Vm
-from host_agent.model import ChangeDetection, Policy
+from host_agent.model import ChangeDetection, DiskResult, Outcome, Policy
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
 
@@ -53,6 +54,15 @@ class Guest:
     ctl: Path
     disks: dict[str, tuple[str, str, str]]  # serial -> (host path, format, guest device)
     writes: int = 0
+
+    def restart(self) -> None:
+        """Power the guest off and boot it again: a new QEMU process (its script starts over)."""
+        self.vm.domain.destroy()
+        for old in self.ctl.glob("write.*"):
+            old.unlink()
+        self.writes = 0
+        self.vm.start_again()
+        self.vm.wait_for_console(r"^HB-READY", timeout=120)
 
     def write(self, serial: str, offsets: list[int]) -> int:
         """Have the guest write random 64 KiB blocks at ``offsets`` of disk ``serial``, synced;
@@ -91,7 +101,7 @@ def guest(workdir: Path) -> Iterator[Guest]:
         with lab_or_fail(workdir / "lab") as lab:
             disks = {"hb-blk": (loop, "raw", "vda"), "hb-raw": (str(raw), "raw", "vdb"),
                      "hb-qcow": (str(qcow), "qcow2", "vdc")}
-            vm = lab.start_vm("cbt", command=GUEST.format(ctl=ctl), timeout=180,
+            vm = lab.start_vm("cbt", command=GUEST.format(ctl=ctl), timeout=180, persistent=True,
                               disks=[Disk(p, dev, fmt, serial) for serial, (p, fmt, dev) in disks.items()])
             yield Guest(vm, ctl, disks)
     finally:
@@ -106,10 +116,19 @@ def agent(workdir: Path, guest: Guest) -> Iterator[RunningAgent]:
     config = agent_config_for(root, interval=0.2, repositories={"default": root / "repo",
                                                                  "second": root / "second"})
     with running_agent(config) as running:
+        running.call(lambda: running.agent.guests.observers.append(OUTCOMES.append))
         yield running
 
 
-def backup(workdir: Path, vm: Vm, serials: list[str], destination: str = "default") -> dict[str, Snapshot]:
+OUTCOMES: list[Outcome] = []  # every answer the agent gave, by the guests' observer hook
+
+
+class Backed(NamedTuple):
+    snapshot: Snapshot
+    result: DiskResult  # the agent's answer for the disk: how it found the changes, and why
+
+
+def backup(workdir: Path, vm: Vm, serials: list[str], destination: str = "default") -> dict[str, Backed]:
     """Back ``serials`` up through the operator API (incremental); the new snapshot of each disk."""
     with grpc.insecure_channel(f"unix:{workdir}/agent/agent.sock") as channel:
         stub = operator_pb2_grpc.OperatorStub(channel)
@@ -121,7 +140,9 @@ def backup(workdir: Path, vm: Vm, serials: list[str], destination: str = "defaul
         done = next(j for j in stub.ListJobs(operator_pb2.ListJobsRequest(domain=vm.name), timeout=30).jobs
                     if j.id == job.id)
     repo = open_repo(workdir, destination)
-    return {s.name.rsplit("/", 1)[1]: s for s in map(repo.resolve, done.snapshot_ids)}
+    (outcome,) = [o for o in OUTCOMES if o.instruction.id == job.id]
+    results = {r.snapshot: r for r in outcome.disks}
+    return {s.name.rsplit("/", 1)[1]: Backed(s, results[s.id]) for s in map(repo.resolve, done.snapshot_ids)}
 
 
 def open_repo(workdir: Path, destination: str) -> Repository:
@@ -147,24 +168,56 @@ def offsets(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(0, SIZE // BLOCK) * BLOCK for _ in range(n)]
 
 
-def test_a_loop_device_and_a_raw_file_disk_are_backed_up_by_the_agent_and_restore_bit_identical(
+def test_a_loop_device_and_a_raw_file_disk_are_backed_up_by_the_agent_then_read_only_their_changes(
         agent: RunningAgent, guest: Guest, workdir: Path) -> None:
     rng = random.Random(12)
     serials = ["hb-blk", "hb-raw"]
-    for round_ in range(2):
-        if round_:
-            for serial in serials:
-                guest.write(serial, offsets(rng, 3))
+    snaps = backup(workdir, guest.vm, serials)
+    assert sorted(snaps) == serials
+    for serial in serials:
+        path, fmt, _ = guest.disks[serial]
+        assert_restores_as_the_disk_is(workdir, "default", snaps[serial].snapshot, path, fmt)
+    for _ in range(2):  # the VM keeps running: its raw disks' bitmaps from the last view answer
+        changed = {serial: guest.write(serial, sorted(set(offsets(rng, 3)))) for serial in serials}
         snaps = backup(workdir, guest.vm, serials)
-        assert sorted(snaps) == serials
         for serial in serials:
+            snap, result = snaps[serial]
+            assert result.change_detection is ChangeDetection.DIRTY_BITMAP, result
+            assert snap.change_detection is ChangeDetection.CHANGE_LIST
+            assert snap.stats.bytes_read == changed[serial], (serial, snap.stats)  # 64 KiB-aligned writes
             path, fmt, _ = guest.disks[serial]
-            assert_restores_as_the_disk_is(workdir, "default", snaps[serial], path, fmt)
+            assert_restores_as_the_disk_is(workdir, "default", snap, path, fmt)
     # the VM runs on its own disks again: the loop device as a block device
     disks = guest.vm.xml().findall("./devices/disk")
     vda = next(d for d in disks if d.find("target[@dev='vda']") is not None)
     assert vda.get("type") == "block" and vda.find(f"source[@dev='{guest.disks['hb-blk'][0]}']") is not None
     assert not list((workdir / "agent" / "overlays").glob("*"))
+
+
+def test_after_a_restart_raw_disks_are_compared_saying_why_then_tracked_again(
+        agent: RunningAgent, guest: Guest, workdir: Path) -> None:
+    rng = random.Random(56)
+    serials = ["hb-blk", "hb-raw"]
+    backup(workdir, guest.vm, serials)
+    guest.restart()
+    for serial in serials:
+        guest.write(serial, offsets(rng, 2))
+    snaps = backup(workdir, guest.vm, serials)
+    for serial in serials:
+        snap, result = snaps[serial]
+        assert result.change_detection is ChangeDetection.COMPARISON, result
+        assert "restarted" in result.note, result
+        assert snap.stats.bytes_read >= SIZE // 2, snap.stats  # all of it (a raw file's holes are not read)
+        path, fmt, _ = guest.disks[serial]
+        assert_restores_as_the_disk_is(workdir, "default", snap, path, fmt)
+    changed = {serial: guest.write(serial, sorted(set(offsets(rng, 2)))) for serial in serials}
+    snaps = backup(workdir, guest.vm, serials)
+    for serial in serials:
+        snap, result = snaps[serial]
+        assert result.change_detection is ChangeDetection.DIRTY_BITMAP, result
+        assert snap.stats.bytes_read == changed[serial], (serial, snap.stats)
+        path, fmt, _ = guest.disks[serial]
+        assert_restores_as_the_disk_is(workdir, "default", snap, path, fmt)
 
 
 def test_two_destinations_alternating_keep_each_other_s_chains(
@@ -175,9 +228,10 @@ def test_two_destinations_alternating_keep_each_other_s_chains(
     written_since = {"default": set[int](), "second": set[int]()}
     seen: set[str] = set()
     for destination in ["default", "second"] * 3:
-        snap = backup(workdir, guest.vm, [serial], destination)[serial]
+        snap, result = backup(workdir, guest.vm, [serial], destination)[serial]
         if destination in seen:
             changed = len(written_since[destination]) * BLOCK
+            assert result.change_detection is ChangeDetection.DIRTY_BITMAP, (destination, result)
             assert snap.change_detection is ChangeDetection.CHANGE_LIST, (destination, snap)
             # the dirty bitmap's extents, at its 64 KiB granularity: the changes, not the disk
             assert changed <= snap.stats.bytes_read <= changed + 2 * BLOCK, (destination, snap.stats)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from host_agent import errors
-from host_agent.agent import paths, views, vmdefinition
+from host_agent.agent import paths, views, vmdefinition, volatile_bitmaps
 from host_agent.agent.chains import ChainRecord
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
@@ -496,7 +496,10 @@ class Executor:
                     needs.setdefault(name.split("/", 1)[1], set()).add(base.checkpoint)
         try:
             keep = self._chains.update(domain_uuid, destination, needs, self._destinations.names)
-            gone = prune_checkpoints(self._domains.domain(domain_uuid), keep)
+            dom = self._domains.domain(domain_uuid)
+            gone = prune_checkpoints(dom, keep)
+            if is_active(dom):  # raw disks' bitmaps, gone anyway with a QEMU that stopped
+                gone += volatile_bitmaps.prune(dom, keep)
         except Exception as e:  # pruning is housekeeping: a failure must not fail the backup
             log.warning("could not prune checkpoints of %s: %s", domain_uuid, e)
             return
