@@ -45,8 +45,8 @@ What does NOT work, or needs care, on libvirt 9.0 / QEMU 7.2 (see docs/changed-b
   top image both committed into a shared ``base.qcow2``, the domain left running on that base.
 * Raw disks cannot carry a persistent bitmap ("checkpoint for disk vda unsupported for storage
   type raw"; a checkpoint XML that leaves disks out defaults them to ``bitmap`` and fails the same
-  way, so every disk is listed), nor can qcow2 v2 images ("Cannot store dirty bitmaps in qcow2 v2
-  files"): they fall back to comparison, and say so.
+  way, so every disk is listed): they get a bitmap for QEMU's lifetime (``volatile_bitmaps``).
+  qcow2 v2 images cannot either ("Cannot store dirty bitmaps in qcow2 v2 files"): comparison.
 * QEMU runs in a mount namespace of its own: an ``overlay_dir`` mounted after the domain started
   is invisible to it ("Could not open ...: No such file or directory").
 * A persistent domain's *inactive* definition follows the snapshot onto the overlay; if the domain
@@ -132,7 +132,7 @@ class DiskView:
 
     ``changes`` are the extents written since the ``since`` checkpoint (a superset), or None:
     then ``change_detection`` is "comparison" and ``reason`` says why. ``checkpoint`` is the
-    checkpoint this view created that tracks the disk from now on (None for raw disks).
+    checkpoint (raw disks: volatile bitmap) this view created that tracks the disk from now on.
     """
 
     disk: DiskRef

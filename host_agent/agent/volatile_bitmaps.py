@@ -99,7 +99,9 @@ def remove(dom: Any, node: str, name: str) -> None:
 def read(dom: Any, node: str, name: str, socket_dir: str, timeout: float) -> list[Extent]:
     """The extents bitmap ``name`` of ``node`` marks dirty (the node must be read-only by now: a
     view's snapshot put an overlay above it)."""
-    copy = f"{name}.read-{os.urandom(3).hex()}"
+    if any(e.get("id") == EXPORT for e in qmp(dom, "query-block-exports")):
+        qmp(dom, "nbd-server-stop")  # left by an agent that died while reading: ours, not libvirt's
+    copy = f"{name}.read-{os.urandom(3).hex()}"  # a leftover one is pruned: not in any chain
     qmp(dom, "transaction", actions=[
         {"type": "block-dirty-bitmap-add", "data": {"node": node, "name": copy, "persistent": False,
                                                      "disabled": True}},
