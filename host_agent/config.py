@@ -158,6 +158,12 @@ class AgentConfig:
     default_destination: str = "default"
     # where images restored for guests are created before they are attached
     restore_dir: Path = Path("/var/lib/hyperback/restores")
+    # where a point-in-time view puts the overlay (and the backup job's scratch file) of a disk
+    # backed by a block device (LVM, a raw volume), which has no folder beside it; a disk that is an
+    # image file gets its overlay beside the image, on storage QEMU already uses. Must be local
+    # storage QEMU can see and write (not a file system mounted after the domains started: QEMU
+    # runs in a mount namespace of its own), with room for what the guests write during a backup
+    overlay_dir: Path = Path("/var/lib/hyperback/overlays")
     # a frozen guest thaws by itself after this many seconds
     freeze_timeout: float = 10.0
     # seconds a guest may see a snapshot (`hyperback-shim see`) before the host unplugs it

@@ -34,7 +34,7 @@ import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors
 
-__all__ = ["Guarded", "connect", "guard", "register_event_loop", "watch_lifecycle"]
+__all__ = ["Guarded", "connect", "guard", "qemu_monitor", "register_event_loop", "watch_lifecycle"]
 
 _BY_CODE: dict[int, type[errors.HypervisorError]] = {
     libvirt.VIR_ERR_NO_DOMAIN: errors.NoDomain,
@@ -104,6 +104,17 @@ class Guarded:
 def guard(obj: Any) -> Guarded:
     """``obj`` (a libvirt connection, domain, ...) behind the door; a guarded object as it is."""
     return obj if isinstance(obj, Guarded) else Guarded(obj)
+
+
+def qemu_monitor(dom: Any, command: str) -> str:
+    """Send one QMP command (JSON text) to the domain's QEMU; its JSON reply. For what libvirt has no
+    API for (host_agent.agent.volatile_bitmaps); libvirt logs the domain as "custom-monitor" tainted."""
+    import libvirt_qemu  # type: ignore[import-untyped]  # the same package as libvirt
+
+    try:
+        return str(libvirt_qemu.qemuMonitorCommand(guard(dom).raw, command, 0))
+    except libvirt.libvirtError as e:
+        raise _typed(e) from e
 
 
 def _silence_libvirt() -> None:

@@ -44,6 +44,7 @@ def agent_config_for(root: Path, **overrides: Any) -> AgentConfig:
     config = AgentConfig(state_dir=root / "state", run_dir=root / "run", interval=2.0, batch_size=10,
                          optimizer=f"unix:{root}/optimizer.sock", operator_listen=f"unix:{root}/agent.sock",
                          repositories={"default": root / "repo"}, restore_dir=root / "restores",
+                         overlay_dir=root / "overlays",
                          freeze_timeout=20.0, metrics_listen="127.0.0.1:0",  # a free port: agents in parallel
                          # the host's own load is sent only by the test about busy hosts: TCG guests
                          # keep this machine busy enough to defer every other test's work

@@ -3,7 +3,8 @@
 The VM tests boot real guests (tests/vmlab, libvirt 9.0 + QEMU 7.2 under TCG) that write to their
 disk while views are taken: the view's image holds still, the domain ends on its original image
 with no overlay file or block job left, a checkpoint reports exactly the extents written since it,
-and a raw disk falls back to comparison. Deselect them with -m "not vm".
+and a raw disk is tracked by a bitmap that lives as long as its QEMU process, falling back to
+comparison when that bitmap is gone. Deselect them with -m "not vm".
 
 The other tests read dirty bitmaps from qemu-nbd exports and rewrite domain XML, with no VM.
 """
@@ -112,6 +113,19 @@ def test_a_definition_on_an_overlay_is_pointed_back_at_the_image_below() -> None
     assert disk.find("backingStore/source").get("file") == "/srv/base.qcow2"  # type: ignore[union-attr]
     assert disk.find("backingStore/backingStore") is None
     assert not overlays.pop_top_layer(disk, "/srv/d.raw.hb-overlay-0123456789ab")  # not on it any more
+
+
+def test_a_definition_on_the_overlay_of_a_block_device_is_pointed_back_at_the_device() -> None:
+    # the overlay (in overlay_dir) is a file; the disk below it a block device: type='block', dev=
+    disk = ET.fromstring(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        "<source file='/var/lib/hyperback/overlays/lv0.hb-overlay-0123456789ab'/>"
+        "<backingStore type='block'><format type='raw'/><source dev='/dev/vg/lv0'/></backingStore>"
+        "<target dev='vda' bus='virtio'/></disk>")
+    assert overlays.pop_top_layer(disk, "/var/lib/hyperback/overlays/lv0.hb-overlay-0123456789ab")
+    assert disk.get("type") == "block"
+    assert disk.find("source").attrib == {"dev": "/dev/vg/lv0"}  # type: ignore[union-attr]
+    assert disk.find("driver").get("type") == "raw"  # type: ignore[union-attr]
 
 
 # ---------- real VMs ----------
@@ -366,9 +380,10 @@ def test_checkpoints_list_in_the_order_they_were_made_even_within_one_second(lab
 
 
 @pytest.mark.vm
-def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
+def test_a_raw_disk_is_tracked_while_qemu_runs_and_survives_a_destroyed_domain(
         lab: Lab, tmp_path: Path) -> None:
-    """Raw disks: comparison, with a reason, beside a qcow2 disk of the same domain that is tracked;
+    """Raw disks: a non-persistent bitmap (comparison, with a reason, when it is gone), beside a
+    qcow2 disk of the same domain tracked by a checkpoint;
     a full overlay storage pauses the guest and the view resumes it; a domain destroyed during a view
     keeps what it wrote. A persistent domain, whose definition follows the overlay."""
     image = tmp_path / "disk.raw"
@@ -393,9 +408,10 @@ def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
         ref_b = disk_ref(guest.vm, other, "qcow2", "hb-views-3", "vdb")
         with views.point_in_time(dom.connect(), dom, [ref], chunk_size=32 * KIB, since="hyperback-x") as v:
             view = v["hb-views-2"]
-            assert v.checkpoint is None and view.checkpoint is None  # nothing can carry a bitmap
+            # a bitmap for this QEMU's lifetime from now on; none named hyperback-x to go by
+            assert v.checkpoint is not None and view.checkpoint == v.checkpoint
             assert view.change_detection == ChangeDetection.COMPARISON and view.changes is None
-            assert "raw image cannot carry a persistent dirty bitmap" in view.reason
+            assert "the dirty bitmap hyperback-x is gone" in view.reason
             assert view.source == str(image) and view.layout is None and view.size == 32 * MIB
             assert overlays_of(other) == []  # vdb is not in this view
             # libvirt moves the persistent definition onto the overlay too, for the view's length
@@ -403,10 +419,11 @@ def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
         assert_back_on(dom, image, "raw")
         assert source_of(dom, libvirt.VIR_DOMAIN_XML_INACTIVE) == (str(image), "raw")
 
-        # Both disks in one view: the checkpoint tracks vdb only; vda compares, vdb has a bitmap.
+        # Both disks in one view: the libvirt checkpoint tracks vdb only; vda has a volatile bitmap
+        # of the same name.
         with views.point_in_time(dom.connect(), dom, [ref, ref_b], chunk_size=32 * KIB) as v1:
             assert v1.checkpoint is not None
-            assert [d.checkpoint for d in v1] == [None, v1.checkpoint]
+            assert [d.checkpoint for d in v1] == [v1.checkpoint, v1.checkpoint]
         cp_xml = dom.checkpointLookupByName(v1.checkpoint).getXMLDesc(0)
         cp_disks = ET.fromstring(cp_xml).iterfind("./disks/disk")
         tracked = {(d.get("name"), d.get("checkpoint")) for d in cp_disks}
@@ -414,7 +431,8 @@ def test_a_raw_disk_falls_back_to_comparison_and_survives_a_destroyed_domain(
         guest.write(MIB, os.urandom(64 * KIB))  # to vda only
         with views.point_in_time(dom.connect(), dom, [ref, ref_b], chunk_size=32 * KIB,
                                  since={"hb-views-2": v1.checkpoint, "hb-views-3": v1.checkpoint}) as v2:
-            assert v2["hb-views-2"].change_detection == ChangeDetection.COMPARISON
+            assert v2["hb-views-2"].change_detection == ChangeDetection.DIRTY_BITMAP
+            assert v2["hb-views-2"].changes == ((MIB, 64 * KIB),)
             assert v2["hb-views-3"].change_detection == ChangeDetection.DIRTY_BITMAP
             assert v2["hb-views-3"].changes == ()  # nothing written to vdb
         assert source_of(dom)[0] == str(image) and overlays_of(other) == []

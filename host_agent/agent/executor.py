@@ -16,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import stat
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from host_agent import errors
-from host_agent.agent import paths, views, vmdefinition
+from host_agent.agent import paths, views, vmdefinition, volatile_bitmaps
+from host_agent.agent.chains import ChainRecord
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
@@ -37,6 +40,7 @@ from host_agent.colocation.visits import Colocator, VisitResult
 from host_agent.guestfiles.reader import ReaderSettings
 from host_agent.model import (
     ChangeDetection,
+    DiskRef,
     DiskResult,
     Instruction,
     Outcome,
@@ -111,7 +115,7 @@ class Executor:
 
     def __init__(self, destinations: Destinations, domains: Domains, guests: GuestDoor, jobs: Jobs,
                  work_dir: Path, colocator: Colocator | None = None, porter: Porter | None = None,
-                 reader: ReaderSettings | None = None) -> None:
+                 reader: ReaderSettings | None = None, *, overlay_dir: Path, chains: ChainRecord) -> None:
         self._destinations = destinations
         self._domains = domains           # views of their disks; restored disks hot-plugged
         self._guests = guests
@@ -120,6 +124,8 @@ class Executor:
         self._colocator = colocator
         self._porter = porter
         self._reader = reader or ReaderSettings()  # the appliance reading paths of guests' file systems
+        self._overlay_dir = overlay_dir   # overlays of block-device disks (AgentConfig.overlay_dir)
+        self._chains = chains             # every destination's checkpoint needs, for pruning
         for stale in work_dir.glob("paths-*.spool"):  # a path backup's archive, left by a killed agent
             log.info("removing %s, left by an agent that stopped during a backup of paths", stale)
             stale.unlink(missing_ok=True)
@@ -377,9 +383,7 @@ class Executor:
             raise errors.UsageError(f"destination {unit.destination!r} is on another host; a backup of paths "
                                     "goes to a destination whose media are on this host")
         self._work_dir.mkdir(parents=True, exist_ok=True)  # the archive is spooled there
-        with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
-                                 chunk_size=repo.config.chunk_size, freeze=freeze, thaw=thaw,
-                                 checkpoint=False) as taken:
+        with self._view(disk, repo, freeze, thaw, checkpoint=False) as taken:
             view = taken[disk.serial]
             self.reads[view.image] = self.reads.get(view.image, 0) + 1
             result, skipped = paths.back_up_paths(repo, Path(view.image), view.format, selection.partition,
@@ -411,9 +415,7 @@ class Executor:
                 log.info("%s: taking an online view instead", e)
         base = repo.base_for(disk.snapshot_name, unit.policy)
         since = base.checkpoint if base is not None else None
-        with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
-                                 chunk_size=repo.config.chunk_size, freeze=freeze, thaw=thaw,
-                                 since={disk.serial: since}) as taken:
+        with self._view(disk, repo, freeze, thaw, since={disk.serial: since}) as taken:
             view = taken[disk.serial]
             checkpoint = view.checkpoint
             if shared_base is None and view.changes is None and disk.backing_chain:
@@ -429,8 +431,25 @@ class Executor:
                                      base=shared_base, checkpoint=checkpoint, cancel=cancel, vm=vm)
                 return result, view, ChangeDetection.ALLOCATION_MAP
             result = self._read(repo, unit, view, cancel, vm)
-        self._prune_checkpoints(repo, disk.domain_uuid)
+        self._prune_checkpoints(repo, unit.destination, disk.domain_uuid)
         return result, view, view.change_detection
+
+    def _view(self, disk: DiskRef, repo: AnyRepository, freeze: Callable[[], None], thaw: Callable[[], None],
+              **options: Any) -> views.PointInTime:
+        """A point-in-time view of one disk; a block device's overlay goes into ``overlay_dir`` (there
+        is no folder beside ``/dev/vg/lv``), an image file's beside it."""
+        overlay_dir = None
+        if _is_block_device(disk.path):
+            try:
+                self._overlay_dir.mkdir(mode=0o711, parents=True, exist_ok=True)  # QEMU's user may differ
+            except OSError as e:
+                raise errors.EnvironmentProblem(
+                    f"cannot create overlay_dir {self._overlay_dir} for the overlay of block device "
+                    f"{disk.path}: {e.strerror}; set overlay_dir to a writable local folder") from e
+            overlay_dir = str(self._overlay_dir)
+        return views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
+                                   chunk_size=repo.config.chunk_size, freeze=freeze, thaw=thaw,
+                                   overlay_dir=overlay_dir, **options)
 
     def _backup_offline(self, repo: AnyRepository, unit: WorkUnit, cancel: CancelToken | None,
                         vm: VmRef | None = None) -> tuple[BackupResult, views.DiskView, ChangeDetection]:
@@ -463,20 +482,32 @@ class Executor:
                 return repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
                                    checkpoint=view.checkpoint, cancel=cancel, vm=vm)
 
-    def _prune_checkpoints(self, repo: AnyRepository, domain_uuid: str) -> None:
+    def _prune_checkpoints(self, repo: AnyRepository, destination: str, domain_uuid: str) -> None:
         """Each checkpoint costs a bitmap QEMU updates on every write: keep only those a future
-        incremental or differential of this domain's disks can start from (this repository's)."""
-        keep: set[str] = set()
+        incremental or differential of this domain's disks can start from, in any configured
+        destination's chain (host_agent.agent.chains)."""
+        needs: dict[str, set[str]] = {}
         names = {s.name for s in repo.snapshots() if s.name.startswith(f"{domain_uuid}/")}
         for name in names:
             for policy in (Policy.INCREMENTAL, Policy.DIFFERENTIAL):
                 base = repo.base_for(name, policy)
                 if base is not None and base.checkpoint:
-                    keep.add(base.checkpoint)
+                    needs.setdefault(name.split("/", 1)[1], set()).add(base.checkpoint)
         try:
-            gone = prune_checkpoints(self._domains.domain(domain_uuid), keep)
+            keep = self._chains.update(domain_uuid, destination, needs, self._destinations.names)
+            dom = self._domains.domain(domain_uuid)
+            gone = prune_checkpoints(dom, keep)
+            if is_active(dom):  # raw disks' bitmaps, gone anyway with a QEMU that stopped
+                gone += volatile_bitmaps.prune(dom, keep)
         except Exception as e:  # pruning is housekeeping: a failure must not fail the backup
             log.warning("could not prune checkpoints of %s: %s", domain_uuid, e)
             return
         if gone:
             log.info("pruned checkpoints %s of %s", ", ".join(gone), domain_uuid)
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False  # the view says what is wrong with it

@@ -60,6 +60,7 @@ def pop_top_layer(disk: ET.Element, overlay: str) -> bool:
     below_src = below.find("source") if below is not None else None
     if below is None or below_src is None:
         return False
+    disk.set("type", below.get("type", disk.get("type", "file")))  # a block device is type='block'
     src.attrib.clear()
     src.attrib.update(below_src.attrib)
     for child in list(src):

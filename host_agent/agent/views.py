@@ -45,8 +45,8 @@ What does NOT work, or needs care, on libvirt 9.0 / QEMU 7.2 (see docs/changed-b
   top image both committed into a shared ``base.qcow2``, the domain left running on that base.
 * Raw disks cannot carry a persistent bitmap ("checkpoint for disk vda unsupported for storage
   type raw"; a checkpoint XML that leaves disks out defaults them to ``bitmap`` and fails the same
-  way, so every disk is listed), nor can qcow2 v2 images ("Cannot store dirty bitmaps in qcow2 v2
-  files"): they fall back to comparison, and say so.
+  way, so every disk is listed): they get a bitmap for QEMU's lifetime (``volatile_bitmaps``).
+  qcow2 v2 images cannot either ("Cannot store dirty bitmaps in qcow2 v2 files"): comparison.
 * QEMU runs in a mount namespace of its own: an ``overlay_dir`` mounted after the domain started
   is invisible to it ("Could not open ...: No such file or directory").
 * A persistent domain's *inactive* definition follows the snapshot onto the overlay; if the domain
@@ -92,6 +92,7 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors, hypervisor
+from host_agent.agent import volatile_bitmaps
 from host_agent.agent.checkpoints import (
     checkpoint_disks,
     delete_checkpoint,
@@ -131,7 +132,7 @@ class DiskView:
 
     ``changes`` are the extents written since the ``since`` checkpoint (a superset), or None:
     then ``change_detection`` is "comparison" and ``reason`` says why. ``checkpoint`` is the
-    checkpoint this view created that tracks the disk from now on (None for raw disks).
+    checkpoint (raw disks: volatile bitmap) this view created that tracks the disk from now on.
     """
 
     disk: DiskRef
@@ -209,6 +210,8 @@ class _Disk:
     state: str = "original"             # original -> overlay -> merged (or "unknown" if a pivot was cut)
     changes: tuple[Extent, ...] | None = None
     change_reason: str = ""
+    node: str = ""                      # raw: the QEMU node its non-persistent bitmaps are on
+    checkpoint: str | None = None       # the checkpoint (or raw: bitmap) the view made for it
 
 
 class PointInTime:
@@ -300,8 +303,7 @@ class PointInTime:
             raise ViewError(f"{self.name} {ref.target} is a block device: give overlay_dir, a directory on "
                             "storage QEMU can write, for its overlay")
         if fmt == "raw":
-            return _Disk(ref, ref.target, path, fmt, False,
-                         "a raw image cannot carry a persistent dirty bitmap")
+            return self._raw_disk(ref, path)
         if fmt != "qcow2":
             raise ViewError(f"{self.name} {ref.target} is a {fmt} image; only raw and qcow2 are supported")
         info = qcow2.image_info(path, fmt)
@@ -310,11 +312,29 @@ class PointInTime:
                          "a qcow2 v2 (compat=0.10) image cannot carry a persistent dirty bitmap")
         return _Disk(ref, ref.target, path, fmt, True)
 
+    def _raw_disk(self, ref: DiskRef, path: str) -> _Disk:
+        """A raw disk: tracked by a bitmap that lives as long as its QEMU process (volatile_bitmaps)."""
+        try:
+            node = volatile_bitmaps.top_node(self.dom, ref.target)
+        except ViewError as e:
+            return _Disk(ref, ref.target, path, "raw", False, f"a raw image cannot carry a persistent dirty "
+                         f"bitmap, and QEMU's block node for it was not found ({e})")
+        return _Disk(ref, ref.target, path, "raw", False, "", node=node)
+
     def _create_checkpoint(self, live: Mapping[str, ET.Element]) -> None:
         tracked = {d.target for d in self.disks if d.trackable}
-        if not self.want_checkpoint or not tracked:
+        if not self.want_checkpoint or not (tracked or any(d.node for d in self.disks)):
             return
         name = new_checkpoint_name()
+        for d in self.disks:
+            if d.node:
+                try:
+                    volatile_bitmaps.add(self.dom, d.node, name)
+                    d.checkpoint = self.checkpoint = name
+                except ViewError as e:
+                    self.notes.append(f"no dirty bitmap for {d.target} ({e}): its next backup compares")
+        if not tracked:
+            return
         disks = "".join(f"<disk name='{t}' checkpoint='{'bitmap' if t in tracked else 'no'}'/>" for t in live)
         xml = (f"<domaincheckpoint><name>{name}</name><description>hyperback view of "
                f"{', '.join(sorted(tracked))}</description><disks>{disks}</disks></domaincheckpoint>")
@@ -328,6 +348,9 @@ class PointInTime:
             self.notes.append(f"no checkpoint was created ({e}): the next backup compares everything")
             return
         self.checkpoint = name
+        for d in self.disks:
+            if d.trackable:
+                d.checkpoint = name
         self.log.info("checkpoint %s created in %.3f s", name, time.monotonic() - t0)
 
     def _snapshot(self, live: Mapping[str, ET.Element]) -> float:
@@ -399,7 +422,13 @@ class PointInTime:
         groups: dict[str, list[_Disk]] = {}
         for d in self.disks:
             since = self._since_for(d.ref)
-            if not d.trackable:
+            if d.node and since is not None:
+                changes, d.change_reason = volatile_bitmaps.changes_since(self.dom, d.node, since,
+                                                                          self._socket_base(), self.timeout)
+                d.changes = tuple(changes) if changes is not None else None
+            elif d.node:
+                d.change_reason = "no earlier checkpoint to compare with"
+            elif not d.trackable:
                 d.change_reason = d.reason
             elif since is None:
                 d.change_reason = "no earlier checkpoint to compare with"
@@ -426,8 +455,7 @@ class PointInTime:
 
     def _pull_dirty_maps(self, since: str, disks: list[_Disk]) -> None:
         t0 = time.monotonic()
-        base = self.socket_dir or ("/run" if os.access("/run", os.W_OK) else tempfile.gettempdir())
-        workdir = tempfile.mkdtemp(prefix="hb-view-", dir=base)
+        workdir = tempfile.mkdtemp(prefix="hb-view-", dir=self._socket_base())
         sock = os.path.join(workdir, "nbd.sock")
         token = os.urandom(6).hex()
         parts = []
@@ -474,9 +502,12 @@ class PointInTime:
             shutil.rmtree(workdir, ignore_errors=True)
         self.log.info("dirty bitmaps since %s read in %.3f s", since, time.monotonic() - t0)
 
+    def _socket_base(self) -> str:
+        return self.socket_dir or ("/run" if os.access("/run", os.W_OK) else tempfile.gettempdir())
+
     def _disk_view(self, d: _Disk) -> DiskView:
         layout, not_readable = None, ""
-        checkpoint = self.checkpoint if d.trackable else None
+        checkpoint = d.checkpoint
         if d.format == "qcow2":
             try:
                 layout = qcow2.chain_layout(d.image, self.chunk_size, "qcow2")
@@ -568,6 +599,12 @@ class PointInTime:
 
     def _drop_checkpoint(self) -> None:
         if self.checkpoint is None or not is_active(self.dom):
+            return
+        for d in self.disks:
+            if d.node and d.checkpoint:
+                with contextlib.suppress(ViewError):
+                    volatile_bitmaps.remove(self.dom, d.node, d.checkpoint)
+        if not any(d.trackable and d.checkpoint for d in self.disks):
             return
         try:
             delete_checkpoint(self.dom, self.checkpoint)

@@ -20,6 +20,7 @@ import logging
 import re
 import shlex
 import socket
+import stat
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -93,12 +94,17 @@ class Channel:
 
 
 def render_disk(disk: Disk) -> str:
+    """A ``type='block'`` disk when the path is a block device (a loop device, an LV), else a file."""
+    path = Path(disk.path).resolve()
+    block = path.exists() and stat.S_ISBLK(path.stat().st_mode)
     return (
         _template("disk.xml")
         .substitute(
+            disk_type="block" if block else "file",
+            source_attr="dev" if block else "file",
             format=_x(disk.format),
             cache_attr=f" cache='{_x(disk.cache)}'" if disk.cache else "",
-            path=_x(Path(disk.path).resolve()),
+            path=_x(path),
             target=_x(disk.target),
             serial_elem=f"\n      <serial>{_x(disk.serial)}</serial>" if disk.serial else "",
             readonly_elem="\n      <readonly/>" if disk.readonly else "",
