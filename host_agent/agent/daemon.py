@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors, hypervisor
+from host_agent.agent import overlays
 from host_agent.agent.chains import ChainRecord
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import DomainInfo, Domains
@@ -163,6 +164,8 @@ class Agent:
         self._clear_stale_visits()
         for line in await asyncio.to_thread(self.snapshot_disks.recover):
             log.warning("left by the previous run: %s", line)
+        # before any view: a domain still on a dead view's overlay would refuse a new one
+        await asyncio.to_thread(overlays.recover_all, self.domains.conn)
         recovery = asyncio.create_task(self._recover_visits(pending), name="recover-visits")
         if self.porter is not None:
             await asyncio.to_thread(self.porter.recover)

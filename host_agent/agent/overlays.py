@@ -198,6 +198,32 @@ class Merger:
                                 f"{self.overlay} could not be deleted: {e.strerror}") from e
 
 
+def image_below(disk: ET.Element, overlay: str) -> str:
+    """The image an overlay was put on: the disk's backing store in the live XML (an overlay in
+    ``overlay_dir`` is not named after its image's path), else the overlay's name without its mark."""
+    below = disk.find("backingStore/source")
+    found = below.get("file") or below.get("dev") if below is not None else None
+    return found or OVERLAY_RE.sub("", overlay)
+
+
+def recover_all(conn: Any) -> list[str]:
+    """:func:`recover` for every domain whose definition names a hyperback overlay: what a view
+    of an agent that died left behind. A domain that cannot be recovered is logged and skipped:
+    the others still are. Returns what was done, each line naming its domain."""
+    done: list[str] = []
+    for domain in hypervisor.guard(conn).listAllDomains(0):
+        try:
+            xml = domain.XMLDesc(0)
+            if domain.isPersistent():
+                xml += domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            if OVERLAY_MARK in xml:
+                done += [f"{domain.name()}: {line}" for line in recover(domain)]
+        except (HypervisorError, ViewError, CleanupFailed) as e:
+            log.error("cannot undo what a view left on %s: %s; merge its hyperback overlays by hand "
+                      "(docs/changed-block-tracking.md, Cleaning up)", domain.name(), e)
+    return done
+
+
 def recover(domain: Any, timeout: float = 120.0) -> list[str]:
     """Undo what a view left behind when its process died: a running backup job, disks still on a
     hyperback overlay (merged back and deleted), a definition pointing at an overlay. Returns what
@@ -219,11 +245,10 @@ def recover(domain: Any, timeout: float = 120.0) -> list[str]:
             overlay = source_of(disk) or ""
             if not OVERLAY_RE.search(overlay):
                 continue
-            image = OVERLAY_RE.sub("", overlay)
-            m = Merger(domain, target, overlay, image, time.monotonic() + timeout)
+            m = Merger(domain, target, overlay, image_below(disk, overlay), time.monotonic() + timeout)
             m.start()
             m.finish()
-            done.append(f"merged {overlay} back into {image}")
+            done.append(f"merged {overlay} back into {m.image}")
     else:
         overlays = {}
         try:
