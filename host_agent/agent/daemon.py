@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors, hypervisor
+from host_agent.agent.checkpoint_record import CheckpointRecords
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.driver import BackupDriver
@@ -73,7 +74,7 @@ class Agent:
         self.colocator = Colocator(config) if config.inventory.hosts else None
         self.porter = Porter(config) if config.inventory.appliances else None
         self.executor = Executor(self.destinations, domains, self.guests, self.jobs, config.restore_dir,
-                                 self.colocator, self.porter)
+                                 self.colocator, self.porter, records=CheckpointRecords(config.state_dir))
         self.driver = BackupDriver(self.planner.plan, self.executor.execute, self.guests.fail,
                                    config.interval, config.batch_size)
         self.snapshot_disks = SnapshotDisks(domains, self.destinations, config.run_dir,

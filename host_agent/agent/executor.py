@@ -24,6 +24,7 @@ from typing import Protocol
 
 from host_agent import errors
 from host_agent.agent import paths, views, vmdefinition
+from host_agent.agent.checkpoint_record import CheckpointRecords
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
@@ -110,7 +111,7 @@ class Executor:
 
     def __init__(self, destinations: Destinations, domains: Domains, guests: GuestDoor, jobs: Jobs,
                  work_dir: Path, colocator: Colocator | None = None, porter: Porter | None = None,
-                 reader: ReaderSettings | None = None) -> None:
+                 reader: ReaderSettings | None = None, records: CheckpointRecords | None = None) -> None:
         self._destinations = destinations
         self._domains = domains           # views of their disks; restored disks hot-plugged
         self._guests = guests
@@ -118,6 +119,7 @@ class Executor:
         self._work_dir = work_dir         # restored images and fallback conversions
         self._colocator = colocator
         self._porter = porter
+        self._records = records           # hyperback's copy of each view's checkpoint (checkpoint_record)
         self._reader = reader or ReaderSettings()  # the appliance reading paths of guests' file systems
         for stale in work_dir.glob("paths-*.spool"):  # a path backup's archive, left by a killed agent
             log.info("removing %s, left by an agent that stopped during a backup of paths", stale)
@@ -414,7 +416,7 @@ class Executor:
         since = base.checkpoint if base is not None else None
         with views.point_in_time(self._domains.conn, disk.domain_uuid, (disk,),
                                  chunk_size=repo.config.chunk_size, freeze=freeze, thaw=thaw,
-                                 since={disk.serial: since}) as taken:
+                                 since={disk.serial: since}, records=self._records) as taken:
             view = taken[disk.serial]
             checkpoint = view.checkpoint
             if shared_base is None and view.changes is None and disk.backing_chain:
@@ -475,7 +477,7 @@ class Executor:
                 if base is not None and base.checkpoint:
                     keep.add(base.checkpoint)
         try:
-            gone = prune_checkpoints(self._domains.domain(domain_uuid), keep)
+            gone = prune_checkpoints(self._domains.domain(domain_uuid), keep, self._records)
         except Exception as e:  # pruning is housekeeping: a failure must not fail the backup
             log.warning("could not prune checkpoints of %s: %s", domain_uuid, e)
             return

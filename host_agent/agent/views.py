@@ -92,6 +92,7 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors, hypervisor
+from host_agent.agent.checkpoint_record import CheckpointRecords, record_new, vouch_all
 from host_agent.agent.checkpoints import (
     checkpoint_disks,
     delete_checkpoint,
@@ -209,6 +210,7 @@ class _Disk:
     state: str = "original"             # original -> overlay -> merged (or "unknown" if a pivot was cut)
     changes: tuple[Extent, ...] | None = None
     change_reason: str = ""
+    since_problem: str = ""             # why the ``since`` checkpoint cannot serve (checkpoint_record.vouch)
 
 
 class PointInTime:
@@ -217,7 +219,8 @@ class PointInTime:
     def __init__(self, conn: Any, domain: Any, disks: Sequence[DiskRef], *, chunk_size: int,
                  freeze: Hook | None = None, thaw: Hook | None = None, checkpoint: bool = True,
                  since: str | Mapping[str, str | None] | None = None, timeout: float = 120.0,
-                 overlay_dir: str | None = None, socket_dir: str | None = None) -> None:
+                 overlay_dir: str | None = None, socket_dir: str | None = None,
+                 records: CheckpointRecords | None = None) -> None:
         if not disks:
             raise errors.UsageError("a view needs at least one disk")
         self.dom = (hypervisor.guard(conn).lookupByUUIDString(domain) if isinstance(domain, str)
@@ -232,6 +235,7 @@ class PointInTime:
         self.timeout = timeout
         self.overlay_dir = overlay_dir
         self.socket_dir = socket_dir
+        self.records = records
         self.log = log.getChild(self.name)
         self.disks: list[_Disk] = []
         self.checkpoint: str | None = None
@@ -272,6 +276,7 @@ class PointInTime:
         live = live_disks(self.dom)
         for ref in self.refs:
             self.disks.append(self._inspect(ref, live.get(ref.target)))
+        self._vouch_since()
         self._create_checkpoint(live)
         frozen = self._snapshot(live)
         self._read_changes()
@@ -329,6 +334,20 @@ class PointInTime:
             return
         self.checkpoint = name
         self.log.info("checkpoint %s created in %.3f s", name, time.monotonic() - t0)
+        self._record_checkpoint(name)
+
+    # --- hyperback's checkpoint records and bitmap checks (checkpoint_record) ---
+
+    def _record_checkpoint(self, name: str) -> None:
+        if self.records is not None and (note := record_new(self.records, self.dom, name)):
+            self.notes.append(note)
+
+    def _vouch_since(self) -> None:
+        wanted = {d.target: (since, d.image) for d in self.disks
+                  if d.trackable and (since := self._since_for(d.ref)) is not None}
+        problems = vouch_all(self.dom, wanted, self.records)
+        for d in self.disks:
+            d.since_problem = problems.get(d.target, "")
 
     def _snapshot(self, live: Mapping[str, ET.Element]) -> float:
         token = os.urandom(6).hex()
@@ -403,6 +422,8 @@ class PointInTime:
                 d.change_reason = d.reason
             elif since is None:
                 d.change_reason = "no earlier checkpoint to compare with"
+            elif d.since_problem:
+                d.change_reason = d.since_problem
             else:
                 groups.setdefault(since, []).append(d)
         for since, disks in groups.items():
@@ -569,6 +590,8 @@ class PointInTime:
     def _drop_checkpoint(self) -> None:
         if self.checkpoint is None or not is_active(self.dom):
             return
+        if self.records is not None:
+            self.records.forget(self.uuid, self.checkpoint)
         try:
             delete_checkpoint(self.dom, self.checkpoint)
         except ViewError as e:
@@ -589,7 +612,8 @@ class PointInTime:
 def point_in_time(conn: Any, domain: Any, disks: Sequence[DiskRef], *, chunk_size: int,
                   freeze: Hook | None = None, thaw: Hook | None = None, checkpoint: bool = True,
                   since: str | Mapping[str, str | None] | None = None, timeout: float = 120.0,
-                  overlay_dir: str | None = None, socket_dir: str | None = None) -> PointInTime:
+                  overlay_dir: str | None = None, socket_dir: str | None = None,
+                  records: CheckpointRecords | None = None) -> PointInTime:
     """A point-in-time view of ``disks`` of a running ``domain`` (a libvirt domain or its UUID).
 
     ``freeze``/``thaw`` bracket the instant (only the snapshot call runs while frozen).
@@ -599,8 +623,9 @@ def point_in_time(conn: Any, domain: Any, disks: Sequence[DiskRef], *, chunk_siz
     scratch files) go beside each image, or into ``overlay_dir`` (needed for block devices);
     the NBD socket into a private directory under ``socket_dir`` (default /run). Only one view
     per domain runs at a time in this process; a second one waits. ``chunk_size`` is the
-    repository's.
+    repository's. ``records`` keeps each new checkpoint's XML, and redefines ``since`` from it if
+    libvirt lost it (checkpoint_record); its bitmaps are checked either way.
     """
     return PointInTime(conn, domain, disks, chunk_size=chunk_size, freeze=freeze, thaw=thaw,
                        checkpoint=checkpoint, since=since, timeout=timeout, overlay_dir=overlay_dir,
-                       socket_dir=socket_dir)
+                       socket_dir=socket_dir, records=records)
