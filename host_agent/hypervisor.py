@@ -34,7 +34,7 @@ import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors
 
-__all__ = ["Guarded", "connect", "guard", "register_event_loop", "watch_lifecycle"]
+__all__ = ["Guarded", "connect", "guard", "qmp", "register_event_loop", "watch_lifecycle"]
 
 _BY_CODE: dict[int, type[errors.HypervisorError]] = {
     libvirt.VIR_ERR_NO_DOMAIN: errors.NoDomain,
@@ -104,6 +104,25 @@ class Guarded:
 def guard(obj: Any) -> Guarded:
     """``obj`` (a libvirt connection, domain, ...) behind the door; a guarded object as it is."""
     return obj if isinstance(obj, Guarded) else Guarded(obj)
+
+
+def qmp(domain: Any, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """The ``return`` of a QMP command run in a domain's QEMU through libvirt-qemu's passthrough,
+    for what libvirt has no call for (read-only queries only: libvirt logs the domain as tainted,
+    "custom-monitor", the first time, and does not know what a changing command did)."""
+    import json
+
+    import libvirt_qemu  # type: ignore[import-untyped]
+
+    raw = guard(domain).raw
+    cmd = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(raw, cmd, 0))
+    except libvirt.libvirtError as e:
+        raise _typed(e) from e
+    except ValueError as e:
+        raise errors.HypervisorError(f"QEMU answered {command} with no JSON: {e}", 0) from e
+    return reply.get("return") if isinstance(reply, dict) else None
 
 
 def _silence_libvirt() -> None:

@@ -19,7 +19,6 @@ refused here with the reason, and the view compares instead. See docs/changed-bl
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -128,17 +127,9 @@ def running_bitmaps(domain: Any) -> dict[str, dict[str, Bitmap]]:
     public call for bitmap state, and libvirt marks the domain tainted ("custom-monitor") in its
     log the first time. Read-only; the image below a view's overlay is a node of its own too.
     """
-    import libvirt_qemu  # type: ignore[import-untyped]
-
-    domain = hypervisor.guard(domain)
-    cmd = json.dumps({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
-    try:
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(domain.raw, cmd, 0))
-    except libvirt.libvirtError as e:
-        raise HypervisorError(f"cannot ask QEMU for the bitmaps of {domain.name()}: {e}",
-                              int(e.get_error_code() or 0)) from e
+    nodes = hypervisor.qmp(domain, "query-named-block-nodes", {"flat": True})
     out: dict[str, dict[str, Bitmap]] = {}
-    for node in reply.get("return", []):
+    for node in nodes if isinstance(nodes, list) else []:
         if node.get("drv") != "qcow2" or not isinstance(node.get("file"), str):
             continue
         found = out.setdefault(os.path.realpath(node["file"]), {})
