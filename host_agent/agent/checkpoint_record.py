@@ -68,6 +68,9 @@ class CheckpointRecords:
         os.replace(tmp, path)
 
     def load(self, domain_uuid: str, name: str) -> str | None:
+        """The record, or None (also for a name no record can have: a foreign snapshot's checkpoint)."""
+        if not (_SAFE_NAME.fullmatch(domain_uuid) and _SAFE_NAME.fullmatch(name)):
+            return None
         try:
             return self._path(domain_uuid, name).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -198,7 +201,10 @@ def vouch(domain: Any, since: str, images: Mapping[str, str],
     if xml is None:
         why = ("and hyperback has no record of it" if records is not None else "(no checkpoint records kept)")
         return dict.fromkeys(images, f"{name} has no checkpoint {since} {why}")
-    tracked = tracked_bitmaps(xml)
+    try:
+        tracked = tracked_bitmaps(xml)
+    except ET.ParseError as e:
+        return dict.fromkeys(images, f"hyperback's record of checkpoint {since} is damaged ({e})")
     state = running_bitmaps(domain)
     reasons: dict[str, str] = {}
     for target, image in images.items():

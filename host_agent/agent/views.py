@@ -54,8 +54,9 @@ What does NOT work, or needs care, on libvirt 9.0 / QEMU 7.2 (see docs/changed-b
   the image's own bitmaps record) and the definition is rewritten to the original image.
 * libvirt refuses to undefine a domain with checkpoints ("cannot delete inactive domain with 2
   checkpoints"): use ``VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA``.
-* A transient domain's checkpoints vanish with it (its bitmaps stay in the image): the next view
-  finds no ``since`` checkpoint and falls back to comparison, saying so.
+* A transient domain's checkpoints vanish with it, and every domain's on a live migration (the
+  bitmaps stay in the image): with ``records`` the view redefines ``since`` from hyperback's copy;
+  without, or if a bitmap is missing or inconsistent (QEMU killed), it compares, saying why.
 
 "Since the last checkpoint": each view creates one checkpoint (``Views.checkpoint``). The
 executor records it with the snapshot it backs up (``Snapshot.checkpoint``, a field of the
