@@ -5,7 +5,7 @@ the qcow2 image (shared storage: QEMU stores them when the source lets go, the d
 them). hyperback's record of the checkpoint (checkpoint_record) lets the view redefine it on A.
 
 Two libvirt hosts on one machine (host_agent.lab.twohosts), a migratable busybox guest (no 9p)
-whose disk is a 256 MiB qcow2 image filled with data, writing all the time into the same 2.5 MiB
+whose disk is a 1 GiB qcow2 image filled with data, writing all the time into the same 10 MiB
 (about 1% of the disk). Needs root and a host prepared by host_agent/lab/setup_host.sh, plus pyroute2.
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ from host_agent.storage.repository import Repository
 pytestmark = pytest.mark.vm
 
 SERIAL = "hb-cpmig"
-DISK_SIZE = 256 * MIB
-REGION = (40 * MIB, 40 * 64 * 1024)  # where the guest writes: 2.5 MiB, ~1% of the disk
+DISK_SIZE = 1024 * MIB
+REGION = (40 * MIB, 160 * 64 * 1024)  # where the guest writes: 10 MiB, ~1% of the disk
 # busybox dd: no oflag=direct; conv=fsync sends each block to QEMU before the next
 WRITER = ("echo writing; i=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=1 "
-          "seek=$((640 + i % 40)) conv=fsync,notrunc 2>/dev/null; i=$((i+1)); sleep 0.2; done")
+          "seek=$((640 + i % 160)) conv=fsync,notrunc 2>/dev/null; i=$((i+1)); sleep 0.05; done")
 
 
 @pytest.fixture
