@@ -19,6 +19,7 @@ refused here with the reason, and the view compares instead. See docs/changed-bl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -126,11 +127,17 @@ class Bitmap:
 def running_bitmaps(domain: Any) -> dict[str, dict[str, Bitmap]]:
     """The bitmaps of every qcow2 node of a running domain, by the node's image file (real path).
 
-    QMP ``query-named-block-nodes`` (flat) through libvirt's monitor passthrough: libvirt has no
+    QMP ``query-named-block-nodes`` (flat) through libvirt's monitor passthrough
+    (``hypervisor.qemu_monitor``): libvirt has no
     public call for bitmap state, and libvirt marks the domain tainted ("custom-monitor") in its
     log the first time. Read-only; the image below a view's overlay is a node of its own too.
     """
-    nodes = hypervisor.qmp(domain, "query-named-block-nodes", {"flat": True})
+    cmd = json.dumps({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+    try:
+        reply = json.loads(hypervisor.qemu_monitor(domain, cmd))
+    except ValueError as e:
+        raise HypervisorError(f"QEMU answered query-named-block-nodes with no JSON: {e}", 0) from e
+    nodes = reply.get("return") if isinstance(reply, dict) else None
     out: dict[str, dict[str, Bitmap]] = {}
     for node in nodes if isinstance(nodes, list) else []:
         if node.get("drv") != "qcow2" or not isinstance(node.get("file"), str):

@@ -207,11 +207,11 @@ class _Disk:
     format: str
     trackable: bool
     reason: str = ""                    # why not trackable
+    since_problem: str = ""             # why the ``since`` checkpoint cannot serve (checkpoint_record.vouch)
     overlay: str = ""
     state: str = "original"             # original -> overlay -> merged (or "unknown" if a pivot was cut)
     changes: tuple[Extent, ...] | None = None
     change_reason: str = ""
-    since_problem: str = ""             # why the ``since`` checkpoint cannot serve (checkpoint_record.vouch)
 
 
 class PointInTime:
@@ -589,10 +589,10 @@ class PointInTime:
         raise DomainGone(f"{self.name} stopped during its view ({what}); back it up again when it runs")
 
     def _drop_checkpoint(self) -> None:
+        if self.checkpoint is not None and self.records is not None:
+            self.records.forget(self.uuid, self.checkpoint)
         if self.checkpoint is None or not is_active(self.dom):
             return
-        if self.records is not None:
-            self.records.forget(self.uuid, self.checkpoint)
         try:
             delete_checkpoint(self.dom, self.checkpoint)
         except ViewError as e:
