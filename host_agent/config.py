@@ -129,7 +129,8 @@ class GuestRule:
 @dataclass(frozen=True)
 class AgentConfig:
     libvirt_uri: str = "qemu:///system"
-    # journal of pending instructions and results
+    # journal of pending instructions and results, schedules.json, and checkpoints/: the libvirt
+    # checkpoint of each view, redefined when libvirt loses it (docs/changed-block-tracking.md)
     state_dir: Path = Path("/var/lib/hyperback")
     # the agent's sockets
     run_dir: Path = Path("/run/hyperback")

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import hypervisor
+from host_agent.agent.checkpoint_record import CheckpointRecords, drop_lost
 from host_agent.agent.domainxml import is_active
 from host_agent.errors import HypervisorError, NoCheckpoint, ViewError
 from host_agent.storage import qcow2
@@ -149,16 +150,24 @@ def delete_checkpoint(domain: Any, name: str) -> None:
     log.info("deleted checkpoint %s of %s", name, domain.name())
 
 
-def prune_checkpoints(domain: Any, keep: Sequence[str] | set[str]) -> list[str]:
+def prune_checkpoints(domain: Any, keep: Sequence[str] | set[str],
+                      records: CheckpointRecords | None = None) -> list[str]:
     """Delete the hyperback checkpoints not in ``keep`` (each one costs a bitmap QEMU updates on
     every write). Keep the checkpoints of the latest snapshot and of the latest full snapshot of
-    every disk of the domain. Returns the names deleted."""
+    every disk of the domain. Returns the names deleted. With ``records``, their records go too,
+    and so do the bitmaps of recorded checkpoints libvirt lost (checkpoint_record.drop_lost)."""
     domain = hypervisor.guard(domain)
     gone = []
-    for name in list_checkpoints(domain):
+    defined = list_checkpoints(domain)
+    for name in defined:
 
 
         if name not in keep:
             delete_checkpoint(domain, name)
             gone.append(name)
+    if records is not None:
+        uuid = str(domain.UUIDString())
+        for name in gone:
+            records.forget(uuid, name)
+        gone += drop_lost(domain, records, set(keep), set(defined))
     return gone

@@ -29,6 +29,7 @@ from typing import Any
 from host_agent import errors, hypervisor
 from host_agent.agent import overlays
 from host_agent.agent.chains import ChainRecord
+from host_agent.agent.checkpoint_record import CheckpointRecords
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import DomainInfo, Domains
 from host_agent.agent.driver import BackupDriver
@@ -78,7 +79,8 @@ class Agent:
         self.porter = Porter(config) if config.inventory.appliances else None
         self.executor = Executor(self.destinations, domains, self.guests, self.jobs, config.restore_dir,
                                  self.colocator, self.porter, overlay_dir=config.overlay_dir,
-                                 chains=ChainRecord(config.state_dir))
+                                 chains=ChainRecord(config.state_dir),
+                                 records=CheckpointRecords(config.state_dir))
         self.driver = BackupDriver(self.planner.plan, self.executor.execute, self.guests.fail,
                                    config.interval, config.batch_size)
         self.snapshot_disks = SnapshotDisks(domains, self.destinations, config.run_dir,

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from host_agent import errors
 from host_agent.agent import paths, views, vmdefinition, volatile_bitmaps
 from host_agent.agent.chains import ChainRecord
+from host_agent.agent.checkpoint_record import CheckpointRecords
 from host_agent.agent.checkpoints import prune_checkpoints
 from host_agent.agent.destinations import AnyRepository, Destinations
 from host_agent.agent.domains import Domains
@@ -115,7 +116,8 @@ class Executor:
 
     def __init__(self, destinations: Destinations, domains: Domains, guests: GuestDoor, jobs: Jobs,
                  work_dir: Path, colocator: Colocator | None = None, porter: Porter | None = None,
-                 reader: ReaderSettings | None = None, *, overlay_dir: Path, chains: ChainRecord) -> None:
+                 reader: ReaderSettings | None = None, *, overlay_dir: Path, chains: ChainRecord,
+                 records: CheckpointRecords | None = None) -> None:
         self._destinations = destinations
         self._domains = domains           # views of their disks; restored disks hot-plugged
         self._guests = guests
@@ -123,6 +125,7 @@ class Executor:
         self._work_dir = work_dir         # restored images and fallback conversions
         self._colocator = colocator
         self._porter = porter
+        self._records = records           # hyperback's copy of each view's checkpoint (checkpoint_record)
         self._reader = reader or ReaderSettings()  # the appliance reading paths of guests' file systems
         self._overlay_dir = overlay_dir   # overlays of block-device disks (AgentConfig.overlay_dir)
         self._chains = chains             # every destination's checkpoint needs, for pruning
@@ -415,7 +418,7 @@ class Executor:
                 log.info("%s: taking an online view instead", e)
         base = repo.base_for(disk.snapshot_name, unit.policy)
         since = base.checkpoint if base is not None else None
-        with self._view(disk, repo, freeze, thaw, since={disk.serial: since}) as taken:
+        with self._view(disk, repo, freeze, thaw, since={disk.serial: since}, records=self._records) as taken:
             view = taken[disk.serial]
             checkpoint = view.checkpoint
             if shared_base is None and view.changes is None and disk.backing_chain:
@@ -496,7 +499,7 @@ class Executor:
         try:
             keep = self._chains.update(domain_uuid, destination, needs, self._destinations.names)
             dom = self._domains.domain(domain_uuid)
-            gone = prune_checkpoints(dom, keep)
+            gone = prune_checkpoints(dom, keep, self._records)
             if is_active(dom):  # raw disks' bitmaps, gone anyway with a QEMU that stopped
                 gone += volatile_bitmaps.prune(dom, keep)
         except Exception as e:  # pruning is housekeeping: a failure must not fail the backup

@@ -54,8 +54,9 @@ What does NOT work, or needs care, on libvirt 9.0 / QEMU 7.2 (see docs/changed-b
   the image's own bitmaps record) and the definition is rewritten to the original image.
 * libvirt refuses to undefine a domain with checkpoints ("cannot delete inactive domain with 2
   checkpoints"): use ``VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA``.
-* A transient domain's checkpoints vanish with it (its bitmaps stay in the image): the next view
-  finds no ``since`` checkpoint and falls back to comparison, saying so.
+* A transient domain's checkpoints vanish with it, and every domain's on a live migration (the
+  bitmaps stay in the image): with ``records`` the view redefines ``since`` from hyperback's copy;
+  without, or if a bitmap is missing or inconsistent (QEMU killed), it compares, saying why.
 
 "Since the last checkpoint": each view creates one checkpoint (``Views.checkpoint``). The
 executor records it with the snapshot it backs up (``Snapshot.checkpoint``, a field of the
@@ -93,6 +94,7 @@ import libvirt  # type: ignore[import-untyped]
 
 from host_agent import errors, hypervisor
 from host_agent.agent import volatile_bitmaps
+from host_agent.agent.checkpoint_record import CheckpointRecords, record_new, vouch_all
 from host_agent.agent.checkpoints import (
     checkpoint_disks,
     delete_checkpoint,
@@ -206,6 +208,7 @@ class _Disk:
     format: str
     trackable: bool
     reason: str = ""                    # why not trackable
+    since_problem: str = ""             # why the ``since`` checkpoint cannot serve (checkpoint_record.vouch)
     overlay: str = ""
     state: str = "original"             # original -> overlay -> merged (or "unknown" if a pivot was cut)
     changes: tuple[Extent, ...] | None = None
@@ -220,7 +223,8 @@ class PointInTime:
     def __init__(self, conn: Any, domain: Any, disks: Sequence[DiskRef], *, chunk_size: int,
                  freeze: Hook | None = None, thaw: Hook | None = None, checkpoint: bool = True,
                  since: str | Mapping[str, str | None] | None = None, timeout: float = 120.0,
-                 overlay_dir: str | None = None, socket_dir: str | None = None) -> None:
+                 overlay_dir: str | None = None, socket_dir: str | None = None,
+                 records: CheckpointRecords | None = None) -> None:
         if not disks:
             raise errors.UsageError("a view needs at least one disk")
         self.dom = (hypervisor.guard(conn).lookupByUUIDString(domain) if isinstance(domain, str)
@@ -235,6 +239,7 @@ class PointInTime:
         self.timeout = timeout
         self.overlay_dir = overlay_dir
         self.socket_dir = socket_dir
+        self.records = records
         self.log = log.getChild(self.name)
         self.disks: list[_Disk] = []
         self.checkpoint: str | None = None
@@ -275,6 +280,7 @@ class PointInTime:
         live = live_disks(self.dom)
         for ref in self.refs:
             self.disks.append(self._inspect(ref, live.get(ref.target)))
+        self._vouch_since()
         self._create_checkpoint(live)
         frozen = self._snapshot(live)
         self._read_changes()
@@ -352,6 +358,20 @@ class PointInTime:
             if d.trackable:
                 d.checkpoint = name
         self.log.info("checkpoint %s created in %.3f s", name, time.monotonic() - t0)
+        self._record_checkpoint(name)
+
+    # --- hyperback's checkpoint records and bitmap checks (checkpoint_record) ---
+
+    def _record_checkpoint(self, name: str) -> None:
+        if self.records is not None and (note := record_new(self.records, self.dom, name)):
+            self.notes.append(note)
+
+    def _vouch_since(self) -> None:
+        wanted = {d.target: (since, d.image) for d in self.disks
+                  if d.trackable and (since := self._since_for(d.ref)) is not None}
+        problems = vouch_all(self.dom, wanted, self.records)
+        for d in self.disks:
+            d.since_problem = problems.get(d.target, "")
 
     def _snapshot(self, live: Mapping[str, ET.Element]) -> float:
         token = os.urandom(6).hex()
@@ -432,6 +452,8 @@ class PointInTime:
                 d.change_reason = d.reason
             elif since is None:
                 d.change_reason = "no earlier checkpoint to compare with"
+            elif d.since_problem:
+                d.change_reason = d.since_problem
             else:
                 groups.setdefault(since, []).append(d)
         for since, disks in groups.items():
@@ -598,6 +620,8 @@ class PointInTime:
         raise DomainGone(f"{self.name} stopped during its view ({what}); back it up again when it runs")
 
     def _drop_checkpoint(self) -> None:
+        if self.checkpoint is not None and self.records is not None:
+            self.records.forget(self.uuid, self.checkpoint)
         if self.checkpoint is None or not is_active(self.dom):
             return
         for d in self.disks:
@@ -626,7 +650,8 @@ class PointInTime:
 def point_in_time(conn: Any, domain: Any, disks: Sequence[DiskRef], *, chunk_size: int,
                   freeze: Hook | None = None, thaw: Hook | None = None, checkpoint: bool = True,
                   since: str | Mapping[str, str | None] | None = None, timeout: float = 120.0,
-                  overlay_dir: str | None = None, socket_dir: str | None = None) -> PointInTime:
+                  overlay_dir: str | None = None, socket_dir: str | None = None,
+                  records: CheckpointRecords | None = None) -> PointInTime:
     """A point-in-time view of ``disks`` of a running ``domain`` (a libvirt domain or its UUID).
 
     ``freeze``/``thaw`` bracket the instant (only the snapshot call runs while frozen).
@@ -636,8 +661,9 @@ def point_in_time(conn: Any, domain: Any, disks: Sequence[DiskRef], *, chunk_siz
     scratch files) go beside each image, or into ``overlay_dir`` (needed for block devices);
     the NBD socket into a private directory under ``socket_dir`` (default /run). Only one view
     per domain runs at a time in this process; a second one waits. ``chunk_size`` is the
-    repository's.
+    repository's. ``records`` keeps each new checkpoint's XML, and redefines ``since`` from it if
+    libvirt lost it (checkpoint_record); its bitmaps are checked either way.
     """
     return PointInTime(conn, domain, disks, chunk_size=chunk_size, freeze=freeze, thaw=thaw,
                        checkpoint=checkpoint, since=since, timeout=timeout, overlay_dir=overlay_dir,
-                       socket_dir=socket_dir)
+                       socket_dir=socket_dir, records=records)
