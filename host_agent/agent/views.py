@@ -37,35 +37,15 @@ Taking a view (measured on libvirt 9.0 / QEMU 7.2, TCG, a 64 MiB qcow2 disk unde
    checkpoint bitmaps through the snapshot and the commit: the writes the guest made into the
    overlay show up in every checkpoint's bitmap afterwards.
 
-What does NOT work, or needs care, on libvirt 9.0 / QEMU 7.2 (see docs/changed-block-tracking.md):
+What does not work, or needs care, on libvirt 9.0 / QEMU 7.2 (raw and qcow2 v2 disks, commit
+after ``abortJob``, ``SHALLOW``, QEMU's mount namespace, transient domains, migrations, QEMU
+killed): docs/changed-block-tracking.md, "What does not work, or needs care", which this follows.
 
-* Right after ``abortJob`` the backup job is still ending: ``blockCommit`` then fails with "disk
-  'vda' already in active block job" for up to ~0.2 s. Wait for the job to be gone, and retry.
-* ``blockCommit`` without ``SHALLOW`` merges into the *bottom* of the chain. Seen: overlay and
-  top image both committed into a shared ``base.qcow2``, the domain left running on that base.
-* Raw disks cannot carry a persistent bitmap ("checkpoint for disk vda unsupported for storage
-  type raw"; a checkpoint XML that leaves disks out defaults them to ``bitmap`` and fails the same
-  way, so every disk is listed): they get a bitmap for QEMU's lifetime (``volatile_bitmaps``).
-  qcow2 v2 images cannot either ("Cannot store dirty bitmaps in qcow2 v2 files"): comparison.
-* QEMU runs in a mount namespace of its own: an ``overlay_dir`` mounted after the domain started
-  is invisible to it ("Could not open ...: No such file or directory").
-* A persistent domain's *inactive* definition follows the snapshot onto the overlay; if the domain
-  is destroyed during the view, the overlay is merged offline (``qemu-img commit``, whose writes
-  the image's own bitmaps record) and the definition is rewritten to the original image.
-* libvirt refuses to undefine a domain with checkpoints ("cannot delete inactive domain with 2
-  checkpoints"): use ``VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA``.
-* A transient domain's checkpoints vanish with it, and every domain's on a live migration (the
-  bitmaps stay in the image): with ``records`` the view redefines ``since`` from hyperback's copy;
-  without, or if a bitmap is missing or inconsistent (QEMU killed), it compares, saying why.
-
-"Since the last checkpoint": each view creates one checkpoint (``Views.checkpoint``). The
-executor records it with the snapshot it backs up (``Snapshot.checkpoint``, a field of the
-snapshot document), and passes as ``since`` the checkpoint of the
-snapshot the repository will build on: the latest snapshot for an incremental, the latest full
-one for a differential. libvirt keeps every checkpoint's bitmap active (each records everything
-since its creation), so either works without merging. ``checkpoints.prune_checkpoints`` deletes the
-hyperback checkpoints no snapshot still needs (keep those two). A view that fails deletes the
-checkpoint it created.
+"Since the last checkpoint": each view creates one checkpoint (``Views.checkpoint``), recorded
+with the snapshot it backs up (``Snapshot.checkpoint``); ``since`` is the checkpoint of the
+snapshot the repository builds on (the latest for an incremental, the latest full one for a
+differential). Every checkpoint's bitmap stays active, so either works without merging;
+``checkpoints.prune_checkpoints`` deletes those no chain needs. A failed view deletes its own.
 
 Errors (drawn with the rest in ``host_agent.errors``)::
 
