@@ -231,14 +231,20 @@ _TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules",
 SCHEDULE_KINDS = ("backup", "verify", "copy")
 
 
-def _schedule(index: int, doc: Any) -> Schedule:
-    where = f"config schedules[{index}]"
+def _table_fields(where: str, doc: Any, kind: type[Any]) -> dict[str, Any]:
+    """The fields of dataclass ``kind`` by name, once ``doc`` is a table naming only those."""
     if not isinstance(doc, dict):
         raise errors.UsageError(f"{where} must be a table")
-    known = {f.name: f for f in fields(Schedule)}
+    known = {f.name: f for f in fields(kind)}
     unknown = sorted(set(doc) - set(known))
     if unknown:
         raise errors.UsageError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
+    return known
+
+
+def _schedule(index: int, doc: Any) -> Schedule:
+    where = f"config schedules[{index}]"
+    _table_fields(where, doc, Schedule)
     name, calendar = doc.get("name"), doc.get("calendar")
     if not isinstance(name, str) or not DESTINATION.fullmatch(name):
         raise errors.UsageError(f"{where}: name must match {DESTINATION.pattern}")
@@ -304,12 +310,7 @@ def _schedules(value: Any) -> tuple[Schedule, ...]:
 
 def _guest_rule(index: int, doc: Any) -> GuestRule:
     where = f"config guests[{index}]"
-    if not isinstance(doc, dict):
-        raise errors.UsageError(f"{where} must be a table")
-    known = {f.name: f for f in fields(GuestRule)}
-    unknown = sorted(set(doc) - set(known))
-    if unknown:
-        raise errors.UsageError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
+    known = _table_fields(where, doc, GuestRule)
     values = {name: _typed(f"{where}: {name}", value, known[name].default) for name, value in doc.items()}
     if not (values.get("domains") or values.get("match") or values.get("group")):
         raise errors.UsageError(f"{where}: say which domains it covers (domains, match or group)")
