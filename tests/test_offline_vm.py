@@ -155,6 +155,17 @@ def test_a_shut_off_domain_is_backed_up_offline_through_the_operator_api_and_res
           f"trigger-to-final, {total_read} bytes read, {total_new} bytes new")
 
 
+def back_up(stub: operator_pb2_grpc.OperatorStub, domain: str, serial: str,
+            policy: int) -> operator_pb2.Job:
+    """Trigger a backup of one disk through the operator API, wait for it to succeed: its job."""
+    job = stub.TriggerBackup(operator_pb2.TriggerBackupRequest(domain=domain, serials=[serial],
+                                                               policy=policy), timeout=30).job
+    events = list(stub.WatchJob(operator_pb2.WatchJobRequest(job_id=job.id), timeout=300))
+    assert events[-1].state == operator_pb2.JOB_STATE_SUCCEEDED, events
+    return next(j for j in stub.ListJobs(operator_pb2.ListJobsRequest(domain=domain), timeout=30).jobs
+                if j.id == job.id)
+
+
 def test_a_second_offline_backup_builds_on_the_first_and_stores_only_what_changed(
         agent: RunningAgent, shut_off: tuple[libvirt.virDomain, Path, Path], workdir: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,18 +176,10 @@ def test_a_second_offline_backup_builds_on_the_first_and_stores_only_what_change
     channel = grpc.insecure_channel(f"unix:{workdir}/agent/agent.sock")
     stub = operator_pb2_grpc.OperatorStub(channel)
 
-    def backup(policy: int) -> operator_pb2.Job:
-        job = stub.TriggerBackup(operator_pb2.TriggerBackupRequest(domain=dom.name(), serials=[serial],
-                                                                   policy=policy), timeout=30).job
-        events = list(stub.WatchJob(operator_pb2.WatchJobRequest(job_id=job.id), timeout=300))
-        assert events[-1].state == operator_pb2.JOB_STATE_SUCCEEDED, events
-        return next(j for j in stub.ListJobs(operator_pb2.ListJobsRequest(domain=dom.name()), timeout=30).jobs
-                    if j.id == job.id)
-
     try:
-        first = backup(optimizer_pb2.POLICY_FULL)
+        first = back_up(stub, dom.name(), serial, optimizer_pb2.POLICY_FULL)
         mutate(raw, 7, extents=4)  # 256 KiB of 16 MiB changed while it was shut off
-        second = backup(optimizer_pb2.POLICY_INCREMENTAL)
+        second = back_up(stub, dom.name(), serial, optimizer_pb2.POLICY_INCREMENTAL)
     finally:
         channel.close()
     assert first.offline and second.offline
@@ -200,17 +203,9 @@ def test_an_offline_disk_image_left_unchanged_is_not_read_again(
     channel = grpc.insecure_channel(f"unix:{workdir}/agent/agent.sock")
     stub = operator_pb2_grpc.OperatorStub(channel)
 
-    def backup(policy: int) -> operator_pb2.Job:
-        job = stub.TriggerBackup(operator_pb2.TriggerBackupRequest(domain=dom.name(), serials=[serial],
-                                                                   policy=policy), timeout=30).job
-        events = list(stub.WatchJob(operator_pb2.WatchJobRequest(job_id=job.id), timeout=300))
-        assert events[-1].state == operator_pb2.JOB_STATE_SUCCEEDED, events
-        return next(j for j in stub.ListJobs(operator_pb2.ListJobsRequest(domain=dom.name()), timeout=30).jobs
-                    if j.id == job.id)
-
     try:
-        first = backup(optimizer_pb2.POLICY_FULL)
-        second = backup(optimizer_pb2.POLICY_INCREMENTAL)
+        first = back_up(stub, dom.name(), serial, optimizer_pb2.POLICY_FULL)
+        second = back_up(stub, dom.name(), serial, optimizer_pb2.POLICY_INCREMENTAL)
     finally:
         channel.close()
     assert first.offline and second.offline
