@@ -12,12 +12,13 @@ process without gRPC, for comparison.
     bench/bench_optimizer.py --fleet 100x100 --runs 5  # 100 hosts of 100 VMs flush at once, over TCP
 
 ``--fleet HOSTSxVMS`` is the fleet case: one optimizer process listening on TCP (loopback) with mutual
-TLS (a throw-away CA and certificates made with ``openssl``), one gRPC channel per simulated host,
-each host's agent flushing one instruction for each of its VMs (their disks are clones of a few base
-images on shared storage; each batch is planned on its own, as PlanBatch does today); all hosts
-flush at the same instant, ``--runs`` times. It prints the per-host plan latency (median, p95, max)
-and the wall time of a round. The simulated hosts share this one client process, so the figures
-include their own conversion work, serialized by its GIL: an upper bound for real, separate hosts.
+TLS (a throw-away CA and certificates, as ``hyperback certs`` makes them), one gRPC channel per
+simulated host, each host's agent flushing one instruction for each of its VMs (their disks are
+clones of a few base images on shared storage; each batch is planned on its own, as PlanBatch does
+today); all hosts flush at the same instant, ``--runs`` times. It prints the per-host plan
+latency (median, p95, max) and the wall time of a round. The simulated hosts share this one client
+process, so the figures include their own conversion work, serialized by its GIL: an upper bound
+for real, separate hosts.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ from host_agent.model import DiskRef, Instruction, InstructionKind, Policy
 from host_agent.planning.chain import HostContext, Planner, build_chain, parse_chain
 from host_agent.planning.hostload import HostLoad
 from host_agent.planning.service import ClientTls, OptimizerClient, TlsFiles
+from host_agent.tls import certs
+from host_agent.tls.identity import Identity, Role
+from host_agent.tls.transport import TlsConfig, aio_channel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHAINS = ("passthrough", "merge", "timing", "merge,timing")
@@ -79,18 +83,11 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-def _channel(target: str, tls: ClientTls | None) -> grpc.aio.Channel:
-    if tls is None:
-        return grpc.aio.insecure_channel(target)
-    assert tls.ca and tls.cert and tls.key
-    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(
-        tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()))
-
-
 async def wait_serving(target: str, proc: subprocess.Popen[bytes], tls: ClientTls | None = None,
                        limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
-    async with _channel(target, tls) as channel:
+    config = TlsConfig(tls.ca, tls.cert, tls.key) if tls is not None else TlsConfig()
+    async with aio_channel(target, config) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:
@@ -156,20 +153,13 @@ def fleet_batch(host: int, vms: int, seed: int) -> list[Instruction]:
 
 
 def make_certificates(folder: Path) -> tuple[TlsFiles, ClientTls]:
-    """A CA, the optimizer's certificate for 127.0.0.1 and one host certificate, all signed by it."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-            "-subj", "/CN=bench CA", "-keyout", "ca.key", "-out", "ca.pem")
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("host", "subjectAltName=DNS:host")):
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        (folder / f"{name}.ext").write_text(extension + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
-    return (TlsFiles(folder / "server.pem", folder / "server.key", folder / "ca.pem"),
-            ClientTls(folder / "ca.pem", folder / "host.pem", folder / "host.key"))
+    """A throw-away cluster CA, the optimizer's certificate for 127.0.0.1 and one host's, as
+    ``hyperback certs`` issues them."""
+    certs.init_ca(folder / "ca", "bench CA")
+    ca = folder / "ca" / certs.CA_CERT
+    server = certs.issue(folder / "ca", Identity(Role.AGENT, "optimizer"), folder, ips=("127.0.0.1",))
+    host = certs.issue(folder / "ca", Identity(Role.AGENT, "host"), folder)
+    return TlsFiles(server.cert, server.key, ca), ClientTls(ca, host.cert, host.key)
 
 
 async def fleet_rounds(target: str, tls: ClientTls, hosts: int, vms: int,
