@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from host_agent.media import server as media
+from host_agent.media.client import RemoteRepository
+from host_agent.storage.repository import Repository
 from host_agent.tls import certs
 from host_agent.tls.identity import Identity, Role
 from host_agent.tls.transport import TlsConfig
@@ -42,3 +47,21 @@ def make_pki(root: Path) -> Pki:
 
 def refusing_plaintext(tls: TlsConfig) -> TlsConfig:
     return replace(tls, allow_plaintext=False)
+
+
+@contextmanager
+def tls_media_service(repo: Repository, pki: Pki) -> Iterator[media.MediaServer]:
+    """A media service on 127.0.0.1 serving ``repo`` as destination "main", behind the cluster's TLS."""
+    srv = media.start({"main": repo.path}, "127.0.0.1:0", "hostm", lease=5.0,
+                      tls=pki.tls(Role.OPERATOR, "media-hostm"))
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=0)
+
+
+def media_client(server: media.MediaServer, tls: TlsConfig, tmp_path: Path) -> RemoteRepository:
+    """A client of ``server``'s destination "main" with ``tls``'s certificate, spooling in ``tmp_path``."""
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    return RemoteRepository(server.address, "main", timeout=30, spool_dir=spool, tls=tls)

@@ -50,11 +50,10 @@ from host_agent.errors import HypervisorError
 from host_agent.media.copies import MediaTarget
 from host_agent.model import Instruction, InstructionKind
 from host_agent.storage import transfer
-from host_agent.storage.annotations import Annotations
 from host_agent.storage.files import write_atomic
-from host_agent.storage.gc import collect_garbage
+from host_agent.storage.pruning import prune
 from host_agent.storage.repository import Repository
-from host_agent.storage.retention import KeepPolicy, select
+from host_agent.storage.retention import KeepPolicy
 
 log = logging.getLogger(__name__)
 
@@ -338,15 +337,12 @@ class Scheduler:
             raise errors.UsageError(f"retention on {destination} runs on its media host")
         policy = KeepPolicy(schedule.keep_last, schedule.keep_daily, schedule.keep_weekly,
                             schedule.keep_monthly)
-        _, remove = select((s for s in repo.snapshots() if s.name in names), policy,
-                           Annotations(repo.path).protected_ids())
-        if not remove:
+        pruned = prune(repo, policy, which=lambda s: s.name in names, collect_always=False)
+        if pruned.gc is None:
             return []
-        repo.forget([s.id for s in remove])
-        gc = collect_garbage(repo)
         log.info("schedule %s: retention removed %d snapshot(s) from %s, freed %d bytes",
-                 schedule.name, len(remove), destination, gc.bytes_freed)
-        return [s.id for s in remove]
+                 schedule.name, len(pruned.remove), destination, pruned.gc.bytes_freed)
+        return [s.id for s in pruned.remove]
 
     async def drain(self) -> None:
         """Wait for the firings' retention (for shutdown and tests)."""

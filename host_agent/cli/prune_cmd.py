@@ -29,25 +29,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from host_agent.storage.annotations import Annotations
-    from host_agent.storage.gc import collect_garbage
-    from host_agent.storage.retention import KeepPolicy, select
+    from host_agent.storage.pruning import prune
+    from host_agent.storage.retention import KeepPolicy
 
     policy = KeepPolicy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
-    repo = Repository.open(args.repo)
-    keep, remove = select(repo.snapshots(), policy, Annotations(repo.path).protected_ids())
-    if not args.dry_run:
-        repo.forget([s.id for s in remove])
-        gc = collect_garbage(repo, args.repack_threshold)
+    pruned = prune(Repository.open(args.repo), policy, repack_threshold=args.repack_threshold,
+                   dry_run=args.dry_run)
+    keep, remove, gc = pruned.keep, pruned.remove, pruned.gc
     out = {"kept": [s.id for s in keep], "removed": [s.id for s in remove], "dry_run": args.dry_run,
-           "gc": asdict(gc) if not args.dry_run else None}
+           "gc": asdict(gc) if gc is not None else None}
     if args.json:
         print(json.dumps(out))
         return 0
     for s in remove:
         print(f"{'would remove' if args.dry_run else 'removed'} {s.id} {s.name} {s.time:%Y-%m-%d %H:%M:%S}")
     print(f"kept {len(keep)} snapshot(s), {'would remove' if args.dry_run else 'removed'} {len(remove)}")
-    if not args.dry_run:
+    if gc is not None:
         print(f"deleted {gc.packs_deleted} pack(s) ({gc.packs_repacked} rewritten, {gc.blobs_copied} blobs "
               f"copied), freed {human(gc.bytes_freed)}; {gc.packs_waiting} pack(s) wait for running backups")
     return 0

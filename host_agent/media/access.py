@@ -1,9 +1,12 @@
 """Who may do what through the media service, once TLS names the caller (docs/tls.md, "Roles").
 
-* operator: everything;
+* operator: everything, and only it deletes (``Forget``, ``Prune``);
 * monitor: ``Describe``, ``ListSnapshots``, ``ResolveSnapshot`` and ``ListVerifications``: documents,
   never data (enforced by the interceptor);
-* agent of host H: every method, on the domains H owns in that destination only.
+* agent of host H: append-only, so that a compromised hypervisor cannot erase its history: it backs up,
+  reads and records verifications, on the domains H owns in that destination only; it never deletes
+  (the interceptor refuses ``Forget`` and ``Prune``) and never replaces a file (no call replaces a pack,
+  index or snapshot; a verification record it would replace is refused below).
 
 A snapshot's name starts with its domain's key (``UUID/serial`` for a VM's disk, so the key is the
 domain UUID). The media service cannot ask another host which domains it runs, so each destination
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -30,16 +34,26 @@ import grpc
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent.media.servicer import MediaServicer, _Answering
-from host_agent.storage.repository import Repository
+from host_agent.media.uploads import publishing_new
+from host_agent.storage.pruning import prune
+from host_agent.storage.repository import VERIFICATIONS, Repository
+from host_agent.storage.retention import KeepPolicy
 from host_agent.tls.identity import Role
 from host_agent.tls.roles import ALL, Table
 from host_agent.tls.transport import peer_identity
 
+log = logging.getLogger(__name__)
+
 OWNERS: Final = "owners"
 KEY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a snapshot name's first component
+# Listed, not "all but deletion": a call added to the protocol stays an operator's until added here.
+APPEND_ONLY: Final = frozenset({
+    "Describe", "ListSnapshots", "ResolveSnapshot", "BaseFor", "OpenBackup", "BaseTree", "Heartbeat",
+    "FilterMissing", "UploadPack", "Commit", "Abort", "Restore", "ReadChunks", "RecordVerification",
+    "ListVerifications"})
 MEDIA_ROLES: Final[Table] = {
     Role.OPERATOR: ALL,
-    Role.AGENT: ALL,  # narrowed to the agent's own domains below
+    Role.AGENT: APPEND_ONLY,  # narrowed to the agent's own domains below
     Role.MONITOR: frozenset({"Describe", "ListSnapshots", "ResolveSnapshot", "ListVerifications"}),
 }
 
@@ -177,9 +191,18 @@ class GuardedMediaServicer(MediaServicer):
             snapshot = str(json.loads(request.document)["snapshot"])
         except (ValueError, KeyError, TypeError):
             snapshot = ""  # malformed: the service says so
-        if snapshot:
-            self._resolved(context, request.destination, snapshot, "RecordVerification")
-        return super().RecordVerification(request, context)
+        host = self._agent(context)
+        if not snapshot or host is None:
+            return super().RecordVerification(request, context)
+        snapshot = self._resolved(context, request.destination, snapshot, "RecordVerification")
+        with _Answering(context, "RecordVerification"):
+            record = self._repo(request.destination).path / VERIFICATIONS / snapshot
+            if record.exists():
+                raise errors.AccessDenied(f"role agent ({host}) may not call RecordVerification on snapshot "
+                                          f"{snapshot}: it has a record already, and an agent only adds "
+                                          "(docs/tls.md, \"Roles\")")
+            with publishing_new(f"the verification record of snapshot {snapshot}", record):
+                return super().RecordVerification(request, context)
 
     def ListVerifications(self, request: pb.ListVerificationsRequest,
                           context: grpc.ServicerContext) -> pb.Verifications:
@@ -191,6 +214,34 @@ class GuardedMediaServicer(MediaServicer):
             repo = self._repo(request.destination)
             mine = {s.id for s in repo.snapshots() if self._owned(repo, host, s.name)}
         return pb.Verifications(documents=[d for d in answer.documents if json.loads(d)["snapshot"] in mine])
+
+    # ---------- deletion (an operator's: the interceptor refuses every other role) ----------
+
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
+        with _Answering(context, "Forget"):
+            repo = self._repo(request.destination)
+            ids = list(request.snapshot_ids)
+            stored = {s.id for s in repo.snapshots()}
+            unknown = [sid for sid in ids if sid not in stored]
+            if unknown:
+                raise errors.SnapshotNotFound(f"no snapshot {', '.join(unknown)} in destination "
+                                              f"{request.destination}; nothing forgotten")
+            repo.forget(ids)  # refuses them all if one is protected
+            log.info("%s forgot snapshot(s) %s of %s", peer_identity(context), ", ".join(ids),
+                     request.destination)
+            return pb.ForgetResponse(forgotten=ids)
+
+    def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
+        with _Answering(context, "Prune"):
+            repo = self._repo(request.destination)
+            policy = KeepPolicy(request.keep_last, request.keep_daily, request.keep_weekly,
+                                request.keep_monthly)
+            pruned = prune(repo, policy, dry_run=request.dry_run)
+            freed = pruned.gc.bytes_freed if pruned.gc else 0
+            log.info("%s pruned %s%s: %d snapshot(s) forgotten, %d bytes freed", peer_identity(context),
+                     request.destination, " (dry run)" if request.dry_run else "", len(pruned.remove), freed)
+            return pb.PruneResponse(kept=[s.id for s in pruned.keep], removed=[s.id for s in pruned.remove],
+                                    bytes_freed=freed)
 
     # ---------- backup sessions ----------
 
@@ -231,4 +282,4 @@ class GuardedMediaServicer(MediaServicer):
         return super().Abort(request, context)
 
 
-__all__ = ["MEDIA_ROLES", "OWNERS", "GuardedMediaServicer", "Owners", "domain_key"]
+__all__ = ["APPEND_ONLY", "MEDIA_ROLES", "OWNERS", "GuardedMediaServicer", "Owners", "domain_key"]

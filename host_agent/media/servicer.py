@@ -28,7 +28,7 @@ from host_agent.media.codec import (
 )
 from host_agent.media.reads import SnapshotReaders, read_chunks
 from host_agent.media.sessions import Session, Sessions
-from host_agent.media.uploads import Upload
+from host_agent.media.uploads import Upload, publishing_new
 from host_agent.model import ChangeDetection, Policy
 from host_agent.protobuf import policy_from_pb
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
@@ -68,6 +68,10 @@ class _Answering:
             self._abort(status_for(error), error)
         if isinstance(error, MemoryError):
             self._abort(grpc.StatusCode.RESOURCE_EXHAUSTED, errors.HyperbackError(f"out of memory: {error}"))
+
+    def refuse(self, error: errors.HyperbackError) -> NoReturn:
+        """Answer with ``error`` now."""
+        self._abort(status_for(error), error)
 
     def _abort(self, code: grpc.StatusCode, error: errors.HyperbackError) -> NoReturn:
         log.warning("%s from %s: %s: %s", self._what, self._context.peer(), code.name, error)
@@ -229,11 +233,13 @@ class MediaServicer(pb_grpc.MediaServicer):
             session = self.sessions.get(request.session_id)
             snap = parse_snapshot(request.document)
             _check_document(session, snap)
+            document = session.repo.path / "snapshots" / snap.id
             with session.use() as native:
                 _check_references(native, session, snap)
                 # The commit (repository-format section 6, step 4), under the session's lock.
-                write_atomic(session.repo.path / "snapshots" / snap.id,
-                             json.dumps(snap.to_json(), indent=1).encode(), session.repo.path / "tmp")
+                with publishing_new(f"snapshot {snap.id}", document):
+                    write_atomic(document, json.dumps(snap.to_json(), indent=1).encode(),
+                                 session.repo.path / "tmp")
             self.sessions.end(session, f"committed snapshot {snap.id}")
             return pb.CommitResponse(snapshot_id=snap.id)
 
@@ -241,6 +247,20 @@ class MediaServicer(pb_grpc.MediaServicer):
         with _Answering(context, "Abort"):
             self.sessions.end(self.sessions.get(request.session_id), "aborted by the client")
             return pb.AbortResponse()
+
+    # ---------- deletion: an operator's only, so never without TLS (host_agent.media.access) ----------
+
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
+        _Answering(context, "Forget").refuse(self._no_roles("Forget"))
+
+    def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
+        _Answering(context, "Prune").refuse(self._no_roles("Prune"))
+
+    def _no_roles(self, method: str) -> errors.AccessDenied:
+        return errors.AccessDenied(
+            f"{method} needs an operator's certificate, and the media service on {self.host_name} runs "
+            f"without TLS: run 'hyperback {method.lower()} --repo ...' on that host, or serve with --tls-ca "
+            "(docs/tls.md, \"Roles\")")
 
     # ---------- restore ----------
 

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,25 @@ from host_agent.storage.repository import PACK_NAME, PACK_TARGET
 log = logging.getLogger(__name__)
 
 MAX_PACK: Final = 2 * PACK_TARGET  # an upload above this is refused: it bounds tmp/ and the check's memory
+# The client names its packs and snapshots, so two calls may name one file. The check that the name is
+# free and the publication (a rename, which would replace) happen under this lock, so the second call is
+# refused and the media service never replaces a file (docs/media-protocol.md, "Nothing is replaced").
+_PUBLISHING: Final = threading.Lock()
+
+
+def refuse_taken(what: str, *paths: Path) -> None:
+    """UsageError naming ``what`` if one of ``paths`` exists."""
+    if any(p.exists() for p in paths):
+        raise errors.UsageError(f"{what} exists in the repository already: the media service adds files "
+                                "and never replaces one (choose a new name)")
+
+
+@contextmanager
+def publishing_new(what: str, *paths: Path) -> Iterator[None]:
+    """Publish under the lock above, once none of ``paths`` exists (``refuse_taken``)."""
+    with _PUBLISHING:
+        refuse_taken(what, *paths)
+        yield
 
 
 class PackScanner:
@@ -128,9 +148,7 @@ class Upload:
         if not 0 < self.index_size - INDEX_HEADER.size - ID_LEN <= records * INDEX_ENTRY.size:
             raise errors.UsageError(f"an index of {self.index_size} bytes cannot list a pack of "
                                     f"{self.pack_size} bytes")
-        if (repo.path / "index" / self.name).exists() or \
-                (repo.path / "packs" / self.name[:2] / self.name).exists():
-            raise errors.UsageError(f"pack {self.name} exists in the repository already")
+        refuse_taken(f"pack {self.name}", *self._published())  # before any byte travels; again at the end
         self.scanner = PackScanner(self.name, session.writer_id, repo.config.chunk_size)
         self.tmp = repo.path / "tmp" / f"{self.name}.pack"
         self._received = 0
@@ -194,9 +212,14 @@ class Upload:
     def _publish(self) -> None:
         """Pack first, then index, each durable before the next step (repository-format section 6),
         by the native copier; then the session's index counts the pack's blobs."""
-        with self.session.use() as native:  # a session ended meanwhile publishes nothing
+        with self.session.use() as native, publishing_new(f"pack {self.name}", *self._published()):
+            # a session ended meanwhile publishes nothing
             copier.publish_pack(self.session.repo.path, self.name, self.tmp, bytes(self.scanner.entries))
             native.load_index(self.name)
+
+    def _published(self) -> tuple[Path, Path]:
+        root = self.session.repo.path
+        return root / "index" / self.name, root / "packs" / self.name[:2] / self.name
 
     def discard(self) -> None:
         """Remove what an unfinished upload wrote (a published pack stays: it is the session's; a
