@@ -26,6 +26,7 @@ from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
 from host_agent.storage.annotations import Annotations, edit
 from host_agent.storage.repository import Repository
+from host_agent.storage.retention import KeepPolicy
 from host_agent.storage.verification import Verification
 from host_agent.tls.identity import Role
 from host_agent.tls.transport import NO_TLS
@@ -63,14 +64,6 @@ def unchanged(before: dict[str, str], after: dict[str, str]) -> bool:
     return all(after.get(name) == digest for name, digest in before.items())
 
 
-def forget(remote: RemoteRepository, *ids: str) -> pb.ForgetResponse:
-    return remote.unary(remote.stub.Forget, pb.ForgetRequest(destination="main", snapshot_ids=ids))
-
-
-def prune(remote: RemoteRepository, keep_last: int) -> pb.PruneResponse:
-    return remote.unary(remote.stub.Prune, pb.PruneRequest(destination="main", keep_last=keep_last))
-
-
 def verification(snapshot: str, passed: bool) -> Verification:
     return Verification(snapshot, datetime.now(UTC), passed, "login prompt" if passed else "no boot", 3.0,
                         "hosta")
@@ -100,9 +93,9 @@ def test_an_agent_backs_up_and_lists_but_its_forget_and_prune_are_refused_and_no
         assert [s.id for s in agent.snapshots()] == ids
         before = stored(repo)
         with pytest.raises(errors.AccessDenied, match=r"role agent \(hosta\) may not call Forget"):
-            forget(agent, ids[0])
+            agent.forget([ids[0]])
         with pytest.raises(errors.AccessDenied, match=r"role agent \(hosta\) may not call Prune"):
-            prune(agent, keep_last=1)
+            agent.prune(KeepPolicy(last=1))
         assert [s.id for s in agent.snapshots()] == ids
     assert stored(repo) == before
     # logged by the server, once: the client does not retry a refusal
@@ -137,17 +130,17 @@ def test_an_operator_prunes_and_a_protected_snapshot_outlives_prune_forget_and_g
     notes = Annotations(repo.path)
     notes.write(edit(notes.get(repo.resolve(ids[0])), protected=True))  # hyperback protect, on the media host
     with media_client(server, pki.tls(Role.OPERATOR, "alice"), tmp_path) as ops:
-        pruned = prune(ops, keep_last=1)
-        assert list(pruned.removed) == [ids[1]] and list(pruned.kept) == [ids[0], ids[2]]
+        pruned = ops.prune(KeepPolicy(last=1))
+        assert [s.id for s in pruned.remove] == [ids[1]] and [s.id for s in pruned.keep] == [ids[0], ids[2]]
         assert pruned.bytes_freed >= SIZE  # the forgotten snapshot's own data went with it
         with pytest.raises(errors.UsageError, match=f"snapshot {ids[0]} is protected"):
-            forget(ops, ids[0], ids[2])
+            ops.forget([ids[0], ids[2]])
         assert [s.id for s in ops.snapshots()] == [ids[0], ids[2]]  # nothing forgotten
         ops.restore(ids[0], tmp_path / "protected.img")
         assert sha256_file(tmp_path / "protected.img") == sha256_file(tmp_path / "4.img")
-        assert list(forget(ops, ids[2]).forgotten) == [ids[2]]
+        ops.forget([ids[2]])
         with pytest.raises(errors.SnapshotNotFound, match=ids[2]):
-            forget(ops, ids[2])
+            ops.forget([ids[2]])
     assert [s.id for s in repo.snapshots()] == [ids[0]]
 
 
@@ -157,7 +150,7 @@ def test_without_tls_nobody_may_forget_or_prune_through_the_media_service(
     try:
         with media_client(srv, NO_TLS, tmp_path) as anyone:
             snap = backed_up(anyone, tmp_path, 7)
-            for call in (lambda: forget(anyone, snap), lambda: prune(anyone, keep_last=1)):
+            for call in (lambda: anyone.forget([snap]), lambda: anyone.prune(KeepPolicy(last=1))):
                 with pytest.raises(errors.AccessDenied, match="needs an operator's certificate.*without TLS"):
                     call()
     finally:
@@ -191,9 +184,9 @@ def _agent_call(agent: RemoteRepository, repo: Repository, tmp_path: Path, call:
     if call == "backup":
         backed_up(agent, tmp_path, seed)
     elif call == "forget":
-        forget(agent, snap)
+        agent.forget([snap])
     elif call == "prune":
-        prune(agent, keep_last=1)
+        agent.prune(KeepPolicy(last=1))
     elif call == "reverify":
         agent.record_verification(verification(snap, passed=False), b"")
     else:

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pytest
+
 from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
 from host_agent.storage.repository import Repository
@@ -65,3 +67,13 @@ def media_client(server: media.MediaServer, tls: TlsConfig, tmp_path: Path) -> R
     spool = tmp_path / "spool"
     spool.mkdir(exist_ok=True)
     return RemoteRepository(server.address, "main", timeout=30, spool_dir=spool, tls=tls)
+
+
+
+def hyperback_as(pki: Pki, role: Role, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `hyperback` run with the certificate of ``role``/``name``: a config file whose [tls]
+    names it (what the CLI uses for media:// repositories), as HYPERBACK_CONFIG for this test."""
+    tls = pki.tls(role, name)
+    path = pki.root / f"{role.value}-{name}.toml"
+    path.write_text(f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n')
+    monkeypatch.setenv("HYPERBACK_CONFIG", str(path))

@@ -6,6 +6,8 @@ import json
 
 from host_agent import errors
 from host_agent.cli.options import add_snapshot_specs, chosen_snapshots
+from host_agent.config import load
+from host_agent.media.copies import MEDIA_SCHEME, MediaTarget
 from host_agent.storage.annotations import Annotations
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
@@ -19,7 +21,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     "refused ('hyperback unprotect' first), and then nothing is forgotten. The space "
                     "its data alone used is freed by the next garbage collection ('hyperback prune', "
                     "or a schedule's retention), safely while backups run.")
-    p.add_argument("--repo", required=True, metavar="REPO", help="repository directory")
+    p.add_argument("--repo", required=True, metavar="REPO",
+                   help=f"repository directory, or {MEDIA_SCHEME}HOST:PORT/DESTINATION through a media "
+                        "service (with an operator's certificate in the config's [tls]: docs/tls.md)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be forgotten")
     p.add_argument("--json", action="store_true", help="print one JSON result")
     add_snapshot_specs(p)
@@ -27,11 +31,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    repo = Repository.open(args.repo)
-    chosen = chosen_snapshots(repo, args.snapshots)
-    _refuse_protected(repo, chosen)
-    if not args.dry_run:
-        repo.forget([s.id for s in chosen])
+    if args.repo.startswith(MEDIA_SCHEME):
+        with MediaTarget.connect(args.repo, load().tls) as target:
+            chosen = chosen_snapshots(target.remote, args.snapshots)
+            if not args.dry_run:  # the service refuses a protected one, and then forgets nothing
+                target.remote.forget([s.id for s in chosen])
+    else:
+        repo = Repository.open(args.repo)
+        chosen = chosen_snapshots(repo, args.snapshots)
+        _refuse_protected(repo, chosen)
+        if not args.dry_run:
+            repo.forget([s.id for s in chosen])
     if args.json:
         print(json.dumps({"forgotten": [s.id for s in chosen], "dry_run": args.dry_run}))
         return 0

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
+
+if TYPE_CHECKING:  # a type only: most commands never load the media client
+    from host_agent.media.client import RemoteRepository
 
 
 def positive_int(text: str) -> int:
@@ -26,6 +30,6 @@ def add_snapshot_specs(p: argparse.ArgumentParser) -> None:
     p.add_argument("snapshots", nargs="+", metavar="SNAPSHOT", help="snapshot id, prefix, or NAME@latest")
 
 
-def chosen_snapshots(repo: Repository, specs: Sequence[str]) -> list[Snapshot]:
+def chosen_snapshots(repo: Repository | RemoteRepository, specs: Sequence[str]) -> list[Snapshot]:
     """The snapshots ``specs`` name, each once, in the order first named."""
     return list({s.id: s for s in map(repo.resolve, specs)}.values())

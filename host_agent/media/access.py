@@ -33,6 +33,7 @@ import grpc
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
+from host_agent.media.codec import snapshot_document
 from host_agent.media.servicer import MediaServicer, _Answering
 from host_agent.media.uploads import publishing_new
 from host_agent.storage.pruning import prune
@@ -240,8 +241,8 @@ class GuardedMediaServicer(MediaServicer):
             freed = pruned.gc.bytes_freed if pruned.gc else 0
             log.info("%s pruned %s%s: %d snapshot(s) forgotten, %d bytes freed", peer_identity(context),
                      request.destination, " (dry run)" if request.dry_run else "", len(pruned.remove), freed)
-            return pb.PruneResponse(kept=[s.id for s in pruned.keep], removed=[s.id for s in pruned.remove],
-                                    bytes_freed=freed)
+            return pb.PruneResponse(kept=[snapshot_document(s) for s in pruned.keep],
+                                    removed=[snapshot_document(s) for s in pruned.remove], bytes_freed=freed)
 
     # ---------- backup sessions ----------
 

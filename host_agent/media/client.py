@@ -51,6 +51,7 @@ from host_agent.media.codec import (
     remote_error,
     snapshot_document,
 )
+from host_agent.media.deletions import DeletionCalls
 from host_agent.media.restores import ChunkSink
 from host_agent.media.verifications import VerificationCalls
 from host_agent.model import Policy
@@ -85,7 +86,7 @@ _Resp = TypeVar("_Resp")
 _T = TypeVar("_T")
 
 
-class RemoteRepository(VerificationCalls):
+class RemoteRepository(VerificationCalls, DeletionCalls):
     """A destination of a media service, with the API of a local repository the executor uses.
 
     ``bytes_sent`` and ``bytes_received`` count the payload this object moved (packs, index files,
