@@ -26,13 +26,14 @@ from typing import Any, TypeVar
 from host_agent import errors
 from host_agent.storage import packfile
 from host_agent.storage._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
+from host_agent.storage.keys import RepoKeys
 
 # every hb_ call this module makes (the self-test checks the build has them all)
 NATIVE_CALLS = (
     "hb_backup_segment", "hb_flush", "hb_hash", "hb_index_contains", "hb_index_count", "hb_index_encode",
     "hb_index_load", "hb_index_reserve", "hb_publish_index", "hb_publish_pack", "hb_read_blob",
-    "hb_read_segment", "hb_repo_close", "hb_repo_open", "hb_restore_segment", "hb_store_blob",
-    "hb_verify_index",
+    "hb_read_segment", "hb_repo_close", "hb_repo_open", "hb_repo_set_keys", "hb_restore_segment",
+    "hb_store_blob", "hb_verify_index",
 )
 
 ID_LEN: int = lib.HB_ID_LEN
@@ -117,7 +118,7 @@ def _raise(err: Any, label: str) -> None:
         raise errors.SourceError(f"{label} ended before its size: did it shrink while being read?")
     if code == lib.HB_ECORRUPT:
         raise errors.CorruptChunk(
-            f"chunk {chunk} is damaged (failed its header, decompression or hash check); "
+            f"chunk {chunk} is damaged (failed its header, authentication, decompression or hash check); "
             "run 'hyperback verify' to list what uses it", chunk)
     if code == lib.HB_EMISSING:
         raise errors.MissingChunk(
@@ -228,7 +229,8 @@ class NativeRepository:
     """
 
     def __init__(self, root: str, writer_id: bytes, chunk_size: int, pack_target: int,
-                 zstd_level: int) -> None:
+                 zstd_level: int, keys: RepoKeys | None = None) -> None:
+        """``keys``: an encrypted repository's (docs/repository-format.md, section 11)."""
         self.chunk_size = chunk_size
         self.root = root
         err = ffi.new("hb_error *")
@@ -236,6 +238,11 @@ class NativeRepository:
         _check(lib.hb_repo_open(root.encode(), writer_id, chunk_size, pack_target, zstd_level, out, err),
                err, root)
         self._r: Any | None = out[0]
+        if keys is not None:
+            rc = lib.hb_repo_set_keys(self._r, keys.aead_key, keys.id_key, err)
+            if rc != lib.HB_OK:
+                self.close()
+                _raise(err, f"the keys of {root}")
 
     def close(self) -> None:
         """Release memory; an unflushed pack is deleted (nothing refers to it)."""
