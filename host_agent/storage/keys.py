@@ -22,7 +22,6 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from host_agent import errors
 
@@ -100,6 +99,14 @@ def _wrap_aad(repo_id: str) -> bytes:
 
 
 def _kek(passphrase: bytes, salt: bytes, kdf: Mapping[str, Any]) -> bytes:
+    # imported here: the nbdkit plugin runs this package under the system's Python, whose
+    # cryptography may predate Argon2id; only unlocking a passphrase needs it
+    try:
+        from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    except ImportError as e:
+        raise errors.EnvironmentProblem(f"this Python's cryptography lacks Argon2id, which unlocks an "
+                                        f"encrypted repository's passphrase: use cryptography 45 or later "
+                                        f"({e})") from e
     return Argon2id(salt=salt, length=KEY_LEN, iterations=int(kdf["iterations"]), lanes=int(kdf["lanes"]),
                     memory_cost=int(kdf["memory_kib"])).derive(passphrase)
 
