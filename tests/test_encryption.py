@@ -20,6 +20,7 @@ from system_helpers import HYPERBACK, MIB, assert_one_line_error, files_in, writ
 from host_agent import errors
 from host_agent.storage import copier, keys
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
+from host_agent.storage.gc import collect_garbage
 from host_agent.storage.packfile import INDEX_ENTRY, RECORD_HEADER, IndexEntry, read_index
 from host_agent.storage.repository import Repository
 
@@ -275,16 +276,24 @@ def test_a_keyfile_repository_opens_with_its_own_key_file_only(tmp_path: Path) -
     assert json.loads(kept)["format"] == "hyperback-keyfile"
 
 
-def test_an_exported_key_brings_back_a_repository_whose_key_file_was_lost(
-        sealed_backup: tuple[Repository, Path, str], tmp_path: Path) -> None:
-    repo, image, snap_id = sealed_backup
-    env = {keys.ENV_PASSPHRASE: PASSPHRASE.decode()}
-    assert cli("key", "export", repo.path, tmp_path / "kept.key", env=env).returncode == 0
-    (repo.path / keys.KEY_FILE).unlink()
-    assert "does not exist" in assert_one_line_error(cli("verify", "--repo", repo.path, env=env), 2)
-    (repo.path / keys.KEY_FILE).write_bytes((tmp_path / "kept.key").read_bytes())
-    assert cli("restore", "--repo", repo.path, snap_id, tmp_path / "out.img", env=env).returncode == 0
+def test_garbage_collection_rewrites_an_encrypted_pack_sealed_and_the_kept_snapshot_restores(
+        tmp_path: Path) -> None:
+    repo = encrypted_repo(tmp_path / "repo")
+    pattern = random.Random(4).randbytes(2 * MIB)
+    image = tmp_path / "vm1.img"
+    image.write_bytes(pattern)
+    first = repo.backup(image, "vm1/vda").snapshot
+    with open(image, "r+b") as f:
+        f.write(os.urandom(MIB))  # the first half changes: half of the first pack becomes garbage
+    repo.backup(image, "vm1/vda")
+    repo.forget([first.id])
+    result = collect_garbage(unlocked(repo.path), repack_threshold=0.1)
+    assert result.packs_repacked >= 1 and result.blobs_copied > 0
+    assert unlocked(repo.path).verify().ok
+    unlocked(repo.path).restore("vm1/vda@latest", tmp_path / "out.img")
     assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
+    windows = [pattern[at:at + 64] for at in (MIB + 7, MIB + 500_000, 2 * MIB - 64)]
+    assert not [p for p in repo.path.rglob("*") if p.is_file() and any(w in p.read_bytes() for w in windows)]
 
 
 def test_an_unencrypted_repository_keeps_format_1_and_a_copy_to_or_from_an_encrypted_one_is_refused(
