@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import os
 import random
 import tempfile
@@ -373,8 +374,10 @@ def selftest() -> None:
     one) go through a throw-away repository: backed up with hb_backup_segment, flushed (a pack and
     its index, published as every pack is), reloaded in a new handle and restored. The ids must be
     hashlib's, the index must pass packfile.read_index and list the new chunks, the restored bytes
-    must be the source's, and so must those hb_read_segment reads into memory. It takes
-    milliseconds; the scratch directory goes in every case.
+    must be the source's, and so must those hb_read_segment reads into memory. Then one random
+    blob goes through an encrypted handle: its id must be Python's HMAC-SHA256, its record must open
+    with cryptography's AES-256-GCM (docs/repository-format.md, 11.3) and read back through the
+    native reader. It takes milliseconds; the scratch directory goes in every case.
     """
     _check_build_is_current()
     sample = bytes(range(256)) * 257
@@ -383,6 +386,7 @@ def selftest() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="hyperback-selftest-") as scratch:
             _round_trip(Path(scratch))
+            _sealed_round_trip(Path(scratch) / "sealed")
     except OSError as e:
         raise errors.EnvironmentProblem(f"the native self-test cannot use a scratch directory: {e}") from e
 
@@ -483,3 +487,43 @@ def _round_trip(scratch: Path) -> None:
 
     if _native_step("reading into memory", read) != data[cs:]:
         raise _disagree("hb_read_segment's bytes differ from the source's")
+
+
+def _sealed_round_trip(root: Path) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only the self-test needs it here
+
+    keys = RepoKeys(bytes(range(32)), bytes(range(32, 64)))
+    blob = random.Random(2).randbytes(SELFTEST_CHUNK)  # random: stored raw, so the record opens to it
+    for sub in ("packs", "index", "tmp"):
+        (root / sub).mkdir(parents=True)
+
+    def open_repo() -> NativeRepository:
+        return NativeRepository(str(root), os.urandom(16), SELFTEST_CHUNK, 1 << 20, 1, keys)
+
+    def store() -> bytes:
+        with open_repo() as native:
+            cid = native.store_blob(blob, BLOB_DATA)[0]
+            native.flush()
+            return cid
+
+    cid = _native_step("storing an encrypted blob", store)
+    if cid != hmac.digest(keys.id_key, blob, "sha256"):
+        raise _disagree("an encrypted repository's chunk id disagrees with Python's HMAC-SHA256")
+    (name,) = os.listdir(root / "index")
+    (entry,) = packfile.read_index(root / "index" / name)
+    record = (root / "packs" / name[:2] / name).read_bytes()[entry.offset:entry.offset + entry.record_len]
+    header, payload = record[:packfile.RECORD_HEADER.size], record[packfile.RECORD_HEADER.size:]
+    try:
+        clear = AESGCM(keys.aead_key).decrypt(payload[:lib.HB_NONCE_LEN], payload[lib.HB_NONCE_LEN:], header)
+    except Exception as e:  # InvalidTag, or a malformed record: the native sealing is wrong either way
+        raise _disagree(f"cryptography's AES-256-GCM cannot open the native record ({e!r})") from e
+    if clear != blob:
+        raise _disagree("the native record opens to other bytes than the blob's")
+
+    def read() -> bytes:
+        with open_repo() as native:
+            native.load_index(name)
+            return native.read_blob(cid)
+
+    if _native_step("reading an encrypted blob", read) != blob:
+        raise _disagree("the native reader opens an encrypted blob to other bytes")
