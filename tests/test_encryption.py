@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from system_helpers import HYPERBACK, MIB, assert_one_line_error, files_in, write_random_image
 
 from host_agent import errors
+from host_agent.agent.destinations import Destinations
+from host_agent.config import load
 from host_agent.media.server import open_destinations
 from host_agent.storage import copier, keys
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
@@ -312,3 +314,22 @@ def test_the_media_service_refuses_to_serve_an_encrypted_repository_saying_why(t
     encrypted_repo(tmp_path / "sealed")
     with pytest.raises(errors.UsageError, match="encrypted repository, which the media service"):
         open_destinations({"offsite": tmp_path / "sealed"})
+
+
+def test_an_agent_destination_is_unlocked_by_the_passphrase_file_its_configuration_names(
+        tmp_path: Path) -> None:
+    encrypted_repo(tmp_path / "usb")
+    (tmp_path / "usb.pass").write_bytes(PASSPHRASE + b"\n")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'default_destination = "usb"\n[repositories]\nusb = "{tmp_path / "usb"}"\n'
+                      f'[passphrase_files]\nusb = "{tmp_path / "usb.pass"}"\n')
+    repo = Destinations(load(config, env={})).repository("usb")
+    assert isinstance(repo, Repository)
+    image = write_random_image(tmp_path / "vm1.img", MIB, seed=8)
+    repo.backup(image, "vm1/vda")
+    unlocked(repo.path).restore("vm1/vda@latest", tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
+
+    config.write_text(config.read_text() + 'elsewhere = "/nowhere"\n')
+    with pytest.raises(errors.UsageError, match="passphrase_files names elsewhere, not in repositories"):
+        load(config, env={})
