@@ -25,6 +25,7 @@ from host_agent.storage import copier, keys
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
 from host_agent.storage.gc import collect_garbage
 from host_agent.storage.packfile import INDEX_ENTRY, RECORD_HEADER, IndexEntry, read_index
+from host_agent.storage.repair import repair
 from host_agent.storage.repository import Repository
 
 PASSPHRASE = b"correct horse battery staple"
@@ -297,6 +298,19 @@ def test_garbage_collection_rewrites_an_encrypted_pack_sealed_and_the_kept_snaps
     assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
     windows = [pattern[at:at + 64] for at in (MIB + 7, MIB + 500_000, 2 * MIB - 64)]
     assert not [p for p in repo.path.rglob("*") if p.is_file() and any(w in p.read_bytes() for w in windows)]
+
+
+def test_a_deleted_index_of_an_encrypted_repository_is_rebuilt_from_its_sealed_pack(
+        sealed_backup: tuple[Repository, Path, str], tmp_path: Path) -> None:
+    repo, image, snap_id = sealed_backup
+    name = max(repo.pack_names(), key=lambda n: pack_of(repo, n).stat().st_size)
+    before = (repo.path / "index" / name).read_bytes()
+    (repo.path / "index" / name).unlink()
+    report = repair(unlocked(repo.path), apply=True)
+    assert [(f.pack, f.action) for f in report.fixes] == [(name, "rebuild")] and report.lost == ()
+    assert (repo.path / "index" / name).read_bytes() == before
+    unlocked(repo.path).restore(snap_id, tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
 
 
 def test_an_unencrypted_repository_keeps_format_1_and_a_copy_to_or_from_an_encrypted_one_is_refused(
