@@ -3,7 +3,8 @@
  *
  * The C side reads sources, detects zero chunks, hashes (SHA-256), deduplicates
  * against an in-memory chunk index, compresses (zstd) and appends to pack files;
- * and on restore reads, decompresses, verifies and writes. Everything else
+ * and on restore reads, decompresses, verifies and writes. In an encrypted
+ * repository ids are HMAC-SHA256 and payloads are sealed with AES-256-GCM. Everything else
  * (snapshots, trees, locks, retention, messages) lives in Python.
  *
  * Contract: every function returns HB_OK (0) or a nonzero status; on failure
