@@ -157,6 +157,9 @@ class AgentConfig:
     repositories: dict[str, Path] = field(
         default_factory=lambda: {"default": Path("/var/lib/hyperback/repo")})
     default_destination: str = "default"
+    # local destinations that are encrypted repositories -> the file holding each one's passphrase
+    # (docs/repository-format.md, 11.4)
+    passphrase_files: dict[str, Path] = field(default_factory=dict)
     # where images restored for guests are created before they are attached
     restore_dir: Path = Path("/var/lib/hyperback/restores")
     # where a point-in-time view puts the overlay (and the backup job's scratch file) of a disk
@@ -226,8 +229,8 @@ class AgentConfig:
 
 
 _ENV_PREFIX = "HYPERBACK_"
-_TABLES = ("repositories", "limits", "policy_options", "inventory", "schedules", "boot_checks", "tls",
-           "guests")
+_TABLES = ("repositories", "passphrase_files", "limits", "policy_options", "inventory", "schedules",
+           "boot_checks", "tls", "guests")
 SCHEDULE_KINDS = ("backup", "verify", "copy")
 
 
@@ -382,12 +385,12 @@ def _parse_file(doc: dict[str, Any], config: AgentConfig) -> dict[str, Any]:
     for key, value in doc.items():
         if key in _INVENTORY_KEYS:
             continue
-        if key == "repositories":
+        if key in ("repositories", "passphrase_files"):
             table = _table_of(key, value)
             for name, where in table.items():
                 if not DESTINATION.fullmatch(name):
-                    raise errors.UsageError(f"repositories.{name}: names must match {DESTINATION.pattern}")
-                _typed(f"repositories.{name}", where, Path())
+                    raise errors.UsageError(f"{key}.{name}: names must match {DESTINATION.pattern}")
+                _typed(f"{key}.{name}", where, Path())
             changes[key] = {k: Path(v) for k, v in table.items()}
         elif key == "policy_options":
             options: dict[str, dict[str, str]] = {}
@@ -472,6 +475,9 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> AgentCo
     host_name = config.host_name or socket.gethostname()
     with _naming(path):
         config = replace(config, host_name=host_name, inventory=parse_inventory(doc, host_name))
+        stray = sorted(set(config.passphrase_files) - set(config.repositories))
+        if stray:
+            raise errors.UsageError(f"passphrase_files names {', '.join(stray)}, not in repositories")
         clash = set(config.repositories) & set(config.inventory.media)
         if clash:
             raise errors.UsageError(f"{', '.join(sorted(clash))} named both in repositories and media")

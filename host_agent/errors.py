@@ -17,7 +17,9 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── UnsupportedFormat                written by a newer hyperback
     │   ├── RepositoryExists
     │   ├── SnapshotNotFound
-    │   └── UnknownDestination               a media service serves no destination of that name
+    │   ├── UnknownDestination               a media service serves no destination of that name
+    │   ├── KeyMissing                       an encrypted repository and nothing to unlock it with
+    │   └── WrongKey                         the passphrase or key file does not open it
     ├── EnvironmentProblem          exit 3   the system refused: fix it and run again
     │   ├── SourceError                      the source cannot be opened or read
     │   │   ├── ImageError                   qemu-img failed or said something unexpected
@@ -55,6 +57,7 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     ├── IntegrityError              exit 4   stored data is damaged
     │   ├── CorruptChunk                     a blob failed its checks
     │   ├── MissingChunk                     a referenced blob is not in the repository
+    │   ├── DamagedKey                       an encrypted repository's key document fails its checksum
     │   └── DamagedFileSystem                a guest file system in a snapshot is damaged or unknown
     ├── OptimizerError                       the optimizer, its policies and its client
     │   ├── OptimizerConfigError    exit 2   an unusable policy chain, option, address or TLS file
@@ -131,6 +134,14 @@ class SnapshotNotFound(RepositoryError):
 
 
 class UnknownDestination(RepositoryError):
+    pass
+
+
+class KeyMissing(RepositoryError):
+    pass
+
+
+class WrongKey(RepositoryError):
     pass
 
 
@@ -310,6 +321,10 @@ class CorruptChunk(IntegrityError):
 
 
 class MissingChunk(IntegrityError):
+    pass
+
+
+class DamagedKey(IntegrityError):
     pass
 
 

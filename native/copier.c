@@ -23,7 +23,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <zstd.h>
 
 #define PACK_MAGIC "HBPK"
@@ -39,6 +42,8 @@
 /* Compressing random data costs as much as compressing text and saves nothing:
  * a chunk whose middle SAMPLE_LEN bytes shrink by less than 1/32 is stored raw. */
 #define SAMPLE_LEN 4096u
+/* An encrypted record's payload: nonce | ciphertext | tag (repository-format section 11). */
+#define SEAL_LEN (HB_NONCE_LEN + HB_TAG_LEN)
 
 #define SLOT_EMPTY 0
 #define SLOT_PRESENT 1
@@ -87,6 +92,9 @@ typedef struct {
     ZSTD_CCtx *cctx;
     ZSTD_DCtx *dctx;
     EVP_MD_CTX *md;
+    EVP_MAC_CTX *mac;      /* encrypted repositories: HMAC keyed with the id key */
+    EVP_CIPHER_CTX *seal;  /* AES-256-GCM keyed for encryption; only the nonce changes per record */
+    EVP_CIPHER_CTX *open;  /* and for decryption */
     struct { uint32_t pack; int fd; } fds[FD_CACHE];
     int fd_next;
     uint32_t slot; /* the writer slot this worker appends to */
@@ -99,6 +107,9 @@ struct hb_repo {
     uint64_t pack_target;
     int level;
     int poisoned; /* atomic; a write failed: the index may name chunks that never became durable */
+    int encrypted;
+    uint8_t aead_key[HB_KEY_LEN];
+    EVP_MAC_CTX *id_mac; /* keyed once; workers take copies, since a key setup per chunk costs two blocks */
 
     pthread_mutex_t ix_lock;
     slot_t *slots;
@@ -116,9 +127,17 @@ struct hb_repo {
 
 static const uint8_t ZERO_ID[HB_ID_LEN];
 static EVP_MD *sha256_md;
+static EVP_MAC *hmac_alg;
+static EVP_CIPHER *gcm_cipher;
 static pthread_once_t md_once = PTHREAD_ONCE_INIT;
 
-static void md_init(void) { sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL); }
+/* Fetched once: an implicit fetch on every init takes a lock that threads would contend for. */
+static void md_init(void)
+{
+    sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+    hmac_alg = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    gcm_cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+}
 
 static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
@@ -158,6 +177,47 @@ static int hash_with(EVP_MD_CTX *md, const uint8_t *data, size_t len, uint8_t ou
     unsigned int n = 0;
     if (!EVP_DigestInit_ex2(md, sha256_md, NULL) || !EVP_DigestUpdate(md, data, len) ||
         !EVP_DigestFinal_ex(md, out, &n))
+        return -1;
+    return 0;
+}
+
+/* A chunk's id: SHA-256 of its bytes, or HMAC-SHA256 under the id key in an encrypted repository. */
+static int id_of(const worker_t *w, const uint8_t *data, size_t len, uint8_t out[HB_ID_LEN])
+{
+    size_t n = 0;
+    if (!w->mac) return hash_with(w->md, data, len, out);
+    /* a NULL key restarts HMAC with the key already set */
+    if (!EVP_MAC_init(w->mac, NULL, 0, NULL) || !EVP_MAC_update(w->mac, data, len) ||
+        !EVP_MAC_final(w->mac, out, &n, HB_ID_LEN) || n != HB_ID_LEN)
+        return -1;
+    return 0;
+}
+
+/* Seal `n` bytes at text in place; the nonce goes just before text, the tag just after it.
+ * The record's header (RECORD_HEADER_LEN bytes at aad) is the associated data. */
+static int seal(worker_t *w, const uint8_t *aad, uint8_t *text, size_t n)
+{
+    uint8_t *nonce = text - HB_NONCE_LEN;
+    int outl = 0, fin = 0;
+    if (RAND_bytes(nonce, HB_NONCE_LEN) != 1 || !EVP_EncryptInit_ex(w->seal, NULL, NULL, NULL, nonce) ||
+        !EVP_EncryptUpdate(w->seal, NULL, &outl, aad, RECORD_HEADER_LEN) ||
+        !EVP_EncryptUpdate(w->seal, text, &outl, text, (int)n) ||
+        !EVP_EncryptFinal_ex(w->seal, text + outl, &fin) ||
+        !EVP_CIPHER_CTX_ctrl(w->seal, EVP_CTRL_GCM_GET_TAG, HB_TAG_LEN, text + n))
+        return -1;
+    return 0;
+}
+
+/* Open a sealed payload (nonce | ciphertext of n bytes | tag) into out; -1 unless the tag holds. */
+static int unseal(worker_t *w, const uint8_t *aad, const uint8_t *payload, size_t n, uint8_t *out)
+{
+    const uint8_t *text = payload + HB_NONCE_LEN;
+    int outl = 0, fin = 0;
+    if (!EVP_DecryptInit_ex(w->open, NULL, NULL, NULL, payload) ||
+        !EVP_DecryptUpdate(w->open, NULL, &outl, aad, RECORD_HEADER_LEN) ||
+        !EVP_DecryptUpdate(w->open, out, &outl, text, (int)n) ||
+        !EVP_CIPHER_CTX_ctrl(w->open, EVP_CTRL_GCM_SET_TAG, HB_TAG_LEN, (void *)(text + n)) ||
+        EVP_DecryptFinal_ex(w->open, out + outl, &fin) <= 0)
         return -1;
     return 0;
 }
@@ -426,21 +486,34 @@ static void worker_free(worker_t *w)
     ZSTD_freeCCtx(w->cctx);
     ZSTD_freeDCtx(w->dctx);
     EVP_MD_CTX_free(w->md);
+    EVP_MAC_CTX_free(w->mac);
+    EVP_CIPHER_CTX_free(w->seal);
+    EVP_CIPHER_CTX_free(w->open);
     for (int i = 0; i < FD_CACHE; i++)
         if (w->fds[i].fd >= 0) close(w->fds[i].fd);
+}
+
+static int worker_keys(worker_t *w, const hb_repo *r)
+{
+    w->mac = EVP_MAC_CTX_dup(r->id_mac);
+    w->seal = EVP_CIPHER_CTX_new();
+    w->open = EVP_CIPHER_CTX_new();
+    return !w->mac || !w->seal || !w->open ||
+           !EVP_EncryptInit_ex(w->seal, gcm_cipher, NULL, r->aead_key, NULL) ||
+           !EVP_DecryptInit_ex(w->open, gcm_cipher, NULL, r->aead_key, NULL);
 }
 
 static int worker_init(worker_t *w, const hb_repo *r)
 {
     memset(w, 0, sizeof *w);
     for (int i = 0; i < FD_CACHE; i++) w->fds[i].fd = -1;
-    w->cbuf_cap = RECORD_HEADER_LEN + ZSTD_compressBound(r->chunk_size);
+    w->cbuf_cap = RECORD_HEADER_LEN + ZSTD_compressBound(r->chunk_size) + SEAL_LEN;
     w->buf = malloc(r->chunk_size);
     w->cbuf = malloc(w->cbuf_cap);
     w->cctx = ZSTD_createCCtx();
     w->dctx = ZSTD_createDCtx();
     w->md = EVP_MD_CTX_new();
-    if (!w->buf || !w->cbuf || !w->cctx || !w->dctx || !w->md) {
+    if (!w->buf || !w->cbuf || !w->cctx || !w->dctx || !w->md || (r->encrypted && worker_keys(w, r))) {
         worker_free(w);
         return -1;
     }
@@ -481,14 +554,25 @@ static int read_verified(hb_repo *r, worker_t *w, const slot_t *s, uint8_t *out,
     if (got != want || memcmp(h, s->id, HB_ID_LEN) || h[32] != s->type || h[33] != s->comp ||
         get32(h + 36) != s->raw_len || get32(h + 40) != s->stored_len)
         return fail(err, HB_ECORRUPT, 0, HB_AT_REPO_READ, s->id);
+    uint8_t *payload = w->cbuf + RECORD_HEADER_LEN;
+    size_t plen = s->stored_len;
+    if (w->open) {
+        if (plen < SEAL_LEN) return fail(err, HB_ECORRUPT, 0, HB_AT_REPO_READ, s->id);
+        plen -= SEAL_LEN;
+        /* a stored (uncompressed) payload opens straight into out */
+        uint8_t *clear = s->comp ? payload + HB_NONCE_LEN : out;
+        if ((!s->comp && plen != s->raw_len) || unseal(w, h, payload, plen, clear))
+            return fail(err, HB_ECORRUPT, 0, HB_AT_REPO_READ, s->id);
+        payload = clear;
+    }
     if (s->comp) {
-        size_t n = ZSTD_decompressDCtx(w->dctx, out, cap, h + RECORD_HEADER_LEN, s->stored_len);
+        size_t n = ZSTD_decompressDCtx(w->dctx, out, cap, payload, plen);
         if (ZSTD_isError(n) || n != s->raw_len) return fail(err, HB_ECORRUPT, 0, HB_AT_REPO_READ, s->id);
-    } else {
-        memcpy(out, h + RECORD_HEADER_LEN, s->raw_len);
+    } else if (payload != out) {
+        memcpy(out, payload, s->raw_len);
     }
     uint8_t digest[HB_ID_LEN];
-    if (hash_with(w->md, out, s->raw_len, digest) || memcmp(digest, s->id, HB_ID_LEN))
+    if (id_of(w, out, s->raw_len, digest) || memcmp(digest, s->id, HB_ID_LEN))
         return fail(err, HB_ECORRUPT, 0, HB_AT_REPO_READ, s->id);
     return HB_OK;
 }
@@ -601,8 +685,8 @@ static int open_pack(hb_repo *r, writer_t *wr, uint32_t slot, hb_error *err)
     hex(pack_id, 16, name);
     snprintf(path, sizeof path, "%s/tmp/%s.pack", r->root, name);
     if (!wr->buf) {
-        wr->buf_cap = WRITE_BUFFER > RECORD_HEADER_LEN + ZSTD_compressBound(r->chunk_size)
-                          ? WRITE_BUFFER : RECORD_HEADER_LEN + ZSTD_compressBound(r->chunk_size);
+        size_t record_cap = RECORD_HEADER_LEN + ZSTD_compressBound(r->chunk_size) + SEAL_LEN;
+        wr->buf_cap = WRITE_BUFFER > record_cap ? WRITE_BUFFER : record_cap;
         if (!(wr->buf = malloc(wr->buf_cap))) return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
     }
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -703,8 +787,9 @@ static int ensure_written(hb_repo *r, uint32_t pack, hb_error *err)
 static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8_t *data, uint32_t len,
                          int type, hb_progress *p, hb_error *err)
 {
-    uint8_t *payload = w->cbuf + RECORD_HEADER_LEN;
-    size_t cap = w->cbuf_cap - RECORD_HEADER_LEN, n = len;
+    size_t sealed = w->seal ? SEAL_LEN : 0;
+    uint8_t *payload = w->cbuf + RECORD_HEADER_LEN + (sealed ? HB_NONCE_LEN : 0);
+    size_t cap = w->cbuf_cap - RECORD_HEADER_LEN - sealed, n = len;
     int worth = 1;
     if (len >= 4 * SAMPLE_LEN) {
         size_t s = ZSTD_compressCCtx(w->cctx, payload, cap, data + (len - SAMPLE_LEN) / 2, SAMPLE_LEN, r->level);
@@ -718,11 +803,11 @@ static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8
     if (!worth || ZSTD_isError(n) || n >= len) {
         memcpy(payload, data, len);
         rec.comp = 0;
-        rec.stored_len = len;
+        n = len;
     } else {
         rec.comp = 1;
-        rec.stored_len = (uint32_t)n;
     }
+    rec.stored_len = (uint32_t)(n + sealed);
     uint8_t *h = w->cbuf;
     memcpy(h, id, HB_ID_LEN);
     h[32] = rec.type;
@@ -730,6 +815,10 @@ static int store_claimed(hb_repo *r, worker_t *w, const uint8_t *id, const uint8
     h[34] = h[35] = 0;
     put32(h + 36, rec.raw_len);
     put32(h + 40, rec.stored_len);
+    if (sealed && seal(w, h, payload, n)) {
+        poison(r); /* the claimed slot will never be written */
+        return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+    }
     size_t total = RECORD_HEADER_LEN + rec.stored_len;
 
     writer_t *wr = &r->writers[w->slot];
@@ -906,7 +995,7 @@ static int backup_unit(job_t *j, worker_t *w, uint64_t i)
         add(&j->p->chunks_zero, 1);
         goto done;
     }
-    if (hash_with(w->md, w->buf, len, id)) {
+    if (id_of(w, w->buf, len, id)) {
         fail(&e, HB_ENOMEM, ENOMEM, 0, NULL);
         job_fail(j, &e);
         return e.code;
@@ -991,7 +1080,7 @@ int hb_store_blob(hb_repo *r, const uint8_t *data, uint32_t len, int type, uint8
     if (!w) return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
     int rc = HB_OK;
     *was_new = 0;
-    if (hash_with(w->md, data, len, id_out)) rc = fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+    if (id_of(w, data, len, id_out)) rc = fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
     else if (!claim(r, id_out)) {
         *was_new = 1;
         rc = store_claimed(r, w, id_out, data, len, type, NULL, err);
@@ -1230,10 +1319,34 @@ void hb_repo_close(hb_repo *r)
         worker_free(r->solo);
         free(r->solo);
     }
+    EVP_MAC_CTX_free(r->id_mac);
+    OPENSSL_cleanse(r->aead_key, sizeof r->aead_key);
     pthread_mutex_destroy(&r->ix_lock);
     pthread_mutex_destroy(&r->solo_lock);
     free(r->slots);
     free(r->packs);
     free(r->root);
     free(r);
+}
+
+int hb_repo_set_keys(hb_repo *r, const uint8_t aead_key[HB_KEY_LEN], const uint8_t id_key[HB_KEY_LEN],
+                     hb_error *err)
+{
+    pthread_once(&md_once, md_init);
+    /* a worker made before the keys would hash and write in clear */
+    if (r->encrypted || r->solo || r->npacks) return fail(err, HB_EARG, EINVAL, 0, NULL);
+    if (!hmac_alg || !gcm_cipher) return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0),
+        OSSL_PARAM_construct_end(),
+    };
+    r->id_mac = EVP_MAC_CTX_new(hmac_alg);
+    if (!r->id_mac || !EVP_MAC_init(r->id_mac, id_key, HB_KEY_LEN, params)) {
+        EVP_MAC_CTX_free(r->id_mac);
+        r->id_mac = NULL;
+        return fail(err, HB_ENOMEM, ENOMEM, 0, NULL);
+    }
+    memcpy(r->aead_key, aead_key, HB_KEY_LEN);
+    r->encrypted = 1;
+    return HB_OK;
 }

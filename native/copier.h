@@ -3,7 +3,8 @@
  *
  * The C side reads sources, detects zero chunks, hashes (SHA-256), deduplicates
  * against an in-memory chunk index, compresses (zstd) and appends to pack files;
- * and on restore reads, decompresses, verifies and writes. Everything else
+ * and on restore reads, decompresses, verifies and writes. In an encrypted
+ * repository ids are HMAC-SHA256 and payloads are sealed with AES-256-GCM. Everything else
  * (snapshots, trees, locks, retention, messages) lives in Python.
  *
  * Contract: every function returns HB_OK (0) or a nonzero status; on failure
@@ -20,6 +21,9 @@
 #define HB_PACK_ID_LEN 16      /* a pack's NAME is its id in lowercase hex */
 #define HB_INDEX_HEADER_LEN 32 /* magic 4, version 4, pack id 16, count 4, reserved 4 */
 #define HB_INDEX_ENTRY_LEN 52  /* id 32, type 1, comp 1, reserved 2, offset 8, stored len 4, raw len 4 */
+#define HB_KEY_LEN 32          /* an encrypted repository's AEAD key and id key, each */
+#define HB_NONCE_LEN 12        /* AES-256-GCM nonce, random, before the ciphertext */
+#define HB_TAG_LEN 16          /* AES-256-GCM tag, after the ciphertext */
 
 /* status codes */
 #define HB_OK 0
@@ -78,6 +82,14 @@ typedef struct hb_repo hb_repo;
 int hb_repo_open(const char *root, const uint8_t writer_id[16], uint32_t chunk_size,
                  uint64_t pack_target, int zstd_level, hb_repo **out, hb_error *err);
 void hb_repo_close(hb_repo *r);
+
+/*
+ * Make the repository encrypted (docs/repository-format.md, section 11): chunk ids become
+ * HMAC-SHA256(id_key, raw bytes) and every payload is sealed with AES-256-GCM under aead_key.
+ * Only before the first blob is read or written; the keys are copied (and wiped at close).
+ */
+int hb_repo_set_keys(hb_repo *r, const uint8_t aead_key[HB_KEY_LEN], const uint8_t id_key[HB_KEY_LEN],
+                     hb_error *err);
 
 /* Make room for `more` index entries so that no resize happens while workers run. */
 int hb_index_reserve(hb_repo *r, uint64_t more, hb_error *err);

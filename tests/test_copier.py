@@ -73,12 +73,22 @@ def index_load_refusing(*args: Any) -> int:
     return int(REAL_LIB.HB_EFORMAT)
 
 
+def keys_swapped(r: Any, aead_key: Any, id_key: Any, err: Any) -> int:
+    return int(REAL_LIB.hb_repo_set_keys(r, id_key, aead_key, err))
+
+
+def sealing_under_another_key(r: Any, aead_key: Any, id_key: Any, err: Any) -> int:
+    return int(REAL_LIB.hb_repo_set_keys(r, bytes(32), id_key, err))
+
+
 # A kernel that computes wrong results cannot be made real in a test: these fakes stand in for one.
 @pytest.mark.parametrize(("function", "fake", "named"), [
     ("hb_hash", wrong_hash, "SHA-256 disagrees with hashlib"),
     ("hb_backup_segment", backup_with_a_wrong_id, "chunk ids hb_backup_segment gave disagree with hashlib"),
     ("hb_restore_segment", restore_writing_a_wrong_byte, "restored bytes differ"),
     ("hb_index_load", index_load_refusing, "restoring raised RepositoryError"),
+    ("hb_repo_set_keys", keys_swapped, "chunk id disagrees with Python's HMAC-SHA256"),
+    ("hb_repo_set_keys", sealing_under_another_key, "AES-256-GCM cannot open the native record"),
 ])
 def test_selftest_names_what_a_fake_broken_kernel_got_wrong_and_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function: str, fake: Callable[..., int],

@@ -15,6 +15,7 @@ from host_agent import errors
 from host_agent.config import AgentConfig
 from host_agent.media.client import RemoteRepository
 from host_agent.model import DiskRef
+from host_agent.storage.keys import Secret, read_passphrase_file
 from host_agent.storage.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ class Destinations:
 
     def _local(self, destination: str) -> Repository:
         path = self.config.repository(destination)
+        passphrase = self.config.passphrase_files.get(destination)
+        secret = Secret(passphrase=read_passphrase_file(passphrase)) if passphrase else None
         try:
-            return Repository.open(path)
+            return Repository.open(path, secret)
         except errors.NotARepository as e:
             raise errors.NotARepository(f"destination {destination!r}: {e}") from e
 

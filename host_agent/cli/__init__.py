@@ -29,6 +29,7 @@ from host_agent.cli import (
     init_cmd,
     instant_restore_cmd,
     job_cmd,
+    key_cmd,
     list_cmd,
     protect_cmd,
     prune_cmd,
@@ -45,7 +46,7 @@ from host_agent.cli import (
 
 COMMANDS = (init_cmd, backup_cmd, restore_cmd, restorevm_cmd, instant_restore_cmd, export_cmd, files_cmd,
             list_cmd, tag_cmd, protect_cmd, forget_cmd, verify_cmd, verify_boot_cmd, check_cmd, copy_cmd,
-            prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd, certs_cmd)
+            prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd, certs_cmd, key_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -67,6 +67,10 @@ def open_destinations(destinations: Mapping[str, Path]) -> dict[str, Repository]
         if not DESTINATION_NAME.fullmatch(name):
             raise errors.UsageError(f"destination name {name!r} must be letters, digits, '.', '_', '-'")
         repos[name] = Repository.open(path)
+        if repos[name].config.encryption:
+            # it would need the key to check uploads: encryption happens at the source instead
+            raise errors.UsageError(f"destination {name} ({path}) is an encrypted repository, which the "
+                                    "media service does not serve yet (docs/repository-format.md, 11.5)")
     return repos
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import os
 import random
 import tempfile
@@ -26,13 +27,14 @@ from typing import Any, TypeVar
 from host_agent import errors
 from host_agent.storage import packfile
 from host_agent.storage._copier import ffi, lib  # type: ignore[import-not-found]  # built by cffi
+from host_agent.storage.keys import RepoKeys
 
 # every hb_ call this module makes (the self-test checks the build has them all)
 NATIVE_CALLS = (
     "hb_backup_segment", "hb_flush", "hb_hash", "hb_index_contains", "hb_index_count", "hb_index_encode",
     "hb_index_load", "hb_index_reserve", "hb_publish_index", "hb_publish_pack", "hb_read_blob",
-    "hb_read_segment", "hb_repo_close", "hb_repo_open", "hb_restore_segment", "hb_store_blob",
-    "hb_verify_index",
+    "hb_read_segment", "hb_repo_close", "hb_repo_open", "hb_repo_set_keys", "hb_restore_segment",
+    "hb_store_blob", "hb_verify_index",
 )
 
 ID_LEN: int = lib.HB_ID_LEN
@@ -117,7 +119,7 @@ def _raise(err: Any, label: str) -> None:
         raise errors.SourceError(f"{label} ended before its size: did it shrink while being read?")
     if code == lib.HB_ECORRUPT:
         raise errors.CorruptChunk(
-            f"chunk {chunk} is damaged (failed its header, decompression or hash check); "
+            f"chunk {chunk} is damaged (failed its header, authentication, decompression or hash check); "
             "run 'hyperback verify' to list what uses it", chunk)
     if code == lib.HB_EMISSING:
         raise errors.MissingChunk(
@@ -228,7 +230,8 @@ class NativeRepository:
     """
 
     def __init__(self, root: str, writer_id: bytes, chunk_size: int, pack_target: int,
-                 zstd_level: int) -> None:
+                 zstd_level: int, keys: RepoKeys | None = None) -> None:
+        """``keys``: an encrypted repository's (docs/repository-format.md, section 11)."""
         self.chunk_size = chunk_size
         self.root = root
         err = ffi.new("hb_error *")
@@ -236,6 +239,11 @@ class NativeRepository:
         _check(lib.hb_repo_open(root.encode(), writer_id, chunk_size, pack_target, zstd_level, out, err),
                err, root)
         self._r: Any | None = out[0]
+        if keys is not None:
+            rc = lib.hb_repo_set_keys(self._r, keys.aead_key, keys.id_key, err)
+            if rc != lib.HB_OK:
+                self.close()
+                _raise(err, f"the keys of {root}")
 
     def close(self) -> None:
         """Release memory; an unflushed pack is deleted (nothing refers to it)."""
@@ -366,8 +374,10 @@ def selftest() -> None:
     one) go through a throw-away repository: backed up with hb_backup_segment, flushed (a pack and
     its index, published as every pack is), reloaded in a new handle and restored. The ids must be
     hashlib's, the index must pass packfile.read_index and list the new chunks, the restored bytes
-    must be the source's, and so must those hb_read_segment reads into memory. It takes
-    milliseconds; the scratch directory goes in every case.
+    must be the source's, and so must those hb_read_segment reads into memory. Then one random
+    blob goes through an encrypted handle: its id must be Python's HMAC-SHA256, its record must open
+    with cryptography's AES-256-GCM (docs/repository-format.md, 11.3) and read back through the
+    native reader. It takes milliseconds; the scratch directory goes in every case.
     """
     _check_build_is_current()
     sample = bytes(range(256)) * 257
@@ -376,6 +386,7 @@ def selftest() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="hyperback-selftest-") as scratch:
             _round_trip(Path(scratch))
+            _sealed_round_trip(Path(scratch) / "sealed")
     except OSError as e:
         raise errors.EnvironmentProblem(f"the native self-test cannot use a scratch directory: {e}") from e
 
@@ -476,3 +487,43 @@ def _round_trip(scratch: Path) -> None:
 
     if _native_step("reading into memory", read) != data[cs:]:
         raise _disagree("hb_read_segment's bytes differ from the source's")
+
+
+def _sealed_round_trip(root: Path) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only the self-test needs it here
+
+    keys = RepoKeys(bytes(range(32)), bytes(range(32, 64)))
+    blob = random.Random(2).randbytes(SELFTEST_CHUNK)  # random: stored raw, so the record opens to it
+    for sub in ("packs", "index", "tmp"):
+        (root / sub).mkdir(parents=True)
+
+    def open_repo() -> NativeRepository:
+        return NativeRepository(str(root), os.urandom(16), SELFTEST_CHUNK, 1 << 20, 1, keys)
+
+    def store() -> bytes:
+        with open_repo() as native:
+            cid = native.store_blob(blob, BLOB_DATA)[0]
+            native.flush()
+            return cid
+
+    cid = _native_step("storing an encrypted blob", store)
+    if cid != hmac.digest(keys.id_key, blob, "sha256"):
+        raise _disagree("an encrypted repository's chunk id disagrees with Python's HMAC-SHA256")
+    (name,) = os.listdir(root / "index")
+    (entry,) = packfile.read_index(root / "index" / name)
+    record = (root / "packs" / name[:2] / name).read_bytes()[entry.offset:entry.offset + entry.record_len]
+    header, payload = record[:packfile.RECORD_HEADER.size], record[packfile.RECORD_HEADER.size:]
+    try:
+        clear = AESGCM(keys.aead_key).decrypt(payload[:lib.HB_NONCE_LEN], payload[lib.HB_NONCE_LEN:], header)
+    except Exception as e:  # InvalidTag, or a malformed record: the native sealing is wrong either way
+        raise _disagree(f"cryptography's AES-256-GCM cannot open the native record ({e!r})") from e
+    if clear != blob:
+        raise _disagree("the native record opens to other bytes than the blob's")
+
+    def read() -> bytes:
+        with open_repo() as native:
+            native.load_index(name)
+            return native.read_blob(cid)
+
+    if _native_step("reading an encrypted blob", read) != blob:
+        raise _disagree("the native reader opens an encrypted blob to other bytes")

@@ -59,7 +59,7 @@ class _Collector:
 
     def _native(self, packs: list[str]) -> NativeRepository:
         native = NativeRepository(str(self.repo.path), os.urandom(16), self.repo.config.chunk_size,
-                                  PACK_TARGET, self.repo.config.compression_level)
+                                  PACK_TARGET, self.repo.config.compression_level, self.repo.keys())
         for name in packs:
             native.load_index(name)
         return native

@@ -112,7 +112,7 @@ class _Repairer:
 
     def _native(self, names: list[str]) -> NativeRepository:
         native = NativeRepository(str(self.scratch), os.urandom(16), self.repo.config.chunk_size, PACK_TARGET,
-                                  self.repo.config.compression_level)
+                                  self.repo.config.compression_level, self.repo.keys())
         for name in names:
             native.load_index(name)
         return native

@@ -31,12 +31,13 @@ from typing import Any
 
 from host_agent import errors
 from host_agent.model import ChangeDetection, Policy
-from host_agent.storage import copier
+from host_agent.storage import copier, keys
 from host_agent.storage.annotations import Annotations, check_labels
 from host_agent.storage.cancel import CancelToken
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, chunk_plan, open_source, validate_changes
 from host_agent.storage.files import RestoreTarget, fsync_dir, missing_repository, write_atomic
+from host_agent.storage.keys import RepoKeys, Secret
 from host_agent.storage.locks import Lock, read_locks
 from host_agent.storage.maptree import FANOUT, SEGMENT_LEAVES, BaseLeaves, TreeBuilder, TreeReader, leaves_for
 from host_agent.storage.snapshot import (
@@ -79,6 +80,7 @@ class RepoConfig:
     compression_level: int
     created: str
     version: int = FORMAT_VERSION
+    encryption: str | None = None  # the mode of an encrypted repository (keys.MODES)
 
 
 def _now() -> datetime:
@@ -115,17 +117,28 @@ class _Ticker:
 class Repository:
     """An open repository. Cheap to open; every operation loads what it needs."""
 
-    def __init__(self, path: Path, config: RepoConfig) -> None:
+    def __init__(self, path: Path, config: RepoConfig, secret: Secret | None = None) -> None:
         self.path = path
         self.config = config
         self._held = threading.local()  # this thread's writer lock, checked before each commit
+        self._secret = secret
+        self._keys: RepoKeys | None = None
+
+    def keys(self) -> RepoKeys | None:
+        """An encrypted repository's keys (None if not), unlocked on first use (format doc 11.4)."""
+        if self.config.encryption is not None and self._keys is None:
+            self._keys = keys.unlock(self.path, self.config.repo_id, self.config.encryption,
+                                     self._secret or keys.secret_from_environment())
+        return self._keys
 
     # ---------- creating and opening ----------
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK_SIZE,
-             compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> Repository:
-        """Create a repository in an empty or missing directory."""
+             compression_level: int = DEFAULT_COMPRESSION_LEVEL, encryption: str | None = None,
+             secret: Secret | None = None, keyfile: Path | None = None) -> Repository:
+        """Create a repository in an empty or missing directory; ``encryption`` a mode of keys.MODES
+        (with the passphrase in ``secret``, or the new key file's path in ``keyfile``) or None."""
         root = Path(path)
         if chunk_size < 4096 or chunk_size > 4 * 1024 * 1024 or chunk_size & (chunk_size - 1):
             raise errors.UsageError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 4 MiB")
@@ -138,19 +151,23 @@ class Repository:
             root.mkdir(parents=True, exist_ok=True)
             if any(root.iterdir()):
                 raise errors.RepositoryExists(f"{root} is not empty: give an empty or new directory")
+            repo_id = os.urandom(16).hex()
+            if encryption is not None:
+                keys.create(root, repo_id, encryption, secret, keyfile)
             for sub in ("packs", "index", "snapshots", "locks", "tombstones", "tmp"):
                 (root / sub).mkdir()
         except OSError as e:
             raise errors.RepositoryIOError(f"cannot create repository {root}: {e.strerror}") from e
-        config = RepoConfig(os.urandom(16).hex(), chunk_size, compression_level,
-                            _now().strftime("%Y-%m-%dT%H:%M:%SZ"))
-        doc = {"format": FORMAT, **asdict(config), "hash": "sha256", "compression": "zstd",
-               "tree_fanout": FANOUT}
+        config = RepoConfig(repo_id, chunk_size, compression_level, _now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            keys.ENCRYPTED_VERSION if encryption else FORMAT_VERSION, encryption)
+        doc = keys.config_document({"format": FORMAT, **asdict(config), "hash": "sha256",
+                                    "compression": "zstd", "tree_fanout": FANOUT})
         write_atomic(root / "config", json.dumps(doc, indent=2).encode() + b"\n", root / "tmp")
-        return cls(root, config)
+        return cls(root, config, secret)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Repository:
+    def open(cls, path: str | os.PathLike[str], secret: Secret | None = None) -> Repository:
+        """Open a repository; an encrypted one is unlocked (by ``secret``) when first read or written."""
         root = Path(path)
         try:
             doc = json.loads((root / "config").read_text())
@@ -161,16 +178,17 @@ class Repository:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise errors.NotARepository(f"{root} is not a hyperback repository (foreign config file)")
         version = doc.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or version > keys.ENCRYPTED_VERSION:
             raise errors.UnsupportedFormat(
                 f"{root} has repository format {version}, newer than this hyperback understands "
-                f"({FORMAT_VERSION}); upgrade hyperback")
+                f"({keys.ENCRYPTED_VERSION}); upgrade hyperback")
         try:
             config = RepoConfig(str(doc["repo_id"]), int(doc["chunk_size"]),
-                                int(doc["compression_level"]), str(doc["created"]), version)
+                                int(doc["compression_level"]), str(doc["created"]), version,
+                                keys.mode_of(doc, f"{root}/config"))
         except (KeyError, ValueError, TypeError) as e:
             raise errors.NotARepository(f"{root}/config lacks a valid field: {e}") from e
-        return cls(root, config)
+        return cls(root, config, secret)
 
     # ---------- directory helpers ----------
 
@@ -220,7 +238,7 @@ class Repository:
         try:
             doomed = {p for packs in self.tombstones().values() for p in packs}
             native = NativeRepository(str(self.path), writer_id, self.config.chunk_size, PACK_TARGET,
-                                      self.config.compression_level)
+                                      self.config.compression_level, self.keys())
             names = self.pack_names()
             live = [n for n in names if n not in doomed]
             for name in live + ([] if writer else [n for n in names if n in doomed]):

@@ -187,6 +187,11 @@ def check_compatible(source: Repository, target: CopyTarget) -> None:
             f"the source's chunk size is {source.config.chunk_size} bytes, the target's "
             f"{target.config.chunk_size}: a copy keeps chunks as they are, so copy into a repository made "
             f"with 'hyperback init --chunk-size {source.config.chunk_size}'")
+    keyed = source.config.encryption or target.config.encryption
+    if keyed and source.config.repo_id != target.config.repo_id:
+        # ids and blobs are keyed per repository: they would have to be re-made, which a copy does not do
+        raise errors.UsageError("a copy keeps chunk ids and blobs as they are, and an encrypted repository's "
+                                "are keyed by its own keys: copy only between unencrypted repositories")
 
 
 def copy_snapshots(source: Repository, target: CopyTarget, snaps: Sequence[Snapshot],
