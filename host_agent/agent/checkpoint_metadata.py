@@ -4,14 +4,7 @@ The records under ``<state_dir>/checkpoints`` stay on the host that wrote them. 
 on another host (a co-location visit, a cold move: undefined on A, defined on B from A's XML) found
 none there, and compared its whole disk although its bitmaps had arrived in the qcow2 images. libvirt
 carries a domain's metadata in a live migration and in the XML a cold move defines, so each record
-is also kept as one element of the namespace :data:`NS`::
-
-    <hbcp:checkpoints xmlns:hbcp="https://hyperback.dev/xmlns/checkpoints/1">
-      <checkpoint name="hyperback-..." created="1765152000" parent="hyperback-...">
-        <disk name="vda" checkpoint="bitmap" bitmap="hyperback-..."/>
-        <disk name="vdb" checkpoint="no"/>
-      </checkpoint>
-    </hbcp:checkpoints>
+is also kept as one element of the namespace :data:`NS` (format: docs/changed-block-tracking.md).
 
 Anyone who may define the domain can write this, so it is untrusted input (the guest cannot): the
 text is bounded before it is parsed, names, times and counts are checked, a bad entry is skipped
