@@ -136,9 +136,11 @@ def assert_dirty_bitmap_incremental(v: views.Views, read: int, got: str, want: s
 
 def test_after_a_visit_the_backups_there_and_back_home_are_dirty_bitmap_incrementals(
         guest: Guest, tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
-    repo = Repository.init(tmp_path / "repo")
+    repo = Repository.init(tmp_path / "repo")    # the media host's destination
+    local = Repository.init(tmp_path / "local")  # a destination only the home host backs up to
     home = guest.here
     cp1 = guest.full(repo, tmp_path)
+    cp_local = guest.full(local, tmp_path)
 
     guest.migrate()  # the visit: to the media host, backed up there
     assert checkpoints.list_checkpoints(guest.domain) == []  # libvirt there never heard of cp1
@@ -152,11 +154,16 @@ def test_after_a_visit_the_backups_there_and_back_home_are_dirty_bitmap_incremen
     v, during, got, want = guest.back_up(repo, tmp_path, since=cp1)
     assert_dirty_bitmap_incremental(v, during, got, want)
     cp2 = v.checkpoint
+    assert cp2 is not None
+    # the media host's agent prunes after its backup; its chains know only cp2, not home's cp_local
+    checkpoints.prune_checkpoints(guest.domain, {cp2}, guest.here.records)
 
     guest.migrate()  # home again: cp2 was made on the media host, home has no file of it
     assert guest.here is home and home.records.load(guest.ref.domain_uuid, str(cp2)) is None
     v, after, got, want = guest.back_up(repo, tmp_path, since=cp2)
     assert_dirty_bitmap_incremental(v, after, got, want)
+    v, read, got, want = guest.back_up(local, tmp_path, since=cp_local)
+    assert_dirty_bitmap_incremental(v, read, got, want)
     print(f"bytes read by the backup during a visit, disk {DISK_SIZE}: records per host (before) {before}, "
           f"records in the domain (after) {during}; back home {after}")
     record_property("bytes_read_per_host_records", before)

@@ -98,13 +98,6 @@ class CheckpointRecords:
             xml = carried.checkpoint_xml() if carried is not None else None
         return xml
 
-    def known(self, domain: Any) -> list[str]:
-        """Every checkpoint recorded on this host or carried by the domain."""
-        names = set(self.names(str(domain.UUIDString())))
-        if self.in_domain:
-            names |= checkpoint_metadata.read(domain).keys()
-        return sorted(names)
-
     def drop(self, domain: Any, names: set[str]) -> None:
         """Forget ``names`` here and in the domain (a domain that refuses is logged: a stale copy
         names a checkpoint that no longer exists, which :func:`vouch` reports as missing)."""
@@ -287,13 +280,17 @@ def drop_lost(domain: Any, records: CheckpointRecords, keep: set[str] | frozense
               defined: set[str]) -> list[str]:
     """Records of checkpoints libvirt lost and no chain keeps: their bitmaps are still in the images
     (QEMU updates them on every write), so redefine each and delete it with its bitmaps where
-    libvirt accepts it; forget the record in any case. Returns the names whose bitmaps went."""
+    libvirt accepts it; forget the record in any case. Returns the names whose bitmaps went.
+
+    Only this host's records: ``keep`` holds this host's chains, and a checkpoint the domain carries
+    from another host may serve that host's chains (a destination only it backs up to); deleting it
+    during a visit would break them."""
     domain = hypervisor.guard(domain)
     gone = []
-    for cp in records.known(domain):
+    for cp in records.names(str(domain.UUIDString())):
         if cp in keep or cp in defined:
             continue
-        xml = records.find(domain, cp)
+        xml = records.load(str(domain.UUIDString()), cp)
         if xml is not None and domain.isActive():
             try:
                 redefine(domain, xml)
