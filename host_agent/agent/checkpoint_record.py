@@ -286,11 +286,12 @@ def drop_lost(domain: Any, records: CheckpointRecords, keep: set[str] | frozense
     from another host may serve that host's chains (a destination only it backs up to); deleting it
     during a visit would break them."""
     domain = hypervisor.guard(domain)
+    uuid = str(domain.UUIDString())
     gone = []
-    for cp in records.names(str(domain.UUIDString())):
+    for cp in records.names(uuid):
         if cp in keep or cp in defined:
             continue
-        xml = records.load(str(domain.UUIDString()), cp)
+        xml = records.load(uuid, cp)
         if xml is not None and domain.isActive():
             try:
                 redefine(domain, xml)
