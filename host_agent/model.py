@@ -200,6 +200,7 @@ class WorkUnit:
     target_host: str = ""            # MIGRATE / COLD_MOVE: where the VM goes; STREAM: the media host
     predicted_stream_bytes: int = 0  # LAN bytes the colocate policy predicts for streaming...
     predicted_move_bytes: int = 0    # ... and for moving the VM there and back
+    predicted_read_bytes: int = 0    # bytes its backup will read from the disk where it runs (colocate)
     paths: PathSelection | None = None  # BACKUP_PATHS: what it stores
 
 

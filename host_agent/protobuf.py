@@ -154,7 +154,8 @@ def unit_to_pb(u: WorkUnit) -> pb.WorkUnit:
                        disk=disk_to_pb(u.disk) if u.disk else None, depends_on=u.depends_on,
                        not_before=u.not_before, reason=u.reason, placement=_PLACEMENT[u.placement],
                        target_host=u.target_host, predicted_stream_bytes=u.predicted_stream_bytes,
-                       predicted_move_bytes=u.predicted_move_bytes, paths=paths_to_pb(u.paths))
+                       predicted_move_bytes=u.predicted_move_bytes, paths=paths_to_pb(u.paths),
+                       predicted_read_bytes=u.predicted_read_bytes)
 
 
 def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
@@ -167,7 +168,8 @@ def unit_from_pb(m: pb.WorkUnit, where: str) -> WorkUnit:
                     not_before=time_from_pb(m.not_before, where, "not_before"),
                     reason=m.reason, placement=placement_from_pb(m.placement, where, Placement.LOCAL),
                     target_host=m.target_host, predicted_stream_bytes=m.predicted_stream_bytes,
-                    predicted_move_bytes=m.predicted_move_bytes, paths=paths_from_pb(m, where))
+                    predicted_move_bytes=m.predicted_move_bytes, paths=paths_from_pb(m, where),
+                    predicted_read_bytes=m.predicted_read_bytes)
 
 
 def footprint_to_pb(f: VmFootprint) -> pb.VmFootprint:

@@ -295,3 +295,42 @@ def test_a_guest_dirtying_memory_near_the_lan_bandwidth_streams_for_migration_wo
     [forced] = plan_units([replace(big, placement=Placement.MIGRATE)],
                           context(footprint(touched=100 * MB, dirty=70 * MB)))
     assert forced.placement is Placement.MIGRATE
+
+
+def qcow2_disk(allocated: int) -> object:
+    return replace(disk("vm1"), format="qcow2", allocated=allocated)
+
+
+def test_a_visits_incremental_of_a_qcow2_disk_is_predicted_to_read_the_dirty_extents() -> None:
+    """The chain survives the visit (bitmaps in the image, checkpoint records in the domain's
+    metadata): the backup there reads what changed, guessed like the stream from the last change."""
+    held = {("offsite", "uuid-vm1/s1"): 5 * MB}
+    [unit] = plan_units([backup("1", qcow2_disk(1000 * MB), destination="offsite")],
+                        context(footprint(), held=held), force="migrate")
+    assert unit.placement is Placement.MIGRATE and unit.predicted_read_bytes == 5 * MB
+    assert "the backup reads 5.0 MB of the disks" in unit.reason
+
+
+def test_a_visit_reads_a_raw_disk_whole_for_its_bitmap_stays_in_the_qemu_it_left() -> None:
+    held = {("offsite", "uuid-vm1/s1"): 5 * MB}
+    ctx = context(footprint(), held=held)
+    [moved] = plan_units([backup("1", data_disk(1000 * MB), destination="offsite")], ctx, force="migrate")
+    [streamed] = plan_units([backup("1", data_disk(1000 * MB), destination="offsite")], ctx, force="stream")
+    assert (moved.predicted_read_bytes, streamed.predicted_read_bytes) == (1000 * MB, 5 * MB)
+
+
+def test_a_full_backup_or_a_first_one_is_predicted_to_read_the_whole_disk() -> None:
+    held = {("offsite", "uuid-vm1/s1"): 5 * MB}
+    [full] = plan_units([backup("1", qcow2_disk(1000 * MB), destination="offsite", policy=Policy.FULL)],
+                        context(footprint(), held=held), force="migrate")
+    [first] = plan_units([backup("1", qcow2_disk(1000 * MB), destination="offsite")],
+                         context(footprint()), force="migrate")
+    assert full.predicted_read_bytes == first.predicted_read_bytes == 1000 * MB
+
+
+def test_the_read_prediction_survives_the_wire() -> None:
+    batch = [backup("1", qcow2_disk(1000 * MB), destination="offsite")]
+    result = Planner([Colocate(ColocateConfig(force=Placement.MIGRATE))]).plan(
+        batch, context(footprint(), held={("offsite", "uuid-vm1/s1"): 7 * MB}))
+    assert result.plan.units[0].predicted_read_bytes == 7 * MB
+    assert result_from_pb(result_to_pb(result)) == result

@@ -7,6 +7,8 @@ bitmaps themselves live in the qcow2 images and travel with them (QEMU stores th
 of the image, at a migration's end or a clean exit). So each view's checkpoint XML is also saved
 here, ``<state_dir>/checkpoints/<domain uuid>/<checkpoint>.xml``, in the form
 ``checkpointCreateXML(xml, REDEFINE)`` takes, and :func:`vouch` redefines a lost checkpoint from it.
+A copy travels in the domain's own ``<metadata>`` (``checkpoint_metadata``), for the host the domain
+visits or moves to; this host's file is preferred (written here, trusted), the copy is the fallback.
 
 A bitmap is used only if the running QEMU says it is present, persistent, recording and not
 ``inconsistent`` on every disk the checkpoint tracks (QMP ``query-named-block-nodes``, through
@@ -22,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,14 +33,14 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import hypervisor
+from host_agent.agent import checkpoint_metadata
+from host_agent.agent.checkpoint_metadata import SAFE_NAME as _SAFE_NAME
 from host_agent.agent.domainxml import is_active
 from host_agent.errors import DomainGone, HypervisorError, NoCheckpoint, ViewError
 
 log = logging.getLogger(__name__)
 
 RECORD_DIR = "checkpoints"
-# a checkpoint or domain name that becomes a file name: no separators, no leading dot
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,200}")
 
 
 def _safe(name: str, what: str) -> str:
@@ -49,10 +50,12 @@ def _safe(name: str, what: str) -> str:
 
 
 class CheckpointRecords:
-    """The checkpoint XML of each view, by domain UUID, under ``<state_dir>/checkpoints``."""
+    """The checkpoint XML of each view, by domain UUID, under ``<state_dir>/checkpoints``; with
+    ``in_domain`` (the default) also in the domain's ``<metadata>``, which travels with it."""
 
-    def __init__(self, state_dir: Path | str) -> None:
+    def __init__(self, state_dir: Path | str, *, in_domain: bool = True) -> None:
         self.root = Path(state_dir) / RECORD_DIR
+        self.in_domain = in_domain
 
     def _path(self, domain_uuid: str, name: str) -> Path:
         return self.root / _safe(domain_uuid, "domain UUID") / f"{_safe(name, 'checkpoint')}.xml"
@@ -87,19 +90,41 @@ class CheckpointRecords:
     def forget(self, domain_uuid: str, name: str) -> None:
         self._path(domain_uuid, name).unlink(missing_ok=True)
 
+    def find(self, domain: Any, name: str) -> str | None:
+        """Checkpoint ``name``'s XML: this host's record, else the checked copy the domain carries."""
+        xml = self.load(str(domain.UUIDString()), name)
+        if xml is None and self.in_domain:
+            carried = checkpoint_metadata.read(domain).get(name)
+            xml = carried.checkpoint_xml() if carried is not None else None
+        return xml
+
+    def drop(self, domain: Any, names: set[str]) -> None:
+        """Forget ``names`` here and in the domain (a domain that refuses is logged: a stale copy
+        names a checkpoint that no longer exists, which :func:`vouch` reports as missing)."""
+        for name in names:
+            self.forget(str(domain.UUIDString()), name)
+        if self.in_domain and names:
+            try:
+                checkpoint_metadata.forget(domain, names)
+            except HypervisorError as e:
+                log.warning("checkpoint records %s stay in the metadata of %s: %s",
+                            ", ".join(sorted(names)), domain.name(), e)
+
 
 def record_checkpoint(records: CheckpointRecords, domain: Any, name: str) -> None:
     """Save checkpoint ``name`` of ``domain`` as libvirt describes it now."""
     domain = hypervisor.guard(domain)
     xml = domain.checkpointLookupByName(name).getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
     records.save(str(domain.UUIDString()), name, xml)
+    if records.in_domain:
+        checkpoint_metadata.save(domain, xml)
 
 
 def record_new(records: CheckpointRecords, domain: Any, name: str) -> str:
     """Record a view's new checkpoint; a failure is a note ("" if none), not a failed backup."""
     try:
         record_checkpoint(records, domain, name)
-    except (OSError, HypervisorError, ViewError) as e:
+    except (OSError, HypervisorError, ViewError, ValueError) as e:
         log.warning("checkpoint %s not recorded: %s", name, e)
         return (f"checkpoint {name} was not recorded ({e}): if libvirt loses it, the next backup "
                 "compares everything")
@@ -200,13 +225,14 @@ def vouch(domain: Any, since: str, images: Mapping[str, str],
     redefined. Nothing is redefined, and nothing used, on a doubt.
     """
     domain = hypervisor.guard(domain)
-    uuid, name = str(domain.UUIDString()), str(domain.name())
+    name = str(domain.name())
     xml = _libvirt_xml(domain, since)
     lost = xml is None
     if lost and records is not None:
-        xml = records.load(uuid, since)
+        xml = records.find(domain, since)
     if xml is None:
-        why = ("and hyperback has no record of it" if records is not None else "(no checkpoint records kept)")
+        why = ("and hyperback has no record of it, on this host or in the domain's metadata"
+               if records is not None else "(no checkpoint records kept)")
         return dict.fromkeys(images, f"{name} has no checkpoint {since} {why}")
     try:
         tracked = tracked_bitmaps(xml)
@@ -254,7 +280,11 @@ def drop_lost(domain: Any, records: CheckpointRecords, keep: set[str] | frozense
               defined: set[str]) -> list[str]:
     """Records of checkpoints libvirt lost and no chain keeps: their bitmaps are still in the images
     (QEMU updates them on every write), so redefine each and delete it with its bitmaps where
-    libvirt accepts it; forget the record in any case. Returns the names whose bitmaps went."""
+    libvirt accepts it; forget the record in any case. Returns the names whose bitmaps went.
+
+    Only this host's records: ``keep`` holds this host's chains, and a checkpoint the domain carries
+    from another host may serve that host's chains (a destination only it backs up to); deleting it
+    during a visit would break them."""
     domain = hypervisor.guard(domain)
     uuid = str(domain.UUIDString())
     gone = []
@@ -269,5 +299,5 @@ def drop_lost(domain: Any, records: CheckpointRecords, keep: set[str] | frozense
                 gone.append(cp)
             except HypervisorError as e:
                 log.info("checkpoint %s of %s stays lost (%s); forgetting its record", cp, domain.name(), e)
-        records.forget(uuid, cp)
+        records.drop(domain, {cp})
     return gone

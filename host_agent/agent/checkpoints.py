@@ -166,8 +166,6 @@ def prune_checkpoints(domain: Any, keep: Sequence[str] | set[str],
             delete_checkpoint(domain, name)
             gone.append(name)
     if records is not None:
-        uuid = str(domain.UUIDString())
-        for name in gone:
-            records.forget(uuid, name)
+        records.drop(domain, set(gone))
         gone += drop_lost(domain, records, set(keep), set(defined))
     return gone

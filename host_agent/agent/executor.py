@@ -242,13 +242,14 @@ class Executor:
         note = (f"backed up on {units[0].target_host}: moved there in {there.seconds:.1f} s "
                 f"({there.bytes} bytes), back in {back.seconds:.1f} s ({back.bytes} bytes)")
         for disk in result.disks:
+            mine = [u for u in units if u.disk is not None and u.disk.serial == disk.serial]
+            # the optimizer's guess beside the truth: far more read than predicted says the chain broke
+            read = f"; read {disk.bytes_read} bytes, predicted {mine[0].predicted_read_bytes}" if mine else ""
             disk_result = DiskResult(disk.serial, disk.snapshot, disk.bytes_read, disk.bytes_new,
-                                     round(result.seconds, 3), ChangeDetection.NONE, note)
-            for unit in units:
-                if unit.disk is not None and unit.disk.serial == disk.serial:
-                    for i in unit.satisfies:
-                        if i in outcomes:
-                            outcomes[i].disks.append(disk_result)
+                                     round(result.seconds, 3), ChangeDetection.NONE, note + read)
+            for i in (i for unit in mine for i in unit.satisfies):
+                if i in outcomes:
+                    outcomes[i].disks.append(disk_result)
         for i in job_ids:
             if i in outcomes:
                 outcomes[i].moved_bytes += there.bytes + back.bytes

@@ -601,7 +601,7 @@ class PointInTime:
 
     def _drop_checkpoint(self) -> None:
         if self.checkpoint is not None and self.records is not None:
-            self.records.forget(self.uuid, self.checkpoint)
+            self.records.drop(self.dom, {self.checkpoint})
         if self.checkpoint is None or not is_active(self.dom):
             return
         for d in self.disks:

@@ -87,8 +87,10 @@ class Colocator:
         await asyncio.to_thread(self._mark, name, job)
         try:
             verb = "live-migrating" if first.placement is Placement.MIGRATE else "moving (cold)"
+            reads = sum(u.predicted_read_bytes for u in units)
             await report(f"{verb} {name} to {there.name} (predicted {first.predicted_move_bytes} LAN bytes "
-                         f"there and back, against {first.predicted_stream_bytes} to stream)", 0, 0)
+                         f"there and back, against {first.predicted_stream_bytes} to stream; the backup "
+                         f"there reads {reads} bytes of the disks)", 0, 0)
             # the guest reads that step before its channel drops, so it knows to wait for the move
             await asyncio.sleep(0.5)
             try:

@@ -8,6 +8,12 @@ predicts the LAN bytes of the two ways to get the data there and picks the small
   differential (the data a deduplicating stream sends is what changed, and the last change is the
   best guess of the next), else the disk's allocated bytes (``DiskRef.allocated``, its size if
   unmeasured); times ``stream_overhead`` (default 1.03: TCP/IP and framing).
+- *read*: what each disk's backup will read where it runs (``WorkUnit.predicted_read_bytes``, in
+  the reason too): the dirty extents where the chain holds, guessed like the stream from what the
+  destination last stored, else the disk's allocated bytes. A qcow2 disk's chain survives a move
+  (its bitmaps are in the image, its checkpoint records in the domain's metadata); a raw disk's
+  bitmap lives in its QEMU process and stays behind, so a moved raw disk is read whole. This does
+  not cross the LAN (shared storage is read where the VM runs either way) and does not decide.
 - *migrate*: the VM goes to the media host and back, each way sending its touched memory plus what
   the guest dirties meanwhile: ``2 * (touched + dirty_rate * touched / lan_bandwidth) *
   migration_overhead`` (defaults: ``lan_bandwidth=125000000`` bytes/s, ``migration_overhead=1.02``).
@@ -102,15 +108,7 @@ class Colocate(PlanningPolicy):
             "margin": _margin, "allow_cold_moves": _parse_bool, "force": _forced})))
 
     def stream_bytes(self, units: Sequence[WorkUnit], context: HostContext) -> int:
-        total = 0
-        for unit in units:
-            assert unit.disk is not None
-            held = context.held.get((unit.destination, unit.snapshot_name))
-            if unit.policy is not Policy.FULL and held is not None:
-                total += held
-            else:
-                total += unit.disk.allocated or unit.disk.size
-        return round(total * self.config.stream_overhead)
+        return round(sum(read_bytes(u, context, moved=False) for u in units) * self.config.stream_overhead)
 
     def move_bytes(self, footprint: VmFootprint) -> int:
         c = self.config
@@ -168,12 +166,16 @@ class Colocate(PlanningPolicy):
                                          footprint, stream, move)
             if placement is Placement.COLD_MOVE:
                 move = 0
+            moved = placement in (Placement.MIGRATE, Placement.COLD_MOVE)
+            reads = {u.id: read_bytes(u, context, moved) for u in units}
             reason = (f"{placement.value} to {host}: {why} (predicted LAN bytes: stream "
-                      f"{format_bytes(stream)}, migrate there and back {format_bytes(move)})")
+                      f"{format_bytes(stream)}, migrate there and back {format_bytes(move)}; "
+                      f"the backup reads {format_bytes(sum(reads.values()))} of the disks)")
             notes.append(f"colocate: {units[0].disk.domain_name if units[0].disk else uuid} -> {reason}")
             for unit in units:
                 decided[unit.id] = replace(unit, placement=placement, target_host=host,
                                            predicted_stream_bytes=stream, predicted_move_bytes=move,
+                                           predicted_read_bytes=reads[unit.id],
                                            reason=add_reason(unit, reason))
         out = []
         for unit in plan.units:
@@ -246,6 +248,17 @@ class Colocate(PlanningPolicy):
             elif unit.placement is Placement.STREAM:
                 per_vm[unit.disk.domain_uuid] = unit.predicted_stream_bytes
         return sum(per_vm.values())
+
+
+def read_bytes(unit: WorkUnit, context: HostContext, moved: bool) -> int:
+    """What the backup of ``unit`` will read from its disk, on the VM's host or (``moved``) where a
+    visit takes it: the dirty extents if its chain holds there, else the disk's data."""
+    assert unit.disk is not None
+    held = context.held.get((unit.destination, unit.snapshot_name))
+    chain_holds = unit.policy is not Policy.FULL and held is not None
+    if held is not None and chain_holds and not (moved and unit.disk.format != "qcow2"):
+        return held
+    return unit.disk.allocated or unit.disk.size
 
 
 def _overhead(text: str) -> float:
