@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from colocation_lab import Cluster, cluster
+from colocation_lab import Cluster, cluster, lab_certificate
 from conftest import lab_or_fail
 from test_twohosts import TICKER, state_on, wait_ticks, xml_on
 
@@ -26,9 +26,18 @@ from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation.appliance import read_hold
 from host_agent.lab import Disk, Lab, Vm, make_disk
-from host_agent.lab.appliance import APPLIANCE_IP, DESTINATION, MEDIA_PORT, TAP, Appliance, start_appliance
+from host_agent.lab.appliance import (
+    APPLIANCE_IP,
+    DESTINATION,
+    HOST_NAME,
+    MEDIA_PORT,
+    TAP,
+    Appliance,
+    start_appliance,
+)
 from host_agent.lab.migratable import start_migratable_vm
 from host_agent.lab.twohosts import TCG_MIGRATION_BUG, TwoHosts
+from host_agent.tls.identity import Identity, Role
 
 pytestmark = pytest.mark.vm
 
@@ -55,11 +64,12 @@ def lab_cluster_appliance(
     root = tmp_path_factory.mktemp("appliance-colocation")
     with lab_or_fail(root / "lab", max_running=3) as lab, TwoHosts(root / "hosts") as hosts, \
             Lab(root / "lab-b", uri=hosts.uri_b) as lab_b:
-        app = start_appliance(lab_b, root)
+        # the appliance's media service speaks mutual TLS with a certificate of the cluster's CA
+        served = lab_certificate(root / "cluster" / "pki", Identity(Role.AGENT, HOST_NAME), APPLIANCE_IP)
+        app = start_appliance(lab_b, root, tls=served)
         try:
             # the appliance's system disk sits in the lab's cache, which both hosts see too
-            # tls=False: the appliance's own media service runs without certificates (not done yet)
-            with cluster(hosts, root / "cluster", shared=(root, lab_b.cache_dir), tls=False,
+            with cluster(hosts, root / "cluster", shared=(root, lab_b.cache_dir),
                          inventory_extra=appliance_inventory(app.name)) as c:
                 yield lab, c, app
         finally:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from host_agent.tls import certs
@@ -38,7 +38,3 @@ def make_pki(root: Path) -> Pki:
     certs.init_ca(root / "ca", "test cluster CA")
     certs.init_ca(root / "stranger", "stranger CA")
     return Pki(root, root / "ca", root / "stranger")
-
-
-def refusing_plaintext(tls: TlsConfig) -> TlsConfig:
-    return replace(tls, allow_plaintext=False)
