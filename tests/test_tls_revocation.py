@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 from test_optimizer import BATCH, CONTEXT
+from test_tls_operator import parts
 from tls_helpers import QUICK, Pki, make_pki
 
 from host_agent import errors
+from host_agent._proto.hyperback.v1 import operator_pb2 as opb
+from host_agent._proto.hyperback.v1 import operator_pb2_grpc as opb_grpc
+from host_agent.agent.operator import start_operator_server
+from host_agent.cli import agentapi
 from host_agent.media import server as media
 from host_agent.media.client import RemoteRepository
 from host_agent.planning.chain import Planner, build_chain
@@ -25,7 +30,7 @@ from host_agent.planning.service import OptimizerClient, ServerConfig, start_ser
 from host_agent.storage.repository import Repository
 from host_agent.tls import certs
 from host_agent.tls.identity import Role
-from host_agent.tls.transport import TlsConfig
+from host_agent.tls.transport import TlsConfig, channel
 
 
 @pytest.fixture
@@ -69,6 +74,34 @@ def test_a_revoked_agent_is_refused_by_the_running_media_service_at_once_without
             assert other.snapshots() == []  # only the revoked certificate is refused
     finally:
         srv.stop(grace=0)
+
+
+def test_the_operator_api_refuses_a_revoked_monitor_and_the_cli_says_so_in_one_line(
+        pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYPERBACK_CONFIG", str(tmp_path / "none.toml"))
+    monitor = pki.tls(Role.MONITOR, "grafana")
+
+    async def run() -> None:
+        agent = parts(tmp_path)
+        served = replace(pki.tls(Role.AGENT, "hosta"), crl=crl_of(pki))
+        server = await start_operator_server(agent, "127.0.0.1:0", served)
+
+        def list_jobs() -> object:
+            with channel(server.address, monitor) as chan:
+                stub = opb_grpc.OperatorStub(chan)
+                return agentapi.call(stub.ListJobs, opb.ListJobsRequest(), server.address)
+        try:
+            assert isinstance(await asyncio.to_thread(list_jobs), opb.ListJobsResponse)
+            revoke(pki, monitor)
+            started = time.monotonic()
+            with pytest.raises(errors.TlsError, match=r"grafana \(serial [0-9a-f]+\) was revoked"):
+                await asyncio.to_thread(list_jobs)
+            assert time.monotonic() - started < QUICK
+        finally:
+            await server.stop(0)
+            agent.domains.close()
+
+    asyncio.run(run())
 
 
 def test_a_client_with_the_list_refuses_its_own_revoked_certificate_before_connecting(
