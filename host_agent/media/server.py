@@ -81,10 +81,11 @@ def _start(repos: Mapping[str, Repository], address: str, host_name: str, lease:
            tls: TlsConfig = NO_TLS, workers: int = 32) -> MediaServer:
     if not lease > 0:
         raise errors.UsageError("the session timeout must be above 0 seconds")
+    # first: it reads the crl, and may refuse to start
+    interceptors: list[grpc.ServerInterceptor] = [RoleInterceptor(MEDIA_ROLES, tls)] if tls.enabled else []
     servicer = (GuardedMediaServicer if tls.enabled else MediaServicer)(repos, host_name, lease)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="media"),
-                         options=CHANNEL_OPTIONS,
-                         interceptors=[RoleInterceptor(MEDIA_ROLES, tls)] if tls.enabled else [])
+                         options=CHANNEL_OPTIONS, interceptors=interceptors)
     pb_grpc.add_MediaServicer_to_server(servicer, server)
     try:
         port = add_port(server, address, tls, "media service")

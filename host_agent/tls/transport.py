@@ -62,7 +62,7 @@ def check_plaintext(address: str, tls: TlsConfig, what: str) -> None:
     if not tls.enabled and not tls.allow_plaintext and not is_local(address):
         raise errors.UsageError(f"{what} {address}: plain TCP is refused off loopback; configure TLS "
                                 f"(ca, cert, key: docs/tls.md) or set allow_plaintext = true in [tls] "
-                                f"(hyperback-media: --allow-plaintext)")
+                                f"(the services' flag: --allow-plaintext)")
 
 
 # --------------------------------------------------------------------------- servers
