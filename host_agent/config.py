@@ -197,7 +197,7 @@ class AgentConfig:
     boot_checks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # mutual TLS of the operator API on TCP, and of this agent as a client of media services and
     # other hosts' agents: a [tls] table with ca, cert, key (PEM files from `hyperback certs`),
-    # allow_plaintext and server_name; every key is described in docs/tls.md
+    # crl, allow_plaintext and server_name; every key is described in docs/tls.md
     tls: TlsConfig = TlsConfig()
     # guests' destination allow-lists and quotas: [[guests]] tables, see GuestRule above
     guests: tuple[GuestRule, ...] = ()
