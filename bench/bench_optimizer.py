@@ -42,10 +42,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from host_agent.model import DiskRef, Instruction, InstructionKind, Policy
 from host_agent.planning.chain import HostContext, Planner, build_chain, parse_chain
 from host_agent.planning.hostload import HostLoad
-from host_agent.planning.service import ClientTls, OptimizerClient, TlsFiles
+from host_agent.planning.service import OptimizerClient
 from host_agent.tls import certs
 from host_agent.tls.identity import Identity, Role
-from host_agent.tls.transport import TlsConfig, aio_channel
+from host_agent.tls.transport import NO_TLS, TlsConfig, aio_channel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHAINS = ("passthrough", "merge", "timing", "merge,timing")
@@ -83,11 +83,10 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-async def wait_serving(target: str, proc: subprocess.Popen[bytes], tls: ClientTls | None = None,
+async def wait_serving(target: str, proc: subprocess.Popen[bytes], tls: TlsConfig = NO_TLS,
                        limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
-    config = TlsConfig(tls.ca, tls.cert, tls.key) if tls is not None else TlsConfig()
-    async with aio_channel(target, config) as channel:
+    async with aio_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:
@@ -152,17 +151,17 @@ def fleet_batch(host: int, vms: int, seed: int) -> list[Instruction]:
             for i in make_batch(vms, seed)]
 
 
-def make_certificates(folder: Path) -> tuple[TlsFiles, ClientTls]:
+def make_certificates(folder: Path) -> tuple[TlsConfig, TlsConfig]:
     """A throw-away cluster CA, the optimizer's certificate for 127.0.0.1 and one host's, as
     ``hyperback certs`` issues them."""
     certs.init_ca(folder / "ca", "bench CA")
     ca = folder / "ca" / certs.CA_CERT
     server = certs.issue(folder / "ca", Identity(Role.AGENT, "optimizer"), folder, ips=("127.0.0.1",))
     host = certs.issue(folder / "ca", Identity(Role.AGENT, "host"), folder)
-    return TlsFiles(server.cert, server.key, ca), ClientTls(ca, host.cert, host.key)
+    return TlsConfig(ca, server.cert, server.key), TlsConfig(ca, host.cert, host.key)
 
 
-async def fleet_rounds(target: str, tls: ClientTls, hosts: int, vms: int,
+async def fleet_rounds(target: str, tls: TlsConfig, hosts: int, vms: int,
                        runs: int) -> tuple[list[float], list[float]]:
     load = HostLoad(0.5, 0.5, 0.5, os.cpu_count() or 1, 2.0, 1.0)
     batches = [fleet_batch(h, vms, seed=h) for h in range(hosts)]
@@ -199,8 +198,8 @@ def bench_fleet(spec: str, chain: str, runs: int) -> int:
         server_tls, client_tls = make_certificates(Path(tmp))
         proc = subprocess.Popen([sys.executable, "-m", "host_agent.planning.service", "--listen", target,
                                  "--policies", chain, "--grace", "1", "--max-batch", str(max(vms, 1000)),
-                                 "--tls-cert", str(server_tls.cert), "--tls-key", str(server_tls.key),
-                                 "--tls-client-ca", str(server_tls.client_ca)],
+                                 "--tls-ca", str(server_tls.ca), "--tls-cert", str(server_tls.cert),
+                                 "--tls-key", str(server_tls.key)],
                                 env=env, stderr=subprocess.DEVNULL)
         try:
             asyncio.run(wait_serving(target, proc, client_tls))

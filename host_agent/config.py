@@ -33,8 +33,9 @@ class TlsConfig:
     ca: Path | None = None        # the cluster's CA certificate (PEM): peers must be signed by it
     cert: Path | None = None      # this end's certificate (PEM), from 'hyperback certs issue'
     key: Path | None = None       # its private key (PEM)
-    allow_plaintext: bool = True  # plain TCP on a non-loopback address when there is no TLS (see docs/tls.md)
+    allow_plaintext: bool = False  # plain TCP on a non-loopback address when there is no TLS (docs/tls.md)
     server_name: str = ""         # the name to check in a server's certificate, if not the address's host
+    crl: Path | None = None       # revoked certificates (PEM CRL of the CA), from 'hyperback certs revoke'
 
     @property
     def enabled(self) -> bool:
@@ -46,6 +47,8 @@ class TlsConfig:
         if any(p is not None for p in given) and not all(p is not None for p in given):
             raise errors.UsageError(f"{where}: ca, cert and key go together (the CA, and this end's "
                                     f"certificate and key: see 'hyperback certs --help')")
+        if self.crl is not None and self.ca is None:
+            raise errors.UsageError(f"{where}: crl needs ca, cert and key (it lists what the CA revoked)")
         return self
 
 
@@ -197,7 +200,7 @@ class AgentConfig:
     boot_checks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # mutual TLS of the operator API on TCP, and of this agent as a client of media services and
     # other hosts' agents: a [tls] table with ca, cert, key (PEM files from `hyperback certs`),
-    # allow_plaintext and server_name; every key is described in docs/tls.md
+    # crl, allow_plaintext and server_name; every key is described in docs/tls.md
     tls: TlsConfig = TlsConfig()
     # guests' destination allow-lists and quotas: [[guests]] tables, see GuestRule above
     guests: tuple[GuestRule, ...] = ()
@@ -440,7 +443,7 @@ def _tls(table: dict[str, Any]) -> TlsConfig:
     for name, setting in table.items():
         if name not in settings:
             raise errors.UsageError(f"tls: unknown setting {name!r} (settings: {', '.join(settings)})")
-        default = {"allow_plaintext": True, "server_name": ""}.get(name, Path())
+        default = {"allow_plaintext": False, "server_name": ""}.get(name, Path())
         out[name] = _typed(f"tls.{name}", setting, default)
     return TlsConfig(**out).check()
 

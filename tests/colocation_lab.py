@@ -9,9 +9,9 @@ its own network and mount namespaces, joined by the veth LAN.  ``Cluster`` adds:
   10.77.0.100 that it claims on B's LAN interface;
 * one ``hyperback-agent`` per host, as separate processes (B's entered with nsenter), reading one
   inventory that differs only in ``host_name``; B's operator API listens on B's LAN address;
-* with ``tls`` (the default), a cluster CA and a certificate per host (its LAN address and the
-  service address in it), so that the media service, B's operator API and every client on the LAN
-  speak mutual TLS (docs/tls.md); the test itself calls as an operator.
+* a cluster CA and a certificate per host (its LAN address and the service address in it), so that
+  the media service, B's operator API and every client on the LAN speak mutual TLS (docs/tls.md):
+  nothing in the lab allows plain TCP; the test itself calls as an operator.
 
 Every process is stopped, and every mount goes with B's namespace, when the ``Cluster`` closes.
 """
@@ -97,15 +97,25 @@ recheck = "2s"
 """
 
 
+def lab_certificate(pki: Path, identity: Identity, *ips: str) -> TlsConfig:
+    """A certificate of the lab's CA (made in ``pki`` on first use) naming ``ips``: a fixture may issue
+    one before the cluster starts (the appliance's, baked into its disk)."""
+    ca = pki / "ca"
+    if not (ca / certs.CA_CERT).exists():
+        certs.init_ca(ca, "colocation lab CA")
+    issued = certs.issue(ca, identity, pki / identity.name, ips=ips)
+    return TlsConfig(ca / certs.CA_CERT, issued.cert, issued.key)
+
+
 def tls_table(tls: TlsConfig) -> str:
     return f'\n[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
 
 
 class Cluster:
     def __init__(self, hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...],
-                 inventory_extra: str = "", tls: bool = True) -> None:
+                 inventory_extra: str = "") -> None:
         self.hosts = hosts
-        self.tls: dict[str, TlsConfig] = self._certificates(root / "pki") if tls else {}
+        self.tls = self._certificates(root / "pki")
         self.inventory_extra = inventory_extra  # more inventory tables, e.g. appliances
         self.root = root
         self.shared = shared
@@ -115,19 +125,15 @@ class Cluster:
     def _certificates(self, pki: Path) -> dict[str, TlsConfig]:
         """Each host's certificate (its LAN address, and the service address the media service may
         move to), and the test's own operator certificate."""
-        ca = certs.init_ca(pki / "ca", "colocation lab CA").cert
-        out = {}
-        for name, ip in (("hosta", self.hosts.lan_ip_a), ("hostb", self.hosts.lan_ip_b)):
-            issued = certs.issue(pki / "ca", Identity(Role.AGENT, name), pki / name, ips=[ip, SERVICE_IP])
-            out[name] = TlsConfig(ca, issued.cert, issued.key)
-        issued = certs.issue(pki / "ca", Identity(Role.OPERATOR, "lab"), pki / "lab")
-        out["operator"] = TlsConfig(ca, issued.cert, issued.key)
+        out = {name: lab_certificate(pki, Identity(Role.AGENT, name), ip, SERVICE_IP)
+               for name, ip in (("hosta", self.hosts.lan_ip_a), ("hostb", self.hosts.lan_ip_b))}
+        out["operator"] = lab_certificate(pki, Identity(Role.OPERATOR, "lab"))
         return out
 
     @property
     def client_tls(self) -> TlsConfig:
         """What the test calls the cluster's services with."""
-        return self.tls.get("operator", TlsConfig())
+        return self.tls["operator"]
 
     # -- processes --
 
@@ -178,9 +184,8 @@ class Cluster:
                    "--host-name", host, "--service-ip", f"{SERVICE_IP}/24", "--service-dev", lan]
         for name, path in repos.items():
             command += ["--repo", f"{name}={path}"]
-        if self.tls:
-            mine = self.tls[host]
-            command += ["--tls-ca", str(mine.ca), "--tls-cert", str(mine.cert), "--tls-key", str(mine.key)]
+        mine = self.tls[host]
+        command += ["--tls-ca", str(mine.ca), "--tls-cert", str(mine.cert), "--tls-key", str(mine.key)]
         self._spawn(f"media-{host}", self.in_b(*command) if host == "hostb" else command)
 
     def start_agent(self, host: str, extra: str = "") -> None:
@@ -192,7 +197,7 @@ class Cluster:
         config = root / "agent.toml"
         config.write_text(agent_config(root, host, self.shared, operator, extra)
                           + inventory(self.hosts, self.media_root) + self.inventory_extra
-                          + (tls_table(self.tls[host]) if self.tls else ""))
+                          + tls_table(self.tls[host]))
         command = [str(BIN / "hyperback-agent"), "--config", str(config), "--with-optimizer", "-v"]
         self._spawn(f"agent-{host}", self.in_b(*command) if host == "hostb" else command)
         self.wait_operator(host)
@@ -263,8 +268,8 @@ class Cluster:
 
 @contextlib.contextmanager
 def cluster(hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...], *, agent_a_extra: str = "",
-            inventory_extra: str = "", tls: bool = True) -> Iterator[Cluster]:
-    c = Cluster(hosts, root, shared, inventory_extra, tls)
+            inventory_extra: str = "") -> Iterator[Cluster]:
+    c = Cluster(hosts, root, shared, inventory_extra)
     try:
         c.start_media_b()
         c.start_agent("hostb")
@@ -274,4 +279,4 @@ def cluster(hosts: TwoHosts, root: Path, shared: Path | tuple[Path, ...], *, age
         c.close()
 
 
-__all__ = ["BIN", "FINAL", "LAN_A_IF", "MEDIA_PORT", "SERVICE_IP", "Cluster", "cluster"]
+__all__ = ["BIN", "FINAL", "LAN_A_IF", "MEDIA_PORT", "SERVICE_IP", "Cluster", "cluster", "lab_certificate"]

@@ -1,11 +1,12 @@
 """A backup appliance brought to the VMs, on two real libvirt hosts.
 
-The appliance (host_agent/lab/appliance.py: a VM running the real media service on 10.77.0.200) lives
-on host B.  Two VMs on host A back up to its media in one batch: host A's agent brings the appliance
-over (one live migration serves both VMs), their backups stream to it inside host A, and it goes
-home to B afterwards, where B's agent routes its address again.  The LAN carries the appliance's two
-migrations and control traffic, no backup data.  Left to the policy, one VM's small backup does
-not bring the appliance: it streams to it on B, and about the data's size crosses the LAN.
+The appliance (host_agent/lab/appliance.py: a VM running the real media service on 10.77.0.200, over
+mutual TLS with a certificate of the cluster's CA) lives on host B. Two VMs on host A back up to its
+media in one batch: host A's agent brings the appliance over (one live migration serves both VMs),
+their backups stream to it inside host A, and it goes home to B afterwards, where B's agent routes
+its address again. The LAN carries the appliance's two migrations and control traffic, no backup
+data. Left to the policy, one VM's small backup does not bring the appliance: it streams to it on B,
+and about the data's size crosses the LAN.
 
 Needs root and a host prepared by host_agent/lab/setup_host.sh; fails otherwise (-m 'not vm').
 """
@@ -18,17 +19,29 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from colocation_lab import Cluster, cluster
+from colocation_lab import Cluster, cluster, lab_certificate
 from conftest import lab_or_fail
 from test_twohosts import TICKER, state_on, wait_ticks, xml_on
 
+from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation.appliance import read_hold
+from host_agent.config import TlsConfig
 from host_agent.lab import Disk, Lab, Vm, make_disk
-from host_agent.lab.appliance import APPLIANCE_IP, DESTINATION, MEDIA_PORT, TAP, Appliance, start_appliance
+from host_agent.lab.appliance import (
+    APPLIANCE_IP,
+    DESTINATION,
+    HOST_NAME,
+    MEDIA_PORT,
+    TAP,
+    Appliance,
+    start_appliance,
+)
 from host_agent.lab.migratable import start_migratable_vm
 from host_agent.lab.twohosts import TCG_MIGRATION_BUG, TwoHosts
+from host_agent.media.client import RemoteRepository
+from host_agent.tls.identity import Identity, Role
 
 pytestmark = pytest.mark.vm
 
@@ -55,11 +68,12 @@ def lab_cluster_appliance(
     root = tmp_path_factory.mktemp("appliance-colocation")
     with lab_or_fail(root / "lab", max_running=3) as lab, TwoHosts(root / "hosts") as hosts, \
             Lab(root / "lab-b", uri=hosts.uri_b) as lab_b:
-        app = start_appliance(lab_b, root)
+        # the appliance's media service speaks mutual TLS with a certificate of the cluster's CA
+        served = lab_certificate(root / "cluster" / "pki", Identity(Role.AGENT, HOST_NAME), APPLIANCE_IP)
+        app = start_appliance(lab_b, root, tls=served)
         try:
             # the appliance's system disk sits in the lab's cache, which both hosts see too
-            # tls=False: the appliance's own media service runs without certificates (not done yet)
-            with cluster(hosts, root / "cluster", shared=(root, lab_b.cache_dir), tls=False,
+            with cluster(hosts, root / "cluster", shared=(root, lab_b.cache_dir),
                          inventory_extra=appliance_inventory(app.name)) as c:
                 yield lab, c, app
         finally:
@@ -138,6 +152,10 @@ def test_the_appliance_comes_to_the_vms_so_their_backups_stay_off_the_lan(
 
     lab, c, app = lab_cluster_appliance
     assert c.describe(target=f"{APPLIANCE_IP}:{MEDIA_PORT}", timeout=60).host_name == "appliance"
+    # the appliance's media service speaks mutual TLS only: a plain client is refused
+    with pytest.raises(errors.TlsError, match="requires TLS with a client certificate"):
+        RemoteRepository(f"{APPLIANCE_IP}:{MEDIA_PORT}", DESTINATION, timeout=10,
+                         tls=TlsConfig(allow_plaintext=True))
     assert route_device_on_a() != TAP
     vms = [vm_with_data(lab, c, name) for name in ("app-vm1", "app-vm2")]
     lan0 = c.lan_bytes()
@@ -169,6 +187,10 @@ def test_the_appliance_comes_to_the_vms_so_their_backups_stay_off_the_lan(
     wait_until("host A routes the address to the LAN again", lambda: route_device_on_a() != TAP, 60)
     # and B answers for it there once its agent has seen the appliance arrive
     assert c.describe(target=f"{APPLIANCE_IP}:{MEDIA_PORT}", timeout=60).host_name == "appliance"
+    # the appliance's media service speaks mutual TLS only: a plain client is refused
+    with pytest.raises(errors.TlsError, match="requires TLS with a client certificate"):
+        RemoteRepository(f"{APPLIANCE_IP}:{MEDIA_PORT}", DESTINATION, timeout=10,
+                         tls=TlsConfig(allow_plaintext=True))
     with c.operator() as stub:
         for vm in vms:
             snaps = stub.ListSnapshots(opb.ListSnapshotsRequest(destination=DESTINATION, domain=vm.name),

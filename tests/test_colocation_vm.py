@@ -27,13 +27,16 @@ from test_twohosts import state_on
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import operator_pb2 as opb
+from host_agent._proto.hyperback.v1 import operator_pb2_grpc as opb_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent.colocation.migration import METADATA_NS
 from host_agent.colocation.serviceip import ServiceAddress
+from host_agent.config import TlsConfig
 from host_agent.lab import Disk, Lab, Vm, make_disk
 from host_agent.lab.migratable import shim_command, start_migratable_vm
 from host_agent.lab.twohosts import LAN_A_IF
 from host_agent.media.client import RemoteRepository
+from host_agent.tls.transport import channel
 
 pytestmark = pytest.mark.vm
 
@@ -202,8 +205,14 @@ def test_the_service_address_answers_on_whichever_host_serves_it(
         lab_and_cluster: tuple[Lab, Cluster]) -> None:
     _, c = lab_and_cluster
     assert c.describe().host_name == "hostb"
-    # it speaks mutual TLS: a client without a certificate of the cluster's CA is refused
-    with pytest.raises(errors.TlsError):
+    # the traffic between the hosts is TLS: a plain client is refused by the media service and by
+    # B's operator API (the server has no plain port), and by default it does not even try
+    plain = TlsConfig(allow_plaintext=True)
+    with pytest.raises(errors.TlsError, match="requires TLS with a client certificate"):
+        RemoteRepository(f"{SERVICE_IP}:{MEDIA_PORT}", "media-b", timeout=5, tls=plain)
+    with pytest.raises(grpc.RpcError), channel(c.operator_target("hostb"), plain) as chan:
+        opb_grpc.OperatorStub(chan).ListDomains(opb.ListDomainsRequest(), timeout=5)
+    with pytest.raises(errors.UsageError, match="plain TCP is refused off loopback"):
         RemoteRepository(f"{SERVICE_IP}:{MEDIA_PORT}", "media-b", timeout=5)
     on_a = ServiceAddress(SERVICE_IP, 24, LAN_A_IF)
     assert not on_a.held()

@@ -118,11 +118,14 @@ def test_verify_schedules_and_boot_checks(tmp_path: Path) -> None:
 
 def test_the_tls_table_sets_the_certificates_and_takes_all_three_or_none(tmp_path: Path) -> None:
     config = load(write(tmp_path, '[tls]\nca = "/etc/hyperback/ca.pem"\ncert = "/etc/hyperback/a.pem"\n'
-                                  'key = "/etc/hyperback/a.key"\nallow_plaintext = false\n'), env={})
+                                  'key = "/etc/hyperback/a.key"\ncrl = "/etc/hyperback/crl.pem"\n'), env={})
     assert config.tls == TlsConfig(Path("/etc/hyperback/ca.pem"), Path("/etc/hyperback/a.pem"),
-                                   Path("/etc/hyperback/a.key"), allow_plaintext=False)
+                                   Path("/etc/hyperback/a.key"), crl=Path("/etc/hyperback/crl.pem"))
     assert load(write(tmp_path, ""), env={}).tls == TlsConfig()
+    assert not TlsConfig().allow_plaintext  # plain TCP off loopback only when set
+    assert load(write(tmp_path, "[tls]\nallow_plaintext = true"), env={}).tls.allow_plaintext
     for text, names in (('[tls]\nca = "/x"', "tls: ca, cert and key go together"),
+                        ('[tls]\ncrl = "/x"', "tls: crl needs ca, cert and key"),
                         ('[tls]\ncafile = "/x"', "tls: unknown setting 'cafile'"),
                         ("[tls]\nallow_plaintext = 1", "tls.allow_plaintext: expected true or false")):
         with pytest.raises(UsageError, match=names):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -19,23 +19,21 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from tls_helpers import QUICK, make_pki
+from tls_helpers import QUICK, Pki, make_pki
 
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
-from host_agent.config import TlsConfig
+from host_agent.config import NO_TLS, TlsConfig
 from host_agent.errors import OptimizerConfigError, OptimizerRejected, OptimizerUnavailable
 from host_agent.model import DiskRef, Instruction, InstructionKind, PathSelection, Plan, Policy, UnitKind
 from host_agent.planning.chain import HostContext, Planner, PlanningPolicy, PlanResult, build_chain
 from host_agent.planning.hostload import HostLoad, HostLoadReader
 from host_agent.planning.service import (
     SERVICE_NAME,
-    ClientTls,
     OptimizerClient,
     OptimizerServer,
     ServerConfig,
-    TlsFiles,
     host_context,
     request_from_pb,
     request_to_pb,
@@ -79,7 +77,7 @@ async def serving(config: ServerConfig, planner: Planner | None = None) -> Async
 
 
 async def plan_once(target: str, batch: Sequence[Instruction] = BATCH, context: HostContext = CONTEXT,
-                    timeout: float = 5.0, tls: ClientTls | None = None) -> PlanResult:
+                    timeout: float = 5.0, tls: TlsConfig = NO_TLS) -> PlanResult:
     async with OptimizerClient(target, timeout=timeout, tls=tls) as client:
         return await client.plan(batch, context)
 
@@ -213,103 +211,53 @@ def test_an_optimizer_that_does_not_answer_in_time_is_unavailable(tmp_path: Path
     asyncio.run(go())
 
 
-def test_tcp_without_tls_is_refused() -> None:
-    with pytest.raises(OptimizerConfigError, match="TCP needs TLS"):
-        asyncio.run(start_server(ServerConfig("127.0.0.1:0"), Planner(build_chain(["passthrough"]))))
+def test_plain_tcp_is_served_on_loopback_only_unless_allow_plaintext_is_set() -> None:
+    with pytest.raises(OptimizerConfigError, match="plain TCP is refused off loopback.*allow_plaintext"):
+        asyncio.run(start_server(ServerConfig("0.0.0.0:0"), Planner(build_chain(["passthrough"]))))
+
+    async def go() -> None:
+        async with serving(ServerConfig("127.0.0.1:0")) as server:
+            assert (await plan_once(server.address)).plan.units
+
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- TLS
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    other_ca: Path
-    server: TlsFiles
-    client_cert: Path
-    client_key: Path
-
-
-def openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-
-def make_ca(d: Path, name: str) -> tuple[Path, Path]:
-    key, cert = d / f"{name}.key", d / f"{name}.pem"
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-days", "1", "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", key, "-out", cert)
-    return cert, key
-
-
-def issue(d: Path, ca: tuple[Path, Path], name: str, extensions: str) -> tuple[Path, Path]:
-    key, csr, cert, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
-    ext.write_text(extensions)
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-subj", f"/CN={name}", "-keyout", key, "-out", csr)
-    openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-days", "1",
-            "-extfile", ext, "-out", cert)
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca, other = make_ca(d, "hyperback-test-ca"), make_ca(d, "some-other-ca")
-    server = issue(d, ca, "optimizer",
-                   "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    client = issue(d, ca, "host-a", "extendedKeyUsage=clientAuth\n")
-    return Pki(ca[0], other[0], TlsFiles(*server), *client)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def test_tls_works_with_a_matching_ca_and_fails_with_another(pki: Pki) -> None:
+def test_the_clusters_certificates_secure_the_optimizer_over_tcp(pki: Pki) -> None:
     async def go() -> None:
-        async with serving(ServerConfig("127.0.0.1:0", tls=pki.server)) as server:
+        async with serving(ServerConfig("127.0.0.1:0", tls=pki.tls(Role.AGENT, "hostm"))) as server:
             assert server.address.startswith("127.0.0.1:") and not server.address.endswith(":0")
-            result = await plan_once(server.address, tls=ClientTls(ca=pki.ca))
-            assert result.plan.units
-            # a TLS failure is not retried (the driver would retry OptimizerUnavailable forever)
-            with pytest.raises(OptimizerRejected, match="TLS handshake with the optimizer .* failed"):
-                await plan_once(server.address, tls=ClientTls(ca=pki.other_ca), timeout=5)
-
-    asyncio.run(go())
-
-
-def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(pki: Pki) -> None:
-    async def go() -> None:
-        tls = replace(pki.server, client_ca=pki.ca)
-        async with serving(ServerConfig("127.0.0.1:0", tls=tls)) as server:
-            with pytest.raises(OptimizerRejected, match="requires TLS with a client certificate"):
-                await plan_once(server.address, tls=ClientTls(ca=pki.ca), timeout=5)
-            mine = ClientTls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
-            assert (await plan_once(server.address, tls=mine)).plan.units
-
-    asyncio.run(go())
-
-
-def test_the_clusters_certificates_secure_the_optimizer_over_tcp(tmp_path: Path) -> None:
-    cluster = make_pki(tmp_path / "cluster")
-    served = cluster.tls(Role.AGENT, "hostm")
-    assert served.cert and served.key and served.ca
-
-    def client(tls: TlsConfig) -> ClientTls:
-        return ClientTls(tls.ca, tls.cert, tls.key)
-
-    async def go() -> None:
-        config = ServerConfig("127.0.0.1:0", tls=TlsFiles(served.cert, served.key, served.ca))
-        async with serving(config) as server:
-            assert (await plan_once(server.address, tls=client(cluster.tls(Role.AGENT, "hosta")))).plan.units
+            assert (await plan_once(server.address, tls=pki.tls(Role.AGENT, "hosta"))).plan.units
+            # TLS failures are not retried (the driver would retry OptimizerUnavailable forever)
             started = time.monotonic()
-            with pytest.raises(OptimizerRejected, match="refused this end's certificate"):
-                stranger = cluster.tls(Role.AGENT, "hosta", ca=cluster.stranger)
-                await plan_once(server.address, tls=client(stranger), timeout=5)
+            stranger = pki.tls(Role.AGENT, "hosta", ca=pki.stranger)
+            with pytest.raises(OptimizerRejected, match="TLS handshake with the optimizer .* failed"):
+                await plan_once(server.address, tls=replace(stranger, ca=pki.stranger / "ca.pem"), timeout=5)
             assert time.monotonic() - started < QUICK
+
+    asyncio.run(go())
+
+
+def test_a_client_without_a_certificate_is_refused_without_retries(pki: Pki) -> None:
+    async def go() -> None:
+        async with serving(ServerConfig("127.0.0.1:0", tls=pki.tls(Role.AGENT, "hostm"))) as server:
+            with pytest.raises(OptimizerRejected, match="requires TLS with a client certificate"):
+                await plan_once(server.address, timeout=5)
+            with pytest.raises(OptimizerRejected, match="not issued by the CA"):
+                await plan_once(server.address, tls=pki.tls(Role.AGENT, "hosta", ca=pki.stranger), timeout=5)
 
     asyncio.run(go())
 
 
 def test_an_unreadable_tls_file_is_a_configuration_error(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(OptimizerConfigError, match="cannot read the TLS key .*missing.key"):
-        tls = replace(pki.server, key=tmp_path / "missing.key")
+        tls = replace(pki.tls(Role.AGENT, "hostm"), key=tmp_path / "missing.key")
         asyncio.run(start_server(ServerConfig("127.0.0.1:0", tls=tls), Planner(build_chain(["passthrough"]))))
 
 
@@ -340,7 +288,7 @@ def test_the_command_serves_until_sigterm_and_stops_cleanly(tmp_path: Path) -> N
 
 def test_the_command_explains_itself_and_refuses_an_unknown_policy() -> None:
     helped = subprocess.run(optimizer_command("--help"), capture_output=True, text=True, timeout=30)
-    assert helped.returncode == 0 and "--tls-client-ca" in helped.stdout and "--policies" in helped.stdout
+    assert helped.returncode == 0 and "--tls-crl" in helped.stdout and "--policies" in helped.stdout
     bad = subprocess.run(optimizer_command("--policies", "merge,quickest"), capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2

@@ -223,13 +223,14 @@ def test_renewed_certificates_are_used_without_a_restart(repo: Repository, pki: 
         srv.stop(grace=0)
 
 
-def test_plain_tcp_off_loopback_is_refused_only_when_asked(repo: Repository) -> None:
-    with pytest.raises(errors.UsageError, match="plain TCP is refused off loopback"):
-        media.start({"main": repo.path}, "0.0.0.0:0", "hostm", tls=TlsConfig(allow_plaintext=False))
-    local = media.start({"main": repo.path}, "127.0.0.1:0", "hostm", tls=TlsConfig(allow_plaintext=False))
-    local.stop(grace=0)
+def test_plain_tcp_off_loopback_is_refused_unless_allow_plaintext_is_set(repo: Repository) -> None:
+    with pytest.raises(errors.UsageError, match="plain TCP is refused off loopback.*allow_plaintext"):
+        media.start({"main": repo.path}, "0.0.0.0:0", "hostm", tls=NO_TLS)
     with pytest.raises(errors.UsageError, match="plain TCP is refused"):
-        RemoteRepository("192.0.2.1:7420", "main", tls=TlsConfig(allow_plaintext=False))
+        RemoteRepository("192.0.2.1:7420", "main", tls=NO_TLS)
+    for address in ("127.0.0.1:0", "0.0.0.0:0"):  # loopback always; elsewhere when set explicitly
+        served = media.start({"main": repo.path}, address, "hostm", tls=TlsConfig(allow_plaintext=True))
+        served.stop(grace=0)
 
 
 def _credentials(tls: TlsConfig) -> grpc.ChannelCredentials:

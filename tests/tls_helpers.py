@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,10 +47,6 @@ def make_pki(root: Path) -> Pki:
     return Pki(root, root / "ca", root / "stranger")
 
 
-def refusing_plaintext(tls: TlsConfig) -> TlsConfig:
-    return replace(tls, allow_plaintext=False)
-
-
 @contextmanager
 def tls_media_service(repo: Repository, pki: Pki) -> Iterator[media.MediaServer]:
     """A media service on 127.0.0.1 serving ``repo`` as destination "main", behind the cluster's TLS."""
@@ -67,7 +63,6 @@ def media_client(server: media.MediaServer, tls: TlsConfig, tmp_path: Path) -> R
     spool = tmp_path / "spool"
     spool.mkdir(exist_ok=True)
     return RemoteRepository(server.address, "main", timeout=30, spool_dir=spool, tls=tls)
-
 
 
 def hyperback_as(pki: Pki, role: Role, name: str, monkeypatch: pytest.MonkeyPatch) -> None:

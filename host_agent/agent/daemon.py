@@ -53,9 +53,8 @@ from host_agent.config import AgentConfig, load, source, summary
 from host_agent.errors import HypervisorError
 from host_agent.notify import Notifier
 from host_agent.planning.chain import Planner, build_chain
-from host_agent.planning.service import ClientTls, OptimizerClient, ServerConfig, TlsFiles, start_server
+from host_agent.planning.service import OptimizerClient, ServerConfig, start_server
 from host_agent.storage import copier
-from host_agent.tls.transport import is_local_socket
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +241,6 @@ async def serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
         notifier.close()
 
 
-def _optimizer_tls(config: AgentConfig) -> TlsFiles | None:
-    """The optimizer this agent starts on TCP serves with the host's [tls] certificate and requires
-    client certificates of its CA; on a unix socket it needs none."""
-    tls = config.tls
-    if not tls.enabled or is_local_socket(config.optimizer):
-        return None
-    assert tls.cert is not None and tls.key is not None
-    return TlsFiles(tls.cert, tls.key, client_ca=tls.ca)
-
-
 async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
                  started: Callable[[Agent], None] | None, clock: Clock | None, notifier: Notifier) -> None:
     notifier.status("starting: native self-test, libvirt, sockets")
@@ -263,15 +252,12 @@ async def _serve(config: AgentConfig, with_optimizer: bool, stop: asyncio.Event,
     async with contextlib.AsyncExitStack() as started_parts:
         if with_optimizer:
             planner = Planner(build_chain(config.policies, config.policy_options))
-            opt_server = await start_server(ServerConfig(listen=config.optimizer, tls=_optimizer_tls(config)),
+            opt_server = await start_server(ServerConfig(listen=config.optimizer, tls=config.tls),
                                             planner)
             started_parts.push_async_callback(opt_server.stop, 2.0)
         domains = Domains(config.libvirt_uri)
         started_parts.callback(domains.close)
-        tls = config.tls
-        client = OptimizerClient(config.optimizer, timeout=config.optimizer_timeout, tls=ClientTls(
-            tls.ca, tls.cert, tls.key, tls.server_name or None) if tls.enabled and not is_local_socket(
-            config.optimizer) else None)
+        client = OptimizerClient(config.optimizer, timeout=config.optimizer_timeout, tls=config.tls)
         started_parts.push_async_callback(client.close)
         agent = Agent(config, domains, client, clock)
         if config.metrics_listen:

@@ -387,7 +387,7 @@ async def start_operator_server(parts: AgentParts, listen: str, tls: TlsConfig =
     """Serve the operator API, health and reflection on ``listen`` (``unix:/path`` or host:port;
     with ``tls``, a TCP address requires client certificates and roles apply)."""
     secure = tls.enabled and not listen.startswith("unix")
-    server = grpc.aio.server(interceptors=[AioRoleInterceptor(OPERATOR_ROLES)] if secure else [])
+    server = grpc.aio.server(interceptors=[AioRoleInterceptor(OPERATOR_ROLES, tls)] if secure else [])
     pb_grpc.add_OperatorServicer_to_server(OperatorServicer(parts), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

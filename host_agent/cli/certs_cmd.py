@@ -38,6 +38,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     issue.add_argument("--days", type=int, default=certs.CERT_DAYS, help="validity (default %(default)s)")
     issue.add_argument("--json", action="store_true", help="print the files and identity as JSON")
     issue.set_defaults(run=run_issue)
+    revoke = verbs.add_parser("revoke", help="add certificates to the CA's revocation list (CRL)")
+    revoke.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the CA's directory")
+    revoke.add_argument("cert", type=Path, nargs="+", metavar="CERT", help="a certificate (PEM) to revoke")
+    revoke.add_argument("--crl", type=Path, metavar="FILE",
+                        help=f"the list to write or update (default: {certs.CRL_FILE} in the CA's directory)")
+    revoke.set_defaults(run=run_revoke)
 
 
 def _days(days: int) -> int:
@@ -61,4 +67,12 @@ def run_issue(args: argparse.Namespace) -> int:
         print(json.dumps({"identity": identity.uri(), "cert": str(made.cert), "key": str(made.key)}))
     else:
         print(f"{identity.uri()}: {made.cert}, {made.key}")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    crl, count = args.crl, 0
+    for cert in args.cert:
+        crl, count = certs.revoke(args.ca, cert, crl)
+    print(f"{crl}: {count} certificate(s) revoked; copy it to every host's [tls] crl (reread at once)")
     return 0

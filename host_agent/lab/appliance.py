@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from host_agent.colocation.serviceip import APPLIANCE_GATEWAY, ApplianceRoute
+from host_agent.config import NO_TLS, TlsConfig
 
 from . import guest
 from .domain import Disk, Lab, Vm, _libvirt
@@ -93,6 +94,7 @@ APPLIANCE_MAC = "52:54:00:77:00:c8"
 TAP = "hbapp0"
 DESTINATION = "media-app"
 HOST_NAME = "appliance"  # the media service's host name, as clients see it
+TLS_DIR = "tls"          # on the repository disk: the service's CA, certificate and key, if given
 NAME = "appliance"  # the domain is the lab's name_prefix + NAME
 SYSTEM_SERIAL = "hb-app-system"
 REPO_SERIAL = "hb-app-repo"
@@ -165,8 +167,15 @@ export PATH=/usr/bin:/bin HOME=/ PYTHONPATH={GUEST_HOME} PYTHONDONTWRITEBYTECODE
 # glibc: big buffers (1 MiB messages) mmapped and unmapped when freed, few arenas, free tops trimmed:
 # memory the service no longer uses goes back to the kernel (zeroed) instead of migrating
 export MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
+# mutual TLS with the certificates the repository disk carries; a lab without them allows plain TCP
+if [ -f /app/repo/{TLS_DIR}/ca.pem ]; then
+    t=/repo/{TLS_DIR}
+    tls="--tls-ca $t/ca.pem --tls-cert $t/service.pem --tls-key $t/service.key"
+else
+    tls=--allow-plaintext
+fi
 chroot /app /usr/bin/python3 -m host_agent.media.server --listen {APPLIANCE_IP}:{MEDIA_PORT} \\
-    --repo {DESTINATION}=/repo/{DESTINATION} --host-name {HOST_NAME} &
+    --repo {DESTINATION}=/repo/{DESTINATION} --host-name {HOST_NAME} $tls &
 pid=$!
 # listening (state 0A); grpc binds a dual-stack socket, so the port may show in tcp6
 while ! grep -qE ":{MEDIA_PORT:04X} 0+:0000 0A " /proc/net/tcp /proc/net/tcp6; do
@@ -422,15 +431,21 @@ def appliance_initramfs(lab: Lab) -> Path:
     return out
 
 
-def repository_disk(path: Path | str, size: int = DEFAULT_REPO_BYTES) -> Path:
+def repository_disk(path: Path | str, size: int = DEFAULT_REPO_BYTES, tls: TlsConfig = NO_TLS) -> Path:
     """A raw disk image at ``path``: ext4 holding a new repository ``/DESTINATION`` (created here,
-    on the host: no ``hyperback init`` under TCG)."""
+    on the host: no ``hyperback init`` under TCG) and, with ``tls``, the service's CA, certificate
+    and key in ``/TLS_DIR`` (the service then speaks mutual TLS)."""
     from host_agent.storage.repository import Repository
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".repo-") as tmp:
         Repository.init(Path(tmp) / DESTINATION)
+        if tls.enabled:
+            assert tls.ca and tls.cert and tls.key
+            (Path(tmp) / TLS_DIR).mkdir(mode=0o700)
+            for src, name in ((tls.ca, "ca.pem"), (tls.cert, "service.pem"), (tls.key, "service.key")):
+                shutil.copyfile(src, Path(tmp) / TLS_DIR / name)
         make_ext4(path, Path(tmp), size, label="hbapp-repo")
     return path
 
@@ -515,17 +530,19 @@ class Appliance:
 
 def start_appliance(lab: Lab, workdir: Path | str, *, memory_mib: int = DEFAULT_MEMORY_MIB,
                     repo_bytes: int = DEFAULT_REPO_BYTES, kernel_args: Sequence[str] = KERNEL_ARGS,
-                    timeout: float = 240.0) -> Appliance:
+                    timeout: float = 240.0, tls: TlsConfig = NO_TLS) -> Appliance:
     """Start the appliance on the lab's host and wait until the media service listens.
 
     ``workdir`` receives the repository disk: it must be storage both hosts' daemons see (pytest's
     tmp_path, /var/tmp).  The system disk and the initramfs are cached in the lab's cache dir.
-    The VM gets ``memory_mib`` MiB of RAM and one vCPU.
+    The VM gets ``memory_mib`` MiB of RAM and one vCPU. With ``tls`` (a certificate naming
+    ``APPLIANCE_IP``), the media service requires client certificates of its CA; without, it serves
+    plain TCP (``--allow-plaintext``).
     """
     workdir = Path(workdir)
     system = system_image(lab.cache_dir)
     initrd = appliance_initramfs(lab)
-    repo = repository_disk(workdir / "appliance-repo.img", repo_bytes)
+    repo = repository_disk(workdir / "appliance-repo.img", repo_bytes, tls)
     disks = [Disk(system, target="vda", serial=SYSTEM_SERIAL, readonly=True),
              Disk(repo, target="vdb", serial=REPO_SERIAL)]
     t0 = time.monotonic()

@@ -38,7 +38,7 @@ from host_agent.media.servicer import DEFAULT_LEASE, DEFAULT_PORT, DESTINATION_N
 from host_agent.notify import Notifier
 from host_agent.storage.repository import Repository
 from host_agent.tls.roles import RoleInterceptor
-from host_agent.tls.transport import NO_TLS, TlsConfig, add_port
+from host_agent.tls.transport import NO_TLS, TlsConfig, add_arguments, add_port, from_arguments
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,11 @@ def _start(repos: Mapping[str, Repository], address: str, host_name: str, lease:
            tls: TlsConfig = NO_TLS, workers: int = 32) -> MediaServer:
     if not lease > 0:
         raise errors.UsageError("the session timeout must be above 0 seconds")
+    # first: it reads the crl, and may refuse to start
+    interceptors: list[grpc.ServerInterceptor] = [RoleInterceptor(MEDIA_ROLES, tls)] if tls.enabled else []
     servicer = (GuardedMediaServicer if tls.enabled else MediaServicer)(repos, host_name, lease)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="media"),
-                         options=CHANNEL_OPTIONS,
-                         interceptors=[RoleInterceptor(MEDIA_ROLES)] if tls.enabled else [])
+                         options=CHANNEL_OPTIONS, interceptors=interceptors)
     pb_grpc.add_MediaServicer_to_server(servicer, server)
     try:
         port = add_port(server, address, tls, "media service")
@@ -170,12 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--service-dev", metavar="INTERFACE", help="the interface for --service-ip")
     parser.add_argument("--session-timeout", type=float, default=DEFAULT_LEASE, metavar="SECONDS",
                         help="a backup session silent this long expires (default %(default)g)")
-    parser.add_argument("--tls-ca", type=Path, metavar="FILE",
-                        help="require client certificates signed by this CA (with --tls-cert, --tls-key)")
-    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="this service's certificate (PEM)")
-    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
-    parser.add_argument("--refuse-plaintext", action="store_true",
-                        help="without TLS, refuse to listen on a non-loopback address")
+    add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default INFO)")
     return parser
 
@@ -193,8 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.session_timeout > 0:
             raise errors.UsageError("--session-timeout must be above 0")
         service_ip = ServiceAddress.parse(args.service_ip, args.service_dev) if args.service_ip else None
-        tls = TlsConfig(args.tls_ca, args.tls_cert, args.tls_key,
-                        allow_plaintext=not args.refuse_plaintext).check("--tls-ca, --tls-cert, --tls-key")
+        tls = from_arguments(args)
         serve(dict(args.repo), args.listen, args.host_name, service_ip, args.session_timeout,
               Notifier.from_env(), tls)
         return 0

@@ -9,9 +9,11 @@ converts between protobuf messages and ``host_agent.model``, serves, and is the 
 Serving
     ``python -m host_agent.planning.service`` (console script ``hyperback-optimizer``) listens on a unix
     socket, by default ``unix:/run/hyperback/optimizer.sock``, or on TCP (``HOST:PORT``) to serve many
-    hosts; TCP requires TLS (``--tls-cert``/``--tls-key``) and mutual TLS follows from
-    ``--tls-client-ca``. The gRPC health service (``grpc.health.v1.Health``, for ``""`` and
-    ``hyperback.v1.Optimizer``) and server reflection are registered. SIGTERM or SIGINT stops it
+    hosts, with mutual TLS (``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-crl``: the [tls]
+    settings of docs/tls.md, served by ``host_agent.tls.transport`` as every hyperback service); plain
+    TCP only on loopback, or with ``--allow-plaintext``. The gRPC health service
+    (``grpc.health.v1.Health``, for ``""`` and ``hyperback.v1.Optimizer``) and server reflection are
+    registered. SIGTERM or SIGINT stops it
     gracefully: health turns NOT_SERVING, calls in flight get ``--grace`` seconds to finish.
 
 Status codes
@@ -89,7 +91,18 @@ from host_agent.protobuf import (
     unit_from_pb,
     unit_to_pb,
 )
-from host_agent.tls.transport import tls_failure
+from host_agent.tls.identity import Role
+from host_agent.tls.roles import ALL, AioRoleInterceptor
+from host_agent.tls.transport import (
+    NO_TLS,
+    TlsConfig,
+    add_arguments,
+    add_port,
+    aio_channel,
+    from_arguments,
+    is_local_socket,
+    tls_failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,31 +219,15 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
         return result_to_pb(result)
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    cert: Path
-    key: Path
-    client_ca: Path | None = None  # set: clients must present a certificate signed by this CA
+# The optimizer has no roles: any certificate of the cluster's CA may ask for plans.
+ANY_ROLE: Final = {role: ALL for role in Role}
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = DEFAULT_LISTEN
-    tls: TlsFiles | None = None
+    tls: TlsConfig = NO_TLS       # on TCP: mutual TLS, as every hyperback service (docs/tls.md)
     grace: float = DEFAULT_GRACE  # seconds calls in flight may take to finish on stop
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise OptimizerConfigError(f"cannot read the {what} {path}: {e.strerror or e}") from e
-
-
-def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    ca = _read(tls.client_ca, "TLS client CA") if tls.client_ca else None
-    return grpc.ssl_server_credentials([(_read(tls.key, "TLS key"), _read(tls.cert, "TLS certificate"))],
-                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 class OptimizerServer:
@@ -258,28 +255,26 @@ async def start_server(config: ServerConfig, planner: Planner) -> OptimizerServe
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OptimizerConfigError(f"cannot create {path.parent} for {listen}: {e.strerror or e}") from e
-    elif config.tls is None:
-        raise OptimizerConfigError(f"{listen}: TCP needs TLS (--tls-cert and --tls-key); "
-                                   f"use a unix: address for a local optimizer")
-    server = grpc.aio.server(options=_CHANNEL_OPTIONS)
+    secure = config.tls.enabled and not is_local_socket(listen)
+    try:
+        server = grpc.aio.server(options=_CHANNEL_OPTIONS,
+                                 interceptors=[AioRoleInterceptor(ANY_ROLE, config.tls)] if secure else [])
+    except errors.TlsError as e:  # an unusable revocation list
+        raise OptimizerConfigError(str(e)) from e
     pb_grpc.add_OptimizerServicer_to_server(OptimizerServicer(planner), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        if config.tls:
-            port = server.add_secure_port(listen, _server_credentials(config.tls))
-        else:
-            port = server.add_insecure_port(listen)
-    except RuntimeError as e:  # grpc raises RuntimeError when it cannot bind
-        raise OptimizerConfigError(f"cannot listen on {listen}: {e}") from e
+        port = add_port(server, listen, config.tls, "optimizer")
+    except errors.HyperbackError as e:  # a bad address, an unreadable certificate, plain TCP refused
+        raise OptimizerConfigError(str(e)) from e
     address = listen if listen.startswith("unix:") else f"{listen.rpartition(':')[0]}:{port}"
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("optimizer serving on %s with policies %s%s", address, planner.name,
-             " (TLS, client certificates required)" if config.tls and config.tls.client_ca
-             else " (TLS)" if config.tls else "")
+             " (mutual TLS)" if secure else "")
     return OptimizerServer(server, health_servicer, address, config.grace)
 
 
@@ -306,14 +301,6 @@ async def serve(config: ServerConfig, planner: Planner, notifier: Notifier | Non
 
 # --------------------------------------------------------------------------- the client
 
-@dataclass(frozen=True)
-class ClientTls:
-    ca: Path | None = None            # the CA that signed the optimizer's certificate (None: system roots)
-    cert: Path | None = None          # this host's certificate and key, for mutual TLS
-    key: Path | None = None
-    server_name: str | None = None    # the name to check in the optimizer's certificate, if not the target's
-
-
 def host_context(reader: HostLoadReader | None = None, known_bases: frozenset[tuple[str, str]] = frozenset(),
                  host_name: str | None = None) -> HostContext:
     """This host's context for a batch, now: name, clock, UTC offset and (if ``reader``) load."""
@@ -331,37 +318,28 @@ class OptimizerClient:
     """The driver's side of ``PlanBatch``: ``await client.plan(batch, context)`` with a deadline."""
 
     def __init__(self, target: str = DEFAULT_LISTEN, *, timeout: float = DEFAULT_TIMEOUT,
-                 tls: ClientTls | None = None) -> None:
-        self.target, self.timeout = target, timeout
-        self._credentials: grpc.ChannelCredentials | None = None
-        self._options: list[tuple[str, str | int]] = list(_CHANNEL_OPTIONS)
-        if tls is not None:
-            if (tls.cert is None) != (tls.key is None):
-                raise OptimizerConfigError("mutual TLS needs both a client certificate and its key")
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls.ca, "TLS CA") if tls.ca else None,
-                private_key=_read(tls.key, "TLS key") if tls.key else None,
-                certificate_chain=_read(tls.cert, "TLS certificate") if tls.cert else None)
-            if tls.server_name:
-                self._options.append(("grpc.ssl_target_name_override", tls.server_name))
-        self._cert = tls.cert if tls is not None else None
+                 tls: TlsConfig = NO_TLS) -> None:
+        """``tls``: this host's [tls] settings; a unix: target is always plain."""
+        self.target, self.timeout, self._tls = target, timeout, tls
+        self._cert = tls.cert if tls.enabled and not is_local_socket(target) else None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.OptimizerAsyncStub | None = None
 
     def _connect(self) -> pb_grpc.OptimizerAsyncStub:
         if self._stub is None:
-            if self._credentials is not None:
-                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
-            else:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            try:
+                self._channel = aio_channel(self.target, self._tls, tuple(_CHANNEL_OPTIONS))
+            except errors.HyperbackError as e:  # this end's certificate, or plain TCP refused
+                raise OptimizerRejected(f"optimizer at {self.target}: {e}") from e
             self._stub = pb_grpc.OptimizerStub(self._channel)
         return self._stub
 
     async def plan(self, instructions: Sequence[Instruction], context: HostContext) -> PlanResult:
         """Plan a batch. Raises OptimizerUnavailable (retry later) or OptimizerRejected (do not)."""
         request = request_to_pb(instructions, context)
+        stub = self._connect()
         try:
-            response = await self._connect().PlanBatch(request, timeout=self.timeout)
+            response = await stub.PlanBatch(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             code, details = e.code(), e.details() or ""
             message = f"optimizer at {self.target}: {code.name}: {details}"
@@ -408,10 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a policy option, e.g. timing.window=22:00-06:00, timing.max_defer=1h, "
                              "timing.cpu_pressure=40, timing.io_pressure=30, timing.load_per_core=1.5, "
                              "timing.recheck=60s (repeatable)")
-    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM)")
-    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
-    parser.add_argument("--tls-client-ca", type=Path, metavar="FILE",
-                        help="require client certificates signed by this CA (mutual TLS)")
+    add_arguments(parser)
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
                         help="on stop, time given to calls in flight (default %(default)s)")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
@@ -430,14 +405,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, Planner] | Non
         for name, ep in sorted(available_policies().items()):
             print(f"{name:16} {ep.value}")
         return None
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise OptimizerConfigError("--tls-cert and --tls-key go together")
-    if args.tls_client_ca and not args.tls_cert:
-        raise OptimizerConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        tls = from_arguments(args)
+    except errors.UsageError as e:
+        raise OptimizerConfigError(str(e)) from e
     if args.max_batch < 1 or not args.grace >= 0:
         raise OptimizerConfigError("--max-batch must be at least 1 and --grace not negative")
     chain = build_chain(parse_chain(args.policies), parse_policy_options(args.policy_option))
-    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(listen=args.listen, tls=tls, grace=args.grace), Planner(chain, args.max_batch)
 
 
@@ -454,8 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "DEFAULT_LISTEN", "SERVICE_NAME", "ClientTls", "OptimizerClient", "OptimizerServer",
-    "OptimizerServicer", "ServerConfig", "TlsFiles", "host_context", "main",
+    "DEFAULT_LISTEN", "SERVICE_NAME", "OptimizerClient", "OptimizerServer",
+    "OptimizerServicer", "ServerConfig", "host_context", "main",
     "request_from_pb", "request_to_pb", "result_from_pb", "result_to_pb", "serve", "start_server",
 ]
 

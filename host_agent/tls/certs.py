@@ -2,7 +2,8 @@
 made with the ``cryptography`` package (ECDSA P-256, SHA-256).
 
 A CA directory holds ``ca.pem`` (the certificate every server and client trusts) and ``ca.key``
-(mode 0600: whoever reads it can mint identities). An issued certificate is ``NAME.pem`` and its key
+(mode 0600: whoever reads it can mint identities), and ``crl.pem`` once a certificate was revoked
+(``revoke``). An issued certificate is ``NAME.pem`` and its key
 ``NAME.key``; it is good for both ends of a connection (server and client authentication), so an
 agent's one certificate serves its operator API and authenticates it to media services.
 """
@@ -24,9 +25,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from host_agent import errors
 from host_agent.tls.identity import Identity
+from host_agent.tls.revocation import NEXT_UPDATE_DAYS, load_crl
 
 CA_CERT: Final = "ca.pem"
 CA_KEY: Final = "ca.key"
+CRL_FILE: Final = "crl.pem"
 CA_DAYS: Final = 3650
 CERT_DAYS: Final = 365
 _SKEW: Final = dt.timedelta(minutes=5)  # backdated, so that a host whose clock lags accepts it at once
@@ -145,6 +148,30 @@ def issue(ca_dir: Path, identity: Identity, out_dir: Path, *, dns: Sequence[str]
     return issued
 
 
+def revoke(ca_dir: Path, cert: Path, crl: Path | None = None) -> tuple[Path, int]:
+    """Add ``cert`` to the CA's revocation list (``crl``, default CRL_FILE in ``ca_dir``; made if absent,
+    signed again by the CA); returns the list's path and how many certificates it revokes."""
+    ca_cert, ca_key = load_ca(ca_dir)
+    crl = crl or ca_dir / CRL_FILE
+    try:
+        target = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError) as e:
+        raise errors.UsageError(f"{cert} is not a readable PEM certificate: {e}") from e
+    if not check_signed(target, ca_cert):
+        raise errors.UsageError(f"{cert} was not issued by the CA in {ca_dir}: revoke it with its own CA")
+    now = dt.datetime.now(dt.UTC)
+    entries = list(load_crl(crl, ca_dir / CA_CERT)) if crl.exists() else []
+    if all(e.serial_number != target.serial_number for e in entries):
+        entries.append(x509.RevokedCertificateBuilder().serial_number(target.serial_number)
+                       .revocation_date(now).build())
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now).next_update(now + dt.timedelta(days=NEXT_UPDATE_DAYS)))
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    _write(crl, builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), 0o644)
+    return crl, len(entries)
+
+
 def check_signed(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """Whether ``ca`` signed ``cert`` (its issuer and signature)."""
     try:
@@ -154,4 +181,4 @@ def check_signed(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-__all__ = ["CA_CERT", "CA_KEY", "Issued", "check_signed", "init_ca", "issue", "load_ca"]
+__all__ = ["CA_CERT", "CA_KEY", "CRL_FILE", "Issued", "check_signed", "init_ca", "issue", "load_ca", "revoke"]

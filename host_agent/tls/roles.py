@@ -1,4 +1,5 @@
-"""Which role may call which method: a server interceptor in front of every handler of a TLS server.
+"""Which role may call which method: a server interceptor in front of every handler of a TLS server,
+which also refuses revoked certificates (UNAUTHENTICATED, host_agent.tls.revocation).
 
 Each service gives a table ``{Role: methods}`` (``ALL`` for every method); a call by a role whose
 entry lacks the method is refused with PERMISSION_DENIED naming the role, the identity and the method,
@@ -15,7 +16,8 @@ import grpc
 
 from host_agent import errors
 from host_agent.tls.identity import Identity, Role
-from host_agent.tls.transport import peer_identity
+from host_agent.tls.revocation import Revocations
+from host_agent.tls.transport import TlsConfig, peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,26 @@ def _identity(context: Any) -> tuple[Identity | None, str | None]:
         return None, str(e)
 
 
+def _verdict(check: _Check, context: Any,
+             revocations: Revocations | None) -> tuple[grpc.StatusCode, str] | None:
+    """The status and message refusing the call, or None to let it through: a revoked certificate
+    first (UNAUTHENTICATED, whatever the method), then the role."""
+    identity, bad = _identity(context)
+    pem = context.auth_context().get("x509_pem_cert")
+    if revocations is not None and pem:
+        revoked = revocations.refusal(pem if isinstance(pem, bytes) else next(iter(pem)),
+                                      identity.uri() if identity else context.peer())
+        if revoked:
+            return grpc.StatusCode.UNAUTHENTICATED, revoked
+    denied = bad or check.denied(identity)
+    return (grpc.StatusCode.PERMISSION_DENIED, denied) if denied else None
+
+
+def revocations_of(tls: TlsConfig) -> Revocations | None:
+    """The server's revocation list, if ``tls`` names one (TlsError now if it is unusable)."""
+    return Revocations(tls.crl, tls.ca) if tls.crl is not None and tls.ca is not None else None
+
+
 def _replace(handler: _Handler, wrap: Callable[[Any], Any]) -> _Handler:
     """``handler`` with its behavior wrapped by ``wrap``, of the same streaming kind."""
     kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -68,10 +90,11 @@ def _replace(handler: _Handler, wrap: Callable[[Any], Any]) -> _Handler:
 
 
 class RoleInterceptor(grpc.ServerInterceptor):
-    """Role checks for a threaded server (the media service)."""
+    """Role and revocation checks for a threaded server (the media service)."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, tls: TlsConfig) -> None:
         self._table = table
+        self._revocations = revocations_of(tls)
 
     def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
@@ -83,21 +106,21 @@ class RoleInterceptor(grpc.ServerInterceptor):
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-                identity, bad = _identity(context)
-                denied = bad or check.denied(identity)
-                if denied:
-                    log.warning("refused %s from %s: %s", check.method, context.peer(), denied)
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
+                refused = _verdict(check, context, self._revocations)
+                if refused:
+                    log.warning("refused %s from %s: %s", check.method, context.peer(), refused[1])
+                    context.abort(*refused)
                 return behavior(request, context)
             return guarded
         return _replace(handler, wrap)
 
 
 class AioRoleInterceptor(grpc.aio.ServerInterceptor):
-    """Role checks for an asyncio server (the operator API)."""
+    """Role and revocation checks for an asyncio server (the operator API, the optimizer)."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, tls: TlsConfig) -> None:
         self._table = table
+        self._revocations = revocations_of(tls)
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
@@ -108,11 +131,10 @@ class AioRoleInterceptor(grpc.aio.ServerInterceptor):
         check = _Check(self._table, details.method)
 
         async def refuse(context: Any) -> None:
-            identity, bad = _identity(context)
-            denied = bad or check.denied(identity)
-            if denied:
-                log.warning("refused %s from %s: %s", check.method, context.peer(), denied)
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
+            refused = _verdict(check, context, self._revocations)
+            if refused:
+                log.warning("refused %s from %s: %s", check.method, context.peer(), refused[1])
+                await context.abort(*refused)
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if handler.response_streaming:
@@ -139,4 +161,4 @@ async def _aiter(items: AsyncIterator[Any] | Iterator[Any]) -> AsyncIterator[Any
             yield item
 
 
-__all__ = ["ALL", "AioRoleInterceptor", "RoleInterceptor", "Table"]
+__all__ = ["ALL", "AioRoleInterceptor", "RoleInterceptor", "Table", "revocations_of"]

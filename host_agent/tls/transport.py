@@ -16,10 +16,10 @@ certificate) still comes back as ``TlsError`` from :func:`tls_failure`.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from host_agent import errors
 from host_agent.config import NO_TLS, TlsConfig
 from host_agent.tls.certs import check_signed
 from host_agent.tls.identity import Identity, from_certificate, from_pem
+from host_agent.tls.revocation import FileStamp, load_crl, revoked_message
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def check_plaintext(address: str, tls: TlsConfig, what: str) -> None:
     """UsageError if ``address`` would carry plain TCP off this host without ``allow_plaintext``."""
     if not tls.enabled and not tls.allow_plaintext and not is_local(address):
         raise errors.UsageError(f"{what} {address}: plain TCP is refused off loopback; configure TLS "
-                                f"(ca, cert, key: docs/tls.md) or set allow_plaintext")
+                                f"(ca, cert, key: docs/tls.md) or set allow_plaintext = true in [tls] "
+                                f"(the services' flag: --allow-plaintext)")
 
 
 # --------------------------------------------------------------------------- servers
@@ -71,19 +73,8 @@ class _Reloader:
     def __init__(self, tls: TlsConfig) -> None:
         self._tls = tls
         self._lock = threading.Lock()
-        self._seen = self._stamp()
+        self._stamp = FileStamp((tls.ca, tls.cert, tls.key))
         self.initial = self._load()
-
-    def _stamp(self) -> tuple[tuple[int, int], ...]:
-        out = []
-        for path in (self._tls.ca, self._tls.cert, self._tls.key):
-            try:
-                st = os.stat(path)  # type: ignore[arg-type]
-            except OSError:
-                out.append((-1, -1))
-            else:
-                out.append((st.st_mtime_ns, st.st_size))
-        return tuple(out)
 
     def _load(self) -> Any:
         pair = (_read(self._tls.key, "key"), _read(self._tls.cert, "certificate"))
@@ -92,15 +83,15 @@ class _Reloader:
     def __call__(self) -> Any:
         """gRPC asks before each handshake: None keeps the current configuration."""
         with self._lock:
-            stamp = self._stamp()
-            if stamp == self._seen:
+            stamp = self._stamp.now()
+            if stamp == self._stamp.seen:
                 return None
             try:
                 loaded = self._load()
             except errors.TlsError as e:  # half-written files: keep serving with the last good ones
                 log.warning("keeping the current TLS certificates: %s", e)
                 return None
-            self._seen = stamp
+            self._stamp.seen = stamp
             log.info("TLS certificates reloaded from %s", self._tls.cert)
             return loaded
 
@@ -136,6 +127,25 @@ def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext[Any, 
     return from_pem(pem if isinstance(pem, bytes) else next(iter(pem)))
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--tls-*`` flags of a service's command line: the [tls] settings of docs/tls.md."""
+    parser.add_argument("--tls-ca", type=Path, metavar="FILE",
+                        help="require client certificates signed by this CA (with --tls-cert, --tls-key)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="this service's certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
+    parser.add_argument("--tls-crl", type=Path, metavar="FILE",
+                        help="refuse the certificates this CA revocation list names (reread when it changes)")
+    parser.add_argument("--allow-plaintext", action="store_true",
+                        help="without TLS, listen on a non-loopback address anyway (plain TCP: no "
+                             "authentication, no encryption)")
+
+
+def from_arguments(args: argparse.Namespace) -> TlsConfig:
+    """The TlsConfig the flags of :func:`add_arguments` give; UsageError if they do not go together."""
+    return TlsConfig(args.tls_ca, args.tls_cert, args.tls_key, allow_plaintext=args.allow_plaintext,
+                     crl=args.tls_crl).check("--tls-ca, --tls-cert, --tls-key, --tls-crl")
+
+
 # --------------------------------------------------------------------------- clients
 
 def check_own_certificate(tls: TlsConfig, now: dt.datetime | None = None) -> Identity:
@@ -160,9 +170,13 @@ def check_own_certificate(tls: TlsConfig, now: dt.datetime | None = None) -> Ide
                               f"({ca.subject.rfc4514_string()}): issue it with that CA, or point ca at "
                               f"its issuer")
     try:
-        return from_certificate(cert)
+        identity = from_certificate(cert)
     except errors.UsageError as e:
         raise errors.TlsError(str(e)) from e
+    revoked = tls.crl and tls.ca and revoked_message(load_crl(tls.crl, tls.ca), cert, f"{tls.cert}")
+    if revoked:
+        raise errors.TlsError(revoked)
+    return identity
 
 
 def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
@@ -204,6 +218,8 @@ def tls_failure(code: grpc.StatusCode, details: str, address: str,
     server refusing the certificate; on a plain channel (None), a server that requires TLS. A failed
     handshake names itself.
     """
+    if code is grpc.StatusCode.UNAUTHENTICATED:  # a TLS server's refusal of a revoked certificate
+        return errors.TlsError(f"{address} refused this end's certificate: {details}")
     if code is not grpc.StatusCode.UNAVAILABLE:
         return None
     lowered = details.lower()
@@ -219,6 +235,6 @@ def tls_failure(code: grpc.StatusCode, details: str, address: str,
     return None
 
 
-__all__ = ["NO_TLS", "TlsConfig", "add_port", "aio_channel", "channel", "channel_credentials",
-           "check_own_certificate", "check_plaintext", "is_local", "peer_identity", "server_credentials",
-           "tls_failure"]
+__all__ = ["NO_TLS", "TlsConfig", "add_arguments", "add_port", "aio_channel", "channel",
+           "channel_credentials", "check_own_certificate", "check_plaintext", "from_arguments", "is_local",
+           "peer_identity", "server_credentials", "tls_failure"]
