@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors
-from host_agent.model import ChangeDetection, Policy
+from host_agent.model import ChangeDetection, FallbackNote, Policy
 from host_agent.storage import copier
 from host_agent.storage.annotations import Annotations, check_labels
 from host_agent.storage.cancel import CancelToken
@@ -390,7 +390,7 @@ class Repository:
                threads: int | None = None, base: Snapshot | None = None,
                checkpoint: str | None = None, cancel: CancelToken | None = None,
                files: FilesRef | None = None, vm: VmRef | None = None,
-               labels: Sequence[str] = ()) -> BackupResult:
+               labels: Sequence[str] = (), fallback: FallbackNote | None = None) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -402,7 +402,8 @@ class Repository:
         instant the source shows, which the snapshot records for the next backup to start from.
         ``cancel`` stops it: nothing is published unless it comes after the commit. ``vm`` ties
         the snapshot to its domain's stored definition (docs/repository-format.md, 5.3); ``labels``
-        are committed with it (5.5).
+        are committed with it (5.5); ``fallback`` says why a backup with a base compared instead of
+        reading a dirty bitmap (5.1).
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
@@ -454,7 +455,8 @@ class Repository:
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats, checkpoint, files, vm, labels, file)
+                                detection, stats, checkpoint, files, vm, labels, file,
+                                fallback if detection is ChangeDetection.COMPARISON else None)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:
