@@ -297,6 +297,16 @@ def vouch_all(domain: Any, wanted: Mapping[str, tuple[str, str]],
     return problems
 
 
+def bitmaps_gone(domain: Any, checkpoint_xml: str) -> bool:
+    """Whether none of a running domain's disks has the checkpoint's bitmap any more."""
+    disks, state = live_disks(domain), running_bitmaps(domain)
+    for target, bitmap in tracked_bitmaps(checkpoint_xml).items():
+        image = source_of(disks[target]) if target in disks else None
+        if image is not None and bitmap in state.get(os.path.realpath(image), {}):
+            return False
+    return True
+
+
 def remove_bitmaps_offline(domain: Any, checkpoint_xml: str) -> list[str]:
     """Remove a checkpoint's bitmaps from the qcow2 images of a shut-off domain (libvirt deletes only
     the metadata then, and the bitmaps would stay in the images for good). ``qemu-img bitmap

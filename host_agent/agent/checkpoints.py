@@ -22,7 +22,12 @@ from urllib.parse import quote
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import hypervisor
-from host_agent.agent.checkpoint_record import CheckpointRecords, drop_lost, remove_bitmaps_offline
+from host_agent.agent.checkpoint_record import (
+    CheckpointRecords,
+    bitmaps_gone,
+    drop_lost,
+    remove_bitmaps_offline,
+)
 from host_agent.agent.domainxml import is_active
 from host_agent.errors import HypervisorError, ImageError, NoCheckpoint, ViewError
 from host_agent.storage import qcow2
@@ -142,7 +147,7 @@ def delete_checkpoint(domain: Any, name: str) -> None:
     try:
         cp = domain.checkpointLookupByName(name)
         if is_active(domain):
-            cp.delete(0)
+            _delete_running(domain, cp)
         else:
             remove_bitmaps_offline(domain, cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
@@ -153,6 +158,20 @@ def delete_checkpoint(domain: Any, name: str) -> None:
     except ImageError as e:
         raise ViewError(f"cannot delete checkpoint {name} of the shut-off {domain.name()}: {e}") from e
     log.info("deleted checkpoint %s of %s", name, domain.name())
+
+
+def _delete_running(domain: Any, cp: Any) -> None:
+    """Delete a running domain's checkpoint with its bitmaps. libvirt refuses one whose bitmap is
+    gone from the disk ("bitmap ... not found in backing chain": the image was replaced or restored
+    under the domain); with nothing left to remove, its metadata goes alone."""
+    try:
+        cp.delete(0)
+    except HypervisorError:
+        xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+        if not bitmaps_gone(domain, xml):
+            raise
+        log.info("checkpoint %s of %s has no bitmap left: deleting its metadata", cp.getName(), domain.name())
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
 
 
 def prune_checkpoints(domain: Any, keep: Sequence[str] | set[str],
