@@ -311,7 +311,7 @@ def test_a_snapshot_that_compared_records_why_and_documents_without_the_field_st
     assert snap.change_detection is ChangeDetection.COMPARISON
     stored = repo.resolve(snap.id).fallback
     assert stored == why and stored is not None and stored.reason is Fallback.DISK_REPLACED
-    assert snap.to_json()["fallback"] == {"reason": "disk-replaced", "text": "the image of vda is another file"}
+    assert snap.to_json()["fallback"] == {"reason": "disk-replaced", "text": str(why)}
     assert "fallback" not in full.to_json()  # documents as before when nothing fell back
     doc = snap.to_json()
     doc["fallback"]["reason"] = "a-reason-of-a-newer-writer"

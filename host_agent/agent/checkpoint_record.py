@@ -259,7 +259,8 @@ def vouch(domain: Any, since: str, images: Mapping[str, str],
     recorded = records.images(uuid, since) if records is not None else {}
     for target, image in images.items():
         if target not in tracked:
-            reasons[target] = FallbackNote(Fallback.NOT_TRACKED, f"{since} does not track {target}")
+            reasons[target] = FallbackNote(Fallback.NOT_TRACKED,
+                                           f"checkpoint {since} does not track {target}")
         elif target in recorded and file_id(image) != recorded[target]:
             reasons[target] = FallbackNote(Fallback.DISK_REPLACED, (
                 f"the image of {target}, {image}, is another file than when checkpoint {since} was made "

@@ -448,7 +448,8 @@ class PointInTime:
                     d.change_reason = FallbackNote(Fallback.NO_RECORD, f"{self.name} has no checkpoint "
                                                    f"{since} (deleted, or restarted as a transient domain)")
                 elif d.target not in tracked:
-                    d.change_reason = FallbackNote(Fallback.NOT_TRACKED, f"{since} does not track {d.target}")
+                    d.change_reason = FallbackNote(Fallback.NOT_TRACKED,
+                                                   f"checkpoint {since} does not track {d.target}")
                 else:
                     usable.append(d)
             if usable:
