@@ -93,33 +93,31 @@ class CheckpointRecords:
     def _images_path(self, domain_uuid: str, name: str) -> Path:
         return self._path(domain_uuid, name).with_suffix(".images.json")
 
-    def save_images(self, domain_uuid: str, name: str, images: Mapping[str, FileId]) -> None:
-        """Which file (device, inode) each disk's image was when the checkpoint was made."""
-        doc = json.dumps({target: list(fid) for target, fid in images.items()})
+    def save_images(self, domain_uuid: str, name: str, images: Mapping[str, int]) -> None:
+        """Which file (inode, :func:`file_id`) each disk's image was when the checkpoint was made."""
+        doc = json.dumps(dict(images))
         path = self._images_path(domain_uuid, name)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(doc, encoding="utf-8")
         os.replace(tmp, path)
 
-    def images(self, domain_uuid: str, name: str) -> dict[str, FileId]:
+    def images(self, domain_uuid: str, name: str) -> dict[str, int]:
         """What :meth:`save_images` saved; empty if nothing (a record older than this, or unreadable)."""
         try:
             doc = json.loads(self._images_path(domain_uuid, name).read_text(encoding="utf-8"))
-            return {str(t): (int(fid[0]), int(fid[1])) for t, fid in dict(doc).items()}
-        except (OSError, ValueError, TypeError, IndexError, ViewError):
+            return {str(t): int(fid) for t, fid in dict(doc).items()}
+        except (OSError, ValueError, TypeError, ViewError):
             return {}
 
 
-FileId = tuple[int, int]
-"""An image file's (st_dev, st_ino): a restore or copy onto its path makes another file."""
-
-
-def file_id(path: str) -> FileId | None:
+def file_id(path: str) -> int | None:
+    """The image file's inode: a restore or copy renamed onto its path is another one. (Not the
+    device number: the same NFS file has another on each host, and a device-mapper volume's may
+    change at a reboot.)"""
     try:
-        st = os.stat(path)
+        return os.stat(path).st_ino
     except OSError:
         return None
-    return st.st_dev, st.st_ino
 
 
 def record_checkpoint(records: CheckpointRecords, domain: Any, name: str) -> None:
