@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 __all__ = ["MAX_PATHS", "STRENGTH", "ApplianceFootprint", "ChangeDetection", "DiskRef", "DiskResult",
-           "Instruction", "InstructionKind", "Outcome", "PathSelection", "Placement", "Plan", "Policy",
-           "RequestId", "UnitKind", "VmFootprint", "WorkUnit", "base_name", "normalize_path", "outermost"]
+           "Fallback", "FallbackNote", "Instruction", "InstructionKind", "Outcome", "PathSelection",
+           "Placement", "Plan", "Policy", "RequestId", "UnitKind", "VmFootprint", "WorkUnit", "base_name",
+           "fallback_of", "normalize_path", "outermost"]
 
 RequestId = int | str
 """A guest's request id, of the JSON type the guest chose: its answer carries it back unchanged."""
@@ -43,6 +44,39 @@ class ChangeDetection(enum.StrEnum):
     COMPARISON = "comparison"          # everything read, each chunk compared with the base's
     DIRTY_BITMAP = "dirty-bitmap"      # only what QEMU's dirty bitmap marks since the base's checkpoint
     ALLOCATION_MAP = "allocation-map"  # only the overlay's own clusters, over a stored shared base
+
+
+class Fallback(enum.StrEnum):
+    """Why a backup with a base could not read a dirty bitmap and compared every chunk instead: the
+    snapshot document's ``fallback.reason`` (docs/repository-format.md, 5.1) and the metrics' label."""
+
+    NO_CHECKPOINT = "no-checkpoint"            # the base snapshot records no checkpoint to start from
+    NO_RECORD = "no-record"                    # neither libvirt nor hyperback's record has the checkpoint
+    NOT_TRACKED = "not-tracked"                # the checkpoint does not track the disk (raw, qcow2 v2, added)
+    BITMAP_MISSING = "bitmap-missing"          # the bitmap is not on the disk (QEMU killed or restarted)
+    BITMAP_INCONSISTENT = "bitmap-inconsistent"  # QEMU flagged the bitmap inconsistent (unclean exit)
+    DISK_REPLACED = "disk-replaced"            # another image file than the one the checkpoint tracked
+    BASE_PRUNED = "base-pruned"                # the snapshot the chain went on from was forgotten
+    OFFLINE = "offline"                        # read from a shut-off domain's images: no checkpoint there
+    OTHER = "other"                            # any other reason (the text says which)
+
+
+class FallbackNote(str):
+    """The text that says why a disk was compared, carrying its :class:`Fallback` reason: a ``str``, so
+    it goes wherever a view's note goes, and the reason is set where the fault is found, never parsed
+    back out of the text (:func:`fallback_of`)."""
+
+    reason: Fallback
+
+    def __new__(cls, reason: Fallback, text: str) -> FallbackNote:
+        note = super().__new__(cls, text)
+        note.reason = reason
+        return note
+
+
+def fallback_of(note: str) -> Fallback:
+    """The reason a view's note carries (OTHER for a plain text)."""
+    return note.reason if isinstance(note, FallbackNote) else Fallback.OTHER
 
 
 STRENGTH = {Policy.INCREMENTAL: 1, Policy.DIFFERENTIAL: 2, Policy.FULL: 3}
@@ -225,9 +259,11 @@ class DiskResult:
     new_serial: str | None = None   # restore: the disk the snapshot was restored to
     offline: bool = False           # backup: read while the domain was shut off, without a guest
     bytes_stored: int = 0           # backup: what its new chunks take in the repository (compressed)
+    fallback: Fallback | None = None  # backup with a base: why it compared instead of a dirty bitmap
 
 
-OFFLINE_NOTE = "offline: read while the domain was shut off"  # what an offline backup's result says
+OFFLINE_NOTE = FallbackNote(Fallback.OFFLINE, "offline: read while the domain was shut off")
+"""What an offline backup's result says."""
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Changed-block tracking under the real agent: block-device and raw-file disks (a bitmap for the
-VM's lifetime), and one checkpoint chain per destination (docs/changed-block-tracking.md).
+VM's lifetime), one checkpoint chain per destination, and what ends or breaks a chain (a disk
+restored under the domain, the chain's snapshot forgotten, a backup while the domain is off)
+(docs/changed-block-tracking.md).
 
 One lab guest serves the whole module: a loop device (vda), a raw file (vdb) and a qcow2 image
 (vdc). It writes only when the test asks -- a numbered script the test drops into a folder the
@@ -11,8 +13,9 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -26,7 +29,8 @@ from system_helpers import attach_loop, detach_loop
 from host_agent._proto.hyperback.v1 import operator_pb2, operator_pb2_grpc, optimizer_pb2
 from host_agent.agent.checkpoints import list_checkpoints
 from host_agent.lab import Disk, Vm
-from host_agent.model import ChangeDetection, DiskResult, Outcome, Policy
+from host_agent.model import ChangeDetection, DiskResult, Fallback, Outcome, Policy
+from host_agent.storage import qcow2
 from host_agent.storage.repository import Repository
 from host_agent.storage.snapshot import Snapshot
 
@@ -55,9 +59,11 @@ class Guest:
     disks: dict[str, tuple[str, str, str]]  # serial -> (host path, format, guest device)
     writes: int = 0
 
-    def restart(self) -> None:
-        """Power the guest off and boot it again: a new QEMU process (its script starts over)."""
+    def restart(self, while_off: Callable[[], object] = lambda: None) -> None:
+        """Power the guest off, call ``while_off``, and boot it again: a new QEMU process (its script
+        starts over)."""
         self.vm.domain.destroy()
+        while_off()
         for old in self.ctl.glob("write.*"):
             old.unlink()
         self.writes = 0
@@ -249,3 +255,71 @@ def test_two_destinations_alternating_keep_each_other_s_chains(
         snaps = open_repo(workdir, destination).snapshots(f"{guest.vm.domain.UUIDString()}/{serial}")
         needed |= {snaps[-1].checkpoint, [s for s in snaps if s.policy is Policy.FULL][-1].checkpoint}
     assert set(list_checkpoints(guest.vm.domain)) == needed and len(needed) == 4
+
+
+def test_a_disk_restored_under_the_shut_off_domain_is_compared_saying_so_then_tracked_again(
+        agent: RunningAgent, guest: Guest, workdir: Path) -> None:
+    rng = random.Random(78)
+    serial = "hb-qcow"
+    path, fmt, _ = guest.disks[serial]
+    older = backup(workdir, guest.vm, [serial])[serial].snapshot
+    guest.write(serial, offsets(rng, 3))
+    backup(workdir, guest.vm, [serial])  # the checkpoint the next backup would start from
+    repo = open_repo(workdir, "default").path
+    restore = [sys.executable, "-m", "host_agent.cli", "restore", "--repo", str(repo), "--overwrite",
+               "--format", "qcow2", older.id, path]
+    guest.restart(while_off=lambda: subprocess.run(restore, check=True, capture_output=True))
+    guest.write(serial, offsets(rng, 2))
+    snap, result = backup(workdir, guest.vm, [serial])[serial]
+    assert result.change_detection is ChangeDetection.COMPARISON, result
+    assert result.fallback is Fallback.DISK_REPLACED and "another file" in result.note, result
+    assert snap.fallback is not None and snap.fallback.reason is Fallback.DISK_REPLACED, snap
+    assert_restores_as_the_disk_is(workdir, "default", snap, path, fmt)
+    changed = guest.write(serial, sorted(set(offsets(rng, 2))))
+    snap, result = backup(workdir, guest.vm, [serial])[serial]
+    assert result.change_detection is ChangeDetection.DIRTY_BITMAP, result
+    assert changed <= snap.stats.bytes_read <= changed + 2 * BLOCK, snap.stats
+    assert_restores_as_the_disk_is(workdir, "default", snap, path, fmt)
+
+
+def test_a_chain_whose_latest_snapshot_was_forgotten_goes_on_from_the_older_one_by_comparison_saying_so(
+        agent: RunningAgent, guest: Guest, workdir: Path) -> None:
+    rng = random.Random(90)
+    serial = "hb-qcow"
+    path, fmt, _ = guest.disks[serial]
+    for _ in range(3):  # the middle snapshot's checkpoint is pruned once the third one is taken
+        backup(workdir, guest.vm, [serial])
+        guest.write(serial, offsets(rng, 2))
+    repo = open_repo(workdir, "default")
+    latest = repo.snapshots(f"{guest.vm.domain.UUIDString()}/{serial}")[-1]
+    repo.forget([latest.id])
+    snap, result = backup(workdir, guest.vm, [serial])[serial]
+    assert result.change_detection is ChangeDetection.COMPARISON, result
+    assert result.fallback is Fallback.BASE_PRUNED and "was forgotten" in result.note, result
+    assert snap.fallback is not None and snap.fallback.reason is Fallback.BASE_PRUNED
+    assert snap.parent != latest.id and snap.stats.bytes_read >= SIZE // 2, snap  # the whole disk, compared
+    assert_restores_as_the_disk_is(workdir, "default", snap, path, fmt)
+
+
+def test_a_chain_ended_by_a_backup_of_the_shut_off_domain_leaves_no_bitmap_in_the_image(
+        agent: RunningAgent, guest: Guest, workdir: Path) -> None:
+    serial = "hb-qcow"
+    path, fmt, _ = guest.disks[serial]
+    backup(workdir, guest.vm, [serial])
+    guest.write(serial, offsets(random.Random(11), 2))
+    backup(workdir, guest.vm, [serial])
+
+    def bitmaps() -> set[str]:
+        return {b.name for b in qcow2.image_info(path, "qcow2").bitmaps if b.name.startswith("hyperback-")}
+
+    def back_up_offline() -> None:
+        before, stored = set(list_checkpoints(guest.vm.domain)), bitmaps()
+        snap, result = backup(workdir, guest.vm, [serial])[serial]
+        assert result.offline and snap.checkpoint is None, result
+        kept = set(list_checkpoints(guest.vm.domain))
+        ended = before - kept  # the chain the offline snapshot ended (it records no checkpoint)
+        assert ended & stored, (before, kept, stored)
+        assert bitmaps() == stored & kept  # their bitmaps left the image with the checkpoints
+        assert_restores_as_the_disk_is(workdir, "default", snap, path, fmt)
+
+    guest.restart(while_off=back_up_offline)

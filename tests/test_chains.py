@@ -8,6 +8,7 @@ import pytest
 
 from host_agent import errors
 from host_agent.agent.chains import ChainRecord
+from host_agent.model import Fallback
 
 DOM = "4f1c2a9e-0000-4000-8000-000000000001"
 
@@ -42,3 +43,18 @@ def test_a_record_that_cannot_be_written_is_an_environment_problem(tmp_path: Pat
     (tmp_path / "chains").write_text("a file where the folder should be")
     with pytest.raises(errors.EnvironmentProblem, match="chain record"):
         ChainRecord(tmp_path).update(DOM, "a", {"hb-1": {"cp"}}, {"a"})
+
+
+def test_a_checkpoint_gone_because_the_chains_latest_snapshot_was_forgotten_is_told_apart(
+        tmp_path: Path) -> None:
+    record = ChainRecord(tmp_path)
+    record.update(DOM, "a", {"hb-1": {"cp-3", "cp-1"}}, {"a", "b"})  # latest cp-3, latest full cp-1
+    record.update(DOM, "b", {"hb-1": {"cp-b"}}, {"a", "b"})
+    # cp-3's snapshot forgotten in a: the next backup goes on from cp-2's, whose checkpoint was pruned
+    why = record.forgotten_base(DOM, "a", "hb-1", "cp-2", {"cp-1", "cp-2"})
+    assert why is not None and why.reason is Fallback.BASE_PRUNED and "cp-3" in why and "cp-2" in why
+    # nothing forgotten, a checkpoint the chain still keeps, another destination or disk: no such cause
+    assert record.forgotten_base(DOM, "a", "hb-1", "cp-2", {"cp-1", "cp-2", "cp-3"}) is None
+    assert record.forgotten_base(DOM, "a", "hb-1", "cp-1", {"cp-1"}) is None
+    assert record.forgotten_base(DOM, "b", "hb-1", "cp-2", {"cp-b", "cp-2"}) is None
+    assert record.forgotten_base(DOM, "a", "hb-2", "cp-2", {"cp-2"}) is None

@@ -22,7 +22,7 @@ from test_views import converted_digest, restored, run
 from host_agent.agent import checkpoints, views
 from host_agent.agent.checkpoint_record import CheckpointRecords
 from host_agent.colocation.migration import live_migrate
-from host_agent.lab import Disk, Lab
+from host_agent.lab import Disk, Lab, Vm
 from host_agent.lab.migratable import start_migratable_vm
 from host_agent.lab.twohosts import TwoHosts
 from host_agent.model import ChangeDetection, DiskRef, Policy
@@ -44,6 +44,17 @@ def hosts_and_lab(tmp_path: Path) -> Iterator[tuple[TwoHosts, Lab]]:
         yield hosts, lab
 
 
+def writing_guest(lab: Lab, tmp_path: Path, name: str) -> tuple[Vm, Path]:
+    """The migratable guest, writing all the time into REGION of its qcow2 disk full of data."""
+    image = tmp_path / "disk.qcow2"  # outside B's private folders: both hosts see it
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(DISK_SIZE))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {DISK_SIZE}", str(image))
+    vm = start_migratable_vm(lab, name, command=WRITER,
+                             disks=[Disk(image, "vda", "qcow2", SERIAL, cache="none")])
+    vm.wait_for_console(r"^writing", timeout=60)
+    return vm, image
+
+
 def backup(dom: Any, ref: DiskRef, repo: Repository, records: CheckpointRecords | None, image: Path,
            tmp: Path, **kw: Any) -> tuple[views.Views, int, str, str]:
     """A view and a backup of it: (the views, bytes read, digest of the restore, of qemu-img convert)."""
@@ -62,12 +73,7 @@ def test_after_a_migration_there_and_back_the_incremental_reads_only_the_changes
         hosts_and_lab: tuple[TwoHosts, Lab], tmp_path: Path,
         record_property: Callable[[str, object], None]) -> None:
     hosts, lab = hosts_and_lab
-    image = tmp_path / "disk.qcow2"  # outside B's private folders: both hosts see it
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(DISK_SIZE))
-    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {DISK_SIZE}", str(image))
-    vm = start_migratable_vm(lab, "cpmig", command=WRITER,
-                             disks=[Disk(image, "vda", "qcow2", SERIAL, cache="none")])
-    vm.wait_for_console(r"^writing", timeout=60)
+    vm, image = writing_guest(lab, tmp_path, "cpmig")
     dom = vm.domain
     ref = DiskRef(dom.UUIDString(), vm.name, SERIAL, "vda", str(image), "qcow2", DISK_SIZE)
     records = CheckpointRecords(tmp_path / "state")

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from host_agent.agent.checkpoint_record import Bitmap, CheckpointRecords, bitmap_problem, tracked_bitmaps
+from host_agent.agent.checkpoint_record import (
+    Bitmap,
+    CheckpointRecords,
+    bitmap_problem,
+    file_id,
+    tracked_bitmaps,
+)
 from host_agent.errors import ViewError
 
 UUID = "0b6c1bb2-7a3e-4c69-9d2f-5d0f6d1e2a11"
@@ -51,3 +57,23 @@ def test_only_a_present_persistent_recording_consistent_bitmap_is_trusted() -> N
     assert "inconsistent" in bitmap_problem({"cp": broken}, "cp", "vda", "cp")
     disabled = Bitmap("cp", recording=False, persistent=True, inconsistent=False)
     assert "not a persistent, recording bitmap" in bitmap_problem({"cp": disabled}, "cp", "vda", "cp")
+
+
+def test_the_image_files_a_checkpoint_tracked_are_recorded_and_a_restore_onto_the_path_is_another_file(
+        tmp_path: Path) -> None:
+    records = CheckpointRecords(tmp_path / "state")
+    image = tmp_path / "vda.qcow2"
+    image.write_bytes(b"old")
+    records.save(UUID, "hyperback-1", XML)
+    before = file_id(str(image))
+    assert before is not None
+    records.save_images(UUID, "hyperback-1", {"vda": before})
+    assert records.images(UUID, "hyperback-1") == {"vda": before}
+    assert records.names(UUID) == ["hyperback-1"]  # the identities are no record of their own
+    new = tmp_path / ".vda.qcow2.restoring"  # how a restore writes: beside, then renamed over it
+    new.write_bytes(b"older content")
+    new.replace(image)
+    assert file_id(str(image)) != before
+    records.forget(UUID, "hyperback-1")
+    assert records.images(UUID, "hyperback-1") == {}
+    assert not list((tmp_path / "state" / "checkpoints" / UUID).iterdir())

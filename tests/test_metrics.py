@@ -16,6 +16,7 @@ from host_agent.model import (
     ChangeDetection,
     DiskRef,
     DiskResult,
+    Fallback,
     Instruction,
     InstructionKind,
     Outcome,
@@ -75,7 +76,8 @@ def test_a_deferred_streamed_incremental_read_in_full_is_counted_everywhere(tmp_
         executed.visits.append(object())
         await guests.answer(Outcome(instruction, [
             DiskResult("hb-data", "snap1", 4096, 1024, 0.5, ChangeDetection.COMPARISON,
-                       "no checkpoint to compare with", bytes_stored=512)], moved_bytes=0))
+                       "no checkpoint to compare with", bytes_stored=512, fallback=Fallback.BITMAP_MISSING)],
+            moved_bytes=0))
         return metrics, job.updated_at
 
     metrics, finished_at = asyncio.run(scenario())
@@ -87,7 +89,7 @@ def test_a_deferred_streamed_incremental_read_in_full_is_counted_everywhere(tmp_
     assert value(metrics, "hyperback_backup_read_bytes_total", destination="usb") == 4096
     assert value(metrics, "hyperback_backup_new_bytes_total", destination="usb") == 1024
     assert value(metrics, "hyperback_backup_stored_bytes_total", destination="usb") == 512
-    assert value(metrics, "hyperback_checkpoint_fallbacks_total", domain="web") == 1
+    assert value(metrics, "hyperback_checkpoint_fallbacks_total", domain="web", reason="bitmap-missing") == 1
     assert value(metrics, "hyperback_lan_predicted_bytes_total", placement="stream") == 5000
     assert value(metrics, "hyperback_last_success_timestamp_seconds", domain="web") == finished_at
     assert value(metrics, "hyperback_job_duration_seconds_count", kind="backup", state="succeeded") == 1
@@ -111,7 +113,8 @@ def test_a_failed_or_full_backup_counts_no_fallback_and_no_success(tmp_path: Pat
     assert value(metrics, "hyperback_jobs_finished_total", state="failed", origin="operator") == 1
     assert value(metrics, "hyperback_jobs_finished_total", state="succeeded", origin="schedule") == 1
     assert value(metrics, "hyperback_backup_read_bytes_total", destination="usb") == 100  # none of the failed
-    assert value(metrics, "hyperback_checkpoint_fallbacks_total", domain="web") is None
+    assert not [m for m in metrics.registry.collect() if m.name == "hyperback_checkpoint_fallbacks"
+                and any(sample.name.endswith("_total") for sample in m.samples)]
     assert value(metrics, "hyperback_migration_bytes_total") == 3000
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from host_agent import errors
-from host_agent.model import ChangeDetection, Policy
+from host_agent.model import ChangeDetection, Fallback, FallbackNote, Policy
 from host_agent.storage.extents import Layout, Mapping
 from host_agent.storage.gc import collect_garbage
 from host_agent.storage.repository import Repository
@@ -298,3 +298,24 @@ def test_a_snapshot_records_its_checkpoint_in_a_field_and_older_snapshots_still_
     assert Snapshot.from_json(doc).checkpoint == name
     doc["source"] = str(image)
     assert Snapshot.from_json(doc).checkpoint is None
+
+
+def test_a_snapshot_that_compared_records_why_and_documents_without_the_field_still_read(
+        repo: Repository, make_image: ImageFactory) -> None:
+    image = make_image()
+    why = FallbackNote(Fallback.DISK_REPLACED, "the image of vda is another file")
+    full = repo.backup(image, "vm1/vda", fallback=why).snapshot
+    assert full.fallback is None  # no base: nothing fell back, whatever the caller said
+    mutate(image, 1, 3)
+    snap = repo.backup(image, "vm1/vda", Policy.INCREMENTAL, fallback=why).snapshot
+    assert snap.change_detection is ChangeDetection.COMPARISON
+    stored = repo.resolve(snap.id).fallback
+    assert stored == why and stored is not None and stored.reason is Fallback.DISK_REPLACED
+    assert snap.to_json()["fallback"] == {"reason": "disk-replaced", "text": str(why)}
+    assert "fallback" not in full.to_json()  # documents as before when nothing fell back
+    doc = snap.to_json()
+    doc["fallback"]["reason"] = "a-reason-of-a-newer-writer"
+    newer = Snapshot.from_json(doc).fallback
+    assert newer is not None and newer.reason is Fallback.OTHER and newer == why
+    del doc["fallback"]
+    assert Snapshot.from_json(doc).fallback is None

@@ -23,6 +23,8 @@ Where a chain ends, its checkpoints go at the domain's next backup to any destin
   old full's, once no differential can start from it);
 * snapshots forgotten in D (``hyperback prune``): D's entry is recomputed from D's repository at
   the next backup to D (until then the old checkpoints are kept: a cost, never a wrong backup).
+  If the snapshot forgotten was the one the chain went on from, the next backup starts from an
+  older one whose checkpoint is gone: it compares, and :meth:`ChainRecord.forgotten_base` says why.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from host_agent import errors
+from host_agent.model import Fallback, FallbackNote
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,20 @@ class ChainRecord:
         record[destination] = {serial: sorted(cps) for serial, cps in needs.items() if cps}
         self._write(domain_uuid, record)
         return {cp for disks in record.values() for cps in disks.values() for cp in cps}
+
+    def forgotten_base(self, domain_uuid: str, destination: str, serial: str, since: str,
+                       present: Collection[str | None]) -> FallbackNote | None:
+        """Why ``since`` is gone, if it is because a snapshot of the chain was forgotten: the record
+        names checkpoints of ``destination``'s chain of the disk that no snapshot ``present`` there
+        holds any more, and ``since`` (an older snapshot's) is not among them."""
+        recorded = self.needs(domain_uuid).get(destination, {}).get(serial, [])
+        lost = sorted(set(recorded) - set(present))
+        if not lost or since in recorded:
+            return None
+        return FallbackNote(Fallback.BASE_PRUNED, (
+            f"the snapshot of checkpoint {lost[-1]} was forgotten in {destination} (hyperback forget or "
+            f"prune): this backup goes on from an older snapshot, whose checkpoint {since} was pruned "
+            "then, so every chunk is compared with that snapshot"))
 
     def _write(self, domain_uuid: str, record: Mapping[str, Needs]) -> None:
         doc = json.dumps({"version": VERSION, "destinations": record}, indent=1, sort_keys=True)

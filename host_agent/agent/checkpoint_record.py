@@ -32,11 +32,13 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 
-from host_agent import hypervisor
+from host_agent import errors, hypervisor
 from host_agent.agent import checkpoint_metadata
 from host_agent.agent.checkpoint_metadata import SAFE_NAME as _SAFE_NAME
-from host_agent.agent.domainxml import is_active
+from host_agent.agent.domainxml import is_active, live_disks, source_of
 from host_agent.errors import DomainGone, HypervisorError, NoCheckpoint, ViewError
+from host_agent.model import Fallback, FallbackNote
+from host_agent.storage import imagebitmaps, qcow2
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,26 @@ class CheckpointRecords:
 
     def forget(self, domain_uuid: str, name: str) -> None:
         self._path(domain_uuid, name).unlink(missing_ok=True)
+        self._images_path(domain_uuid, name).unlink(missing_ok=True)
+
+    def _images_path(self, domain_uuid: str, name: str) -> Path:
+        return self._path(domain_uuid, name).with_suffix(".images.json")
+
+    def save_images(self, domain_uuid: str, name: str, images: Mapping[str, int]) -> None:
+        """Which file (inode, :func:`file_id`) each disk's image was when the checkpoint was made."""
+        doc = json.dumps(dict(images))
+        path = self._images_path(domain_uuid, name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(doc, encoding="utf-8")
+        os.replace(tmp, path)
+
+    def images(self, domain_uuid: str, name: str) -> dict[str, int]:
+        """What :meth:`save_images` saved; empty if nothing (a record older than this, or unreadable)."""
+        try:
+            doc = json.loads(self._images_path(domain_uuid, name).read_text(encoding="utf-8"))
+            return {str(t): int(fid) for t, fid in dict(doc).items()}
+        except (OSError, ValueError, TypeError, ViewError):
+            return {}
 
     def find(self, domain: Any, name: str) -> str | None:
         """Checkpoint ``name``'s XML: this host's record, else the checked copy the domain carries."""
@@ -111,13 +133,28 @@ class CheckpointRecords:
                             ", ".join(sorted(names)), domain.name(), e)
 
 
+def file_id(path: str) -> int | None:
+    """The image file's inode: a restore or copy renamed onto its path is another one. (Not the
+    device number: the same NFS file has another on each host, and a device-mapper volume's may
+    change at a reboot.)"""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 def record_checkpoint(records: CheckpointRecords, domain: Any, name: str) -> None:
     """Save checkpoint ``name`` of ``domain`` as libvirt describes it now."""
     domain = hypervisor.guard(domain)
     xml = domain.checkpointLookupByName(name).getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
-    records.save(str(domain.UUIDString()), name, xml)
+    uuid = str(domain.UUIDString())
+    records.save(uuid, name, xml)
     if records.in_domain:
         checkpoint_metadata.save(domain, xml)
+    disks = live_disks(domain)
+    images = {t: fid for t in tracked_bitmaps(xml) if t in disks
+              and (src := source_of(disks[t])) and (fid := file_id(src)) is not None}
+    records.save_images(uuid, name, images)
 
 
 def record_new(records: CheckpointRecords, domain: Any, name: str) -> str:
@@ -178,11 +215,13 @@ def bitmap_problem(bitmaps: Mapping[str, Bitmap] | None, bitmap: str, target: st
     """Why bitmap ``bitmap`` of ``target`` cannot say what changed since ``checkpoint`` ("" if it can)."""
     found = (bitmaps or {}).get(bitmap)
     if found is None:
-        return (f"checkpoint {checkpoint}: bitmap {bitmap} is missing on {target} (QEMU ended without "
-                "storing it, e.g. killed, or the image was replaced)")
+        return FallbackNote(Fallback.BITMAP_MISSING, (
+            f"checkpoint {checkpoint}: bitmap {bitmap} is missing on {target} (QEMU ended without "
+            "storing it, e.g. killed, or the image was replaced)"))
     if found.inconsistent:
-        return (f"checkpoint {checkpoint}: bitmap {bitmap} on {target} is inconsistent (QEMU exited "
-                "uncleanly while it was in use): it cannot be trusted")
+        return FallbackNote(Fallback.BITMAP_INCONSISTENT, f"checkpoint {checkpoint}: bitmap {bitmap} on "
+                            f"{target} is inconsistent (QEMU exited uncleanly while it was in use): it "
+                            "cannot be trusted")
     if not found.persistent or not found.recording:
         return (f"checkpoint {checkpoint}: bitmap {bitmap} on {target} is not a persistent, "
                 "recording bitmap")
@@ -233,16 +272,23 @@ def vouch(domain: Any, since: str, images: Mapping[str, str],
     if xml is None:
         why = ("and hyperback has no record of it, on this host or in the domain's metadata"
                if records is not None else "(no checkpoint records kept)")
-        return dict.fromkeys(images, f"{name} has no checkpoint {since} {why}")
+        return dict.fromkeys(images, FallbackNote(Fallback.NO_RECORD, f"{name} has no checkpoint {since} "
+                                                  f"{why}"))
     try:
         tracked = tracked_bitmaps(xml)
     except ET.ParseError as e:
         return dict.fromkeys(images, f"hyperback's record of checkpoint {since} is damaged ({e})")
     state = running_bitmaps(domain)
     reasons: dict[str, str] = {}
+    recorded = records.images(str(domain.UUIDString()), since) if records is not None else {}
     for target, image in images.items():
         if target not in tracked:
-            reasons[target] = f"checkpoint {since} does not track {target}"
+            reasons[target] = FallbackNote(Fallback.NOT_TRACKED,
+                                           f"checkpoint {since} does not track {target}")
+        elif target in recorded and file_id(image) != recorded[target]:
+            reasons[target] = FallbackNote(Fallback.DISK_REPLACED, (
+                f"the image of {target}, {image}, is another file than when checkpoint {since} was made "
+                "(restored or replaced under the domain): its bitmaps say nothing of this content"))
         else:
             problem = bitmap_problem(state.get(os.path.realpath(image)), tracked[target], target, since)
             if problem:
@@ -276,6 +322,35 @@ def vouch_all(domain: Any, wanted: Mapping[str, tuple[str, str]],
     return problems
 
 
+def bitmaps_gone(domain: Any, checkpoint_xml: str) -> bool:
+    """Whether none of a running domain's disks has the checkpoint's bitmap any more."""
+    disks, state = live_disks(domain), running_bitmaps(domain)
+    for target, bitmap in tracked_bitmaps(checkpoint_xml).items():
+        image = source_of(disks[target]) if target in disks else None
+        if image is not None and bitmap in state.get(os.path.realpath(image), {}):
+            return False
+    return True
+
+
+def remove_bitmaps_offline(domain: Any, checkpoint_xml: str) -> list[str]:
+    """Remove a checkpoint's bitmaps from the qcow2 images of a shut-off domain (libvirt deletes only
+    the metadata then, and the bitmaps would stay in the images for good). ``qemu-img bitmap
+    --remove`` takes the image's write lock, so it fails, raising ImageError, if a QEMU has the
+    image open (the domain started meanwhile): the caller keeps the checkpoint and tries again
+    next time. Returns the images a bitmap was removed from."""
+    disks = live_disks(domain)
+    done = []
+    for target, bitmap in tracked_bitmaps(checkpoint_xml).items():
+        disk = disks.get(target)
+        image = source_of(disk) if disk is not None else None
+        if disk is None or image is None or disk.find("driver[@type='qcow2']") is None:
+            continue  # a disk removed from the domain, or a raw one: no bitmap in it
+        if any(b.name == bitmap for b in qcow2.image_info(image, "qcow2").bitmaps):
+            imagebitmaps.remove_one(image, bitmap)
+            done.append(image)
+    return done
+
+
 def drop_lost(domain: Any, records: CheckpointRecords, keep: set[str] | frozenset[str],
               defined: set[str]) -> list[str]:
     """Records of checkpoints libvirt lost and no chain keeps: their bitmaps are still in the images
@@ -299,5 +374,13 @@ def drop_lost(domain: Any, records: CheckpointRecords, keep: set[str] | frozense
                 gone.append(cp)
             except HypervisorError as e:
                 log.info("checkpoint %s of %s stays lost (%s); forgetting its record", cp, domain.name(), e)
+        elif xml is not None:
+            try:
+                if remove_bitmaps_offline(domain, xml):
+                    gone.append(cp)
+            except (errors.ImageError, ET.ParseError) as e:
+                log.info("bitmaps of lost checkpoint %s of %s stay (%s); keeping its record", cp,
+                         domain.name(), e)
+                continue
         records.drop(domain, {cp})
     return gone

@@ -22,9 +22,14 @@ from urllib.parse import quote
 import libvirt  # type: ignore[import-untyped]
 
 from host_agent import hypervisor
-from host_agent.agent.checkpoint_record import CheckpointRecords, drop_lost
+from host_agent.agent.checkpoint_record import (
+    CheckpointRecords,
+    bitmaps_gone,
+    drop_lost,
+    remove_bitmaps_offline,
+)
 from host_agent.agent.domainxml import is_active
-from host_agent.errors import HypervisorError, NoCheckpoint, ViewError
+from host_agent.errors import HypervisorError, ImageError, NoCheckpoint, ViewError
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent
 
@@ -135,19 +140,38 @@ def checkpoint_disks(domain: Any, name: str) -> set[str] | None:
 
 
 def delete_checkpoint(domain: Any, name: str) -> None:
-    """Delete one checkpoint and its bitmaps (metadata only while the domain is shut off)."""
+    """Delete one checkpoint and its bitmaps. While the domain is shut off libvirt deletes only the
+    metadata, so the bitmaps are removed from the images first (checkpoint_record.remove_bitmaps_offline);
+    if that fails (the domain started), the checkpoint stays, for the next prune."""
     domain = hypervisor.guard(domain)
     try:
         cp = domain.checkpointLookupByName(name)
-        flags = 0 if is_active(domain) else libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
-        cp.delete(flags)
+        if is_active(domain):
+            _delete_running(domain, cp)
+        else:
+            remove_bitmaps_offline(domain, cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except HypervisorError as e:
         if isinstance(e, NoCheckpoint):
-
-
             return
         raise ViewError(f"cannot delete checkpoint {name} of {domain.name()}: {e}") from e
+    except ImageError as e:
+        raise ViewError(f"cannot delete checkpoint {name} of the shut-off {domain.name()}: {e}") from e
     log.info("deleted checkpoint %s of %s", name, domain.name())
+
+
+def _delete_running(domain: Any, cp: Any) -> None:
+    """Delete a running domain's checkpoint with its bitmaps. libvirt refuses one whose bitmap is
+    gone from the disk ("bitmap ... not found in backing chain": the image was replaced or restored
+    under the domain); with nothing left to remove, its metadata goes alone."""
+    try:
+        cp.delete(0)
+    except HypervisorError:
+        xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+        if not bitmaps_gone(domain, xml):
+            raise
+        log.info("checkpoint %s of %s has no bitmap left: deleting its metadata", cp.getName(), domain.name())
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
 
 
 def prune_checkpoints(domain: Any, keep: Sequence[str] | set[str],

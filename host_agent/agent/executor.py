@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -43,6 +44,8 @@ from host_agent.model import (
     ChangeDetection,
     DiskRef,
     DiskResult,
+    Fallback,
+    FallbackNote,
     Instruction,
     Outcome,
     Placement,
@@ -51,6 +54,7 @@ from host_agent.model import (
     UnitKind,
     WorkUnit,
     base_name,
+    fallback_of,
 )
 from host_agent.storage import qcow2
 from host_agent.storage.cancel import CancelToken
@@ -300,7 +304,8 @@ class Executor:
             disk_result = DiskResult(unit.disk.serial, snap.id, snap.stats.bytes_read, snap.stats.bytes_new,
                                      snap.stats.seconds, detection,
                                      "; ".join(filter(None, [view.reason, *result.notes, not_stored])),
-                                     offline=view.offline, bytes_stored=snap.stats.bytes_stored)
+                                     offline=view.offline, bytes_stored=snap.stats.bytes_stored,
+                                     fallback=snap.fallback.reason if snap.fallback else None)
             for i in unit.satisfies:
                 if i in outcomes:
                     outcomes[i].disks.append(disk_result)
@@ -420,7 +425,8 @@ class Executor:
         base = repo.base_for(disk.snapshot_name, unit.policy)
         since = base.checkpoint if base is not None else None
         with self._view(disk, repo, freeze, thaw, since={disk.serial: since}, records=self._records) as taken:
-            view = taken[disk.serial]
+            view = self._why_base_pruned(taken[disk.serial], unit.destination, since,
+                                         repo.snapshots(disk.snapshot_name))
             checkpoint = view.checkpoint
             if shared_base is None and view.changes is None and disk.backing_chain:
                 # no dirty bitmap to go by, but the backing image may be stored already: then
@@ -437,6 +443,15 @@ class Executor:
             result = self._read(repo, unit, view, cancel, vm)
         self._prune_checkpoints(repo, unit.destination, disk.domain_uuid)
         return result, view, view.change_detection
+
+    def _why_base_pruned(self, view: views.DiskView, destination: str, since: str | None,
+                         snapshots: list[Snapshot]) -> views.DiskView:
+        """The view, saying so if its ``since`` is gone because the chain's snapshot was forgotten."""
+        if since is None or fallback_of(view.reason) is not Fallback.NO_RECORD:
+            return view
+        pruned = self._chains.forgotten_base(view.disk.domain_uuid, destination, view.disk.serial, since,
+                                             {s.checkpoint for s in snapshots})
+        return dataclasses.replace(view, reason=pruned) if pruned else view
 
     def _view(self, disk: DiskRef, repo: AnyRepository, freeze: Callable[[], None], thaw: Callable[[], None],
               **options: Any) -> views.PointInTime:
@@ -465,6 +480,8 @@ class Executor:
         with offline_view(dom, (disk,), chunk_size=repo.config.chunk_size) as taken:
             view = taken[disk.serial]
             result = self._read(repo, unit, view, cancel, vm)
+        # the new snapshot records no checkpoint: the chain it ended may leave bitmaps in the images
+        self._prune_checkpoints(repo, unit.destination, disk.domain_uuid)
         return result, view, view.change_detection
 
     def _read(self, repo: AnyRepository, unit: WorkUnit, view: views.DiskView,
@@ -474,17 +491,18 @@ class Executor:
         disk = unit.disk
         assert disk is not None
         changes: list[Extent] | None = list(view.changes) if view.changes is not None else None
+        fallback = FallbackNote(fallback_of(view.reason), view.reason) if view.reason else None
         self.reads[view.image] = self.reads.get(view.image, 0) + 1
         try:
             return repo.backup(view.source, disk.snapshot_name, unit.policy, changes,
-                               checkpoint=view.checkpoint, cancel=cancel, vm=vm)
+                               checkpoint=view.checkpoint, cancel=cancel, vm=vm, fallback=fallback)
         except errors.NotReadableInPlace as e:
             log.info("%s; converting to raw first", e)
             self._work_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self._work_dir, suffix=".raw") as tmp:
                 qcow2.convert_to_raw(view.image, tmp.name)
                 return repo.backup(tmp.name, disk.snapshot_name, unit.policy, changes,
-                                   checkpoint=view.checkpoint, cancel=cancel, vm=vm)
+                                   checkpoint=view.checkpoint, cancel=cancel, vm=vm, fallback=fallback)
 
     def _prune_checkpoints(self, repo: AnyRepository, destination: str, domain_uuid: str) -> None:
         """Each checkpoint costs a bitmap QEMU updates on every write: keep only those a future

@@ -29,7 +29,7 @@ from host_agent.agent.driver import BackupDriver
 from host_agent.agent.guests import Guests
 from host_agent.agent.jobs import Job, Jobs, JobState, Origin
 from host_agent.config import host_port
-from host_agent.model import ChangeDetection, InstructionKind, Outcome, Placement, Policy
+from host_agent.model import ChangeDetection, Fallback, InstructionKind, Outcome, Placement, Policy
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class AgentMetrics:
         self.deferrals = Counter("hyperback_deferrals", "Times the optimizer deferred a job", registry=r)
         self.fallbacks = Counter("hyperback_checkpoint_fallbacks",
                                  "Disks an incremental or differential backup read in full (no usable "
-                                 "checkpoint: every chunk compared with the base)", ["domain"], registry=r)
+                                 "checkpoint: every chunk compared with the base), by why",
+                                 ["domain", "reason"], registry=r)
         self.moved = Counter("hyperback_migration_bytes", "Bytes of migration streams sent to back VMs up "
                              "on another host", registry=r)
         self.predicted = Counter("hyperback_lan_predicted_bytes",
@@ -142,7 +143,7 @@ class AgentMetrics:
             if instruction.policy is not Policy.FULL and disk.change_detection is ChangeDetection.COMPARISON:
                 domain = next((d.domain_name for d in instruction.disks if d.serial == disk.serial),
                               instruction.domain_uuid)
-                self.fallbacks.labels(domain).inc()
+                self.fallbacks.labels(domain, (disk.fallback or Fallback.OTHER).value).inc()
 
     # ---------- the state, read at scrape time ----------
 

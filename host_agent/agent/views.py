@@ -98,7 +98,7 @@ from host_agent.errors import (
     HypervisorError,
     ViewError,
 )
-from host_agent.model import ChangeDetection, DiskRef
+from host_agent.model import ChangeDetection, DiskRef, Fallback, FallbackNote
 from host_agent.storage import qcow2
 from host_agent.storage.extents import Extent, Layout
 
@@ -426,12 +426,11 @@ class PointInTime:
                 changes, d.change_reason = volatile_bitmaps.changes_since(self.dom, d.node, since,
                                                                           self._socket_base(), self.timeout)
                 d.changes = tuple(changes) if changes is not None else None
-            elif d.node:
-                d.change_reason = "no earlier checkpoint to compare with"
-            elif not d.trackable:
+            elif not (d.trackable or d.node):
                 d.change_reason = d.reason
             elif since is None:
-                d.change_reason = "no earlier checkpoint to compare with"
+                d.change_reason = FallbackNote(Fallback.NO_CHECKPOINT,
+                                               "no earlier checkpoint to compare with")
             elif d.since_problem:
                 d.change_reason = d.since_problem
             else:
@@ -446,10 +445,11 @@ class PointInTime:
             usable = []
             for d in disks:
                 if tracked is None:
-                    d.change_reason = (f"{self.name} has no checkpoint {since} (deleted, or the domain "
-                                       "was restarted as a transient domain)")
+                    d.change_reason = FallbackNote(Fallback.NO_RECORD, f"{self.name} has no checkpoint "
+                                                   f"{since} (deleted, or restarted as a transient domain)")
                 elif d.target not in tracked:
-                    d.change_reason = f"checkpoint {since} does not track {d.target}"
+                    d.change_reason = FallbackNote(Fallback.NOT_TRACKED,
+                                                   f"checkpoint {since} does not track {d.target}")
                 else:
                     usable.append(d)
             if usable:

@@ -35,6 +35,7 @@ from typing import Any
 from host_agent import hypervisor
 from host_agent.agent.checkpoints import CHECKPOINT_PREFIX, read_dirty_extents
 from host_agent.errors import HypervisorError, ViewError
+from host_agent.model import Fallback, FallbackNote
 from host_agent.storage.extents import Extent
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,9 @@ def changes_since(dom: Any, node: str, since: str, socket_dir: str,
     """The extents written to ``node`` since bitmap ``since`` was added, or None and why not."""
     try:
         if not present(dom, node, since):
-            return None, (f"the dirty bitmap {since} is gone: a raw disk's bitmap lives only in its QEMU "
-                          "process, which was restarted (or the domain moved) since the base snapshot")
+            return None, FallbackNote(Fallback.BITMAP_MISSING, (
+                f"the dirty bitmap {since} is gone: a raw disk's bitmap lives only in its QEMU process, "
+                "which was restarted (or the domain moved) since the base snapshot"))
         return read(dom, node, since, socket_dir, timeout), ""
     except ViewError as e:
         return None, f"could not read the dirty bitmap {since}: {e}"

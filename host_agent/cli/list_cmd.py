@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="List snapshots, oldest first; every filter given must hold. PROT says whether "
                     "a snapshot is protected (hyperback protect), LABELS its labels (hyperback tag), "
                     "BOOT its latest boot verification (hyperback verify-boot): passed, failed, or - "
-                    "for never.",
+                    "for never; after NAME, '(compared: REASON)' when a backup with a base could not "
+                    "read a dirty bitmap and compared every chunk (the snapshot's fallback).",
         epilog="--json prints an array, one object per snapshot: the fields of its snapshot document "
                "(docs/repository-format.md, 5.1) with 'labels' its labels now, plus 'note' (string), "
                "'protected' (bool) and 'verification' (the record of 5.4, or null). Fields may be "
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         record = verified.get(s.id)
         print(f"{s.id:16}  {s.time:%Y-%m-%d %H:%M:%S}  {s.policy.value:12}  {human(s.size):>10}  "
               f"{human(s.stats.bytes_new):>10}  {'yes' if note.protected else '-':4}  "
-              f"{','.join(note.labels) or '-':16}  {record.result if record else '-':6}  {s.name}")
+              f"{','.join(note.labels) or '-':16}  {record.result if record else '-':6}  {s.name}"
+              + (f"  (compared: {s.fallback.reason})" if s.fallback else ""))
     return 0
 
 

@@ -396,6 +396,21 @@ class TwoHosts:
         if pid is not None:
             _kill(pid)
 
+    def restart_libvirtd_b(self) -> None:
+        """Kill host B's libvirtd and start it again in B's namespaces (entered through virtlogd, which
+        keeps them alive); its running guests go on, and the new daemon reconnects to them."""
+        self.stop_libvirtd_b()
+        anchor = self.virtlogd_pid_b
+        if anchor is None:
+            raise TwoHostsError("host B's virtlogd is not running: cannot enter B's namespaces")
+        r = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-n", "libvirtd", "-d", "-p",
+                            str(self.folder / "libvirtd.pid")],
+                           capture_output=True, text=True, timeout=self.start_timeout)
+        if r.returncode != 0:
+            raise TwoHostsError(f"restarting host B's libvirtd failed ({r.returncode}): {r.stderr.strip()}")
+        self.wait_until_b_answers(self.start_timeout)
+        log.info("host B's libvirtd restarted: pid %s", self.libvirtd_pid_b)
+
     def _destroy_guests_b(self) -> None:
         pid = self.libvirtd_pid_b
         if pid is None or not _pid_alive(pid):

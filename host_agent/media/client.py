@@ -54,7 +54,7 @@ from host_agent.media.codec import (
 from host_agent.media.deletions import DeletionCalls
 from host_agent.media.restores import ChunkSink
 from host_agent.media.verifications import VerificationCalls
-from host_agent.model import Policy
+from host_agent.model import FallbackNote, Policy
 from host_agent.protobuf import policy_to_pb
 from host_agent.storage import copier
 from host_agent.storage.cancel import CancelToken
@@ -199,7 +199,7 @@ class RemoteRepository(VerificationCalls, DeletionCalls):
                changes: Sequence[Extent] | None = None, progress: ProgressFn | None = None,
                threads: int | None = None, base: Snapshot | None = None,
                checkpoint: str | None = None, cancel: CancelToken | None = None,
-               vm: VmRef | None = None) -> BackupResult:
+               vm: VmRef | None = None, fallback: FallbackNote | None = None) -> BackupResult:
         """Back up as :meth:`Repository.backup` does, sending the destination only what it lacks.
 
         The snapshot's ``bytes_new`` and ``bytes_stored`` count what the destination stored (the
@@ -218,7 +218,8 @@ class RemoteRepository(VerificationCalls, DeletionCalls):
             with _Uploader(session, spool) as uploader:
                 spool.throttle = uploader.wait_for_room
                 local = spool.backup(source, name, policy, changes, progress, threads, base=session.base,
-                                     checkpoint=checkpoint, cancel=cancel, vm=vm)
+                                     checkpoint=checkpoint, cancel=cancel, vm=vm,
+                                     fallback=fallback)
                 uploader.finish()
             stats = replace(local.snapshot.stats, bytes_new=uploader.bytes_new,
                             bytes_stored=uploader.bytes_stored, seconds=round(time.monotonic() - started, 3))

@@ -111,12 +111,17 @@ def start_tracking(path: str) -> str | Fallback:
     return name
 
 
+def remove_one(path: str, name: str) -> None:
+    """Remove one bitmap; ImageError if it cannot be (qemu-img needs the image's write lock: no QEMU
+    may have it open)."""
+    _run([qcow2.QEMU_IMG, "bitmap", "--remove", "-f", "qcow2", path, name], f"remove bitmap {name} of {path}")
+
+
 def remove(path: str, names: Iterable[str]) -> None:
     """Remove bitmaps; a failure only costs the next backup its shortcut, so it is logged."""
     for name in names:
         try:
-            _run([qcow2.QEMU_IMG, "bitmap", "--remove", "-f", "qcow2", path, name],
-                 f"remove bitmap {name} of {path}")
+            remove_one(path, name)
         except errors.ImageError as e:
             log.warning("%s", e)
 

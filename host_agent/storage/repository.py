@@ -8,11 +8,10 @@ follows it. The public API::
     repo.restore("vm1/vda@latest", "/var/tmp/vm1.img")
     repo.snapshots("vm1/vda"); repo.verify(); repo.check()
 
-Write order (what makes kill -9 safe): chunks and tree pages go into packs,
-each pack is fsynced and renamed into ``packs/`` before its index file is
-written into ``index/``; the snapshot document is renamed into ``snapshots/``
-only after every pack it needs is indexed. A snapshot file is therefore the
-commit record, and anything without one is invisible garbage.
+Write order (what makes kill -9 safe): chunks and tree pages go into packs, each pack is fsynced
+and renamed into ``packs/`` before its index file is written into ``index/``; the snapshot document
+is renamed into ``snapshots/`` only after every pack it needs is indexed. A snapshot file is
+therefore the commit record, and anything without one is invisible garbage.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from host_agent import errors
-from host_agent.model import ChangeDetection, Policy
+from host_agent.model import ChangeDetection, FallbackNote, Policy
 from host_agent.storage import copier, keys
 from host_agent.storage.annotations import Annotations, check_labels
 from host_agent.storage.cancel import CancelToken
@@ -408,7 +407,7 @@ class Repository:
                threads: int | None = None, base: Snapshot | None = None,
                checkpoint: str | None = None, cancel: CancelToken | None = None,
                files: FilesRef | None = None, vm: VmRef | None = None,
-               labels: Sequence[str] = ()) -> BackupResult:
+               labels: Sequence[str] = (), fallback: FallbackNote | None = None) -> BackupResult:
         """Back up an image file, block device or :class:`Layout` as a new snapshot of ``name``.
 
         ``incremental`` compares with (or, given ``changes``, reads only what changed
@@ -420,7 +419,7 @@ class Repository:
         instant the source shows, which the snapshot records for the next backup to start from.
         ``cancel`` stops it: nothing is published unless it comes after the commit. ``vm`` ties
         the snapshot to its domain's stored definition (docs/repository-format.md, 5.3); ``labels``
-        are committed with it (5.5).
+        are committed with it (5.5); ``fallback``: why a base was compared, not a bitmap read (5.1).
         """
         if not NAME.fullmatch(name):
             raise errors.UsageError(
@@ -472,7 +471,8 @@ class Repository:
                 snap = Snapshot(os.urandom(8).hex(), name, policy, base.id if base else None, _now(),
                                 src.label if isinstance(source, Layout) else str(Path(source).absolute()),
                                 src.size, self.config.chunk_size, tree,
-                                detection, stats, checkpoint, files, vm, labels, file)
+                                detection, stats, checkpoint, files, vm, labels, file,
+                                fallback if detection is ChangeDetection.COMPARISON else None)
                 # Still under the lock: a collector must not take our new chunks for garbage.
                 self._commit(snap)
         finally:

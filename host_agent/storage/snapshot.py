@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from host_agent.model import ChangeDetection, Policy
+from host_agent.model import ChangeDetection, Fallback, FallbackNote, Policy
 from host_agent.storage.sourcefile import SourceFile
 
 FORMAT_VERSION = 1  # of the repository format; snapshot documents and the config carry it
@@ -129,6 +129,7 @@ class Snapshot:
     vm: VmRef | None = None         # a disk of a domain: the domain's definition stored with it
     labels: tuple[str, ...] = ()    # given at backup; an annotation record replaces them (format 5.5)
     source_file: SourceFile | None = None  # an image file's identity: the next backup may skip it
+    fallback: FallbackNote | None = None   # why it compared instead of reading a dirty bitmap
 
     def to_json(self) -> dict[str, Any]:
         doc = {
@@ -146,6 +147,8 @@ class Snapshot:
             doc["labels"] = list(self.labels)
         if self.source_file is not None:  # absent for block devices and layouts: documents as before
             doc["source_file"] = self.source_file.to_json()
+        if self.fallback is not None:  # absent unless a dirty bitmap could not serve: documents as before
+            doc["fallback"] = {"reason": self.fallback.reason.value, "text": str(self.fallback)}
         return doc
 
     @classmethod
@@ -163,7 +166,17 @@ class Snapshot:
             files=FilesRef.from_json(doc["files"]) if doc.get("files") else None,
             vm=VmRef.from_json(doc["vm"]) if doc.get("vm") else None,
             labels=tuple(map(str, doc.get("labels", ()))),
-            source_file=SourceFile.from_json(doc["source_file"]) if doc.get("source_file") else None)
+            source_file=SourceFile.from_json(doc["source_file"]) if doc.get("source_file") else None,
+            fallback=_fallback(doc.get("fallback")))
+
+
+def _fallback(doc: Any) -> FallbackNote | None:
+    """The ``fallback`` field (5.1); a reason this reader does not know (a newer writer's) is OTHER."""
+    if not isinstance(doc, dict):
+        return None
+    value = str(doc.get("reason"))
+    reason = Fallback(value) if value in {r.value for r in Fallback} else Fallback.OTHER
+    return FallbackNote(reason, str(doc.get("text", "")))
 
 
 def _legacy_checkpoint(source: str) -> str | None:

@@ -4,8 +4,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cli_helpers import assert_one_line_error, run, run_json
-from conftest import MIB, write_image
+from conftest import MIB, mutate, write_image
 
+from host_agent.model import Fallback, FallbackNote, Policy
 from host_agent.storage.repository import Repository
 from host_agent.storage.verification import Verification
 
@@ -68,3 +69,18 @@ def test_list_filters_by_name_time_label_and_policy(tmp_path: Path) -> None:
                           "UTC date")
     assert_one_line_error(run("list", "--repo", tmp_path / "r", "--since", "2026-12-02", "--until",
                               "2026-12-01", check=False), 2, "nothing could match")
+
+
+def test_list_says_why_a_snapshot_compared_instead_of_reading_a_dirty_bitmap(tmp_path: Path) -> None:
+    run("init", tmp_path / "r")
+    image = write_image(tmp_path / "d.img", MIB, 3)
+    repo = Repository.open(tmp_path / "r")
+    full = repo.backup(image, "vm/vda").snapshot
+    mutate(image, 4, 2)
+    why = FallbackNote(Fallback.BASE_PRUNED, "the snapshot of checkpoint hyperback-x was forgotten")
+    compared = repo.backup(image, "vm/vda", Policy.INCREMENTAL, fallback=why).snapshot
+    rows = {s["id"]: s for s in run_json("list", "--repo", tmp_path / "r")}
+    assert rows[compared.id]["fallback"] == {"reason": "base-pruned", "text": str(why)}
+    assert "fallback" not in rows[full.id]
+    table = run("list", "--repo", tmp_path / "r").stdout.splitlines()
+    assert table[2].endswith("vm/vda  (compared: base-pruned)") and table[1].endswith("vm/vda")
