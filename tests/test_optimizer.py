@@ -297,7 +297,9 @@ def test_the_clusters_certificates_secure_the_optimizer_over_tcp(tmp_path: Path)
     async def go() -> None:
         config = ServerConfig("127.0.0.1:0", tls=TlsFiles(served.cert, served.key, served.ca))
         async with serving(config) as server:
-            assert (await plan_once(server.address, tls=client(cluster.tls(Role.AGENT, "hosta")))).plan.units
+            as_hosta = replace(CONTEXT, host_name="hosta")  # the name its certificate gives
+            assert (await plan_once(server.address, context=as_hosta,
+                                    tls=client(cluster.tls(Role.AGENT, "hosta")))).plan.units
             started = time.monotonic()
             with pytest.raises(OptimizerRejected, match="refused this end's certificate"):
                 stranger = cluster.tls(Role.AGENT, "hosta", ca=cluster.stranger)
