@@ -22,6 +22,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tls_helpers import Pki, make_pki
 
+from host_agent.agent.destinations import Destinations
+from host_agent.agent.planner import BatchPlanner
+from host_agent.config import load as load_config
 from host_agent.errors import OptimizerRejected
 from host_agent.model import (
     DiskRef,
@@ -45,6 +48,7 @@ from host_agent.planning.service import (
     request_to_pb,
     start_server,
 )
+from host_agent.storage.repository import Repository
 from host_agent.tls.identity import Role
 
 NOW = 1_700_000_000.0
@@ -186,7 +190,7 @@ def test_a_claim_is_forgotten_after_the_fleet_window_of_the_optimizers_clock() -
 
 @pytest.mark.parametrize(("ctx", "complaint"), [
     pytest.param(replace(context("host-b"), shared_images={"/srv/shared/images/other.qcow2": replace(
-        IDENTITY, path="/srv/shared/images/other.qcow2")}), "no backup disk of the batch is built on",
+        IDENTITY, path="/srv/shared/images/other.qcow2")}), "no disk of the batch is built on",
         id="an-image-none-of-its-disks-is-built-on"),
     pytest.param(context("host-b", repo="not-a-repository-id"), "is not 32 lowercase hex digits",
                  id="a-repository-id-that-is-not-one"),
@@ -336,3 +340,27 @@ def test_the_command_refuses_a_state_dir_it_cannot_create(tmp_path: Path) -> Non
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip().startswith("hyperback-optimizer: --state-dir ")
     assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- the agent's side
+
+def test_an_agent_identifies_the_backing_images_of_its_backups_on_shared_storage_and_its_repository(
+        tmp_path: Path) -> None:
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir()
+    local.mkdir()
+    (shared / "base.qcow2").write_bytes(b"a base image")
+    (local / "private.qcow2").write_bytes(b"a host's own image")
+    repo = Repository.init(tmp_path / "repo")
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(f'host_name = "host-a"\nshared_storage = ["{shared}"]\n'
+                           f'[repositories]\ndefault = "{tmp_path / "repo"}"\n')
+    config = load_config(config_file, env={})
+    planner = BatchPlanner(config, None, Destinations(config), None, None, None)  # type: ignore[arg-type]
+    on_shared = batch("host-a", "web1", destination="default", chain=(f"{shared}//base.qcow2",))
+    on_local = batch("host-a", "web2", destination="default", chain=(str(local / "private.qcow2"),))
+    images, repositories = planner._shared([*on_shared, *on_local])
+    st = (shared / "base.qcow2").stat()
+    path = str(shared / "base.qcow2")
+    assert images == {path: ImageIdentity(path, st.st_ino, st.st_size, st.st_mtime_ns)}
+    assert repositories == {"default": repo.config.repo_id}

@@ -19,7 +19,7 @@ Claims
 
 Trust
     A host names only its own data: every image it identifies lies in the backing chain of one of the
-    batch's backup disks (else ``MalformedBatch``), and it builds on another host's claim only when it
+    batch's disks (else ``MalformedBatch``), and it builds on another host's claim only when it
     reports the identical key itself, so no host makes another host's plan refer to data that host
     did not see. The host name is the client certificate's where there is one (the service checks).
     A claim whose host never reads the base costs a full read, never a wrong backup: the executor
@@ -162,12 +162,12 @@ class _NewerState(Exception):
 def claim_keys(batch: Sequence[Instruction], context: HostContext) -> dict[tuple[str, str], ClaimKey]:
     """``(destination, image) -> key`` for the batch's backups onto images the host identified;
     MalformedBatch if the host identifies an image none of its batch's disks is built on."""
+    images = {normalize_path(p) for i in batch for d in i.disks for p in d.backing_chain}
+    if strangers := sorted(set(context.shared_images) - images):
+        raise MalformedBatch(f"shared image(s) {', '.join(strangers)}: no disk of the batch is built on "
+                             f"them; a host identifies only its own disks' backing images")
     built_on = {(i.destination, normalize_path(p)) for i in batch if i.kind is InstructionKind.BACKUP
                 for d in i.disks for p in d.backing_chain}
-    images = {image for _, image in built_on}
-    if strangers := sorted(set(context.shared_images) - images):
-        raise MalformedBatch(f"shared image(s) {', '.join(strangers)}: no backup disk of the batch is built "
-                             f"on them; a host identifies only its own disks' backing images")
     return {(d, image): ClaimKey(context.repositories[d], context.shared_images[image])
             for d, image in built_on if d in context.repositories and image in context.shared_images}
 
