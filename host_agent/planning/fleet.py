@@ -183,7 +183,9 @@ class FleetPlanner(Planner):
         self.window, self.clock = window, clock
 
     def plan(self, batch: Sequence[Instruction], context: HostContext) -> PlanResult:
-        keys = claim_keys(batch, context) if context.host_name else {}
+        keys = claim_keys(batch, context)
+        if not context.host_name:  # a claim needs a host to name; an unnamed one merges within its batch
+            keys = {}
         now = self.clock()
         found = self.state.claims(set(keys.values()), now - self.window)
         others = {di: found[k] for di, k in keys.items() if k in found and found[k].host != context.host_name}

@@ -18,8 +18,9 @@ Serving
 
 Status codes
     INVALID_ARGUMENT  the request breaks the contract (``MalformedBatch``, ``MalformedMessage``: the
-                      message says which instruction and field); INTERNAL  a policy produced an
-                      inconsistent plan (``PolicyError``, a bug).
+                      message says which instruction and field); PERMISSION_DENIED  the batch names
+                      another host than its client certificate (``ForeignHost``); INTERNAL  a policy
+                      produced an inconsistent plan (``PolicyError``, a bug).
 
 Client
     :class:`OptimizerClient` ``await client.plan(instructions, context) -> PlanResult`` with a
