@@ -63,6 +63,7 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── OptimizerConfigError    exit 2   an unusable policy chain, option, address or TLS file
     │   │   └── UnknownPolicy                no entry point provides a policy of that name
     │   ├── MalformedBatch                   a batch or plan that breaks the contract
+    │   ├── ForeignHost                      a batch names another host than its certificate
     │   ├── PolicyError                      a policy returned an inconsistent plan (a bug)
     │   ├── OptimizerUnavailable             retry later: unreachable, deadline, busy
     │   └── OptimizerRejected                retrying will not help: the batch was refused
@@ -352,6 +353,10 @@ class UnknownPolicy(OptimizerConfigError):
 
 class MalformedBatch(OptimizerError):
     """A batch (or a plan) breaks the contract between driver and optimizer: INVALID_ARGUMENT."""
+
+
+class ForeignHost(OptimizerError):
+    """A batch names another host than the client certificate it came with: PERMISSION_DENIED."""
 
 
 class PolicyError(OptimizerError):

@@ -233,7 +233,9 @@ def test_the_clusters_certificates_secure_the_optimizer_over_tcp(pki: Pki) -> No
     async def go() -> None:
         async with serving(ServerConfig("127.0.0.1:0", tls=pki.tls(Role.AGENT, "hostm"))) as server:
             assert server.address.startswith("127.0.0.1:") and not server.address.endswith(":0")
-            assert (await plan_once(server.address, tls=pki.tls(Role.AGENT, "hosta"))).plan.units
+            as_hosta = replace(CONTEXT, host_name="hosta")  # the name its certificate gives
+            assert (await plan_once(server.address, context=as_hosta,
+                                    tls=pki.tls(Role.AGENT, "hosta"))).plan.units
             # TLS failures are not retried (the driver would retry OptimizerUnavailable forever)
             started = time.monotonic()
             stranger = pki.tls(Role.AGENT, "hosta", ca=pki.stranger)

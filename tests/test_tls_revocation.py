@@ -115,16 +115,17 @@ def test_a_client_with_the_list_refuses_its_own_revoked_certificate_before_conne
 
 def test_the_optimizer_refuses_a_revoked_host_and_the_driver_is_told_not_to_retry(pki: Pki) -> None:
     hosta = pki.tls(Role.AGENT, "hosta")
+    as_hosta = replace(CONTEXT, host_name="hosta")  # the host its certificate names
 
     async def go() -> None:
         config = ServerConfig("127.0.0.1:0", tls=replace(pki.tls(Role.AGENT, "hostm"), crl=crl_of(pki)))
         server = await start_server(config, Planner(build_chain(["merge"])))
         try:
             async with OptimizerClient(server.address, timeout=5, tls=hosta) as client:
-                assert (await client.plan(BATCH, CONTEXT)).plan.units
+                assert (await client.plan(BATCH, as_hosta)).plan.units
                 revoke(pki, hosta)
                 with pytest.raises(errors.OptimizerRejected, match="hosta .* was revoked"):
-                    await client.plan(BATCH, CONTEXT)
+                    await client.plan(BATCH, as_hosta)
         finally:
             await server.stop(0)
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 
+from host_agent import errors
 from host_agent.agent.destinations import Destinations
 from host_agent.agent.domains import Domains
 from host_agent.agent.guests import Guests
@@ -22,8 +24,16 @@ from host_agent.agent.jobs import Jobs, JobState
 from host_agent.colocation import appliance
 from host_agent.colocation.footprint import allocated_bytes, footprint
 from host_agent.config import AgentConfig
-from host_agent.model import ApplianceFootprint, DiskRef, Instruction, InstructionKind, Plan, VmFootprint
-from host_agent.planning.chain import HostContext
+from host_agent.model import (
+    ApplianceFootprint,
+    DiskRef,
+    Instruction,
+    InstructionKind,
+    Plan,
+    VmFootprint,
+    normalize_path,
+)
+from host_agent.planning.chain import HostContext, ImageIdentity
 from host_agent.planning.hostload import HostLoadReader
 from host_agent.planning.service import OptimizerClient, host_context
 
@@ -70,8 +80,10 @@ class BatchPlanner:
             if located is not None:
                 elsewhere[destination] = located[0]
                 appliances[destination] = located[1]
+        images, repositories = self._shared(batch)
         context = replace(host_context(self.load_reader, host_name=inventory.host_name or None),
-                          remote_destinations=elsewhere, appliances=appliances)
+                          remote_destinations=elsewhere, appliances=appliances, shared_images=images,
+                          repositories=repositories)
         remote = [i for i in batch if i.destination in elsewhere and i.kind is InstructionKind.BACKUP]
         if not remote:
             return context, list(batch)
@@ -87,6 +99,27 @@ class BatchPlanner:
             held.update(self.destinations.held(instruction.destination, instruction.disks))
         measured = [replace(i, disks=tuple(map(_measured, i.disks))) if i in remote else i for i in batch]
         return replace(context, footprints=footprints, held=held), measured
+
+    def _shared(self, batch: Sequence[Instruction]) -> tuple[dict[str, ImageIdentity], dict[str, str]]:
+        """The backing images of the batch's backups on shared storage and their destinations'
+        repository ids, so the optimizer can merge with other hosts (host_agent.planning.fleet);
+        an image or repository this host cannot identify now is left out, costing a merge only."""
+        images: dict[str, ImageIdentity] = {}
+        repositories: dict[str, str] = {}
+        for instruction in (i for i in batch if i.kind is InstructionKind.BACKUP):
+            chains = [p for d in instruction.disks for p in d.backing_chain
+                      if self.config.inventory.shared(p)]
+            try:
+                if chains and instruction.destination not in repositories:
+                    repo = self.destinations.repository(instruction.destination)
+                    repositories[instruction.destination] = repo.config.repo_id
+                for path in chains:
+                    st = os.stat(path)
+                    images[normalize_path(path)] = ImageIdentity(normalize_path(path), st.st_ino, st.st_size,
+                                                                 st.st_mtime_ns)
+            except (errors.HyperbackError, OSError) as e:
+                log.warning("no merge across hosts for %s: %s", instruction.id, e)
+        return images, repositories
 
     def _appliance_elsewhere(self, destination: str) -> tuple[str, ApplianceFootprint] | None:
         """(host, footprint) of the appliance serving ``destination`` if it runs on another host;

@@ -75,6 +75,16 @@ DEFAULT_MAX_BATCH = 10_000
 # --------------------------------------------------------------------------- types
 
 @dataclass(frozen=True)
+class ImageIdentity:
+    """A backing image on shared storage as a host sees it: the same data for two hosts when all is equal."""
+
+    path: str       # normalized
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
 class HostContext:
     """What the optimizer knows of the sending host besides the batch."""
 
@@ -87,6 +97,11 @@ class HostContext:
     remote_destinations: Mapping[str, str] = field(default_factory=dict)  # destination -> its media's host
     held: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (destination, name) -> last stored
     appliances: Mapping[str, ApplianceFootprint] = field(default_factory=dict)  # destination -> its appliance
+    shared_images: Mapping[str, ImageIdentity] = field(default_factory=dict)  # normalized path -> identity
+    repositories: Mapping[str, str] = field(default_factory=dict)  # destination -> its repository's repo_id
+    # (destination, normalized image) the merge policy reads as a base even for one disk, so that other
+    # hosts can build on it; set by the fleet layer (host_agent.planning.fleet), never sent by a host
+    fleet_shared: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)

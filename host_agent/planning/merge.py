@@ -24,6 +24,9 @@ the nearest image of its chain that is shared or known:
   directly or through other bases, and starts no later than the earliest of them. Its reason names
   the image and the disks sharing it. Base units come first in the plan, parents before children.
 
+An image in ``context.fleet_shared`` counts as shared with a single disk: another host of the fleet
+may build on it (``host_agent.planning.fleet``).
+
 Running ``merge`` again on its own output changes nothing.
 """
 from __future__ import annotations
@@ -155,7 +158,8 @@ class Merge(PlanningPolicy):
         def builds_on(destination: str, images: Sequence[str]) -> str | None:
             """The nearest image that is shared in this batch or already stored."""
             for image in images:
-                shared = len(sharers.get((destination, image), ())) >= 2
+                shared = (len(sharers.get((destination, image), ())) >= 2
+                          or (destination, image) in context.fleet_shared)
                 if shared or (destination, base_name(image)) in known:
                     return image
             return None
@@ -172,9 +176,10 @@ class Merge(PlanningPolicy):
             if (destination, image) not in bases:
                 name = base_name(image)
                 shared = list(sharers[(destination, image)].values())
-                reason = (f"backing image {image} is shared by {len(shared)} disks "
-                          f"({listing([describe_disk(d) for d in shared])}) backed up to {destination!r}: "
-                          f"read once as {name}")
+                fleet = " and may be by other hosts" if (destination, image) in context.fleet_shared else ""
+                reason = (f"backing image {image} is shared by {len(shared)} disk(s) "
+                          f"({listing([describe_disk(d) for d in shared])}) backed up to {destination!r}"
+                          f"{fleet}: read once as {name}")
                 unit = WorkUnit(id=f"{name}@{destination}", kind=UnitKind.BACKUP_BASE, source=image,
                                 snapshot_name=name, destination=destination, policy=Policy.FULL,
                                 satisfies=(), reason=reason)

@@ -13,13 +13,16 @@ Serving
     settings of docs/tls.md, served by ``host_agent.tls.transport`` as every hyperback service); plain
     TCP only on loopback, or with ``--allow-plaintext``. The gRPC health service
     (``grpc.health.v1.Health``, for ``""`` and ``hyperback.v1.Optimizer``) and server reflection are
-    registered. SIGTERM or SIGINT stops it
+    registered. Over mutual TLS the sending host is the agent its certificate names (a batch naming
+    another host: PERMISSION_DENIED). Merge across hosts and its state (``--state-dir``) are
+    ``host_agent.planning.fleet``'s. SIGTERM or SIGINT stops it
     gracefully: health turns NOT_SERVING, calls in flight get ``--grace`` seconds to finish.
 
 Status codes
     INVALID_ARGUMENT  the request breaks the contract (``MalformedBatch``, ``MalformedMessage``: the
-                      message says which instruction and field); INTERNAL  a policy produced an
-                      inconsistent plan (``PolicyError``, a bug).
+                      message says which instruction and field); PERMISSION_DENIED  the batch names
+                      another host than its client certificate (``ForeignHost``); INTERNAL  a policy
+                      produced an inconsistent plan (``PolicyError``, a bug).
 
 Client
     :class:`OptimizerClient` ``await client.plan(instructions, context) -> PlanResult`` with a
@@ -35,12 +38,13 @@ import argparse
 import asyncio
 import logging
 import math
+import re
 import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -54,6 +58,7 @@ from host_agent import errors
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as pb
 from host_agent._proto.hyperback.v1 import optimizer_pb2_grpc as pb_grpc
 from host_agent.errors import (
+    ForeignHost,
     HostLoadError,
     MalformedBatch,
     MalformedMessage,
@@ -65,12 +70,14 @@ from host_agent.errors import (
 from host_agent.model import (
     Instruction,
     Plan,
+    normalize_path,
 )
 from host_agent.notify import Notifier
 from host_agent.planning.chain import (
     DEFAULT_CHAIN,
     DEFAULT_MAX_BATCH,
     HostContext,
+    ImageIdentity,
     Planner,
     PlanResult,
     Rejection,
@@ -79,6 +86,7 @@ from host_agent.planning.chain import (
     parse_chain,
     parse_policy_options,
 )
+from host_agent.planning.fleet import DEFAULT_WINDOW, FleetPlanner, FleetState
 from host_agent.planning.hostload import HostLoad, HostLoadReader
 from host_agent.protobuf import (
     appliance_from_pb,
@@ -101,6 +109,7 @@ from host_agent.tls.transport import (
     aio_channel,
     from_arguments,
     is_local_socket,
+    peer_identity,
     tls_failure,
 )
 
@@ -114,6 +123,7 @@ MAX_MESSAGE: Final = 64 * 1024 * 1024
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                         grpc.StatusCode.CANCELLED})
+_REPO_ID: Final = re.compile(r"[0-9a-f]{32}")
 _CHANNEL_OPTIONS: Final = [("grpc.max_receive_message_length", MAX_MESSAGE),
                            ("grpc.max_send_message_length", MAX_MESSAGE)]
 
@@ -151,7 +161,12 @@ def context_to_pb(c: HostContext) -> pb.HostContext:
                                                for d, h in sorted(c.remote_destinations.items())],
                           held=[pb.HeldDisk(destination=d, snapshot_name=n, last_stored_bytes=b)
                                 for (d, n), b in sorted(c.held.items())],
-                          appliances=[appliance_to_pb(a) for _, a in sorted(c.appliances.items())])
+                          appliances=[appliance_to_pb(a) for _, a in sorted(c.appliances.items())],
+                          shared_images=[pb.SharedImage(path=i.path, inode=i.inode, size=i.size,
+                                                        mtime_ns=i.mtime_ns)
+                                         for _, i in sorted(c.shared_images.items())],
+                          repositories=[pb.RepositoryRef(destination=d, repo_id=r)
+                                        for d, r in sorted(c.repositories.items())])
 
 
 def context_from_pb(m: pb.HostContext, default_now: float) -> HostContext:
@@ -162,7 +177,22 @@ def context_from_pb(m: pb.HostContext, default_now: float) -> HostContext:
                        footprints={f.domain_uuid: footprint_from_pb(f) for f in m.footprints},
                        remote_destinations={r.destination: r.host for r in m.remote_destinations},
                        held={(h.destination, h.snapshot_name): h.last_stored_bytes for h in m.held},
-                       appliances={a.destination: appliance_from_pb(a) for a in m.appliances})
+                       appliances={a.destination: appliance_from_pb(a) for a in m.appliances},
+                       shared_images={i.path: i for i in map(image_from_pb, m.shared_images)},
+                       repositories={r.destination: repo_id_from_pb(r) for r in m.repositories})
+
+
+def image_from_pb(m: pb.SharedImage) -> ImageIdentity:
+    if not m.path.startswith("/"):
+        raise MalformedMessage(f"shared image {m.path!r}: the path must be absolute")
+    return ImageIdentity(normalize_path(m.path), m.inode, m.size, m.mtime_ns)
+
+
+def repo_id_from_pb(m: pb.RepositoryRef) -> str:
+    if not _REPO_ID.fullmatch(m.repo_id):
+        raise MalformedMessage(f"destination {m.destination!r}: repo_id {m.repo_id!r} is not 32 lowercase "
+                               f"hex digits (the repository's config names it)")
+    return m.repo_id
 
 
 def request_to_pb(batch: Sequence[Instruction], context: HostContext) -> pb.PlanRequest:
@@ -204,7 +234,10 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
         peer = log.getChild(f"host:{request.host.host_name.replace('.', '_') or '?'}")
         try:
             batch, host = request_from_pb(request, default_now=time.time())
-            result = self.planner.plan(batch, host)
+            result = self.planner.plan(batch, replace(host, host_name=_host_name(host.host_name, context)))
+        except ForeignHost as e:
+            peer.warning("refused a batch from %s: %s", context.peer(), e)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except (MalformedBatch, MalformedMessage) as e:
             peer.warning("refused a batch of %d instruction(s) from %s: %s",
                          len(request.instructions), context.peer(), e)
@@ -219,8 +252,24 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
         return result_to_pb(result)
 
 
-# The optimizer has no roles: any certificate of the cluster's CA may ask for plans.
+# The optimizer has no roles: any certificate of the cluster's CA may ask for plans; which host an
+# agent's batch may name is the servicer's check (_host_name), as it depends on the request.
 ANY_ROLE: Final = {role: ALL for role in Role}
+
+
+def _host_name(named: str, context: _Context) -> str:
+    """The sending host: the agent identity of its client certificate, which the request may repeat
+    but not contradict (claims of shared images are a host's own); the request's name without one.
+
+    The identity is the one AioRoleInterceptor checked: a certificate without exactly one hyperback
+    identity was refused (PERMISSION_DENIED) before the servicer ran."""
+    identity = peer_identity(context)
+    if identity is None or identity.role is not Role.AGENT:
+        return named
+    if named and named != identity.name:
+        raise ForeignHost(f"the batch names host {named!r} but comes with the certificate of {identity}: "
+                          f"an agent plans only as the host its certificate names")
+    return identity.name
 
 
 @dataclass(frozen=True)
@@ -391,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on stop, time given to calls in flight (default %(default)s)")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
                         help="refuse batches of more instructions (default %(default)s)")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="keep the claims of merge across hosts here, to survive a restart "
+                             "(default: in memory; docs/architecture.md)")
+    parser.add_argument("--fleet-window", type=float, default=DEFAULT_WINDOW, metavar="SECONDS",
+                        help="how long another host may build on a base a host reads (default %(default)s)")
     parser.add_argument("--list-policies", action="store_true", help="list the installed policies and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default INFO)")
     return parser
@@ -409,10 +463,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, Planner] | Non
         tls = from_arguments(args)
     except errors.UsageError as e:
         raise OptimizerConfigError(str(e)) from e
-    if args.max_batch < 1 or not args.grace >= 0:
-        raise OptimizerConfigError("--max-batch must be at least 1 and --grace not negative")
+    if args.max_batch < 1 or not args.grace >= 0 or not args.fleet_window >= 0:
+        raise OptimizerConfigError("--max-batch must be at least 1, --grace and --fleet-window not negative")
     chain = build_chain(parse_chain(args.policies), parse_policy_options(args.policy_option))
-    return ServerConfig(listen=args.listen, tls=tls, grace=args.grace), Planner(chain, args.max_batch)
+    planner = FleetPlanner(chain, args.max_batch, FleetState.in_dir(args.state_dir), args.fleet_window)
+    return ServerConfig(listen=args.listen, tls=tls, grace=args.grace), planner
 
 
 def main(argv: Sequence[str] | None = None) -> int:
