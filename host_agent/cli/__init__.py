@@ -10,43 +10,37 @@ A user mistake prints one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from types import ModuleType
+from typing import Final, NoReturn
 
 from host_agent import errors
-from host_agent.cli import (
-    backup_cmd,
-    certs_cmd,
-    check_cmd,
-    copy_cmd,
-    demo_cmd,
-    export_cmd,
-    files_cmd,
-    forget_cmd,
-    init_cmd,
-    instant_restore_cmd,
-    job_cmd,
-    key_cmd,
-    list_cmd,
-    protect_cmd,
-    prune_cmd,
-    restore_cmd,
-    restorevm_cmd,
-    schedule_cmd,
-    shim_cmd,
-    tag_cmd,
-    units_cmd,
-    verify_boot_cmd,
-    verify_cmd,
-    vm_cmd,
-)
 
-COMMANDS = (init_cmd, backup_cmd, restore_cmd, restorevm_cmd, instant_restore_cmd, export_cmd, files_cmd,
-            list_cmd, tag_cmd, protect_cmd, forget_cmd, verify_cmd, verify_boot_cmd, check_cmd, copy_cmd,
-            prune_cmd, vm_cmd, job_cmd, schedule_cmd, units_cmd, demo_cmd, shim_cmd, certs_cmd, key_cmd)
+# Which module serves each command, in the order --help lists them. A call imports only its
+# command's module: importing all of them (grpc, cryptography, libvirt, croniter) was most of a
+# call's start-up (bench/cli_startup.py).
+COMMANDS: Final = {
+    "init": "init_cmd", "backup": "backup_cmd", "restore": "restore_cmd", "restore-vm": "restorevm_cmd",
+    "instant-restore": "instant_restore_cmd", "export": "export_cmd", "files": "files_cmd",
+    "list": "list_cmd", "tag": "tag_cmd", "protect": "protect_cmd", "unprotect": "protect_cmd",
+    "forget": "forget_cmd", "verify": "verify_cmd", "verify-boot": "verify_boot_cmd", "check": "check_cmd",
+    "copy": "copy_cmd", "prune": "prune_cmd", "vm": "vm_cmd", "job": "job_cmd", "schedule": "schedule_cmd",
+    "units": "units_cmd", "demo": "demo_cmd", "shim": "shim_cmd", "certs": "certs_cmd",
+    "key": "key_cmd",
+}
+
+
+def command_modules(argv: Sequence[str]) -> list[ModuleType]:
+    """The modules that must build the parser for ``argv``: its command's, or all of them when
+    it names none (--help) or an unknown one (the error lists every command)."""
+    # The first word that is not an option is the command: the top level's option takes no value.
+    named = next((word for word in argv if not word.startswith("-")), None)
+    wanted = [COMMANDS[named]] if named in COMMANDS else dict.fromkeys(COMMANDS.values())
+    return [importlib.import_module(f"{__name__}.{module}") for module in wanted]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
         raise errors.UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[ModuleType]) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hyperback",
         description="Deduplicating, compressed backups of VM disk images and block devices.",
@@ -63,13 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in COMMANDS:
+    for module in modules:
         module.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_modules(argv))
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),

@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from host_agent import errors
 
 KEY_LEN = 32
@@ -113,6 +110,10 @@ def _kek(passphrase: bytes, salt: bytes, kdf: Mapping[str, Any]) -> bytes:
 
 def wrap(keys: RepoKeys, repo_id: str, passphrase: bytes, kdf: Mapping[str, Any] = DEFAULT_KDF) -> bytes:
     """The key document (``keys/repokey``) holding ``keys`` wrapped by ``passphrase``."""
+    # cryptography is imported where a key is wrapped or opened: every repository command imports
+    # this module, and importing cryptography would be most of an unencrypted call's start-up
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     salt, nonce = os.urandom(SALT_LEN), os.urandom(NONCE_LEN)
     kek = _kek(passphrase, salt, kdf)
     wrapped = AESGCM(kek).encrypt(nonce, keys.aead_key + keys.id_key, _wrap_aad(repo_id))
@@ -153,6 +154,9 @@ def _split(raw: bytes, where: str) -> RepoKeys:
 
 def unwrap(document: bytes, repo_id: str, passphrase: bytes, where: str) -> RepoKeys:
     """The keys in a key document; WrongKey if the passphrase does not open it."""
+    from cryptography.exceptions import InvalidTag  # imported here as in wrap()
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     doc = _load(document, "hyperback-key", where)
     _check_repo(doc, repo_id, where)
     try:
