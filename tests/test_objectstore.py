@@ -218,8 +218,9 @@ def test_s3_throttling_from_a_fake_server_is_retried_until_the_put_succeeds(
     endpoint, handler = fake_throttling_server
     handler.throttled = 3
     sleeps = Sleeps()
-    S3Store(S3Location(endpoint, "b", "", "k", "s"), Backoff(attempts=5, sleep=sleeps)).put("config", b"1")
-    assert (handler.seen, len(sleeps.delays)) == (4, 3)
+    store = S3Store(S3Location(endpoint, "b", "", "k", "s"), Backoff(attempts=5, sleep=sleeps))
+    store.put("config", b"1")
+    assert (handler.seen, store.requests, len(sleeps.delays)) == (4, 4, 3)
 
 
 def test_s3_throttling_from_a_fake_server_past_the_attempts_is_reported(

@@ -199,6 +199,7 @@ class S3Store(ObjectStore):
 
         self.location = location
         self.backoff = backoff
+        self.requests = 0  # sent, retries included: what a provider bills
         # botocore retries on its own by default; one policy (ours, which never retries a 4xx) is enough
         self._client = boto3.client(
             "s3", endpoint_url=location.endpoint, region_name=location.region,
@@ -263,6 +264,7 @@ class S3Store(ObjectStore):
 
         delays = self.backoff.delays()
         while True:
+            self.requests += 1
             try:
                 return getattr(self._client, operation)(Bucket=self.location.bucket, **params)
             except ClientError as e:
