@@ -7,6 +7,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3  # type: ignore[import-untyped]
@@ -77,6 +78,13 @@ def test_listing_names_the_objects_under_a_prefix_in_key_order_with_sizes(store:
     assert [o.key for o in store.list("packs/ab")] == ["packs/ab/1", "packs/ab/2"]
     assert [o.key for o in store.list()] == ["index/1", "packs/ab/1", "packs/ab/2", "packs/ac/1", "packsx"]
     assert list(store.list("tombstones/")) == []
+
+
+def test_listing_pages_through_more_objects_than_one_s3_answer_holds(store: ObjectStore) -> None:
+    keys = [f"index/{n:05d}" for n in range(1005)]  # S3 answers at most 1,000 keys a request
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: store.put(key, b""), keys))
+    assert [o.key for o in store.list("index/")] == keys
 
 
 def test_a_listed_object_carries_the_time_it_was_written(store: ObjectStore) -> None:
