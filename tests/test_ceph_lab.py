@@ -7,6 +7,7 @@ from pathlib import Path
 import boto3  # type: ignore[import-untyped]
 import pytest
 
+from host_agent.lab import HostNotReady
 from host_agent.lab.ceph import CephLab
 
 
@@ -44,3 +45,11 @@ def test_a_second_start_replaces_a_cluster_left_running_and_stop_leaves_no_proce
         lab.stop()
     assert ceph_processes_of(lab.conf) == []
     assert not root.exists()
+
+
+def test_a_host_without_ceph_is_told_what_to_install_and_nothing_is_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ceph tool on it
+    with pytest.raises(HostNotReady, match="apt-get install --no-install-recommends ceph-mon ceph-mgr"):
+        CephLab(tmp_path / "ceph").start()
+    assert not (tmp_path / "ceph").exists()

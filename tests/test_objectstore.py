@@ -181,24 +181,39 @@ def test_s3_a_refused_connection_is_retried_with_growing_waits_then_reported() -
     assert all(0 <= d <= 2**n for n, d in enumerate(sleeps.delays))
 
 
-class FakeThrottlingServer(http.server.BaseHTTPRequestHandler):
-    """A fault RGW 16 cannot be made to show (it has no rate limiter): 503 SlowDown to the first
-    ``throttled`` requests, then 200 to every PUT."""
+class FakeFaultyServer(http.server.BaseHTTPRequestHandler):
+    """Faults RGW 16 cannot be made to show: 503 SlowDown to the first ``throttled`` requests (it has
+    no rate limiter), and the first ``dropped`` answers to PUTs that did store lost (the connection
+    closed before the answer). Stores objects in ``stored`` and honours ``If-None-Match: *``."""
 
     protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" at once, as S3 does
     throttled = 0
+    dropped = 0
     seen = 0
+    stored: dict[str, bytes] = {}
 
     def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        type(self).seen += 1
-        if type(self).seen <= self.throttled:
-            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
+        data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        cls = type(self)
+        cls.seen += 1
+        if cls.seen <= cls.throttled:
+            self.answer(503, b"<Error><Code>SlowDown</Code><Message>Reduce your rate.</Message></Error>")
+        elif self.headers.get("If-None-Match") == "*" and self.path in cls.stored:
+            self.answer(412, b"<Error><Code>PreconditionFailed</Code></Error>")
         else:
-            body = b""
-            self.send_response(200)
-            self.send_header("ETag", '"0"')
+            cls.stored[self.path] = data
+            if cls.dropped > 0:
+                cls.dropped -= 1
+                self.close_connection = True
+                return
+            self.answer(200, b"")
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.answer(200, type(self).stored[self.path])
+
+    def answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("ETag", '"0"')
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -208,8 +223,8 @@ class FakeThrottlingServer(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def fake_throttling_server() -> Iterator[tuple[str, type[FakeThrottlingServer]]]:
-    handler = type("Handler", (FakeThrottlingServer,), {"throttled": 0, "seen": 0})
+def fake_faulty_server() -> Iterator[tuple[str, type[FakeFaultyServer]]]:
+    handler = type("Handler", (FakeFaultyServer,), {"throttled": 0, "dropped": 0, "seen": 0, "stored": {}})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
@@ -221,9 +236,20 @@ def fake_throttling_server() -> Iterator[tuple[str, type[FakeThrottlingServer]]]
         server.server_close()
 
 
+def test_s3_a_create_whose_answer_a_fake_server_lost_is_the_creators_own(
+        fake_faulty_server: tuple[str, type[FakeFaultyServer]]) -> None:
+    endpoint, handler = fake_faulty_server
+    handler.dropped = 1
+    store = S3Store(S3Location(endpoint, "b", "", "k", "s"), Backoff(sleep=Sleeps()))
+    assert store.create("locks/gc", b"mine")  # stored, answer lost; the retry's 412 is its own object
+    assert not store.create("locks/gc", b"mine")  # a second creator with the same bytes did not create
+    assert not store.create("locks/gc", b"theirs")
+    assert handler.stored["/b/locks/gc"] == b"mine"
+
+
 def test_s3_throttling_from_a_fake_server_is_retried_until_the_put_succeeds(
-        fake_throttling_server: tuple[str, type[FakeThrottlingServer]]) -> None:
-    endpoint, handler = fake_throttling_server
+        fake_faulty_server: tuple[str, type[FakeFaultyServer]]) -> None:
+    endpoint, handler = fake_faulty_server
     handler.throttled = 3
     sleeps = Sleeps()
     store = S3Store(S3Location(endpoint, "b", "", "k", "s"), Backoff(attempts=5, sleep=sleeps))
@@ -232,8 +258,8 @@ def test_s3_throttling_from_a_fake_server_is_retried_until_the_put_succeeds(
 
 
 def test_s3_throttling_from_a_fake_server_past_the_attempts_is_reported(
-        fake_throttling_server: tuple[str, type[FakeThrottlingServer]]) -> None:
-    endpoint, handler = fake_throttling_server
+        fake_faulty_server: tuple[str, type[FakeFaultyServer]]) -> None:
+    endpoint, handler = fake_faulty_server
     handler.throttled = 100
     store = S3Store(S3Location(endpoint, "b", "", "k", "s"), Backoff(attempts=3, sleep=Sleeps()))
     with pytest.raises(errors.RepositoryIOError, match="cannot write config"):
