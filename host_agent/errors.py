@@ -17,6 +17,7 @@ the system call is made, the native copier in ``host_agent.storage.copier``).
     │   ├── UnsupportedFormat                written by a newer hyperback
     │   ├── RepositoryExists
     │   ├── SnapshotNotFound
+    │   ├── ObjectNotFound                   an object store holds no object under that key
     │   ├── UnknownDestination               a media service serves no destination of that name
     │   ├── KeyMissing                       an encrypted repository and nothing to unlock it with
     │   └── WrongKey                         the passphrase or key file does not open it
@@ -132,6 +133,10 @@ class RepositoryExists(RepositoryError):
 
 class SnapshotNotFound(RepositoryError):
     pass
+
+
+class ObjectNotFound(RepositoryError):
+    """An object store (host_agent.storage.objectstore) holds no object under the key asked for."""
 
 
 class UnknownDestination(RepositoryError):

@@ -1,6 +1,7 @@
 """Shared fixtures: repositories and generated disk images on real files."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
@@ -17,6 +18,7 @@ import pytest
 from checkpoints import Checkpoints, Unavailable
 
 from host_agent.lab import HostNotReady, Lab
+from host_agent.lab.ceph import CephLab, S3Endpoint
 from host_agent.storage.repository import Repository
 from host_agent.storage.sourcefile import RACY_MARGIN_NS
 
@@ -149,3 +151,21 @@ def lab_or_fail(workdir: Path, **options: Any) -> Iterator[Lab]:
         yield the_lab
     finally:
         the_lab.close()
+
+
+@pytest.fixture(scope="session")
+def ceph_s3() -> Iterator[S3Endpoint]:
+    """The lab's Ceph cluster with radosgw, started once per run and removed at its end (tests marked
+    ``ceph``). Never a silent skip: a host without Ceph fails the test, saying what to install. Two
+    runs on one machine take turns: the cluster's folder is one for the machine."""
+    with open("/tmp/hyperback-ceph.lock", "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        lab = CephLab()
+        try:
+            endpoint = lab.start()
+        except HostNotReady as e:
+            pytest.fail(f"host not prepared for the ceph tests (deselect them with -m 'not ceph'): {e}")
+        try:
+            yield endpoint
+        finally:
+            lab.stop()
