@@ -22,10 +22,12 @@ from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
 from host_agent._proto.hyperback.v1 import optimizer_pb2 as opb
 from host_agent.media.client import RemoteRepository
 from host_agent.media.codec import remote_error
+from host_agent.media.uploads import PackScanner
 from host_agent.model import Policy
 from host_agent.storage import keys
 from host_agent.storage.copier import BLOB_DATA
-from host_agent.storage.packfile import read_index
+from host_agent.storage.packfile import PACK_HEADER, PACK_MAGIC, RECORD_HEADER, read_index
+from host_agent.storage.packfile import VERSION as PACK_VERSION
 from host_agent.storage.repository import Repository
 from host_agent.tls.identity import Role
 from host_agent.tls.transport import TlsConfig, channel
@@ -172,6 +174,20 @@ def test_a_client_that_does_not_seal_cannot_write_and_the_service_does_not_open_
     restore = raw_call(address, tls, "Restore", pb.RestoreRequest(destination="main", spec=snap.id),
                        stream=True)
     assert isinstance(restore, errors.RepositoryError) and "holds no key" in str(restore)
+
+
+def test_the_upload_check_refuses_an_unsealed_record_for_an_encrypted_destination_by_its_length() -> None:
+    """A record of a client that does not seal (an uncompressed payload exactly its raw length) has no
+    room for a nonce and a tag: the check of a sealed pack refuses it before anything is published."""
+    writer = bytes(16)
+    name = "ab" * 16
+    head = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, bytes.fromhex(name), writer)
+    plain = RECORD_HEADER.pack(b"\x01" * 32, BLOB_DATA, 0, 0, 4096, 4096) + bytes(4096)
+    sealed = RECORD_HEADER.pack(b"\x02" * 32, BLOB_DATA, 0, 0, 4096, 4096 + 28) + bytes(4096 + 28)
+    PackScanner(name, writer, 4096, sealed=False).feed(head + plain)
+    PackScanner(name, writer, 4096, sealed=True).feed(head + sealed)
+    with pytest.raises(errors.CorruptChunk, match="bad lengths"):
+        PackScanner(name, writer, 4096, sealed=True).feed(head + plain)
 
 
 def test_a_monitor_may_not_fetch_the_key_document_or_sealed_records(
