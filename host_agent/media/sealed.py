@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Final
+from contextlib import ExitStack
+from typing import BinaryIO, Final
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
@@ -58,23 +59,28 @@ class RecordLocations:
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
         self._lock = threading.Lock()
-        self._packs: dict[str, dict[bytes, IndexEntry]] = {}
+        self._packs: dict[str, list[bytes]] = {}  # the ids of each pack read
+        self._where: dict[bytes, tuple[str, IndexEntry]] = {}
 
     def find(self, cid: bytes) -> tuple[str, IndexEntry]:
         with self._lock:
-            for _ in range(2):  # a pack published since the last refresh is read on a miss
-                for name, entries in self._packs.items():
-                    if cid in entries:
-                        return name, entries[cid]
+            if cid not in self._where:  # perhaps in a pack published since the last refresh
                 self._refresh()
-        raise errors.MissingChunk(f"the destination holds no blob {cid.hex()}", cid.hex())
+            found = self._where.get(cid)
+        if found is None:
+            raise errors.MissingChunk(f"the destination holds no blob {cid.hex()}", cid.hex())
+        return found
 
     def _refresh(self) -> None:
         names = set(self._repo.pack_names())
         for gone in set(self._packs) - names:
-            del self._packs[gone]
+            for cid in self._packs.pop(gone):
+                if self._where.get(cid, ("",))[0] == gone:
+                    del self._where[cid]
         for name in sorted(names - set(self._packs)):
-            self._packs[name] = {e.id: e for e in read_index(self._repo.path / "index" / name)}
+            entries = read_index(self._repo.path / "index" / name)
+            self._packs[name] = [e.id for e in entries]
+            self._where.update((e.id, (name, e)) for e in entries)
 
 
 def read_records(repo: Repository, locations: RecordLocations, ids: bytes) -> Iterator[pb.RecordData]:
@@ -82,20 +88,23 @@ def read_records(repo: Repository, locations: RecordLocations, ids: bytes) -> It
     if not ids or len(ids) % ID_LEN or len(ids) > MAX_IDS * ID_LEN:
         raise errors.UsageError(f"ids must be 32 bytes each, 1 to {MAX_IDS} of them")
     out = bytearray()
-    for at in range(0, len(ids), ID_LEN):
-        name, entry = locations.find(ids[at:at + ID_LEN])
-        pack = repo.path / "packs" / name[:2] / name
-        try:
-            with open(pack, "rb") as f:
-                f.seek(entry.offset)
-                record = f.read(entry.record_len)
-        except OSError as e:
-            raise errors.RepositoryIOError(f"cannot read pack {name}: {e.strerror}") from e
-        if len(record) != entry.record_len:
-            raise errors.CorruptChunk(f"pack {name} is truncated at record {entry.id.hex()}", entry.id.hex())
-        out += record
-        while len(out) >= PIECE:
-            yield pb.RecordData(data=bytes(out[:PIECE]))
-            del out[:PIECE]
+    with ExitStack() as files:
+        opened: dict[str, BinaryIO] = {}
+        for at in range(0, len(ids), ID_LEN):
+            name, entry = locations.find(ids[at:at + ID_LEN])
+            try:
+                if name not in opened:
+                    opened[name] = files.enter_context(open(repo.path / "packs" / name[:2] / name, "rb"))
+                opened[name].seek(entry.offset)
+                record = opened[name].read(entry.record_len)
+            except OSError as e:
+                raise errors.RepositoryIOError(f"cannot read pack {name}: {e.strerror}") from e
+            if len(record) != entry.record_len:
+                raise errors.CorruptChunk(f"pack {name} is truncated at record {entry.id.hex()}",
+                                          entry.id.hex())
+            out += record
+            while len(out) >= PIECE:
+                yield pb.RecordData(data=bytes(out[:PIECE]))
+                del out[:PIECE]
     if out:
         yield pb.RecordData(data=bytes(out))

@@ -105,13 +105,18 @@ def _publish(repo: Repository, ids: Sequence[bytes], records: bytes) -> str:
         at += RECORD_HEADER.size + stored_len
     if at != len(records):
         raise errors.CorruptChunk(f"the media service's records end at byte {len(records)}, not {at}")
-    staged = repo.path / "tmp" / f"{name}.pack"
+    pack = repo.path / "packs" / name[:2] / name
     header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, bytes.fromhex(name), bytes(16))
+    # Written without fsync (unlike a published pack): the scratch repository goes with the call, and
+    # syncing what is read back at once would double a restore's cost.
     try:
-        staged.write_bytes(header + records)
+        pack.parent.mkdir(exist_ok=True)
+        with open(pack, "xb") as f:
+            f.write(header)
+            f.write(records)
+        (repo.path / "index" / name).write_bytes(copier.encode_index(bytes.fromhex(name), bytes(entries)))
     except OSError as e:
-        raise errors.RepositoryIOError(f"cannot write {staged}: {e.strerror}") from e
-    copier.publish_pack(repo.path, name, staged, bytes(entries))
+        raise errors.RepositoryIOError(f"cannot write {pack}: {e.strerror}") from e
     return name
 
 
