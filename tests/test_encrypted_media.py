@@ -66,12 +66,13 @@ def served(sealed_repo: Repository, pki: Pki) -> Iterator[tuple[str, subprocess.
             proc.wait()
 
 
-def client(address: str, pki: Pki, tmp_path: Path, passphrase: bytes | None = PASSPHRASE) -> RemoteRepository:
+def client(address: str, pki: Pki, tmp_path: Path, passphrase: bytes | None = PASSPHRASE,
+           tls: TlsConfig | None = None) -> RemoteRepository:
     spool = tmp_path / "spool"
     spool.mkdir(exist_ok=True)
     secret = keys.Secret(passphrase=passphrase) if passphrase is not None else None
     return RemoteRepository(address, "main", timeout=30, spool_dir=spool,
-                            tls=pki.tls(Role.OPERATOR, "admin"), secret=secret)
+                            tls=tls or pki.tls(Role.OPERATOR, "admin"), secret=secret)
 
 
 def image_with(path: Path, pattern: bytes) -> Path:
@@ -196,3 +197,20 @@ def test_a_monitor_may_not_fetch_the_key_document_or_sealed_records(
     tls = pki.tls(Role.MONITOR, "grafana")
     key = raw_call(address, tls, "KeyDocument", pb.KeyDocumentRequest(destination="main"))
     assert isinstance(key, errors.AccessDenied)
+
+
+def test_an_agent_restores_its_own_domain_and_may_not_fetch_the_records_of_another_hosts_snapshot(
+        served: tuple[str, subprocess.Popen[str]], pki: Pki, tmp_path: Path) -> None:
+    address, _ = served
+    other = "0d0d0d0d-0000-4000-8000-00000000000d"
+    tls_a, tls_b = pki.tls(Role.AGENT, "hosta"), pki.tls(Role.AGENT, "hostb")
+    image = image_with(tmp_path / "vm.img", random.Random(10).randbytes(MIB))
+    with client(address, pki, tmp_path, tls=tls_a) as a, client(address, pki, tmp_path, tls=tls_b) as b:
+        mine = a.backup(image, f"{VM}/vda").snapshot
+        theirs = b.backup(image, f"{other}/vda").snapshot
+        a.restore(mine.id, tmp_path / "mine.img")
+        assert (tmp_path / "mine.img").read_bytes() == image.read_bytes()
+    assert theirs.tree.root is not None
+    stolen = raw_call(address, tls_a, "ReadRecords", pb.ReadRecordsRequest(
+        destination="main", snapshot_id=theirs.id, ids=theirs.tree.root), stream=True)
+    assert isinstance(stolen, errors.AccessDenied) and "hostb" in str(stolen)
