@@ -12,7 +12,9 @@ incremental backup without a change list (every chunk read and compared); anothe
 then an incremental with that change list; then a restore. "local" is ``Repository`` on this host;
 "media" is ``RemoteRepository`` talking to a ``hyperback-media`` process on 127.0.0.1 that serves a
 repository on the same disk, so the numbers measure the protocol's cost (spool, gRPC, the server's
-checks), not a network's. The page cache is hot for the image.
+checks), not a network's. "sealed" is "media" to an encrypted repository (passphrase mode): the
+client seals and opens every record, the service holds no key (docs/media-protocol.md, section 6).
+The page cache is hot for the image.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from host_agent.media.client import RemoteRepository
 from host_agent.model import Policy
+from host_agent.storage import keys
 from host_agent.storage.repository import Repository
 
 MiB = 1 << 20
@@ -120,6 +123,18 @@ def run_phases(mode: str, pristine: Path, work: Path, size: int,
     return out
 
 
+def through_media(mode: str, repo: Path, pristine: Path, root: Path, size: int,
+                  secret: keys.Secret | None) -> list[Phase]:
+    server = MediaProcess(repo, root / f"{mode}.log")
+    try:
+        with RemoteRepository(server.address, "bench", spool_dir=root, secret=secret) as remote:
+            return run_phases(mode, pristine, root / "work.img", size, remote.backup,
+                              lambda t: remote.restore("vm/vda@latest", t),
+                              lambda: (remote.bytes_sent, remote.bytes_received))
+    finally:
+        server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=512)
@@ -138,17 +153,13 @@ def main() -> int:
         results += run_phases("local", pristine, root / "work.img", size, local.backup,
                               lambda t: local.restore("vm/vda@latest", t), lambda: (0, 0))
         served = Repository.init(root / "served")
-        server = MediaProcess(served.path, root / "media.log")
-        try:
-            with RemoteRepository(server.address, "bench", spool_dir=root) as remote:
-                results += run_phases("media", pristine, root / "work.img", size, remote.backup,
-                                      lambda t: remote.restore("vm/vda@latest", t),
-                                      lambda: (remote.bytes_sent, remote.bytes_received))
-        finally:
-            server.stop()
+        results += through_media("media", served.path, pristine, root, size, None)
         check = served.check()
         if not check.ok:
             sys.exit(f"the served repository fails its check: {check}")
+        secret = keys.Secret(passphrase=b"bench passphrase")
+        sealed = Repository.init(root / "sealed", encryption=keys.PASSPHRASE, secret=secret)
+        results += through_media("sealed", sealed.path, pristine, root, size, secret)
     print(f"{args.size_mib} MiB of random data, {os.cpu_count()} cores, page cache hot")
     print(f"{'mode':6} {'phase':20} {'seconds':>8} {'MiB/s':>8} {'MiB sent':>9} {'MiB recv':>9}")
     for r in results:

@@ -20,7 +20,6 @@ from system_helpers import HYPERBACK, MIB, assert_one_line_error, files_in, writ
 from host_agent import errors
 from host_agent.agent.destinations import Destinations
 from host_agent.config import load
-from host_agent.media.server import open_destinations
 from host_agent.storage import copier, keys
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, NativeRepository, Progress
 from host_agent.storage.gc import collect_garbage
@@ -322,12 +321,6 @@ def test_an_unencrypted_repository_keeps_format_1_and_a_copy_to_or_from_an_encry
     proc = cli("copy", "--from", tmp_path / "clear", "--to", tmp_path / "sealed", "--latest",
                env={keys.ENV_PASSPHRASE: PASSPHRASE.decode()})
     assert "encrypted" in assert_one_line_error(proc, 2)
-
-
-def test_the_media_service_refuses_to_serve_an_encrypted_repository_saying_why(tmp_path: Path) -> None:
-    encrypted_repo(tmp_path / "sealed")
-    with pytest.raises(errors.UsageError, match="encrypted repository, which the media service"):
-        open_destinations({"offsite": tmp_path / "sealed"})
 
 
 def test_an_agent_destination_is_unlocked_by_the_passphrase_file_its_configuration_names(

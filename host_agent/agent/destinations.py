@@ -57,15 +57,19 @@ class Destinations:
 
     def _local(self, destination: str) -> Repository:
         path = self.config.repository(destination)
-        passphrase = self.config.passphrase_files.get(destination)
-        secret = Secret(passphrase=read_passphrase_file(passphrase)) if passphrase else None
         try:
-            return Repository.open(path, secret)
+            return Repository.open(path, self._secret(destination))
         except errors.NotARepository as e:
             raise errors.NotARepository(f"destination {destination!r}: {e}") from e
 
+    def _secret(self, destination: str) -> Secret | None:
+        """What unlocks an encrypted destination, local or through media: the file [passphrase_files]
+        names, else (None) the environment's."""
+        passphrase = self.config.passphrase_files.get(destination)
+        return Secret(passphrase=read_passphrase_file(passphrase)) if passphrase else None
+
     def _remote(self, destination: str, service: str, appliance: str) -> RemoteRepository:
-        remote = RemoteRepository(service, destination, tls=self.config.tls)
+        remote = RemoteRepository(service, destination, tls=self.config.tls, secret=self._secret(destination))
         if remote.host_name not in (*self.config.inventory.hosts, appliance):
             remote.close()
             # the service may move between the cluster's hosts, never outside it: a stranger

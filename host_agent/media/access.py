@@ -34,6 +34,7 @@ import grpc
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent.media.codec import snapshot_document
+from host_agent.media.sealed import refuse_encrypted
 from host_agent.media.servicer import MediaServicer, _Answering
 from host_agent.media.uploads import publishing_new
 from host_agent.storage.pruning import prune
@@ -51,7 +52,7 @@ KEY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a snapshot name's
 APPEND_ONLY: Final = frozenset({
     "Describe", "ListSnapshots", "ResolveSnapshot", "BaseFor", "OpenBackup", "BaseTree", "Heartbeat",
     "FilterMissing", "UploadPack", "Commit", "Abort", "Restore", "ReadChunks", "RecordVerification",
-    "ListVerifications"})
+    "ListVerifications", "KeyDocument", "ReadRecords"})
 MEDIA_ROLES: Final[Table] = {
     Role.OPERATOR: ALL,
     Role.AGENT: APPEND_ONLY,  # narrowed to the agent's own domains below
@@ -184,6 +185,11 @@ class GuardedMediaServicer(MediaServicer):
         self._resolved(context, request.destination, request.snapshot_id, "ReadChunks")
         yield from super().ReadChunks(request, context)
 
+    def ReadRecords(self, request: pb.ReadRecordsRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.RecordData]:
+        self._resolved(context, request.destination, request.snapshot_id, "ReadRecords")
+        yield from super().ReadRecords(request, context)
+
     # ---------- verification records ----------
 
     def RecordVerification(self, request: pb.RecordVerificationRequest,
@@ -235,6 +241,9 @@ class GuardedMediaServicer(MediaServicer):
     def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
         with _Answering(context, "Prune"):
             repo = self._repo(request.destination)
+            refuse_encrypted(repo, request.destination,
+                             "prune (collecting garbage opens the records it keeps)",
+                             "run 'hyperback prune --repo PATH' with the key on the media host")
             policy = KeepPolicy(request.keep_last, request.keep_daily, request.keep_weekly,
                                 request.keep_monthly)
             pruned = prune(repo, policy, dry_run=request.dry_run)

@@ -40,6 +40,7 @@ import grpc
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
 from host_agent._proto.hyperback.v1 import media_pb2_grpc as pb_grpc
+from host_agent.media import unsealing
 from host_agent.media.codec import (
     CHANNEL_OPTIONS,
     CLIENT_OPTIONS,
@@ -53,6 +54,7 @@ from host_agent.media.codec import (
 )
 from host_agent.media.deletions import DeletionCalls
 from host_agent.media.restores import ChunkSink
+from host_agent.media.unsealing import ScratchRepository
 from host_agent.media.verifications import VerificationCalls
 from host_agent.model import FallbackNote, Policy
 from host_agent.protobuf import policy_to_pb
@@ -61,6 +63,7 @@ from host_agent.storage.cancel import CancelToken
 from host_agent.storage.copier import BLOB_DATA, BLOB_TREE, ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.extents import Extent, Layout, OpenSource, open_source, validate_changes
 from host_agent.storage.files import RestoreTarget
+from host_agent.storage.keys import RepoKeys, Secret
 from host_agent.storage.maptree import FANOUT, BaseLeaves, TreeBuilder, leaves_for
 from host_agent.storage.packfile import INDEX_ENTRY, PACK_HEADER, IndexEntry, read_index
 from host_agent.storage.repository import (
@@ -94,12 +97,16 @@ class RemoteRepository(VerificationCalls, DeletionCalls):
     is where backups keep their temporary spool (default: the system's temporary directory); it
     holds at most a few hundred MiB (``SPOOL_BACKLOG`` and one pack per copier thread). ``tls``:
     this end's certificate, for a service that requires one (docs/tls.md); a TLS failure raises
-    TlsError at once.
+    TlsError at once. ``secret``: what unlocks an encrypted destination here (default: the
+    environment's, repository-format 11.4); the service never sees it.
     """
 
     def __init__(self, address: str, destination: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 spool_dir: str | os.PathLike[str] | None = None, tls: TlsConfig = NO_TLS) -> None:
+                 spool_dir: str | os.PathLike[str] | None = None, tls: TlsConfig = NO_TLS,
+                 secret: Secret | None = None) -> None:
         self.address, self.destination, self.timeout, self.tls = address, destination, timeout, tls
+        self._secret = secret
+        self._keys: RepoKeys | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self._spool_dir = spool_dir
@@ -129,6 +136,12 @@ class RemoteRepository(VerificationCalls, DeletionCalls):
 
     def close(self) -> None:
         self._channel.close()
+
+    def keys(self) -> RepoKeys | None:
+        """An encrypted destination's keys (None if not), unlocked here on first use."""
+        if self.config.encryption is not None and self._keys is None:
+            self._keys = unsealing.unlock(self, self._secret)
+        return self._keys
 
     def __enter__(self) -> RemoteRepository:
         return self
@@ -209,12 +222,15 @@ class RemoteRepository(VerificationCalls, DeletionCalls):
         started = time.monotonic()
         policy = Policy(policy)
         size = _source_size(source)  # an unreadable source fails before the session opens
+        repo_keys = self.keys()  # and a missing or wrong passphrase too
         with _BackupSession(self, name, policy, base) as session, \
                 tempfile.TemporaryDirectory(prefix="hyperback-spool-", dir=self._spool_dir) as tmp:
-            spool = _Spool.create(Path(tmp) / "spool", self.config, session.writer_id)
+            spool = _Spool.create(Path(tmp) / "spool", self.config, session.writer_id, repo_keys)
             if session.base is not None:
                 wanted = _wanted_leaves(session.base, size, changes, self.config.chunk_size)
-                spool.seed(session.base_pages(wanted))
+                # an encrypted base's pages are sealed: every one is fetched and opened here
+                spool.seed(unsealing.tree_pages(self, session.base, spool) if repo_keys
+                           else session.base_pages(wanted))
             with _Uploader(session, spool) as uploader:
                 spool.throttle = uploader.wait_for_room
                 local = spool.backup(source, name, policy, changes, progress, threads, base=session.base,
@@ -236,6 +252,10 @@ class RemoteRepository(VerificationCalls, DeletionCalls):
         it sends it, this side again before it writes it. ``bytes_read`` counts the chunk bytes received."""
         started = time.monotonic()
         snap = self.resolve(spec)
+        repo_keys = self.keys()
+        if repo_keys is not None:
+            return unsealing.restore(self, snap, repo_keys, target, overwrite, progress, sync,
+                                     self._spool_dir)
         path = Path(target)
         with RestoreTarget(path, snap.size, overwrite) as out:  # a bad target fails before data flows
             call = self.stub.Restore(pb.RestoreRequest(destination=self.destination, spec=snap.id))
@@ -303,7 +323,7 @@ class _BackupSession:
         self.remote = remote
         opened = remote.unary(remote.stub.OpenBackup, pb.OpenBackupRequest(
             destination=remote.destination, name=name, policy=policy_to_pb(policy),
-            base_id=base.id if base else "", copy=copy))
+            base_id=base.id if base else "", copy=copy, sealed=remote.config.encryption is not None))
         remote.count(received=len(opened.base))
         self.id = opened.session_id
         self.writer_id = bytes.fromhex(opened.writer_id)
@@ -366,23 +386,25 @@ class _BackupSession:
         self._committed = True
 
 
-class _Spool(Repository):
+class _Spool(ScratchRepository):
     """The local scratch repository a remote backup runs in (see the module's docstring).
 
     Its writer id is the server session's, and its backups copy in pieces of ``RUN_BYTES``, calling
     ``throttle`` before each, so that they wait for the uploads.
     """
 
-    def __init__(self, path: Path, config: RepoConfig, writer_id: bytes) -> None:
-        super().__init__(path, config)
+    def __init__(self, path: Path, config: RepoConfig, writer_id: bytes, repo_keys: RepoKeys | None) -> None:
+        super().__init__(path, config, repo_keys)
         self._writer_id = writer_id
         self.throttle: Callable[[], None] = lambda: None
 
     @classmethod
-    def create(cls, path: Path, config: RepoConfig, writer_id: bytes) -> _Spool:
-        """A new spool with the destination's parameters (``config``: chunk size, compression, id)."""
+    def create(cls, path: Path, config: RepoConfig, writer_id: bytes,
+               repo_keys: RepoKeys | None = None) -> _Spool:
+        """A new spool with the destination's parameters (``config``: chunk size, compression, id,
+        encryption, with the destination's keys)."""
         Repository.init(path, config.chunk_size, config.compression_level)
-        return cls(path, config, writer_id)
+        return cls(path, config, writer_id, repo_keys)
 
     def check_vm(self, vm: VmRef | None) -> None:
         """The definition's snapshots are at the destination, not in the spool: the service checks

@@ -59,11 +59,12 @@ def read_limit(chunk_size: int) -> int:
 def config_to_pb(config: RepoConfig) -> pb.RepositoryConfig:
     return pb.RepositoryConfig(repo_id=config.repo_id, chunk_size=config.chunk_size,
                                compression_level=config.compression_level, created=config.created,
-                               version=config.version)
+                               version=config.version, encryption=config.encryption or "")
 
 
 def config_from_pb(msg: pb.RepositoryConfig) -> RepoConfig:
-    return RepoConfig(msg.repo_id, msg.chunk_size, msg.compression_level, msg.created, msg.version)
+    return RepoConfig(msg.repo_id, msg.chunk_size, msg.compression_level, msg.created, msg.version,
+                      msg.encryption or None)
 
 
 def snapshot_document(snap: Snapshot) -> str:

@@ -27,6 +27,7 @@ from host_agent.media.codec import (
     status_for,
 )
 from host_agent.media.reads import SnapshotReaders, read_chunks
+from host_agent.media.sealed import RecordLocations, key_document, read_records, refuse_encrypted
 from host_agent.media.sessions import Session, Sessions
 from host_agent.media.uploads import Upload, publishing_new
 from host_agent.model import ChangeDetection, Policy
@@ -89,6 +90,7 @@ class MediaServicer(pb_grpc.MediaServicer):
         self.repos, self.host_name = dict(repos), host_name
         self.sessions = Sessions(lease)
         self.readers = SnapshotReaders()
+        self.locations = {name: RecordLocations(repo) for name, repo in self.repos.items()}
 
     def close(self) -> None:
         """End every session (their locks go); what they uploaded is garbage. Close every reader."""
@@ -161,6 +163,7 @@ class MediaServicer(pb_grpc.MediaServicer):
             if not NAME.fullmatch(request.name):
                 raise errors.UsageError(f"snapshot name {request.name!r} is malformed (e.g. vm1/vda)")
             policy = policy_from_pb(request.policy, "OpenBackupRequest")
+            _check_sealing(repo, request.destination, request.sealed)
             session = self.sessions.open(repo, request.name, policy, request.base_id, request.copy)
             log.info("%s session %s of %s (%s) to %s opened by %s", "copy" if request.copy else "backup",
                      session.id, session.name, session.policy.value, request.destination, context.peer())
@@ -172,6 +175,7 @@ class MediaServicer(pb_grpc.MediaServicer):
     def BaseTree(self, request: pb.BaseTreeRequest, context: grpc.ServicerContext) -> Iterator[pb.TreePages]:
         with _Answering(context, "BaseTree"):
             session = self.sessions.get(request.session_id)
+            refuse_encrypted(session.repo, session.name, "send a base snapshot's tree pages")
             if session.base is None:
                 raise errors.RepositoryError(f"backup session {session.id} has no base snapshot")
             wanted = _LeafFilter(request.every_leaf, [(r.first, r.first + r.count) for r in request.leaves])
@@ -235,7 +239,7 @@ class MediaServicer(pb_grpc.MediaServicer):
             _check_document(session, snap)
             document = session.repo.path / "snapshots" / snap.id
             with session.use() as native:
-                _check_references(native, session, snap)
+                (_check_root if session.repo.config.encryption else _check_references)(native, session, snap)
                 # The commit (repository-format section 6, step 4), under the session's lock.
                 with publishing_new(f"snapshot {snap.id}", document):
                     write_atomic(document, json.dumps(snap.to_json(), indent=1).encode(),
@@ -267,6 +271,7 @@ class MediaServicer(pb_grpc.MediaServicer):
     def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> Iterator[pb.RestoreData]:
         with _Answering(context, "Restore"):
             repo = self._repo(request.destination)
+            refuse_encrypted(repo, request.destination, "restore")
             snap = repo.resolve(request.spec)
             yield pb.RestoreData(document=snapshot_document(snap))
             with repo.session("media-restore", writer=False) as native:
@@ -277,8 +282,26 @@ class MediaServicer(pb_grpc.MediaServicer):
                    context: grpc.ServicerContext) -> Iterator[pb.RestoreData]:
         with _Answering(context, "ReadChunks"):
             repo = self._repo(request.destination)
+            refuse_encrypted(repo, request.destination, "read chunks in place for an export")
             with self.readers.reader(request.destination, repo, request.snapshot_id) as reader:
                 yield from read_chunks(reader, request)
+
+    # ---------- encrypted destinations: the client opens what it reads (docs/media-protocol.md, 6) ----------
+
+    def KeyDocument(self, request: pb.KeyDocumentRequest,
+                    context: grpc.ServicerContext) -> pb.KeyDocumentResponse:
+        with _Answering(context, "KeyDocument"):
+            return key_document(self._repo(request.destination), request.destination)
+
+    def ReadRecords(self, request: pb.ReadRecordsRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.RecordData]:
+        with _Answering(context, "ReadRecords"):
+            repo = self._repo(request.destination)
+            if not repo.config.encryption:
+                raise errors.RepositoryError(f"destination {request.destination} is not encrypted: "
+                                             "restore it with Restore")
+            repo.resolve(request.snapshot_id)  # NOT_FOUND for a snapshot that is not there
+            yield from read_records(repo, self.locations[request.destination], request.ids)
 
 
 class _LeafFilter:
@@ -363,6 +386,26 @@ def _check_references(native: NativeRepository, session: Session, snap: Snapshot
         raise refused(grpc.StatusCode.FAILED_PRECONDITION, errors.MissingChunk(
             f"snapshot {snap.id} names {len(missing)} blob(s) the repository lacks, e.g. {missing[0].hex()}: "
             "upload them, then commit again", missing[0].hex()))
+
+
+def _check_sealing(repo: Repository, destination: str, sealed: bool) -> None:
+    """A client seals its records exactly when the destination is encrypted."""
+    if sealed != bool(repo.config.encryption):
+        raise errors.RepositoryError(
+            f"destination {destination} is {'' if repo.config.encryption else 'not '}encrypted and this "
+            f"client {'seals' if sealed else 'does not seal'} its records: "
+            + ("upgrade the client, which must encrypt at the source" if repo.config.encryption
+               else "back up to an encrypted destination"))
+
+
+def _check_root(native: NativeRepository, session: Session, snap: Snapshot) -> None:
+    """An encrypted destination's commit: the tree's root is in the repository. The pages below it
+    are sealed, so the rest of the walk is a key holder's (verify, restore)."""
+    root = snap.tree.root
+    if root is not None and root not in session.base_pages and root not in native:
+        raise refused(grpc.StatusCode.FAILED_PRECONDITION, errors.MissingChunk(
+            f"snapshot {snap.id} names tree page {root.hex()}, which the repository lacks: upload it, "
+            "then commit again", root.hex()))
 
 
 def _restore_stream(native: NativeRepository, snap: Snapshot) -> Iterator[pb.RestoreData]:

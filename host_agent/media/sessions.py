@@ -52,7 +52,9 @@ class Session:
             self.base = (explicit_base(repo, base_id) if base_id else
                          None if copy else repo.base_for(name, policy))
             # The base's pages are in the repository (it is committed): the commit check trusts them.
-            self.base_pages = set(TreeReader(self.native, self.base.tree).pages()) if self.base else set()
+            # An encrypted one's are sealed and its commit checks only the root (servicer._check_root).
+            self.base_pages = set(TreeReader(self.native, self.base.tree).pages()) \
+                if self.base and not repo.config.encryption else set()
         except BaseException:
             self._stack.close()
             raise

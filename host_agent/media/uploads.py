@@ -24,6 +24,7 @@ from host_agent.storage.repository import PACK_NAME, PACK_TARGET
 
 log = logging.getLogger(__name__)
 
+SEAL_OVERHEAD: Final = 12 + 16  # a sealed payload's nonce and tag (repository-format 11.3)
 MAX_PACK: Final = 2 * PACK_TARGET  # an upload above this is refused: it bounds tmp/ and the check's memory
 # The client names its packs and snapshots, so two calls may name one file. The check that the name is
 # free and the publication (a rename, which would replace) happen under this lock, so the second call is
@@ -51,11 +52,14 @@ class PackScanner:
 
     It checks the header (magic, version, the pack's name, the expected writer id) and every record
     header (type, compression flag, reserved field, lengths, no id twice); the records' contents
-    (decompression, SHA-256) are for the native reader to check. Memory: about 100 bytes per record.
+    (decompression, SHA-256) are for the native reader to check. ``sealed``: the records of an
+    encrypted repository, whose payloads carry a nonce and a tag (repository-format 11.3). Memory:
+    about 100 bytes per record.
     """
 
-    def __init__(self, name: str, writer_id: bytes, chunk_size: int) -> None:
+    def __init__(self, name: str, writer_id: bytes, chunk_size: int, sealed: bool = False) -> None:
         self.name, self._writer_id, self._chunk_size = name, writer_id, chunk_size
+        self._overhead = SEAL_OVERHEAD if sealed else 0
         self.entries = bytearray()  # packed INDEX_ENTRY records
         self._ids: set[bytes] = set()
         self._pending = bytearray()  # the start of a header not yet complete
@@ -104,7 +108,8 @@ class PackScanner:
         if raw_len > self._chunk_size:
             raise errors.RepositoryError(f"{where}: {raw_len} bytes, more than the chunk size "
                                          f"{self._chunk_size} of this repository: another chunk size?")
-        if not raw_len or not stored_len or (not comp and stored_len != raw_len):
+        sealed = self._overhead
+        if not raw_len or stored_len <= sealed or (not comp and stored_len != raw_len + sealed):
             raise errors.CorruptChunk(f"{where}: bad lengths", cid.hex())
         if cid in self._ids:
             raise errors.CorruptChunk(f"{where}: id {cid.hex()} twice in one pack", cid.hex())
@@ -149,7 +154,8 @@ class Upload:
             raise errors.UsageError(f"an index of {self.index_size} bytes cannot list a pack of "
                                     f"{self.pack_size} bytes")
         refuse_taken(f"pack {self.name}", *self._published())  # before any byte travels; again at the end
-        self.scanner = PackScanner(self.name, session.writer_id, repo.config.chunk_size)
+        self.scanner = PackScanner(self.name, session.writer_id, repo.config.chunk_size,
+                                   sealed=bool(repo.config.encryption))
         self.tmp = repo.path / "tmp" / f"{self.name}.pack"
         self._received = 0
         self._index = bytearray()
@@ -181,7 +187,8 @@ class Upload:
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
-        self._verify(index)
+        if not self.session.repo.config.encryption:  # sealed records are the key holder's to open
+            self._verify(index)
         self._publish()
         return len(self.scanner.entries) // INDEX_ENTRY.size
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,19 +186,27 @@ def read_keyfile(document: bytes, repo_id: str, where: str) -> RepoKeys:
 
 def unlock(root: Path, repo_id: str, mode: str, secret: Secret | None) -> RepoKeys:
     """The keys of the encrypted repository at ``root`` (config's ``encryption.mode`` is ``mode``)."""
+    path = root / KEY_FILE
+    return unlock_with(f"repository {root}", repo_id, mode, secret, lambda: (_read(path), str(path)))
+
+
+def unlock_with(what: str, repo_id: str, mode: str, secret: Secret | None,
+                key_document: Callable[[], tuple[bytes, str]]) -> RepoKeys:
+    """The keys of ``what`` (e.g. "repository PATH"), with ``key_document()`` giving its wrapped
+    key document and where it came from (a media client asks the service for it)."""
     if secret is None:
         hint = (f"{ENV_KEYFILE}=PATH" if mode == KEYFILE
                 else f"{ENV_PASSPHRASE} or {ENV_PASSPHRASE_FILE}=PATH")
-        raise errors.KeyMissing(f"repository {root} is encrypted ({mode}): set {hint}")
+        raise errors.KeyMissing(f"{what} is encrypted ({mode}): set {hint}")
     if mode == KEYFILE:
         if secret.keyfile is None:
-            raise errors.KeyMissing(f"repository {root} is encrypted with a key file: set {ENV_KEYFILE}=PATH")
+            raise errors.KeyMissing(f"{what} is encrypted with a key file: set {ENV_KEYFILE}=PATH")
         return read_keyfile(_read(secret.keyfile), repo_id, f"file {secret.keyfile}")
     if secret.passphrase is None:
-        raise errors.KeyMissing(f"repository {root} is encrypted with a passphrase: set {ENV_PASSPHRASE} "
+        raise errors.KeyMissing(f"{what} is encrypted with a passphrase: set {ENV_PASSPHRASE} "
                                 f"or {ENV_PASSPHRASE_FILE}=PATH")
-    path = root / KEY_FILE
-    return unwrap(_read(path), repo_id, secret.passphrase, str(path))
+    document, where = key_document()
+    return unwrap(document, repo_id, secret.passphrase, where)
 
 
 def _read(path: Path) -> bytes:
