@@ -35,6 +35,7 @@ from host_agent.lab.appliance import (
 )
 from host_agent.lab.twohosts import TCG_MIGRATION_BUG, TwoHosts
 from host_agent.media.client import RemoteRepository
+from host_agent.tls.transport import TlsConfig
 
 pytestmark = pytest.mark.vm
 
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 DATA_MIB = 32  # random: neither compression nor deduplication shrinks it
 QUIET_LAN = 1 * MIB  # what may cross the LAN while client and appliance share a host (ARP, nothing else)
+# This appliance has no certificates (test_appliance_colocation_vm.py runs one on mutual TLS): its
+# clients must allow plain TCP off loopback explicitly, as its service does (--allow-plaintext).
+PLAIN = TlsConfig(allow_plaintext=True)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +134,7 @@ def test_the_appliance_serves_one_address_from_whichever_host_runs_it(
     # 1. the appliance runs on B: a backup from A crosses the LAN
     first = random_image(root / "disk1.img")
     lan0, t0 = lan_bytes(hosts), time.monotonic()
-    with RemoteRepository(app.service, app.destination, timeout=120, spool_dir=root) as remote:
+    with RemoteRepository(app.service, app.destination, timeout=120, spool_dir=root, tls=PLAIN) as remote:
         snap1 = remote.backup(first, "disk1").snapshot
     numbers["backup_over_lan_seconds"] = round(time.monotonic() - t0, 1)
     numbers["backup_over_lan_bytes"] = lan_over = lan_bytes(hosts) - lan0
@@ -152,7 +156,7 @@ def test_the_appliance_serves_one_address_from_whichever_host_runs_it(
     lan0, t0 = lan_bytes(hosts), time.monotonic()
     assert describe(app).host_name == HOST_NAME
     second = random_image(root / "disk2.img")
-    with RemoteRepository(app.service, app.destination, timeout=120, spool_dir=root) as remote:
+    with RemoteRepository(app.service, app.destination, timeout=120, spool_dir=root, tls=PLAIN) as remote:
         snap2 = remote.backup(second, "disk2").snapshot
         numbers["backup_local_seconds"] = round(time.monotonic() - t0, 1)
         restored = root / "disk1.restored"
@@ -174,7 +178,7 @@ def test_the_appliance_serves_one_address_from_whichever_host_runs_it(
     assert state_on(hosts.uri_a, app.name) is None
     assert describe(app).host_name == HOST_NAME
     assert describe_from_b(hosts, app.service) == HOST_NAME
-    with RemoteRepository(app.service, app.destination, timeout=120) as remote:
+    with RemoteRepository(app.service, app.destination, timeout=120, tls=PLAIN) as remote:
         assert [s.id for s in remote.snapshots()] == [snap1.id, snap2.id]
     # one boot: the service kept running through both moves
     assert app.console().count(READY_MARKER) == 1, app.vm.console_tail()
