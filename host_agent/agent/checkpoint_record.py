@@ -66,12 +66,7 @@ class CheckpointRecords:
         """Write the record atomically (a crash leaves the old state or the new, never half)."""
         path = self._path(domain_uuid, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(xml)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_atomically(path, xml)
 
     def load(self, domain_uuid: str, name: str) -> str | None:
         """The record, or None (also for a name no record can have: a foreign snapshot's checkpoint)."""
@@ -98,11 +93,7 @@ class CheckpointRecords:
 
     def save_images(self, domain_uuid: str, name: str, images: Mapping[str, int]) -> None:
         """Which file (inode, :func:`file_id`) each disk's image was when the checkpoint was made."""
-        doc = json.dumps(dict(images))
-        path = self._images_path(domain_uuid, name)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(doc, encoding="utf-8")
-        os.replace(tmp, path)
+        _write_atomically(self._images_path(domain_uuid, name), json.dumps(dict(images)))
 
     def images(self, domain_uuid: str, name: str) -> dict[str, int]:
         """What :meth:`save_images` saved; empty if nothing (a record older than this, or unreadable)."""
@@ -132,6 +123,15 @@ class CheckpointRecords:
                 log.warning("checkpoint records %s stay in the metadata of %s: %s",
                             ", ".join(sorted(names)), domain.name(), e)
 
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 def file_id(path: str) -> int | None:
     """The image file's inode: a restore or copy renamed onto its path is another one. (Not the
