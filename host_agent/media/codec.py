@@ -9,7 +9,7 @@ repository would have raised.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final, TypeVar
 
 import grpc
@@ -83,6 +83,18 @@ def pieces(data: bytes) -> Iterator[bytes]:
     """``data`` cut into message-sized pieces."""
     for at in range(0, len(data), PIECE):
         yield data[at:at + PIECE]
+
+
+def regrouped(blocks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+    """The bytes of ``blocks``, in order, in message-sized pieces (the last one shorter)."""
+    out = bytearray()
+    for block in blocks:
+        out += block
+        while len(out) >= PIECE:
+            yield bytes(out[:PIECE])
+            del out[:PIECE]
+    if out:
+        yield bytes(out)
 
 
 

@@ -18,7 +18,7 @@ from typing import Final
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
-from host_agent.media.codec import PIECE, read_limit
+from host_agent.media.codec import read_limit, regrouped
 from host_agent.storage.copier import ID_LEN, ZERO_ID, NativeRepository
 from host_agent.storage.maptree import FANOUT, TreeReader
 from host_agent.storage.repository import Repository
@@ -131,13 +131,6 @@ def read_chunks(reader: _Reader, request: pb.ReadChunksRequest) -> Iterator[pb.R
     # calls read on every core
     image = memoryview(reader.native.read_segment(first, snap.size, bytes(ids), 1))
     cs = snap.chunk_size
-    out = bytearray()
-    for n in range(count):
-        if ids[n * ID_LEN:(n + 1) * ID_LEN] == ZERO_ID:
-            continue
-        out += image[n * cs:(n + 1) * cs]
-        while len(out) >= PIECE:
-            yield pb.RestoreData(data=bytes(out[:PIECE]))
-            del out[:PIECE]
-    if out:
-        yield pb.RestoreData(data=bytes(out))
+    stored = (image[n * cs:(n + 1) * cs] for n in range(count) if ids[n * ID_LEN:(n + 1) * ID_LEN] != ZERO_ID)
+    for piece in regrouped(stored):
+        yield pb.RestoreData(data=piece)

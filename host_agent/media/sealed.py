@@ -11,7 +11,7 @@ from typing import BinaryIO, Final
 
 from host_agent import errors
 from host_agent._proto.hyperback.v1 import media_pb2 as pb
-from host_agent.media.codec import MAX_IDS, PIECE
+from host_agent.media.codec import MAX_IDS, regrouped
 from host_agent.storage import keys
 from host_agent.storage.copier import ID_LEN
 from host_agent.storage.keys import RepoKeys
@@ -87,7 +87,11 @@ def read_records(repo: Repository, locations: RecordLocations, ids: bytes) -> It
     """The records of ``ids`` as stored, in order, in pieces."""
     if not ids or len(ids) % ID_LEN or len(ids) > MAX_IDS * ID_LEN:
         raise errors.UsageError(f"ids must be 32 bytes each, 1 to {MAX_IDS} of them")
-    out = bytearray()
+    for piece in regrouped(_records(repo, locations, ids)):
+        yield pb.RecordData(data=piece)
+
+
+def _records(repo: Repository, locations: RecordLocations, ids: bytes) -> Iterator[bytes]:
     with ExitStack() as files:
         opened: dict[str, BinaryIO] = {}
         for at in range(0, len(ids), ID_LEN):
@@ -102,9 +106,4 @@ def read_records(repo: Repository, locations: RecordLocations, ids: bytes) -> It
             if len(record) != entry.record_len:
                 raise errors.CorruptChunk(f"pack {name} is truncated at record {entry.id.hex()}",
                                           entry.id.hex())
-            out += record
-            while len(out) >= PIECE:
-                yield pb.RecordData(data=bytes(out[:PIECE]))
-                del out[:PIECE]
-    if out:
-        yield pb.RecordData(data=bytes(out))
+            yield record
